@@ -1,0 +1,65 @@
+"""Compute backends behind one interface: ``get_backend("auto" | "torch" | ...)``.
+
+Further backends (fused CPU, fused CUDA) register themselves in ``BACKENDS``; ``auto`` picks the
+first available one in ``AUTO_ORDER`` that supports the device and dtype.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from ..engine.errors import BackendUnavailable
+from .base import Backend, LevelRun, StepCallback
+from .torch_backend import TorchBackend
+
+log = logging.getLogger(__name__)
+
+BACKENDS: dict[str, type[Backend]] = {"torch": TorchBackend}
+#: Fastest first; names not registered are skipped.
+AUTO_ORDER: list[str] = ["cuda", "cpu-fused", "torch"]
+_warned: set[str] = set()
+
+
+def _register_optional() -> None:
+    """Import the optional backends; each registers itself only if its module imports."""
+    for modname in ("cpu_fused", "cuda_backend"):
+        try:
+            __import__(f"{__name__}.{modname}")
+        except ImportError:
+            pass
+
+
+def get_backend(name: str = "auto", device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> Backend:
+    """Return a backend instance by name; ``auto`` picks the fastest available for device/dtype."""
+    _register_optional()
+    device = torch.device(device)
+    if name != "auto":
+        if name not in BACKENDS:
+            raise BackendUnavailable(f"unknown backend {name!r}; choose one of {['auto', *BACKENDS]}")
+        cls = BACKENDS[name]
+        ok, why = cls.availability()
+        if not ok:
+            raise BackendUnavailable(f"backend {name!r} is not available: {why}")
+        backend = cls()
+        if not backend.supports(device, dtype):
+            raise BackendUnavailable(f"backend {name!r} does not run {dtype} on {device}")
+        return backend
+    for candidate in AUTO_ORDER:
+        cls = BACKENDS.get(candidate)
+        if cls is None:
+            continue
+        ok, why = cls.availability()
+        if not ok:
+            if candidate not in _warned and why:
+                log.info("backend %s unavailable (%s); falling back", candidate, why)
+                _warned.add(candidate)
+            continue
+        backend = cls()
+        if backend.supports(device, dtype):
+            return backend
+    return TorchBackend()
+
+
+__all__ = ["Backend", "BACKENDS", "LevelRun", "StepCallback", "get_backend", "TorchBackend"]

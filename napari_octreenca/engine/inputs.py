@@ -1,0 +1,160 @@
+"""Turning user arrays into network input: axis handling, validation and normalisation."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .config import ModelConfig, Normalization
+from .errors import InputError
+
+_AXIS_LETTERS = set("TZYXC")
+
+
+@dataclass(frozen=True)
+class AxisPlan:
+    """How an input array's axes map onto the model's ``(C, *spatial)`` layout."""
+
+    input_axes: str  # e.g. "TYXC"
+    model_axes: str  # e.g. "YXT" (spatial, in network order)
+    permutation: tuple[int, ...]  # input axes -> (C, *model spatial); C may be absent
+    has_channel: bool
+
+    @property
+    def spatial_input_axes(self) -> str:
+        return "".join(a for a in self.input_axes if a != "C")
+
+    def to_input_order(self) -> tuple[int, ...]:
+        """Permutation taking model spatial order back to the input's spatial order."""
+        return tuple(self.model_axes.index(a) for a in self.spatial_input_axes)
+
+
+def _guess_axes(shape: tuple[int, ...], config: ModelConfig) -> str:
+    nd, sd, cin = len(shape), config.spatial_dims, config.input_channels
+    spatial = config.axes if "T" not in config.axes else "TYX"
+    if nd == sd:
+        return spatial
+    if nd == sd + 1:
+        if shape[-1] == cin:
+            return spatial + "C"
+        if shape[0] == cin:
+            return "C" + spatial
+        raise InputError(
+            f"input of shape {shape} has no axis of length {cin} (the model's input channels); "
+            f"pass axes= (e.g. {spatial + 'C'!r}) or convert the image"
+        )
+    raise InputError(
+        f"input of shape {shape} has {nd} axes; this {sd}D model takes {sd} spatial axes "
+        f"plus an optional channel axis ({spatial!r} or {spatial + 'C'!r})"
+    )
+
+
+def plan_axes(shape: tuple[int, ...], config: ModelConfig, axes: str | None = None) -> AxisPlan:
+    """Validate ``axes`` (or guess them) for an input of ``shape`` and a model ``config``."""
+    axes = (axes or _guess_axes(shape, config)).upper()
+    if len(axes) != len(shape):
+        raise InputError(f"axes {axes!r} name {len(axes)} axes but the input has shape {shape}")
+    if set(axes) - _AXIS_LETTERS or len(set(axes)) != len(axes):
+        raise InputError(f"axes {axes!r} must use each of T, Z, Y, X, C at most once")
+    spatial = axes.replace("C", "")
+    model_axes = config.axes
+    # Time and depth are interchangeable third axes: a video model sees T where an MRI has Z.
+    trans = {"T": "Z", "Z": "T"}
+    mapped = "".join(a if a in model_axes else trans.get(a, a) for a in spatial)
+    if sorted(mapped) != sorted(model_axes):
+        raise InputError(
+            f"input axes {axes!r} do not fit the model's spatial axes {model_axes!r} "
+            f"({config.spatial_dims}D model)"
+        )
+    has_c = "C" in axes
+    if has_c:
+        c = shape[axes.index("C")]
+        if c != config.input_channels:
+            raise InputError(
+                f"the input has {c} channels but the model expects {config.input_channels}; "
+                "convert the image (e.g. RGB for H&E models, a single channel for MRI models)"
+            )
+    elif config.input_channels != 1:
+        raise InputError(
+            f"the input has no channel axis but the model expects {config.input_channels} channels"
+        )
+    # Rename the input's axes to the model's letters, then order as (C, *model_axes).
+    renamed = "".join(trans.get(a, a) if a not in model_axes and a != "C" else a for a in axes)
+    order = (["C"] if has_c else []) + list(model_axes)
+    perm = tuple(renamed.index(a) for a in order)
+    return AxisPlan(axes, model_axes, perm, has_c)
+
+
+def check_values(x: torch.Tensor) -> None:
+    """Reject empty arrays and NaN/inf values with a clear message."""
+    if x.numel() == 0 or any(s == 0 for s in x.shape):
+        raise InputError(f"the input is empty (shape {tuple(x.shape)})")
+    if x.dtype.is_floating_point and not bool(torch.isfinite(x).all()):
+        n = int((~torch.isfinite(x)).sum())
+        raise InputError(f"the input contains {n} NaN or infinite values; fill or mask them first")
+
+
+def to_tensor(image: object) -> torch.Tensor:
+    """numpy, torch, dask or array-like -> torch tensor (no copy where possible, dtype kept)."""
+    if isinstance(image, torch.Tensor):
+        return image.detach()
+    if hasattr(image, "compute") and hasattr(image, "chunks"):  # dask
+        image = image.compute()
+    arr = np.asarray(image)
+    if arr.dtype == np.bool_:
+        arr = arr.astype(np.uint8)
+    if arr.dtype.kind not in "uif":
+        raise InputError(f"unsupported input dtype {arr.dtype}; use an integer or float array")
+    if arr.dtype in (np.uint16, np.uint32, np.uint64):
+        arr = arr.astype(np.float32 if arr.dtype == np.uint16 else np.float64)
+    return torch.from_numpy(np.ascontiguousarray(arr))
+
+
+def normalize(x: torch.Tensor, norm: Normalization) -> torch.Tensor:
+    """Normalise a ``(C, *spatial)`` tensor (any dtype) to float32 network input, on its device."""
+    x = x.float()
+    c = x.shape[0]
+    flat = x.reshape(c, -1)
+    if norm.mode == "none":
+        return x
+    if norm.mode == "fixed":
+        mean = torch.tensor(norm.mean, device=x.device).reshape(-1, *([1] * (x.dim() - 1)))
+        std = torch.tensor(norm.std, device=x.device).reshape(-1, *([1] * (x.dim() - 1)))
+        return (x * norm.scale - mean) / std
+    if norm.mode == "zscore":
+        out = torch.empty_like(x)
+        for i in range(c):
+            v = flat[i]
+            if norm.threshold is not None:
+                sel = v[v > norm.threshold]
+                v = sel if sel.numel() > 0 else v
+            mean, std = v.mean(), v.std()
+            out[i] = (x[i] - mean) / (std if float(std) > 0 else 1.0)
+        return out
+    # percentile
+    out = torch.empty_like(x)
+    for i in range(c):
+        v = flat[i]
+        if v.numel() > 1 << 24:  # quantile() has a size limit: estimate on a strided sample
+            v = v[:: v.numel() // (1 << 24) + 1]
+        lo = torch.quantile(v, norm.low / 100)
+        hi = torch.quantile(v, norm.high / 100)
+        out[i] = ((x[i] - lo) / (hi - lo if float(hi - lo) > 0 else 1.0)).clamp_(0, 1)
+    return out
+
+
+def prepare(
+    image: object, config: ModelConfig, axes: str | None = None, device: torch.device | str = "cpu"
+) -> tuple[torch.Tensor, AxisPlan]:
+    """Validate, permute to ``(1, C, *spatial)`` and normalise an input on ``device``."""
+    x = to_tensor(image)
+    plan = plan_axes(tuple(x.shape), config, axes)
+    check_values(x)
+    x = x.permute(plan.permutation)
+    if not plan.has_channel:
+        x = x.unsqueeze(0)
+    # Upload in the source dtype (uint8 stays 1 byte/px) and normalise on the device.
+    x = normalize(x.to(device), config.normalization)
+    return x.unsqueeze(0).contiguous(), plan
