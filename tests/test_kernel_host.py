@@ -1,0 +1,179 @@
+"""Run the CUDA kernels' per-cell code (kernels/nca_common.cuh) as host C++ against the torch path.
+
+The harness (kernels/host_harness.cpp) is compiled with g++ into a shared library and called
+through ctypes on random weights and states, 2D and 3D, odd, non-square and size-1/size-2 axes,
+non-zero origins: every cell of such small blocks is a face, edge or corner cell, so a wrong
+neighbour at any border shows.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+from napari_octreenca.backends.base import LevelRun
+from napari_octreenca.backends.fused_common import fire_params, layout_size, pack_weights
+from napari_octreenca.backends.torch_backend import TorchBackend, pad_reflect, step_differentiable
+from napari_octreenca.engine.firemask import base_key, fire_mask_numpy, fire_mask_torch, mix32
+from napari_octreenca.engine.nca import BackboneNCA
+from napari_octreenca.resources import resource_path
+
+CONFIGS = [(16, 3, 64), (10, 1, 24)]  # (channels, input_channels, hidden)
+
+
+def _compile(tmp: Path, c: int, cin: int, h: int) -> ctypes.CDLL:
+    gxx = shutil.which("g++") or shutil.which("c++")
+    if gxx is None:
+        pytest.skip("no C++ compiler (g++) to build the kernel host harness")
+    src = resource_path("kernels") / "host_harness.cpp"
+    lib = tmp / f"harness_{c}_{cin}_{h}.so"
+    cmd = [gxx, "-O1", "-std=c++14", "-Wall", "-Wno-unknown-pragmas", "-Werror", "-shared", "-fPIC",
+           f"-DNCA_C={c}", f"-DNCA_IN={cin}", f"-DNCA_H={h}", str(src), "-o", str(lib)]
+    subprocess.run(cmd, check=True, capture_output=True, text=True)
+    dll = ctypes.CDLL(str(lib))
+    i64, u32, p = ctypes.c_longlong, ctypes.c_uint32, ctypes.c_void_p
+    for dims in (2, 3):
+        for dt in ("f32", "bf16"):
+            fn = getattr(dll, f"nca_host_step_{dims}d_{dt}")
+            fn.restype = i64
+            fn.argtypes = [p, p, p, p, i64, i64, i64, i64, i64, i64, i64, u32, u32]
+    dll.nca_host_layout_size.argtypes = [ctypes.c_int]
+    dll.nca_host_mix32.restype = u32
+    dll.nca_host_mix32.argtypes = [u32]
+    dll.nca_host_fires.argtypes = [ctypes.c_int, u32, u32, i64, i64, i64]
+    return dll
+
+
+@pytest.fixture(scope="module", params=CONFIGS, ids=lambda c: "C%d-in%d-H%d" % c)
+def harness(request, tmp_path_factory) -> tuple[ctypes.CDLL, tuple[int, int, int]]:
+    return _compile(tmp_path_factory.mktemp("harness"), *request.param), request.param
+
+
+def random_level(c: int, cin: int, h: int, dims: int, seed: int) -> BackboneNCA:
+    torch.manual_seed(seed)
+    nca = BackboneNCA(c, h, cin, dims)
+    with torch.no_grad():
+        for p in nca.parameters():
+            p.copy_(torch.randn_like(p) / max(1.0, p[0].numel() ** 0.5))
+    return nca
+
+
+def host_step(dll, nca, image, state, run: LevelRun, step: int, dtype=torch.float32) -> tuple[torch.Tensor, int]:
+    dims = nca.spatial_dims
+    img = image.to(dtype).contiguous()
+    st = state.to(dtype).contiguous()
+    out = torch.full_like(st, float("nan"))  # poisoned: a cell the harness skips shows as NaN
+    w = pack_weights(nca)
+    sp = tuple(st.shape[2:])
+    nz, ny, nx = ((1,) + sp) if dims == 2 else sp
+    origin = run.origin or (0,) * dims
+    oz, oy, ox = ((0,) + tuple(origin)) if dims == 2 else tuple(origin)
+    key, thresh = fire_params(run, step)
+    name = f"nca_host_step_{dims}d_{'f32' if dtype == torch.float32 else 'bf16'}"
+    fired = getattr(dll, name)(img.data_ptr(), st.data_ptr(), out.data_ptr(), w.data_ptr(), st.shape[0],
+                               nz, ny, nx, oz, oy, ox, key, thresh)
+    return out, fired
+
+
+def torch_step(nca, image, state, run: LevelRun, step: int) -> torch.Tensor:
+    mask = None
+    if run.fire_rate < 1:
+        origin = run.origin or (0,) * nca.spatial_dims
+        mask = fire_mask_torch(tuple(state.shape[2:]), origin, run.seed, run.level, step, run.fire_rate)
+        mask = mask[None, None].to(state.dtype)
+    with torch.no_grad():
+        return step_differentiable(nca, image, state, mask)
+
+
+SHAPES_2D = [(1, 1), (1, 6), (2, 2), (2, 5), (3, 7), (8, 3), (5, 9)]
+SHAPES_3D = [(1, 1, 1), (1, 2, 3), (2, 2, 2), (3, 1, 4), (2, 5, 3), (5, 4, 3), (4, 6, 7)]
+
+
+@pytest.mark.parametrize("shape", SHAPES_2D + SHAPES_3D, ids=lambda s: "x".join(map(str, s)))
+def test_host_kernel_matches_torch_fp32(harness, shape) -> None:
+    dll, (c, cin, h) = harness
+    dims = len(shape)
+    nca = random_level(c, cin, h, dims, seed=len(shape) * 100 + sum(shape))
+    g = torch.Generator().manual_seed(sum(shape))
+    batch = 2
+    image = torch.randn((batch, cin) + shape, generator=g)
+    state = torch.randn((batch, c - cin) + shape, generator=g)
+    origin = tuple(3 * i + 1 for i in range(dims))
+    for fire_rate in (0.5, 1.0):
+        run = LevelRun(level=2, steps=1, seed=12345, fire_rate=fire_rate, origin=origin)
+        ref = torch_step(nca, image, state, run, step=4)
+        out, fired = host_step(dll, nca, image, state, run, step=4)
+        assert not torch.isnan(out).any(), "the harness left cells unwritten"
+        assert (out - ref).abs().max().item() < 1e-5
+        mask = fire_mask_torch(shape, origin, 12345, 2, 4, fire_rate)
+        assert fired == batch * int(mask.sum())
+        # Cells that do not fire keep their exact old value.
+        keep = ~mask.expand_as(out[:, 0])
+        for ch in range(c - cin):
+            assert torch.equal(out[:, ch][keep], state[:, ch][keep])
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+def test_host_kernel_detects_wrong_border(harness, dims) -> None:
+    """A zero-padded (not reflected) reference must differ at the borders: the test has teeth."""
+    dll, (c, cin, h) = harness
+    shape = (5, 6) if dims == 2 else (3, 4, 5)
+    nca = random_level(c, cin, h, dims, seed=7)
+    image, state = torch.randn((1, cin) + shape), torch.randn((1, c - cin) + shape)
+    run = LevelRun(level=0, steps=1, seed=1, fire_rate=1.0)
+    out, _ = host_step(dll, nca, image, state, run, step=0)
+    from napari_octreenca.backends.torch_backend import nca_delta
+
+    with torch.no_grad():
+        full = torch.cat([image, state], 1)
+        zero_pad = torch.nn.functional.pad(full, (1, 1) * dims)
+        wrong = state + nca_delta(nca, zero_pad)
+        right = state + nca_delta(nca, pad_reflect(full, 1))
+    diff_wrong = (out - wrong).abs().amax(dim=1)[0]
+    assert (out - right).abs().max().item() < 1e-5
+    border = torch.ones(shape, dtype=torch.bool)
+    border[(slice(1, -1),) * dims] = False
+    assert (diff_wrong[border] > 1e-4).all()
+    assert diff_wrong[~border].max().item() < 1e-5
+
+
+@pytest.mark.parametrize("shape", [(7, 5), (3, 4, 5)], ids=["2d", "3d"])
+def test_host_kernel_bf16(harness, shape) -> None:
+    """bfloat16 storage: float32 maths on the bf16 values, one rounding at the store."""
+    dll, (c, cin, h) = harness
+    dims = len(shape)
+    nca = random_level(c, cin, h, dims, seed=3)
+    image = torch.randn((1, cin) + shape).bfloat16()
+    state = torch.randn((1, c - cin) + shape).bfloat16()
+    run = LevelRun(level=1, steps=1, seed=99, fire_rate=0.5, origin=(2,) * dims)
+    out, _ = host_step(dll, nca, image, state, run, step=0, dtype=torch.bfloat16)
+    ref = torch_step(nca, image.float(), state.float(), run, step=0).bfloat16()
+    assert out.dtype == torch.bfloat16
+    # Both round the same float32 value once; float32 summation order may flip the last bit.
+    rel = ((out.float() - ref.float()).abs() / ref.float().abs().clamp_min(1e-2)).max().item()
+    assert rel <= 2**-7
+    # And the layer-wise torch path in bf16 agrees to bf16 accuracy.
+    torch_bf16 = TorchBackend().run_level(nca, image, state.clone(), LevelRun(1, 1, 99, 0.5, (2,) * dims))
+    rel_t = ((out.float() - torch_bf16.float()).abs() / torch_bf16.float().abs().clamp_min(1.0)).max().item()
+    assert rel_t < 5e-2
+
+
+def test_hash_and_layout_match_engine(harness) -> None:
+    dll, (c, cin, h) = harness
+    for v in (0, 1, 0xDEADBEEF, 0xFFFFFFFF, 12345678):
+        assert dll.nca_host_mix32(v) == mix32(v)
+    assert dll.nca_host_layout_size(2) == layout_size(2, c, cin, h)
+    assert dll.nca_host_layout_size(3) == layout_size(3, c, cin, h)
+    # Large global coordinates (beyond 2^31) hash like the engine's int64 torch code.
+    key = base_key(2**33 + 5, 3, 17)
+    thresh = 1 << 23
+    for z, y, x in [(0, 0, 0), (5, 2**31 + 3, 7), (2**32 + 9, 1, 2**34 + 1)]:
+        want3 = fire_mask_numpy((1, 1, 1), (z, y, x), 2**33 + 5, 3, 17, 0.5)[0, 0, 0]
+        want2 = fire_mask_numpy((1, 1), (y, x), 2**33 + 5, 3, 17, 0.5)[0, 0]
+        assert bool(dll.nca_host_fires(3, key, thresh, z, y, x)) == bool(want3)
+        assert bool(dll.nca_host_fires(2, key, thresh, 0, y, x)) == bool(want2)
