@@ -1,0 +1,272 @@
+"""The ``octreenca`` command line: segment, train, info, import, bench, demo.
+
+Errors are printed as one line (``octreenca: error: ...``) with a non-zero exit code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+EXIT_ERROR = 2
+EXIT_INTERRUPT = 130
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in text.replace("x", ",").split(",") if v)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected integers like 64,64,32, got {text!r}") from None
+
+
+def _describe(cfg: Any, source: str) -> str:
+    lines = [
+        f"model:        {cfg.name}  ({source})",
+        f"description:  {cfg.description or '-'}",
+        f"dimensions:   {cfg.spatial_dims}D, axes {cfg.axes}",
+        f"channels:     {cfg.channels} = {cfg.input_channels} image + {cfg.output_channels} logits + {cfg.hidden_channels} hidden",
+        f"hidden size:  {cfg.hidden}, kernel {cfg.kernel_size}, fire rate {cfg.fire_rate}",
+        f"levels:       {cfg.levels} (finest first), steps {list(cfg.steps)}, factors {[list(f) for f in cfg.factors]}",
+        f"resize:       {cfg.resize}; normalisation {cfg.normalization.mode}",
+        f"classes:      {', '.join(cfg.class_names)}",
+    ]
+    if cfg.train_size:
+        lines.append(f"train size:   {list(cfg.train_size)} (coarsest steps scale above it: {cfg.scale_coarsest_steps})")
+    if cfg.spacing:
+        lines.append(f"spacing:      {list(cfg.spacing)} (inputs are resampled to it)")
+    lines.append(f"parameters:   {cfg.parameter_count():,}")
+    return "\n".join(lines)
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from .engine.config import PRESETS
+    from .engine.modelfile import read_config, read_extra
+    from .engine.registry import resolve_model_path
+
+    if args.model in PRESETS and not Path(args.model).exists():
+        cfg, source, extra = PRESETS[args.model], "preset, untrained", {}
+    else:
+        path = resolve_model_path(args.model)
+        cfg, source, extra = read_config(path), str(path), read_extra(path)
+    if args.json:
+        print(json.dumps({"config": cfg.to_dict(), "extra": extra}, indent=2))
+    else:
+        print(_describe(cfg, source))
+        metrics = extra.get("metrics")
+        if metrics:
+            print(f"metrics:      {json.dumps(metrics)}")
+    return 0
+
+
+def cmd_segment(args: argparse.Namespace) -> int:
+    from .io.pipeline import run_segment
+
+    paths = args.paths
+    if len(paths) < 2:
+        raise SystemExit("octreenca: error: segment needs INPUT... OUTPUT")
+    inputs, output = paths[:-1], paths[-1]
+    t0 = time.perf_counter()
+    last = [0.0]
+
+    def progress(info: dict[str, Any]) -> None:
+        if args.quiet or time.perf_counter() - last[0] < 1.0:
+            return
+        last[0] = time.perf_counter()
+        parts = [f"{k}={v}" for k, v in info.items() if v is not None]
+        print("  " + " ".join(parts), file=sys.stderr, flush=True)
+
+    written = run_segment(
+        inputs, output, args.model, device=args.device, dtype=args.dtype, backend=args.backend,
+        seed=args.seed, runs=args.runs, tile=args.tile, scheduler=args.scheduler, progress=progress,
+    )
+    for p in written:
+        print(p)
+    if not args.quiet:
+        print(f"done: {len(written)} output(s) in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+    return 0
+
+
+def _read(path: str) -> tuple[Any, str]:
+    from .io.readers import read_image
+
+    img = read_image(path)
+    data = img.data
+    if hasattr(data, "compute"):
+        data = data.compute()
+    return data, img.axes
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from .engine.config import preset
+    from .engine.modelfile import save_model
+    from .engine.registry import open_model
+    from .engine.training import TrainConfig, TrainPair, evaluate, train
+
+    if not args.pair:
+        raise SystemExit("octreenca: error: give at least one --pair IMAGE LABELS")
+    pairs = []
+    for image_path, label_path in args.pair:
+        image, axes = _read(image_path)
+        labels, _ = _read(label_path)
+        labels = np.asarray(labels)
+        if labels.ndim == image.ndim and "C" in axes:  # e.g. an RGB mask: use its first channel
+            labels = np.take(labels, 0, axis=axes.index("C"))
+        if args.binarize:
+            labels = (labels > 0).astype(np.uint8)
+        pairs.append(TrainPair(image, labels, axes))
+    if args.model:
+        model: Any = open_model(args.model)
+    else:
+        changes: dict[str, Any] = {}
+        if args.classes:
+            changes["output_channels"] = args.classes
+        if args.steps:
+            changes["steps"] = args.steps
+            if len(args.steps) != 5:
+                base = preset(args.preset)
+                changes["factors"] = (base.factors[0],) * (len(args.steps) - 1)
+        if args.name:
+            changes["name"] = args.name
+        model = preset(args.preset, **changes)
+    cfg = TrainConfig(
+        iterations=args.iterations, batch_size=args.batch_size, crop=args.crop, level_patch=args.level_patch,
+        lr=args.lr, seed=args.seed, checkpoint_every=args.checkpoint_every,
+    )
+    t0 = time.perf_counter()
+
+    def progress(p: Any) -> None:
+        if p.iteration % max(1, args.log_every) == 0 or p.iteration == p.iterations:
+            print(f"iter {p.iteration}/{p.iterations}  loss {p.loss:.4f}  dice {p.dice:.3f}  lr {p.lr:.2e}  {p.seconds:.0f}s", file=sys.stderr, flush=True)
+
+    result = train(model, pairs, cfg, callback=progress, checkpoint=args.checkpoint, resume=args.resume, device=args.device)
+    scores = evaluate(result.model, pairs)
+    final = result.model
+    final.config = final.config.replace(provenance={**final.config.provenance, "train_dice": scores})
+    save_model(final, args.out)
+    print(f"saved {args.out}  (train Dice {scores['mean']:.3f}, {time.perf_counter() - t0:.0f} s)")
+    return 0
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    from .engine.modelfile import import_original, save_model
+
+    changes: dict[str, Any] = {}
+    if args.classes:
+        changes["output_channels"] = args.classes
+    if args.steps:
+        changes["steps"] = args.steps
+    model = import_original(args.checkpoint, args.preset, **changes)
+    save_model(model, args.out)
+    print(f"imported {args.checkpoint} -> {args.out} ({model.parameter_count():,} parameters)")
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from . import bench
+
+    return int(bench.main(args.rest) or 0)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    return int(run_demo(args.out, device=args.device, quick=args.quick) or 0)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="octreenca", description="OctreeNCA segmentation of large medical images")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("segment", help="segment images (files, folders or globs) with a model")
+    s.add_argument("paths", nargs="+", metavar="INPUT... OUTPUT")
+    s.add_argument("--model", required=True, help="bundled model name or model file")
+    s.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    s.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    s.add_argument("--backend", default="auto", choices=["auto", "torch", "cpu-fused", "cuda"])
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--runs", type=int, default=1, help="ensemble size (median logits + spread map)")
+    s.add_argument("--tile", type=int, default=None, help="force tiled inference with this tile size")
+    s.add_argument("--scheduler", default=None, help="dask.distributed scheduler address")
+    s.add_argument("--quiet", action="store_true")
+    s.set_defaults(func=cmd_segment)
+
+    t = sub.add_parser("train", help="train a model from image/label pairs")
+    t.add_argument("--pair", nargs=2, action="append", metavar=("IMAGE", "LABELS"), default=[])
+    t.add_argument("--preset", default="pathology", choices=["pathology", "radiology", "surgery"])
+    t.add_argument("--model", default=None, help="start from this model (fine-tune) instead of a preset")
+    t.add_argument("--classes", type=int, default=None)
+    t.add_argument("--steps", type=_ints, default=None, help="steps per level, finest first, e.g. 10,10,10,10,20")
+    t.add_argument("--name", default=None)
+    t.add_argument("--iterations", type=int, default=1000)
+    t.add_argument("--batch-size", type=int, default=4)
+    t.add_argument("--crop", type=_ints, default=None)
+    t.add_argument("--level-patch", type=_ints, default=None)
+    t.add_argument("--lr", type=float, default=1.6e-3)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--binarize", action="store_true", help="treat every label > 0 as class 1")
+    t.add_argument("--checkpoint", default=None)
+    t.add_argument("--checkpoint-every", type=int, default=100)
+    t.add_argument("--resume", default=None)
+    t.add_argument("--device", default="cpu")
+    t.add_argument("--log-every", type=int, default=50)
+    t.add_argument("--out", required=True)
+    t.set_defaults(func=cmd_train)
+
+    i = sub.add_parser("info", help="print a model's architecture and parameter count")
+    i.add_argument("model", help="preset name, bundled model name or model file")
+    i.add_argument("--json", action="store_true")
+    i.set_defaults(func=cmd_info)
+
+    m = sub.add_parser("import", help="convert a checkpoint of the published OctreeNCA code")
+    m.add_argument("checkpoint")
+    m.add_argument("out")
+    m.add_argument("--preset", default="pathology", choices=["pathology", "radiology", "surgery"])
+    m.add_argument("--classes", type=int, default=None)
+    m.add_argument("--steps", type=_ints, default=None)
+    m.set_defaults(func=cmd_import)
+
+    b = sub.add_parser("bench", help="benchmark the backends (cell-steps/s, seconds, peak memory)")
+    b.add_argument("rest", nargs=argparse.REMAINDER)
+    b.set_defaults(func=cmd_bench)
+
+    d = sub.add_parser("demo", help="segment the bundled samples with the bundled models")
+    d.add_argument("--out", default="octreenca-demo")
+    d.add_argument("--device", default="cpu")
+    d.add_argument("--quick", action="store_true", help="smaller inputs, for a fast check")
+    d.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``octreenca``."""
+    from .engine.errors import OctreeNCAError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        print("octreenca: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPT
+    except (OctreeNCAError, FileNotFoundError, IsADirectoryError, PermissionError, ValueError, MemoryError) as exc:
+        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        if isinstance(exc, MemoryError):
+            msg = "out of memory: use --tile, a smaller --dtype (bfloat16) or a machine with more memory"
+        print(f"octreenca: error: {msg}", file=sys.stderr)
+        return EXIT_ERROR
+    except RuntimeError as exc:
+        text = str(exc)
+        if "out of memory" in text.lower():
+            print("octreenca: error: the device ran out of memory: retry with --tile 2048 or --dtype bfloat16", file=sys.stderr)
+        else:
+            print(f"octreenca: error: {text.splitlines()[0] if text else type(exc).__name__}", file=sys.stderr)
+        return EXIT_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())
