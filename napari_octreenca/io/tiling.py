@@ -1,0 +1,572 @@
+"""Exact tiled (and out-of-core) OctreeNCA inference.
+
+Why tiles are exact: after ``s`` steps a cell depends only on cells within ``s * radius``, and the
+fire mask is a hash of the global coordinate. So a tile of a level is computed from its region
+expanded by a halo of ``steps * radius`` cells (clipped at the image border, where the block's
+reflect padding then equals the whole image's), and its core equals the whole-image result.
+The state entering a level is the nearest up-sampling of the coarser level's finished state
+(fine cell ``j`` comes from coarse cell ``j // f``), and the level's image is the stride/block
+down-sampling of the finer image, which blocks aligned to the factor compute locally.
+
+Layout of a run: the coarse levels ``>= store_from`` are computed tile by tile into chunked zarr
+arrays (their images too); the finest levels are computed per output tile recursively (a level-0
+tile needs a slightly larger level-1 region, which needs a level-2 region read from the store),
+so the big level-1 state never exists in full. Memory is bounded by the tile size; every tile is
+marked done after its chunks are written, so a killed run resumes (see ``outofcore.py``).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..backends import Backend, LevelRun, get_backend
+from ..engine.config import ModelConfig, Normalization
+from ..engine.errors import Cancelled, InputError
+from ..engine.inference import Segmentation, _is_cancelled, labels_from_logits, resolve_dtype
+from ..engine.inputs import AxisPlan, normalize, plan_axes, to_tensor
+from ..engine.octree import OctreeNCA, downsample, upsample_raw
+from .outofcore import WorkStore, fingerprint, model_digest, numpy_to_tensor, storage_dtype, tensor_to_numpy
+
+#: Progress callback: receives a dict with stage, level, seed, tile, tiles, step.
+Progress = Callable[[dict[str, Any]], Any]
+#: Default tile edge in level-0 cells.
+DEFAULT_TILE = {2: 1024, 3: 96}
+#: Images with at most this many values per channel get bitwise-exact global statistics.
+_EXACT_STATS_LIMIT = 1 << 27
+
+
+# -- geometry ----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Box:
+    """A half-open box ``[start, stop)`` of cells (one entry per spatial axis)."""
+
+    start: tuple[int, ...]
+    stop: tuple[int, ...]
+
+    @property
+    def size(self) -> tuple[int, ...]:
+        return tuple(b - a for a, b in zip(self.start, self.stop))
+
+    def slices(self) -> tuple[slice, ...]:
+        return tuple(slice(a, b) for a, b in zip(self.start, self.stop))
+
+    def expand(self, halo: int, shape: tuple[int, ...]) -> "Box":
+        """Grow by ``halo`` cells on every side, clipped to ``[0, shape)``."""
+        return Box(
+            tuple(max(0, a - halo) for a in self.start),
+            tuple(min(n, b + halo) for b, n in zip(self.stop, shape)),
+        )
+
+    def coarse(self, factor: tuple[int, ...], shape: tuple[int, ...]) -> "Box":
+        """The cells of the coarser level (factor ``factor``, shape ``shape``) that cover this box."""
+        return Box(
+            tuple(a // f for a, f in zip(self.start, factor)),
+            tuple(min(n, -(-b // f)) for b, f, n in zip(self.stop, factor, shape)),
+        )
+
+    def fine(self, factor: tuple[int, ...], shape: tuple[int, ...]) -> "Box":
+        """The cells of the finer level (shape ``shape``) this box's cells are made of."""
+        return Box(
+            tuple(a * f for a, f in zip(self.start, factor)),
+            tuple(min(n, b * f) for b, f, n in zip(self.stop, factor, shape)),
+        )
+
+    def permute(self, order: tuple[int, ...]) -> "Box":
+        return Box(tuple(self.start[o] for o in order), tuple(self.stop[o] for o in order))
+
+
+def tile_grid(shape: tuple[int, ...], tile: tuple[int, ...]) -> list[Box]:
+    """Tiles of ``tile`` cells covering ``shape`` (C order; the last ones may be smaller)."""
+    counts = [math.ceil(n / t) for n, t in zip(shape, tile)]
+    boxes = []
+    for idx in np.ndindex(*counts):
+        start = tuple(i * t for i, t in zip(idx, tile))
+        stop = tuple(min(n, s + t) for s, t, n in zip(start, tile, shape))
+        boxes.append(Box(start, stop))
+    return boxes
+
+
+def _crop(x: torch.Tensor, start: tuple[int, ...], size: tuple[int, ...]) -> torch.Tensor:
+    for ax, (s, n) in enumerate(zip(start, size)):
+        x = x.narrow(2 + ax, s, n)
+    return x
+
+
+# -- the input, lazily ------------------------------------------------------------------------
+@dataclass
+class NormStats:
+    """Global per-channel statistics, so tiles normalise exactly like the whole image."""
+
+    mode: str
+    offset: list[torch.Tensor]  # zscore: mean; percentile: low
+    scale: list[torch.Tensor | float]  # zscore: std (or 1.0); percentile: high - low (or 1.0)
+
+
+class SourceImage:
+    """Regions of the input at level 0, in the model's axis order, normalised like ``prepare``.
+
+    ``array`` is anything sliceable (numpy, dask, zarr). With ``path`` the array can be reopened
+    on another process (dask workers) instead of being pickled.
+    """
+
+    def __init__(self, array: Any, plan: AxisPlan, norm: Normalization, *, path: str | None = None,
+                 level_index: int = 0):
+        self._array = array
+        self.plan = plan
+        self.norm = norm
+        self.path = path
+        self.level_index = level_index
+        shape = tuple(int(s) for s in array.shape)
+        off = 1 if plan.has_channel else 0
+        self.input_shape = shape
+        self.shape = tuple(shape[p] for p in plan.permutation[off:])  # model order
+        self.stats = compute_stats(array, plan, norm)
+
+    @property
+    def array(self) -> Any:
+        if self._array is None:
+            from .readers import read_image
+
+            self._array = read_image(self.path).levels[self.level_index]
+        return self._array
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        if self.path is not None:
+            state["_array"] = None  # reopened from the file on the worker
+        return state
+
+    def read(self, box: Box) -> torch.Tensor:
+        """``(1, in, *box.size)`` float32 normalised input of a model-order box at level 0."""
+        plan = self.plan
+        off = 1 if plan.has_channel else 0
+        slc: list[slice] = [slice(None)] * len(self.input_shape)
+        for m, p in enumerate(plan.permutation[off:]):
+            slc[p] = slice(box.start[m], box.stop[m])
+        region = self.array[tuple(slc)]
+        if hasattr(region, "compute"):
+            region = region.compute(scheduler="synchronous")
+        x = to_tensor(np.asarray(region)).permute(plan.permutation)
+        if not plan.has_channel:
+            x = x.unsqueeze(0)
+        return apply_norm(x, self.norm, self.stats).unsqueeze(0)
+
+
+def _whole_channels(array: Any, plan: AxisPlan) -> torch.Tensor:
+    x = to_tensor(array).permute(plan.permutation)
+    return (x if plan.has_channel else x.unsqueeze(0)).float()
+
+
+def compute_stats(array: Any, plan: AxisPlan, norm: Normalization) -> NormStats | None:
+    """Global statistics for the ``zscore``/``percentile`` modes (None for fixed/none).
+
+    Inputs up to 2**27 values per channel are loaded once and reduced exactly as
+    ``engine.inputs.normalize`` does (bitwise the same); larger ones are reduced lazily in float64
+    (z-score) or on a strided sample (percentiles), which matches to about 1e-7.
+    """
+    if norm.mode in ("fixed", "none"):
+        return None
+    n = int(np.prod(array.shape))
+    c = array.shape[plan.input_axes.index("C")] if plan.has_channel else 1
+    offs: list[torch.Tensor] = []
+    scales: list[torch.Tensor | float] = []
+    if n // c <= _EXACT_STATS_LIMIT:
+        flat = _whole_channels(array, plan).reshape(c, -1)
+        for i in range(c):
+            v = flat[i]
+            if norm.mode == "zscore":
+                if norm.threshold is not None:
+                    sel = v[v > norm.threshold]
+                    v = sel if sel.numel() > 0 else v
+                mean, std = v.mean(), v.std()
+                offs.append(mean)
+                scales.append(std if float(std) > 0 else 1.0)
+            else:
+                if v.numel() > 1 << 24:
+                    v = v[:: v.numel() // (1 << 24) + 1]
+                lo = torch.quantile(v, norm.low / 100)
+                hi = torch.quantile(v, norm.high / 100)
+                offs.append(lo)
+                scales.append(hi - lo if float(hi - lo) > 0 else 1.0)
+        return NormStats(norm.mode, offs, scales)
+    import dask.array as da
+
+    arr = da.asarray(array) if not hasattr(array, "chunks") or not hasattr(array, "compute") else array
+    caxis = plan.input_axes.index("C") if plan.has_channel else None
+    for i in range(c):
+        ch = arr if caxis is None else da.take(arr, i, axis=caxis)
+        ch = ch.astype(np.float64)
+        if norm.mode == "zscore":
+            if norm.threshold is not None:
+                keep = ch > norm.threshold
+                cnt = int(keep.sum().compute())
+                if cnt > 0:
+                    ch = ch[keep]
+            mean, std = da.compute(ch.mean(), ch.std(ddof=1))
+            offs.append(torch.tensor(float(mean), dtype=torch.float32))
+            s = torch.tensor(float(std), dtype=torch.float32)
+            scales.append(s if float(s) > 0 else 1.0)
+        else:
+            step = max(1, int(round((ch.size / (1 << 24)) ** (1 / ch.ndim))))
+            sample = torch.from_numpy(np.asarray(ch[(slice(None, None, step),) * ch.ndim].compute()).ravel())
+            sample = sample.float()
+            lo = torch.quantile(sample, norm.low / 100)
+            hi = torch.quantile(sample, norm.high / 100)
+            offs.append(lo)
+            scales.append(hi - lo if float(hi - lo) > 0 else 1.0)
+    return NormStats(norm.mode, offs, scales)
+
+
+def apply_norm(x: torch.Tensor, norm: Normalization, stats: NormStats | None) -> torch.Tensor:
+    """Normalise ``(C, *spatial)`` with global ``stats`` (same float ops as the engine)."""
+    if stats is None:
+        return normalize(x, norm)
+    x = x.float()
+    out = torch.empty_like(x)
+    for i in range(x.shape[0]):
+        y = (x[i] - stats.offset[i]) / stats.scale[i]
+        out[i] = y.clamp_(0, 1) if stats.mode == "percentile" else y
+    return out
+
+
+# -- output sinks ------------------------------------------------------------------------------
+class ArraySink:
+    """Writes labels (and logits/spread) tiles into arrays of the work store (input axis order)."""
+
+    def __init__(self, logits: bool = True):
+        self.want_logits = logits
+        self.arrays: dict[str, Any] = {}
+
+    def open(self, store: WorkStore, shape: tuple[int, ...], tile: tuple[int, ...], classes: int,
+             runs: int) -> None:
+        label_dtype = np.uint8 if classes < 255 else np.uint16
+        self.arrays["labels"] = store.array("out/labels", shape, tile, label_dtype)
+        if self.want_logits:
+            self.arrays["logits"] = store.array("out/logits", (classes,) + shape, (classes,) + tile, np.float32)
+            if runs > 1:
+                self.arrays["spread"] = store.array("out/spread", (classes,) + shape, (classes,) + tile, np.float32)
+
+    def write(self, box: Box, labels: np.ndarray, logits: np.ndarray, spread: np.ndarray | None) -> None:
+        sl = box.slices()
+        self.arrays["labels"][sl] = labels
+        if "logits" in self.arrays:
+            self.arrays["logits"][(slice(None),) + sl] = logits
+        if "spread" in self.arrays and spread is not None:
+            self.arrays["spread"][(slice(None),) + sl] = spread
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"want_logits": self.want_logits, "arrays": {}}
+
+
+# -- the run -----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Stage:
+    """One pass over a grid of tiles: materialise an image level, a level state, or the output."""
+
+    kind: str  # "image" | "state" | "output"
+    level: int
+    seed: int | None
+    tiles: tuple[Box, ...]
+
+    @property
+    def name(self) -> str:
+        return self.kind if self.kind == "output" else f"{self.kind}_s{self.seed}_L{self.level}" if self.seed is not None else f"{self.kind}_L{self.level}"
+
+    def marker(self, index: int) -> str:
+        return f"{self.name}_{index}"
+
+
+class TiledRun:
+    """All that a tile needs; picklable, so dask workers rebuild it (arrays reopen lazily)."""
+
+    def __init__(self, model: OctreeNCA, source: SourceImage, *, seeds: list[int], steps: list[int],
+                 fire_rate: float, dtype: torch.dtype, backend: str, device: str, tile: tuple[int, ...],
+                 store_from: int, store_path: str | None, key: str, sink: Any, restart: bool = False):
+        self.model = model
+        self.cfg: ModelConfig = model.config
+        self.source = source
+        self.seeds = seeds
+        self.steps = steps
+        self.fire_rate = fire_rate
+        self.dtype = dtype
+        self.backend_name = backend
+        self.device = device
+        self.tile = tile
+        self.store_from = store_from
+        self.store_path = store_path
+        self.key = key
+        self.sink = sink
+        self.shapes = self.cfg.level_shapes(source.shape)
+        self.order = source.plan.to_input_order()
+        self.radius = self.cfg.kernel_size // 2
+        self._store: WorkStore | None = None
+        self._backend: Backend | None = None
+        self._restart = restart
+        self.cancel: Any = None
+        total = len(seeds) * self.cfg.output_channels * int(np.prod(source.shape))
+        self.median_by_quantile = total < (1 << 24)  # the rule engine.combine_runs applies
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state.update(_store=None, _backend=None, cancel=None, _restart=False)
+        return state
+
+    # -- resources ---------------------------------------------------------------------------
+    @property
+    def store(self) -> WorkStore:
+        if self._store is None:
+            self._store = WorkStore(self.store_path, self.key, restart=self._restart)
+        return self._store
+
+    @property
+    def backend(self) -> Backend:
+        if self._backend is None:
+            self._backend = get_backend(self.backend_name, self.device, self.dtype)
+        return self._backend
+
+    def level_tile(self, level: int) -> tuple[int, ...]:
+        return tuple(min(t, n) for t, n in zip(self.tile, self.shapes[level]))
+
+    def image_tile(self, level: int) -> tuple[int, ...]:
+        """Chunks of a materialised image level: a level-0 footprint of about one tile."""
+        cum = [1] * len(self.tile)
+        for f in self.cfg.factors[:level]:
+            cum = [c * fi for c, fi in zip(cum, f)]
+        return tuple(max(8, min(n, -(-t // c))) for t, c, n in zip(self.tile, cum, self.shapes[level]))
+
+    def _image_array(self, level: int) -> Any:
+        shape = (self.cfg.input_channels,) + self.shapes[level]
+        return self.store.array(f"image/L{level}", shape, (shape[0],) + self.image_tile(level), storage_dtype(self.dtype))
+
+    def _state_array(self, level: int, seed: int) -> Any:
+        shape = (self.cfg.update_channels,) + self.shapes[level]
+        return self.store.array(f"state/s{seed}/L{level}", shape, (shape[0],) + self.level_tile(level),
+                                storage_dtype(self.dtype))
+
+    # -- stages --------------------------------------------------------------------------------
+    def stages(self) -> list[Stage]:
+        out: list[Stage] = []
+        top = self.cfg.levels - 1
+        for level in range(self.store_from, top + 1):
+            out.append(Stage("image", level, None, tuple(tile_grid(self.shapes[level], self.image_tile(level)))))
+        for seed in self.seeds:
+            for level in range(top, self.store_from - 1, -1):
+                out.append(Stage("state", level, seed, tuple(tile_grid(self.shapes[level], self.level_tile(level)))))
+        out.append(Stage("output", 0, None, tuple(tile_grid(self.shapes[0], self.level_tile(0)))))
+        return out
+
+    def run_tile(self, stage: Stage, index: int) -> bool:
+        """Compute tile ``index`` of ``stage`` unless already done; True if it was computed."""
+        marker = stage.marker(index)
+        if self.store.is_done(marker):
+            return False
+        box = stage.tiles[index]
+        if stage.kind == "image":
+            img = self.image_region(stage.level, box, use_store=False)
+            self._image_array(stage.level)[(slice(None),) + box.slices()] = tensor_to_numpy(img[0])
+        elif stage.kind == "state":
+            assert stage.seed is not None
+            st = self.compute_state(stage.level, box, stage.seed)
+            self._state_array(stage.level, stage.seed)[(slice(None),) + box.slices()] = tensor_to_numpy(st[0])
+        else:
+            self._write_output(box)
+        self.store.mark_done(marker)
+        return True
+
+    def _write_output(self, box: Box) -> None:
+        out_c = self.cfg.output_channels
+        outs = [self.compute_state(0, box, s)[0, :out_c].float().cpu() for s in self.seeds]
+        if len(outs) == 1:
+            logits, spread = outs[0], None
+        else:
+            stack = torch.stack(outs)
+            logits = stack.quantile(0.5, dim=0) if self.median_by_quantile else stack.median(dim=0).values
+            spread = torch.sigmoid(stack).std(dim=0)
+        perm = (0,) + tuple(o + 1 for o in self.order)
+        logits = logits.permute(perm).contiguous()
+        spread = None if spread is None else spread.permute(perm).contiguous().numpy()
+        self.sink.write(box.permute(self.order), labels_from_logits(logits), logits.numpy(), spread)
+
+    # -- the exact recursion ---------------------------------------------------------------------
+    def image_region(self, level: int, box: Box, use_store: bool = True) -> torch.Tensor:
+        """``(1, in, *box.size)`` image of ``level`` in the state dtype, as ``run_octree`` builds it."""
+        if level == 0:
+            return self.source.read(box).to(self.device).to(self.dtype)
+        if use_store and level >= self.store_from:
+            a = self._image_array(level)[(slice(None),) + box.slices()]
+            return numpy_to_tensor(a, self.dtype).unsqueeze(0).to(self.device)
+        f = self.cfg.factors[level - 1]
+        fine = self.image_region(level - 1, box.fine(f, self.shapes[level - 1]))
+        return downsample(fine, f, self.cfg.resize)
+
+    def state_region(self, level: int, box: Box, seed: int) -> torch.Tensor:
+        """Finished state of ``level`` over ``box``: from the store, or computed."""
+        if level >= self.store_from:
+            a = self._state_array(level, seed)[(slice(None),) + box.slices()]
+            return numpy_to_tensor(a, self.dtype).unsqueeze(0).to(self.device)
+        return self.compute_state(level, box, seed)
+
+    def compute_state(self, level: int, box: Box, seed: int) -> torch.Tensor:
+        """State of ``level`` over ``box`` after the level's steps, exactly as the whole run."""
+        cfg = self.cfg
+        ext = box.expand(self.steps[level] * self.radius, self.shapes[level])
+        if level == cfg.levels - 1:
+            state = torch.zeros((1, cfg.update_channels) + ext.size, dtype=self.dtype, device=self.device)
+        else:
+            f = cfg.factors[level]
+            parent = ext.coarse(f, self.shapes[level + 1])
+            up = upsample_raw(self.state_region(level + 1, parent, seed), f)
+            offset = tuple(e - p * fi for e, p, fi in zip(ext.start, parent.start, f))
+            state = _crop(up, offset, ext.size).contiguous()
+        image = self.image_region(level, ext)
+        run = LevelRun(level=level, steps=self.steps[level], seed=seed, fire_rate=self.fire_rate, origin=ext.start)
+        state = self.backend.run_level(self.model.levels[level], image, state, run, self._step_hook)
+        core = tuple(b - e for b, e in zip(box.start, ext.start))
+        return _crop(state, core, box.size).contiguous()
+
+    def _step_hook(self, step: int, state: torch.Tensor) -> None:
+        if _is_cancelled(self.cancel):
+            raise Cancelled("cancelled during a tile")
+
+
+# -- executors ---------------------------------------------------------------------------------
+def run_local(run: TiledRun, stages: Iterable[Stage], progress: Progress | None, cancel: Any) -> dict[str, int]:
+    """Run every stage's tiles in this process; returns computed/skipped counts."""
+    counts = {"computed": 0, "skipped": 0}
+    run.cancel = cancel
+    for stage in stages:
+        n = len(stage.tiles)
+        for i in range(n):
+            if _is_cancelled(cancel):
+                raise Cancelled(f"cancelled at {stage.name}, tile {i + 1}/{n}")
+            done = run.run_tile(stage, i)
+            counts["computed" if done else "skipped"] += 1
+            if progress is not None:
+                progress({"stage": stage.kind, "level": stage.level, "seed": stage.seed, "step": None,
+                          "tile": i + 1, "tiles": n, "computed": done})
+    return counts
+
+
+# -- the public entry ------------------------------------------------------------------------------
+def default_tile(spatial_dims: int) -> int:
+    return DEFAULT_TILE[spatial_dims]
+
+
+def segment_tiled(
+    model: OctreeNCA,
+    image: Any,
+    *,
+    axes: str | None = None,
+    tile: int | tuple[int, ...] | None = None,
+    backend: str = "auto",
+    dtype: str | torch.dtype = "float32",
+    seed: int = 0,
+    runs: int = 1,
+    callback: Progress | None = None,
+    cancel: Any = None,
+    store: str | Path | None = None,
+    restart: bool = False,
+    keep_store: bool = True,
+    store_from: int | None = None,
+    logits: bool = True,
+    sink: Any = None,
+    scheduler: Any = None,
+    device: str = "cpu",
+    steps: list[int] | None = None,
+    fire_rate: float | None = None,
+    source_path: str | None = None,
+    source_level: int = 0,
+) -> Segmentation:
+    """Segment ``image`` tile by tile; the result equals :func:`engine.segment` (within 1e-6).
+
+    ``image`` is numpy, dask or zarr with ``axes`` (guessed like ``segment`` when omitted);
+    ``tile`` is the tile edge in level-0 cells (int or one per model axis). With ``store`` (a
+    folder) the coarse level states and the outputs live in a chunked zarr store there and a
+    rerun resumes from the tiles already done; without it they live in memory. Returns an
+    ``engine.Segmentation`` whose ``labels``/``logits`` are numpy (in memory) or zarr arrays
+    (with ``store``). ``callback`` gets a dict per tile (stage, level, seed, tile, tiles);
+    ``cancel`` (Event or callable) raises ``Cancelled`` within one step. ``scheduler`` (a dask
+    ``Client`` or scheduler address) runs the tiles on dask.distributed workers (needs ``store``
+    on a filesystem the workers share). ``source_path`` lets workers reopen a file input.
+    """
+    t0 = time.perf_counter()
+    cfg = model.config
+    if runs < 1:
+        raise InputError(f"runs must be >= 1, got {runs}")
+    shape = tuple(int(s) for s in image.shape)
+    plan = plan_axes(shape, cfg, axes)
+    if any(s == 0 for s in shape):
+        raise InputError(f"the input is empty (shape {shape})")
+    source = SourceImage(image, plan, cfg.normalization, path=source_path, level_index=source_level)
+    dt = resolve_dtype(dtype)
+    steps = list(steps) if steps is not None else cfg.steps_for(source.shape)
+    if len(steps) != cfg.levels:
+        raise InputError(f"steps lists {len(steps)} levels but the model has {cfg.levels}")
+    fire = cfg.fire_rate if fire_rate is None else fire_rate
+    if tile is None:
+        tile = default_tile(cfg.spatial_dims)
+    tiles = (tile,) * cfg.spatial_dims if isinstance(tile, int) else tuple(int(t) for t in tile)
+    if len(tiles) != cfg.spatial_dims or any(t < 1 for t in tiles):
+        raise InputError(f"tile must be a positive int or {cfg.spatial_dims} ints, got {tile!r}")
+    if store_from is None:
+        store_from = min(2, cfg.levels - 1) if cfg.levels > 1 else 1
+    if not 1 <= store_from <= cfg.levels:
+        raise InputError(f"store_from must be in 1..{cfg.levels}, got {store_from}")
+    be_name = backend if isinstance(backend, str) else backend.name
+    be = get_backend(be_name, device, dt)  # fail early if unavailable; resolves "auto"
+    seeds = [seed + r for r in range(runs)]
+    key = fingerprint({
+        "model": model_digest(model), "config": cfg.to_dict(), "shape": shape, "axes": plan.input_axes,
+        "seeds": seeds, "steps": steps, "fire_rate": fire, "dtype": str(dt), "backend": be.name,
+        "tile": tiles, "store_from": store_from, "logits": logits,
+        "stats": None if source.stats is None else [[float(o) for o in source.stats.offset],
+                                                     [float(s) for s in source.stats.scale]],
+    })
+    sink = sink if sink is not None else ArraySink(logits=logits)
+    run = TiledRun(model.cpu() if device == "cpu" else model.to(device), source, seeds=seeds, steps=steps,
+                   fire_rate=fire, dtype=dt, backend=be.name, device=str(device), tile=tiles,
+                   store_from=store_from, store_path=None if store is None else str(store), key=key, sink=sink,
+                   restart=restart)
+    out_tile = tuple(run.level_tile(0)[o] for o in run.order)
+    spatial_in = tuple(source.shape[o] for o in run.order)
+    sink.open(run.store, spatial_in, out_tile, cfg.output_channels, runs)
+    stages = run.stages()
+    if scheduler is not None:
+        if store is None:
+            raise InputError("a dask scheduler needs store= (a folder all workers can reach)")
+        from .distributed import run_distributed
+
+        counts = run_distributed(run, stages, scheduler, callback, cancel)
+    else:
+        counts = run_local(run, stages, callback, cancel)
+    record = {
+        "model": cfg.name, "backend": be.name, "device": str(device), "dtype": str(dt).replace("torch.", ""),
+        "seeds": seeds, "fire_rate": fire, "steps": steps, "input_axes": plan.input_axes, "tiled": True,
+        "tile": list(tiles), "store_from": store_from, "tiles_computed": counts["computed"],
+        "tiles_skipped": counts["skipped"], "store": None if store is None else str(store),
+    }
+    arrays = getattr(sink, "arrays", {})
+    labels = arrays.get("labels")
+    lg = arrays.get("logits")
+    spread = arrays.get("spread")
+    if store is None:
+        labels = None if labels is None else labels[...]
+        lg = None if lg is None else lg[...]
+        spread = None if spread is None else spread[...]
+    elif not keep_store:
+        pass  # the caller copies what it needs, then calls WorkStore.remove()
+    return Segmentation(
+        labels=labels, logits=lg, spread=spread, class_names=cfg.class_names, axes=plan.spatial_input_axes,
+        seeds=seeds, seconds=time.perf_counter() - t0, record=record,
+    )
+
+
+__all__ = ["Box", "tile_grid", "segment_tiled", "TiledRun", "Stage", "SourceImage", "ArraySink", "compute_stats"]
