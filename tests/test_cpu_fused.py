@@ -1,0 +1,131 @@
+"""The fused CPU backend (numba) against the torch path: same seed, same answer."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from napari_octreenca.backends import get_backend
+from napari_octreenca.backends.base import LevelRun
+from napari_octreenca.backends.torch_backend import TorchBackend
+from napari_octreenca.engine.config import preset
+from napari_octreenca.engine.errors import Cancelled
+from napari_octreenca.engine.inference import run_octree
+from napari_octreenca.engine.nca import BackboneNCA
+from napari_octreenca.engine.octree import OctreeNCA
+
+cpu_fused = pytest.importorskip("napari_octreenca.backends.cpu_fused")
+CpuFusedBackend = cpu_fused.CpuFusedBackend
+
+
+def random_level(c: int, cin: int, h: int, dims: int, seed: int, scale: float = 1.0) -> BackboneNCA:
+    torch.manual_seed(seed)
+    nca = BackboneNCA(c, h, cin, dims)
+    with torch.no_grad():
+        for p in nca.parameters():
+            p.copy_(scale * torch.randn_like(p) / max(1.0, p[0].numel() ** 0.5))
+    return nca
+
+
+def random_model(cfg, seed: int) -> OctreeNCA:
+    torch.manual_seed(seed)
+    model = OctreeNCA(cfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(0.5 * torch.randn_like(p) / max(1.0, p[0].numel() ** 0.5))
+    return model.eval()
+
+
+@pytest.mark.parametrize(
+    "shape", [(1, 1), (2, 7), (9, 4), (13, 17), (1, 3, 2), (2, 2, 2), (3, 5, 4), (6, 1, 7)],
+    ids=lambda s: "x".join(map(str, s)),
+)
+@pytest.mark.parametrize("fire_rate", [0.5, 1.0])
+def test_fused_level_matches_torch(shape, fire_rate) -> None:
+    dims = len(shape)
+    nca = random_level(12, 2, 32, dims, seed=sum(shape))
+    g = torch.Generator().manual_seed(1 + sum(shape))
+    image = torch.randn((2, 2) + shape, generator=g)
+    state = torch.randn((2, 10) + shape, generator=g)
+    run = LevelRun(level=1, steps=3, seed=2**40 + 17, fire_rate=fire_rate, origin=tuple(range(5, 5 + dims)))
+    ref = TorchBackend().run_level(nca, image, state.clone(), run)
+    seen: list[int] = []
+    out = CpuFusedBackend().run_level(nca, image, state.clone(), run, lambda s, st: seen.append(s))
+    assert seen == [0, 1, 2]
+    assert out.shape == state.shape and out.dtype == torch.float32
+    assert (out - ref).abs().max().item() < 1e-5
+
+
+def test_fused_bf16_matches_torch_bf16() -> None:
+    nca = random_level(16, 3, 64, 2, seed=5)
+    image = torch.randn(1, 3, 23, 31).bfloat16()
+    state = torch.randn(1, 13, 23, 31).bfloat16()
+    run = LevelRun(level=0, steps=2, seed=3, fire_rate=0.5)
+    out = CpuFusedBackend().run_level(nca, image, state.clone(), run)
+    assert out.dtype == torch.bfloat16
+    fp32 = TorchBackend().run_level(nca, image.float(), state.float(), run)
+    rel = ((out.float() - fp32).abs() / fp32.abs().clamp_min(1.0)).max().item()
+    assert rel < 2e-2
+
+
+def test_callback_sees_live_state_and_can_cancel() -> None:
+    nca = random_level(8, 1, 16, 2, seed=2)
+    image, state = torch.randn(1, 1, 6, 5), torch.randn(1, 7, 6, 5)
+    states: list[torch.Tensor] = []
+
+    def cb(step: int, st: torch.Tensor) -> None:
+        states.append(st.clone())
+        if step == 1:
+            raise Cancelled("stop")
+
+    with pytest.raises(Cancelled):
+        CpuFusedBackend().run_level(nca, image, state.clone(), LevelRun(0, 5, 1, 0.5), cb)
+    assert len(states) == 2
+    ref = TorchBackend().run_level(nca, image, state.clone(), LevelRun(0, 2, 1, 0.5))
+    assert (states[1] - ref).abs().max().item() < 1e-5
+
+
+@pytest.mark.parametrize("name,shape", [("pathology", (37, 45)), ("radiology", (9, 14, 11))])
+def test_whole_octree_matches_torch(name, shape) -> None:
+    """All levels, same seed: the fused backend gives the torch path's logits."""
+    cfg = preset(name, steps=(2, 2, 2, 2, 3))
+    model = random_model(cfg, seed=11)
+    image = torch.randn((1, cfg.input_channels) + shape)
+    ref = run_octree(model, image, seed=7, backend="torch")
+    out = run_octree(model, image, seed=7, backend="cpu-fused")
+    assert out.shape == (1, 1) + shape
+    assert (out - ref).abs().max().item() < 1e-4
+
+
+def test_registry_and_supports() -> None:
+    assert get_backend("cpu-fused").name == "cpu-fused"
+    assert get_backend("auto", "cpu", torch.float32).name == "cpu-fused"
+    be = CpuFusedBackend()
+    assert be.supports(torch.device("cpu"), torch.bfloat16)
+    assert not be.supports(torch.device("cuda"), torch.float32)
+    assert not be.supports(torch.device("cpu"), torch.float16)
+
+
+def test_rejects_unfusable_level() -> None:
+    from napari_octreenca.engine.errors import InputError
+
+    nca = BackboneNCA(8, 16, 1, 2, kernel_size=5)
+    with pytest.raises(InputError, match="backend='torch'"):
+        CpuFusedBackend().run_level(nca, torch.zeros(1, 1, 4, 4), torch.zeros(1, 7, 4, 4), LevelRun(0, 1, 0, 1.0))
+
+
+def test_real_image_matches_torch(skin_files) -> None:
+    """A crop of the real H&E skin section through a random pathology model, both backends."""
+    import tifffile
+
+    from napari_octreenca.engine.inference import segment
+
+    rgb = tifffile.imread(skin_files[0])
+    crop = np.ascontiguousarray(rgb[:96, :128, :3])
+    cfg = preset("pathology", steps=(3, 3, 3, 3, 4))
+    model = random_model(cfg, seed=4)
+    a = segment(model, crop, axes="YXC", backend="torch", seed=2)
+    b = segment(model, crop, axes="YXC", backend="cpu-fused", seed=2)
+    assert b.record["backend"] == "cpu-fused"
+    assert np.abs(a.logits - b.logits).max() < 1e-4
