@@ -242,3 +242,61 @@ def read_ome_zarr(path: str | Path, *, labels: str | None = None) -> ImageData:
         meta["labels"] = _ome_attrs(g["labels"]).get("labels", [])
     return ImageData(levels[0], levels, out_axes, tuple(float(scale[i]) for i in sp),
                      tuple(float(translate[i]) for i in sp), None, meta, "ome-zarr")
+
+
+class OmeZarrLabelsSink:
+    """Tiled-run sink that writes each labels tile straight into an OME-Zarr labels pyramid.
+
+    Picklable (dask workers reopen the level arrays); ``finish`` lists the labels image.
+    """
+
+    def __init__(self, root: str | Path, axes: str, *, name: str = "segmentation",
+                 scale: tuple[float, ...] | None = None, translate: tuple[float, ...] | None = None,
+                 class_names: tuple[str, ...] = (), source: str | None = None):
+        self.root = str(root)
+        self.axes = axes
+        self.name = name
+        self.scale = scale
+        self.translate = translate
+        self.class_names = tuple(class_names)
+        self.source = source
+        self.factors: list[tuple[int, ...]] = []
+        self._arrays: list[Any] = []
+        self.arrays: dict[str, Any] = {}
+
+    def open(self, store: Any, shape: tuple[int, ...], tile: tuple[int, ...], classes: int, runs: int) -> None:
+        dtype = np.uint8 if classes < 255 else np.uint16
+        w = LabelsWriter(self.root, self.axes, shape, dtype, tile, name=self.name, scale=self.scale,
+                         translate=self.translate, class_names=self.class_names, source=self.source)
+        self.factors = w.factors
+        self._arrays = w.arrays
+        self.arrays = {"labels": w.arrays[0]}
+
+    def _levels(self) -> list[Any]:
+        if not self._arrays:
+            base = Path(self.root) / "labels" / self.name
+            self._arrays = [zarr.open_array(str(base / str(k)), mode="r+") for k in range(len(self.factors))]
+        return self._arrays
+
+    def write(self, box: Any, labels: np.ndarray, logits: np.ndarray, spread: np.ndarray | None) -> None:
+        for arr, f in zip(self._levels(), self.factors):
+            s = tuple(-(-a // fi) for a, fi in zip(box.start, f))
+            part = labels[tuple(slice((-a) % fi, None, fi) for a, fi in zip(box.start, f))]
+            arr[tuple(slice(a, a + n) for a, n in zip(s, part.shape))] = part
+
+    def finish(self) -> None:
+        g = zarr.open_group(self.root, mode="a")
+        labels = g["labels"]
+        ome = dict(labels.attrs["ome"])
+        ome["labels"] = sorted(set(ome.get("labels", [])) | {self.name})
+        labels.attrs["ome"] = ome
+        lg = labels[self.name]
+        if "octreenca" in lg.attrs:
+            meta = dict(lg.attrs["octreenca"])
+            meta["complete"] = True
+            lg.attrs["octreenca"] = meta
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state.update(_arrays=[], arrays={})
+        return state

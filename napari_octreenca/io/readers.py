@@ -72,6 +72,14 @@ def level_factor(fine: int, coarse: int) -> float:
     return fine / coarse
 
 
+def to_numpy(a: Any) -> np.ndarray:
+    """Materialise a numpy/dask/zarr array here, with dask's local threads (never on a
+    dask.distributed client that may be the default: file handles do not travel)."""
+    if hasattr(a, "compute") and hasattr(a, "dask"):
+        return np.asarray(a.compute(scheduler="threads"))
+    return np.asarray(a)
+
+
 def file_kind(path: str | Path) -> str:
     """What ``read_image`` would read ``path`` as; raises InputError if unsupported."""
     p = Path(path)
@@ -246,7 +254,7 @@ def read_tiff(path: Path) -> ImageData:
         axes = "".join(axes[i] for i in order)
     base = levels[0]
     if base.nbytes <= EAGER_BYTES and len(levels) == 1:
-        levels = [np.asarray(base)]
+        levels = [to_numpy(base)]
     scale = _tiff_scale(tif, axes)
     meta = {"path": str(path), "series": series.name, "tiff_axes": taxes, "is_svs": tif.is_svs,
             "is_ome": tif.is_ome, "description": (tif.pages[0].description or "")[:2000]}

@@ -153,11 +153,15 @@ class SourceImage:
             slc[p] = slice(box.start[m], box.stop[m])
         region = self.array[tuple(slc)]
         if hasattr(region, "compute"):
-            region = region.compute(scheduler="synchronous")
+            region = region.compute(scheduler="synchronous")  # never on a distributed client
         x = to_tensor(np.asarray(region)).permute(plan.permutation)
         if not plan.has_channel:
             x = x.unsqueeze(0)
         return apply_norm(x, self.norm, self.stats).unsqueeze(0)
+
+
+def _local(a: Any) -> Any:
+    return a.compute(scheduler="threads") if hasattr(a, "compute") and hasattr(a, "dask") else a
 
 
 def _whole_channels(array: Any, plan: AxisPlan) -> torch.Tensor:
@@ -179,7 +183,7 @@ def compute_stats(array: Any, plan: AxisPlan, norm: Normalization) -> NormStats 
     offs: list[torch.Tensor] = []
     scales: list[torch.Tensor | float] = []
     if n // c <= _EXACT_STATS_LIMIT:
-        flat = _whole_channels(array, plan).reshape(c, -1)
+        flat = _whole_channels(_local(array), plan).reshape(c, -1)
         for i in range(c):
             v = flat[i]
             if norm.mode == "zscore":
@@ -207,16 +211,16 @@ def compute_stats(array: Any, plan: AxisPlan, norm: Normalization) -> NormStats 
         if norm.mode == "zscore":
             if norm.threshold is not None:
                 keep = ch > norm.threshold
-                cnt = int(keep.sum().compute())
+                cnt = int(keep.sum().compute(scheduler="threads"))
                 if cnt > 0:
                     ch = ch[keep]
-            mean, std = da.compute(ch.mean(), ch.std(ddof=1))
+            mean, std = da.compute(ch.mean(), ch.std(ddof=1), scheduler="threads")
             offs.append(torch.tensor(float(mean), dtype=torch.float32))
             s = torch.tensor(float(std), dtype=torch.float32)
             scales.append(s if float(s) > 0 else 1.0)
         else:
             step = max(1, int(round((ch.size / (1 << 24)) ** (1 / ch.ndim))))
-            sample = torch.from_numpy(np.asarray(ch[(slice(None, None, step),) * ch.ndim].compute()).ravel())
+            sample = torch.from_numpy(np.asarray(ch[(slice(None, None, step),) * ch.ndim].compute(scheduler="threads")).ravel())
             sample = sample.float()
             lo = torch.quantile(sample, norm.low / 100)
             hi = torch.quantile(sample, norm.high / 100)
@@ -239,31 +243,51 @@ def apply_norm(x: torch.Tensor, norm: Normalization, stats: NormStats | None) ->
 
 # -- output sinks ------------------------------------------------------------------------------
 class ArraySink:
-    """Writes labels (and logits/spread) tiles into arrays of the work store (input axis order)."""
+    """Writes labels (and logits/spread) tiles into arrays of the work store (input axis order).
+
+    Picklable: a dask worker reopens the arrays from the store folder.
+    """
 
     def __init__(self, logits: bool = True):
         self.want_logits = logits
         self.arrays: dict[str, Any] = {}
+        self.root: str | None = None
+        self.names: list[str] = []
 
     def open(self, store: WorkStore, shape: tuple[int, ...], tile: tuple[int, ...], classes: int,
              runs: int) -> None:
         label_dtype = np.uint8 if classes < 255 else np.uint16
+        self.root = None if store.root is None else str(store.root)
         self.arrays["labels"] = store.array("out/labels", shape, tile, label_dtype)
         if self.want_logits:
             self.arrays["logits"] = store.array("out/logits", (classes,) + shape, (classes,) + tile, np.float32)
             if runs > 1:
                 self.arrays["spread"] = store.array("out/spread", (classes,) + shape, (classes,) + tile, np.float32)
+        self.names = list(self.arrays)
+
+    def _array(self, name: str) -> Any:
+        if name not in self.arrays:
+            import zarr
+
+            assert self.root is not None, "an in-memory sink cannot be used from another process"
+            self.arrays[name] = zarr.open_array(str(Path(self.root) / "out" / name), mode="r+")
+        return self.arrays[name]
 
     def write(self, box: Box, labels: np.ndarray, logits: np.ndarray, spread: np.ndarray | None) -> None:
         sl = box.slices()
-        self.arrays["labels"][sl] = labels
-        if "logits" in self.arrays:
-            self.arrays["logits"][(slice(None),) + sl] = logits
-        if "spread" in self.arrays and spread is not None:
-            self.arrays["spread"][(slice(None),) + sl] = spread
+        self._array("labels")[sl] = labels
+        if "logits" in self.names:
+            self._array("logits")[(slice(None),) + sl] = logits
+        if "spread" in self.names and spread is not None:
+            self._array("spread")[(slice(None),) + sl] = spread
+
+    def finish(self) -> None:
+        """Called once every tile is done."""
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"want_logits": self.want_logits, "arrays": {}}
+        state = dict(self.__dict__)
+        state["arrays"] = {}
+        return state
 
 
 # -- the run -----------------------------------------------------------------------------------
@@ -362,6 +386,15 @@ class TiledRun:
                 out.append(Stage("state", level, seed, tuple(tile_grid(self.shapes[level], self.level_tile(level)))))
         out.append(Stage("output", 0, None, tuple(tile_grid(self.shapes[0], self.level_tile(0)))))
         return out
+
+    def prepare(self, stages: list[Stage]) -> None:
+        """Create every work array up front (workers then only open them: no creation races)."""
+        for st in stages:
+            if st.kind == "image":
+                self._image_array(st.level)
+            elif st.kind == "state":
+                assert st.seed is not None
+                self._state_array(st.level, st.seed)
 
     def run_tile(self, stage: Stage, index: int) -> bool:
         """Compute tile ``index`` of ``stage`` unless already done; True if it was computed."""
@@ -539,6 +572,7 @@ def segment_tiled(
     spatial_in = tuple(source.shape[o] for o in run.order)
     sink.open(run.store, spatial_in, out_tile, cfg.output_channels, runs)
     stages = run.stages()
+    run.prepare(stages)
     if scheduler is not None:
         if store is None:
             raise InputError("a dask scheduler needs store= (a folder all workers can reach)")
@@ -547,6 +581,8 @@ def segment_tiled(
         counts = run_distributed(run, stages, scheduler, callback, cancel)
     else:
         counts = run_local(run, stages, callback, cancel)
+    if hasattr(sink, "finish"):
+        sink.finish()
     record = {
         "model": cfg.name, "backend": be.name, "device": str(device), "dtype": str(dt).replace("torch.", ""),
         "seeds": seeds, "fire_rate": fire, "steps": steps, "input_axes": plan.input_axes, "tiled": True,

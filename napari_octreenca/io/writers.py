@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from ..engine.errors import InputError
-from .readers import ImageData
+from .readers import ImageData, to_numpy
 
 OUTPUT_SUFFIXES = (".nii", ".nii.gz", ".tif", ".tiff", ".zarr", ".png")
 
@@ -85,7 +85,7 @@ def write_labels(path: str | Path, labels: Any, like: ImageData | None = None,
 def _write_nifti(path: Path, labels: Any, like: ImageData | None, names: tuple[str, ...], suffix: str) -> Path:
     import nibabel as nib
 
-    data = np.asarray(labels).astype(_label_dtype(labels), copy=False)
+    data = to_numpy(labels).astype(_label_dtype(labels), copy=False)
     if like is not None and like.kind == "nifti":
         if like.metadata.get("file_axes_reversed"):
             data = data.transpose(tuple(range(data.ndim - 1, -1, -1)))
@@ -113,7 +113,7 @@ def _tiles(labels: Any, tile: int) -> Any:
     h, w = labels.shape
     for y in range(0, h, tile):
         for x in range(0, w, tile):
-            block = np.asarray(labels[y:y + tile, x:x + tile])
+            block = to_numpy(labels[y:y + tile, x:x + tile])
             out = np.zeros((tile, tile), block.dtype)
             out[: block.shape[0], : block.shape[1]] = block
             yield out
@@ -138,7 +138,7 @@ def _write_tiff(path: Path, labels: Any, like: ImageData | None, names: tuple[st
             tifffile.imwrite(tmp, _tiles(labels.astype(dtype) if hasattr(labels, "astype") else labels, tile),
                              shape=tuple(labels.shape), dtype=dtype, tile=(tile, tile), bigtiff=True, **kw)
         else:
-            tifffile.imwrite(tmp, np.asarray(labels).astype(dtype, copy=False), bigtiff=labels.size > 2**31, **kw)
+            tifffile.imwrite(tmp, to_numpy(labels).astype(dtype, copy=False), bigtiff=labels.size > 2**31, **kw)
 
     return _atomic(path, path.suffix, write)
 
@@ -146,7 +146,7 @@ def _write_tiff(path: Path, labels: Any, like: ImageData | None, names: tuple[st
 def _write_png(path: Path, labels: Any) -> Path:
     from PIL import Image
 
-    data = np.asarray(labels)
+    data = to_numpy(labels)
     if data.ndim != 2:
         raise InputError(f"PNG labels must be 2D, got shape {data.shape}; use .tif or .zarr")
     data = data.astype(_label_dtype(data))
@@ -169,7 +169,7 @@ def write_labels_zarr(path: Path, labels: Any, like: ImageData | None, names: tu
     counts = [-(-n // t) for n, t in zip(labels.shape, tile)]
     for idx in np.ndindex(*counts):
         start = tuple(i * t for i, t in zip(idx, tile))
-        block = np.asarray(labels[tuple(slice(s, s + t) for s, t in zip(start, tile))])
+        block = to_numpy(labels[tuple(slice(s, s + t) for s, t in zip(start, tile))])
         writer.write(start, block.astype(_label_dtype(labels), copy=False))
     writer.finish()
     return path
