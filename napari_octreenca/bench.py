@@ -1,0 +1,314 @@
+"""``octreenca bench``: speed and peak memory of the compute backends, as a table.
+
+Two modes:
+
+- ``level``: ``steps`` NCA steps of one level at ``size`` (2D: size x size, 3D: size^3) with the
+  preset's finest-level network and fire rate. Reports cell-steps/s of the step itself.
+- ``pipeline``: a preset end to end (all levels) on a ``size`` x ``size`` uint8 image: upload,
+  normalisation on the device, every level, foreground mask, synchronised. Cell-steps counts the
+  steps of every level times its cells.
+
+Peak memory: on CUDA the allocator's peak above what was allocated before the case; on the CPU
+each case runs in a fresh subprocess (``--isolate``, the default there) and the peak resident
+set (VmHWM, reset just before the case) above the resident set at that moment. Weights are
+random (speed does not depend on their values); the fire rate is the preset's.
+
+``torch-layerwise`` is a reference only the benchmark knows: the whole level through the
+layer-wise differentiable step at once, as the published OctreeNCA code runs inference.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from .backends import Backend, LevelRun, get_backend
+from .backends.torch_backend import _cast_module, step_differentiable
+from .engine.config import ModelConfig, preset
+from .engine.firemask import fire_mask_torch
+from .engine.nca import BackboneNCA
+from .engine.octree import OctreeNCA
+
+MODES = ("level", "pipeline")
+
+
+class LayerwiseTorch(Backend):
+    """Benchmark reference: whole-level layer-wise torch steps (all intermediates at once)."""
+
+    name = "torch-layerwise"
+
+    @classmethod
+    def availability(cls) -> tuple[bool, str]:
+        return True, ""
+
+    @torch.no_grad()
+    def run_level(self, nca, image, state, run: LevelRun, callback=None):
+        weights = _cast_module(nca, state.dtype, state.device)
+        image = image.to(state.dtype)
+        origin = run.origin or (0,) * (state.dim() - 2)
+        for step in range(run.steps):
+            mask = None
+            if run.fire_rate < 1:
+                mask = fire_mask_torch(tuple(state.shape[2:]), origin, run.seed, run.level, step, run.fire_rate,
+                                       state.device)[None, None].to(state.dtype)
+            state = step_differentiable(weights, image, state, mask)
+            if callback is not None:
+                callback(step, state)
+        return state
+
+
+def make_backend(name: str, device: torch.device, dtype: torch.dtype) -> Backend:
+    """A backend by name, including the benchmark-only ``torch-layerwise``."""
+    if name == "torch-layerwise":
+        return LayerwiseTorch()
+    return get_backend(name, device, dtype)
+
+
+def random_model(cfg: ModelConfig, seed: int = 0) -> OctreeNCA:
+    """A model of ``cfg`` with random weights (fc1 is not zero, so every step changes the state)."""
+    gen = torch.Generator().manual_seed(seed)
+    model = OctreeNCA(cfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(0.5 * torch.randn(p.shape, generator=gen) / max(1.0, p[0].numel() ** 0.5))
+    return model.eval()
+
+
+@dataclass(frozen=True)
+class Case:
+    """One benchmark measurement."""
+
+    backend: str
+    size: int
+    dtype: str = "float32"
+    mode: str = "level"
+    dims: int = 2
+    preset: str = "pathology"
+    steps: int = 10
+    device: str = "cpu"
+    threads: int = 0  # 0: leave the default
+
+    def shape(self) -> tuple[int, ...]:
+        return (self.size,) * self.dims
+
+
+# -- memory probes ---------------------------------------------------------------------------
+def _proc_status(key: str) -> int:
+    """A /proc/self/status field in bytes (Linux)."""
+    with open("/proc/self/status") as f:
+        m = re.search(rf"^{key}:\s+(\d+) kB", f.read(), re.M)
+    return int(m.group(1)) * 1024 if m else 0
+
+
+def _reset_host_peak() -> int:
+    """Reset VmHWM to the current RSS (Linux >= 4.0); returns that RSS."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+    return _proc_status("VmRSS")
+
+
+class _Probe:
+    def __init__(self, device: torch.device):
+        self.device = device
+
+    def __enter__(self) -> "_Probe":
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.base = torch.cuda.memory_allocated(self.device)
+        else:
+            self.base = _reset_host_peak()
+        self.t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.seconds = time.perf_counter() - self.t0
+        if self.device.type == "cuda":
+            self.peak = torch.cuda.max_memory_allocated(self.device) - self.base
+        else:
+            self.peak = max(0, _proc_status("VmHWM") - self.base)
+
+
+# -- one case ---------------------------------------------------------------------------------
+def _level_case(case: Case, backend: Backend, device: torch.device, dt: torch.dtype) -> dict[str, Any]:
+    cfg = preset(case.preset)
+    nca: BackboneNCA = random_model(cfg).levels[0].to(device)
+    shape = case.shape()
+    cells = int(np.prod(shape))
+    run = LevelRun(level=0, steps=case.steps, seed=1, fire_rate=cfg.fire_rate)
+    # Warm-up on a small block: kernel compilation and loading are not timed.
+    small = (8,) * case.dims
+    backend.run_level(nca, torch.zeros((1, cfg.input_channels) + small, device=device, dtype=dt),
+                      torch.zeros((1, cfg.update_channels) + small, device=device, dtype=dt), run)
+    with _Probe(device) as probe:
+        image = torch.randn((1, cfg.input_channels) + shape, device=device, dtype=dt)
+        state = torch.randn((1, cfg.update_channels) + shape, device=device, dtype=dt)
+        t0 = time.perf_counter()
+        state = backend.run_level(nca, image, state, run)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        step_seconds = time.perf_counter() - t0
+        del image, state
+    return {"cell_steps": cells * case.steps, "seconds": step_seconds, "peak_bytes": probe.peak, "pixels": cells}
+
+
+def _pipeline_case(case: Case, backend: Backend, device: torch.device, dt: torch.dtype) -> dict[str, Any]:
+    from .engine.inference import run_octree
+    from .engine.inputs import prepare
+
+    cfg = preset(case.preset)
+    model = random_model(cfg).to(device)
+    shape = case.shape()
+    axes = cfg.axes + ("C" if cfg.input_channels > 1 else "")
+    rng = np.random.default_rng(0)
+    raw = rng.integers(0, 256, size=shape + ((cfg.input_channels,) if cfg.input_channels > 1 else ()), dtype=np.uint8)
+    small = np.ascontiguousarray(raw[(slice(0, 40),) * case.dims])
+    run_octree(model, prepare(small, cfg, axes, device)[0], backend=backend, dtype=dt)  # warm-up
+    steps = cfg.steps_for(shape)
+    cell_steps = sum(int(np.prod(s)) * n for s, n in zip(cfg.level_shapes(shape), steps))
+    with _Probe(device) as probe:
+        x, _ = prepare(raw, cfg, axes, device)  # uint8 upload, normalised on the device
+        x = x.to(dt)
+        logits = run_octree(model, x, backend=backend, dtype=dt)
+        del x
+        fg = (logits > 0).any(dim=1)
+        del logits, fg
+    return {"cell_steps": cell_steps, "seconds": probe.seconds, "peak_bytes": probe.peak,
+            "pixels": int(np.prod(shape))}
+
+
+def run_case(case: Case) -> dict[str, Any]:
+    """Run one case in this process; returns a result row."""
+    device = torch.device(case.device)
+    dt = {"float32": torch.float32, "bfloat16": torch.bfloat16}[case.dtype]
+    if case.threads:
+        torch.set_num_threads(case.threads)
+    backend = make_backend(case.backend, device, dt)
+    with torch.no_grad():
+        res = (_level_case if case.mode == "level" else _pipeline_case)(case, backend, device, dt)
+    row = dict(case.__dict__)
+    row["size"] = "x".join(map(str, case.shape()))
+    row["backend"] = backend.name
+    row.update(res)
+    row["cell_steps_per_s"] = res["cell_steps"] / res["seconds"]
+    row["bytes_per_pixel"] = res["peak_bytes"] / res["pixels"]
+    row["threads"] = case.threads or (torch.get_num_threads() if case.device == "cpu" else 0)
+    return row
+
+
+def _run_isolated(case: Case) -> dict[str, Any]:
+    """Run a case in a fresh Python process (clean peak-memory reading on the CPU)."""
+    env = dict(os.environ)
+    if case.threads:
+        env.update(NUMBA_NUM_THREADS=str(case.threads), OMP_NUM_THREADS=str(case.threads))
+    proc = subprocess.run(
+        [sys.executable, "-m", "napari_octreenca.bench", "--case", json.dumps(case.__dict__)],
+        capture_output=True, text=True, env=env,
+    )
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        raise RuntimeError(f"benchmark case {case} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(lines[-1])
+
+
+def run_bench(
+    backends: list[str],
+    sizes: list[int],
+    dtypes: list[str] = ("float32",),
+    *,
+    mode: str = "level",
+    dims: int = 2,
+    preset_name: str = "pathology",
+    steps: int = 10,
+    device: str = "cpu",
+    threads: int = 0,
+    isolate: bool | None = None,
+) -> list[dict[str, Any]]:
+    """Measure every (backend, size, dtype); returns one row per case (see :func:`format_table`).
+
+    ``isolate`` (default: on for the CPU) runs each case in its own process for a clean peak.
+    """
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}")
+    isolate = (device == "cpu") if isolate is None else isolate
+    rows = []
+    for size in sizes:
+        for dtype in dtypes:
+            for name in backends:
+                case = Case(name, size, dtype, mode, dims, preset_name, steps, device, threads)
+                rows.append(_run_isolated(case) if isolate else run_case(case))
+    return rows
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    """A plain-text (Markdown) table: backend, mode, size, dtype, cell-steps/s, seconds, peak memory."""
+    head = ["backend", "mode", "size", "dtype", "threads", "cell-steps/s", "seconds", "peak MiB", "bytes/pixel"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = [
+            r["backend"], r["mode"], r["size"], r["dtype"], str(r.get("threads", "")),
+            f"{r['cell_steps_per_s']:.3g}", f"{r['seconds']:.3f}", f"{r['peak_bytes'] / 2**20:.1f}",
+            f"{r['bytes_per_pixel']:.1f}",
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def machine_description(device: str = "cpu") -> str:
+    """One line naming the machine a table was measured on."""
+    if device.startswith("cuda") and torch.cuda.is_available():
+        return f"{torch.cuda.get_device_name()} ({platform.node()}), torch {torch.__version__}"
+    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``octreenca bench``."""
+    p = argparse.ArgumentParser(prog="octreenca bench", description=__doc__.split("\n")[0])
+    p.add_argument("--backends", default="auto", help="comma list: auto, torch, cpu-fused, cuda, torch-layerwise")
+    p.add_argument("--sizes", default="1024", help="comma list of edge lengths")
+    p.add_argument("--dtypes", default="float32", help="comma list: float32, bfloat16")
+    p.add_argument("--mode", default="level", choices=MODES)
+    p.add_argument("--dims", type=int, default=2, choices=(2, 3))
+    p.add_argument("--preset", default="pathology")
+    p.add_argument("--steps", type=int, default=10, help="steps per level case")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads (0: default)")
+    p.add_argument("--no-isolate", action="store_true", help="run CPU cases in this process")
+    p.add_argument("--json", help="also write the rows to this JSON file")
+    p.add_argument("--case", help=argparse.SUPPRESS)  # internal: one isolated case as JSON
+    args = p.parse_args(argv)
+    if args.case:
+        print(json.dumps(run_case(Case(**json.loads(args.case)))))
+        return 0
+    split = lambda s: [x.strip() for x in s.split(",") if x.strip()]  # noqa: E731
+    rows = run_bench(
+        split(args.backends), [int(s) for s in split(args.sizes)], split(args.dtypes), mode=args.mode,
+        dims=args.dims, preset_name=args.preset, steps=args.steps, device=args.device, threads=args.threads,
+        isolate=False if args.no_isolate else None,
+    )
+    print(f"# {machine_description(args.device)}, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
+    print(format_table(rows))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

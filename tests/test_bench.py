@@ -1,0 +1,37 @@
+"""``octreenca bench``: rows and table on tiny cases (figures themselves live in benchmarks/)."""
+
+from __future__ import annotations
+
+import pytest
+
+from napari_octreenca.bench import format_table, main, run_bench
+
+
+def test_level_rows_and_table() -> None:
+    rows = run_bench(["torch", "cpu-fused", "torch-layerwise"], [24], ["float32", "bfloat16"], steps=2, isolate=False)
+    assert [r["backend"] for r in rows] == ["torch", "cpu-fused", "torch-layerwise"] * 2
+    for r in rows:
+        assert r["size"] == "24x24" and r["cell_steps"] == 2 * 24 * 24
+        assert r["seconds"] > 0 and r["cell_steps_per_s"] > 0 and r["peak_bytes"] >= 0
+    table = format_table(rows)
+    assert table.splitlines()[0].startswith("| backend | mode | size | dtype")
+    assert len(table.splitlines()) == 2 + len(rows)
+
+
+def test_pipeline_isolated_reports_memory(capsys) -> None:
+    """An isolated CPU case (fresh process) reads a positive peak for a 3D pipeline."""
+    rows = run_bench(["cpu-fused"], [20], mode="pipeline", dims=3, preset_name="radiology", threads=1)
+    (r,) = rows
+    assert r["mode"] == "pipeline" and r["size"] == "20x20x20"
+    assert r["cell_steps"] > 20**3 * 10 and r["peak_bytes"] > 0
+
+
+def test_cli_main_prints_table(capsys) -> None:
+    assert main(["--backends", "cpu-fused", "--sizes", "16", "--steps", "1", "--no-isolate"]) == 0
+    out = capsys.readouterr().out
+    assert "| cpu-fused | level | 16x16 | float32 |" in out
+
+
+def test_unknown_mode() -> None:
+    with pytest.raises(ValueError):
+        run_bench(["torch"], [8], mode="nope")
