@@ -103,6 +103,7 @@ def _load_module(device: torch.device, channels: int, inputs: int, hidden: int) 
             return _modules[key]
         driver = _driver()
         cubin, path = nvrtc_compile.cached_cubin(arch, defines)
+        _ok(driver.cuInit(0), "cuInit")
         with torch.cuda.device(index):
             torch.cuda.current_stream().synchronize()  # makes torch's primary context current here
             module = _ok(driver.cuModuleLoadData(cubin), f"cuModuleLoadData({path.name})")
@@ -144,6 +145,8 @@ class CudaBackend(Backend):
             version = _ok(driver.cuDriverGetVersion(), "cuDriverGetVersion")
         except BackendUnavailable as exc:
             return False, str(exc)
+        except Exception as exc:  # e.g. cuda.pathfinder cannot find libcuda (no driver installed)
+            return False, f"the CUDA driver could not be used ({type(exc).__name__}: {exc})"
         if int(version) // 1000 < major:
             return False, (
                 f"the NVIDIA driver supports CUDA {int(version) // 1000}.{int(version) % 1000 // 10} but NVRTC is "
@@ -171,7 +174,7 @@ class CudaBackend(Backend):
             return TorchBackend().run_level(nca, image, state, run, callback)
         try:
             mod = _load_module(state.device, nca.channels, nca.input_channels, nca.fc0.out_channels)
-        except BackendUnavailable as exc:
+        except Exception as exc:  # any failure to build/load the kernels: say why once, stay correct
             _warn_once(f"load:{exc}", f"fused CUDA kernels unavailable ({exc}); using the torch path")
             return TorchBackend().run_level(nca, image, state, run, callback)
         return self._run(mod, nca, image, state, run, callback)
@@ -191,7 +194,9 @@ class CudaBackend(Backend):
         stream = torch.cuda.current_stream(state.device)
         cu_stream = driver.CUstream(stream.cuda_stream)
         _ok(
-            driver.cuMemcpyDtoDAsync(mod.weights_ptr, weights.data_ptr(), weights.numel() * 4, cu_stream),
+            driver.cuMemcpyDtoDAsync(
+                driver.CUdeviceptr(mod.weights_ptr), driver.CUdeviceptr(weights.data_ptr()), weights.numel() * 4, cu_stream
+            ),
             "cuMemcpyDtoDAsync(weights)",
         )
         spatial = tuple(state.shape[2:])
