@@ -137,7 +137,41 @@ def synthetic_video(frames: int = 16, size: tuple[int, int] = (96, 128), seed: i
     return video, labels
 
 
+def load_nifti_zyx(path: str | Path) -> tuple[np.ndarray, tuple[float, float, float]]:
+    """A NIfTI volume as a float32 ``(Z, Y, X)`` array in RAS+ orientation, and its spacing (mm, ZYX).
+
+    Reorienting to the closest canonical (RAS+) orientation first means every scan reaches a
+    model in the same anatomical axis order (Z = inferior->superior, Y = posterior->anterior,
+    X = left->right), whatever order its file stores (e.g. the ITK example is LSA).
+    """
+    import nibabel as nib
+
+    img = nib.as_closest_canonical(nib.load(str(path)))
+    data = np.asarray(img.dataobj, dtype=np.float32)
+    if data.ndim > 3:
+        data = data[..., 0]
+    zooms = tuple(float(z) for z in img.header.get_zooms()[:3])
+    return np.ascontiguousarray(data.transpose(2, 1, 0)), (zooms[2], zooms[1], zooms[0])
+
+
+def davis_sequence(root: str | Path, name: str) -> tuple[np.ndarray, np.ndarray]:
+    """A DAVIS 2016 sequence: frames ``(T, Y, X, 3)`` uint8 and masks ``(T, Y, X)`` uint8 (0/1).
+
+    ``root`` is the ``davis2016`` folder (``<name>/images/*.jpg`` and ``<name>/masks/*.png``).
+    """
+    from skimage.io import imread
+
+    folder = Path(root) / name
+    images = sorted((folder / "images").glob("*.jpg"))
+    masks = sorted((folder / "masks").glob("*.png"))
+    if not images or len(images) != len(masks):
+        raise FileNotFoundError(f"{folder}: expected matching images/*.jpg and masks/*.png")
+    frames = np.stack([imread(p)[..., :3] for p in images])
+    labels = np.stack([(np.asarray(imread(p)) > 127).astype(np.uint8).reshape(frames.shape[1:3] + (-1,))[..., 0] for p in masks])
+    return frames, labels
+
+
 __all__ = [
     "skin_paths", "read_shapes_csv", "epidermis_mask", "skin_sample", "brain_paths", "whole_slide_path",
-    "synthetic_video",
+    "synthetic_video", "load_nifti_zyx", "davis_sequence",
 ]

@@ -1,0 +1,156 @@
+"""Resampling to a model's fixed voxel spacing and back.
+
+A model whose ``config.spacing`` is set was trained at that spacing (e.g. 3 mm isotropic MRI, or
+H&E at 2 source pixels per cell). Scans of any spacing are resampled to it before the NCA runs,
+and the logits are resampled back onto the input's grid, so labels always match the input.
+
+Spacings are per spatial axis. The input's spacing is in the input's spatial axis order (what
+napari's layer ``scale`` or a NIfTI header gives); the model's spacing is in the model's axis
+order (``config.axes``). Voxels are treated as cells (``grid_mode``), so resampling there and
+back keeps the field of view exactly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from .errors import InputError
+
+
+def _check(spacing: Sequence[float], ndim: int, what: str) -> tuple[float, ...]:
+    sp = tuple(float(s) for s in spacing)
+    if len(sp) != ndim:
+        raise InputError(f"{what} {sp} must have one value per spatial axis ({ndim})")
+    if any(not np.isfinite(s) or s <= 0 for s in sp):
+        raise InputError(f"{what} {sp} must be positive; set the image's voxel size (scale)")
+    return sp
+
+
+def model_grid_shape(
+    shape: Sequence[int], spacing: Sequence[float], model_spacing: Sequence[float]
+) -> tuple[int, ...]:
+    """Spatial shape of an image of ``shape`` at ``spacing`` once resampled to ``model_spacing``."""
+    sp = _check(spacing, len(shape), "spacing")
+    msp = _check(model_spacing, len(shape), "model spacing")
+    return tuple(max(1, int(round(n * s / m))) for n, s, m in zip(shape, sp, msp))
+
+
+def _zoom_to(
+    array: np.ndarray, shape: Sequence[int], order: int, spatial_axes: Sequence[int], antialias: bool
+) -> np.ndarray:
+    from scipy import ndimage
+
+    src = np.asarray(array)
+    zoom = [1.0] * src.ndim
+    for ax, n in zip(spatial_axes, shape):
+        zoom[ax] = n / src.shape[ax]
+    if all(abs(z - 1.0) < 1e-12 for z in zoom):
+        return src
+    work = src.astype(np.float32) if order > 0 else src
+    if antialias and order > 0:
+        # Down-sampling: low-pass first so that fine texture does not alias into the result.
+        sigma = [max(0.0, (1.0 / z - 1.0) / 2.0) if z < 1 else 0.0 for z in zoom]
+        if any(s > 0 for s in sigma):
+            work = ndimage.gaussian_filter(work, sigma, mode="nearest")
+    out = ndimage.zoom(work, zoom, order=order, mode="nearest", grid_mode=True, prefilter=order > 1)
+    # zoom rounds the output size; make sure it is exactly the requested shape.
+    assert all(out.shape[ax] == n for ax, n in zip(spatial_axes, shape)), (out.shape, shape)
+    return out
+
+
+def resample_to_model_spacing(
+    image: Any,
+    spacing: Sequence[float],
+    model_spacing: Sequence[float],
+    *,
+    channel_axis: int | None = None,
+    order: int = 1,
+) -> np.ndarray:
+    """Resample ``image`` (spatial axes in the same order as ``spacing``) to ``model_spacing``.
+
+    ``channel_axis`` names a colour/channel axis that is left alone. Images are low-pass
+    filtered before down-sampling; the result is float32 (or the input dtype for ``order=0``).
+    """
+    arr = np.asarray(image)
+    spatial = [a for a in range(arr.ndim) if a != (channel_axis % arr.ndim if channel_axis is not None else None)]
+    shape = model_grid_shape([arr.shape[a] for a in spatial], spacing, model_spacing)
+    return _zoom_to(arr, shape, order, spatial, antialias=order > 0)
+
+
+def resample_back(
+    array: Any, shape: Sequence[int], *, channel_axis: int | None = None, order: int = 1
+) -> np.ndarray:
+    """Resample logits/probabilities (``order=1``) or labels (``order=0``) onto the spatial ``shape``."""
+    arr = np.asarray(array)
+    spatial = [a for a in range(arr.ndim) if a != (channel_axis % arr.ndim if channel_axis is not None else None)]
+    if len(spatial) != len(shape):
+        raise InputError(f"cannot resample an array of shape {arr.shape} back to spatial shape {tuple(shape)}")
+    return _zoom_to(arr, shape, order, spatial, antialias=False)
+
+
+def resample_labels_back(labels: Any, shape: Sequence[int]) -> np.ndarray:
+    """Nearest-neighbour resampling of a label image onto the spatial ``shape`` (dtype kept)."""
+    return resample_back(labels, shape, order=0)
+
+
+def model_spacing_in_input_order(config: Any, input_axes: str) -> tuple[float, ...]:
+    """The model's spacing (``config.axes`` order) reordered to an input's spatial axes.
+
+    Time and depth are interchangeable third axes (a video model's T is an MRI's Z).
+    """
+    if config.spacing is None:
+        raise InputError("this model has no fixed spacing")
+    spatial = input_axes.upper().replace("C", "")
+    trans = {"T": "Z", "Z": "T"}
+    out = []
+    for a in spatial:
+        key = a if a in config.axes else trans.get(a, a)
+        if key not in config.axes:
+            raise InputError(f"input axes {input_axes!r} do not fit the model's axes {config.axes!r}")
+        out.append(float(config.spacing[config.axes.index(key)]))
+    return tuple(out)
+
+
+def segment_at_model_spacing(
+    model: Any, image: Any, spacing: Sequence[float] | None = None, *, axes: str | None = None, **kwargs: Any
+) -> Any:
+    """:func:`~napari_octreenca.engine.inference.segment` for models with a fixed ``config.spacing``.
+
+    ``spacing`` is the input's voxel size per spatial axis in input order (default 1 per axis,
+    i.e. the model's spacing is then in input pixels). The image is resampled to the model's
+    spacing, segmented, and the logits (and spread) are resampled back linearly onto the input
+    grid, where the labels are taken. Models without a spacing are segmented as they are.
+    """
+    from .inference import Segmentation, labels_from_logits, segment
+    from .inputs import plan_axes, to_tensor
+
+    cfg = model.config
+    if cfg.spacing is None:
+        return segment(model, image, axes=axes, **kwargs)
+    arr = to_tensor(image).numpy()
+    plan = plan_axes(tuple(arr.shape), cfg, axes)
+    c_ax = plan.input_axes.index("C") if plan.has_channel else None
+    in_shape = tuple(n for a, n in zip(plan.input_axes, arr.shape) if a != "C")
+    sp = tuple(spacing) if spacing is not None else (1.0,) * len(in_shape)
+    msp = model_spacing_in_input_order(cfg, plan.input_axes)
+    small = resample_to_model_spacing(arr, sp, msp, channel_axis=c_ax)
+    if arr.dtype == np.uint8:  # keep the dtype the normalisation expects (e.g. RGB / 255)
+        small = np.clip(np.rint(small), 0, 255).astype(np.uint8)
+    res = segment(model, small, axes=plan.input_axes, **kwargs)
+    logits = resample_back(res.logits, in_shape, channel_axis=0, order=1)
+    spread = None if res.spread is None else resample_back(res.spread, in_shape, channel_axis=0, order=1)
+    record = dict(res.record)
+    record.update({"input_spacing": list(sp), "model_spacing": list(msp), "model_grid": list(small.shape)})
+    return Segmentation(
+        labels=labels_from_logits(logits), logits=logits.astype(np.float32), spread=spread,
+        class_names=res.class_names, axes=res.axes, seeds=res.seeds, seconds=res.seconds, record=record,
+    )
+
+
+__all__ = [
+    "model_grid_shape", "resample_to_model_spacing", "resample_back", "resample_labels_back",
+    "model_spacing_in_input_order", "segment_at_model_spacing",
+]

@@ -1,0 +1,111 @@
+#!/usr/bin/env python
+"""Write the Markdown model card next to a bundled model, from the facts stored in the model file.
+
+The card facts live in the model file's ``extra`` JSON (written by the training scripts); the
+observations made after training (known failure modes, what was tried) are added here, stored
+back into ``extra`` (the weights are not touched), and the card is rendered from that one
+source, so the file and the card cannot disagree.
+
+    python scripts/model_card.py brain_mri he_epidermis davis_video
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from napari_octreenca.engine.modelfile import load_model, read_extra, save_model
+
+MODELS = Path(__file__).resolve().parents[1] / "sample_data" / "models"
+
+NOTES: dict[str, dict[str, Any]] = {}  # filled in by notes_<name>.json beside this script when present
+
+
+def _load_notes(name: str) -> dict[str, Any]:
+    p = Path(__file__).with_name(f"card_notes_{name}.json")
+    return json.loads(p.read_text()) if p.exists() else {}
+
+
+def _fmt(v: Any) -> str:
+    return f"{v:.3f}" if isinstance(v, float) else str(v)
+
+
+def render(name: str, cfg: Any, extra: dict[str, Any]) -> str:
+    """The Markdown card of one model."""
+    lines = [f"# `{name}`: {extra['task']}", ""]
+    lines += ["**Not for clinical use.** A research and demonstration model; it has not been validated "
+              "for diagnosis or treatment and must not be used for either.", ""]
+    lines += ["## What it is", ""]
+    lines += [f"- Architecture: OctreeNCA, {cfg.spatial_dims}D, axes `{cfg.axes}`, {cfg.levels} levels, "
+              f"factors {[list(f) for f in cfg.factors]}, steps {list(cfg.steps)}, {cfg.channels} channels "
+              f"({cfg.input_channels} image + {cfg.output_channels} logits + {cfg.hidden_channels} hidden), "
+              f"hidden size {cfg.hidden}, fire rate {cfg.fire_rate}; {cfg.parameter_count():,} parameters.",
+              f"- Classes: {', '.join(cfg.class_names)}.",
+              f"- Fixed spacing: `{list(cfg.spacing)}` (axes `{cfg.axes}`); inputs are resampled to it and the "
+              "logits back to the input grid.",
+              f"- Normalisation: `{cfg.normalization.mode}`.",
+              f"- Intended use: {extra.get('intended_use', extra['task'])}.", ""]
+    lines += ["## Data and licence", "",
+              f"- Training: {extra['training_data']}.",
+              f"- Held out (never used for training or model selection): {extra['held_out_data']}.",
+              f"- Licence of the data: {extra.get('data_licence', 'see the sources above')}.",
+              "- The weights are the project's own work and ship with it; the data do not.", ""]
+    lines += ["## Preprocessing", "", f"{extra['preprocessing']}.", ""]
+    if "input_orientation" in extra:
+        lines += [f"Input orientation: {extra['input_orientation']}.", ""]
+    lines += ["## Held-out results", ""]
+    m = extra["metrics"]
+    lines += ["| figure | value |", "|---|---|"]
+    lines += [f"| {k} | {_fmt(v)} |" for k, v in m.items()]
+    lines += [""]
+    if "per_sequence" in extra["held_out_metrics"]:
+        lines += ["| held-out sequence | J (mean IoU) | consecutive-frame IoU, prediction | same, ground truth | "
+                  "baseline J (spatial prior) |", "|---|---|---|---|---|"]
+        for seq, v in extra["held_out_metrics"]["per_sequence"].items():
+            lines += [f"| {seq} | {_fmt(v['J'])} | {_fmt(v['consecutive_iou_pred'])} | "
+                      f"{_fmt(v['consecutive_iou_truth'])} | {_fmt(v.get('baseline_prior_J', '-'))} |"]
+        lines += [""]
+    b = extra["baseline"]
+    lines += [f"Baseline on the same held-out data: {b['method']}: "
+              + ", ".join(f"{k} {_fmt(v)}" for k, v in b.items() if k != "method") + ".", ""]
+    if extra.get("target"):
+        lines += [f"Target: {extra['target']}", ""]
+    lines += ["## Reproduce", "",
+              "```", extra["train_command"], "```", "",
+              f"- Seed: {extra['seed']}; iterations: {extra.get('iterations', '-')}.",
+              f"- Wall time: {extra['train_wall_seconds']:.0f} s end to end (training, evaluation) on the "
+              f"{extra['train_machine']}.",
+              f"- Segment from Python: `{extra['segment_call']}` "
+              "(`napari_octreenca.engine.resample`).", ""]
+    if extra.get("cli"):
+        lines += [f"- From the command line: `{extra['cli']}`", ""]
+    lines += ["The test `tests/test_models_" + {"brain_mri": "brain", "he_epidermis": "epidermis",
+                                                 "davis_video": "davis"}.get(name, name)
+              + ".py` reloads this file and checks the held-out figure where the data is installed.", ""]
+    lines += ["## Known failure modes and limits", ""]
+    lines += [f"- {s}" for s in extra.get("known_failure_modes", [])] + [""]
+    if extra.get("notes"):
+        lines += ["## Notes: what was tried", ""] + [f"- {s}" for s in extra["notes"]] + [""]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("names", nargs="+")
+    args = ap.parse_args()
+    for name in args.names:
+        path = MODELS / f"{name}.safetensors"
+        extra = read_extra(path)
+        notes = _load_notes(name)
+        if notes:
+            extra.update(notes)
+            save_model(load_model(path), path, extra=extra)  # same weights, updated facts
+        model = load_model(path)
+        (MODELS / f"{name}.md").write_text(render(name, model.config, extra))
+        print(f"wrote {MODELS / (name + '.md')}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,178 @@
+#!/usr/bin/env python
+"""Train the bundled video object segmentation model on DAVIS 2016 and evaluate held-out sequences.
+
+Data: ``../shared/data/davis2016`` (15 DAVIS 2016 sequences, 854 x 480 RGB, one binary mask per
+frame). Three whole sequences are held out (``HELD_OUT``); the other twelve train. The model is
+the surgery preset's architecture with one output class, running on the video as a 3D
+``(Y, X, T)`` volume at a quarter of the frame resolution (``config.spacing = (4, 4, 1)``: 120 x 214
+pixels per frame). Training samples random 12-frame windows; inference runs on whole sequences.
+
+Metrics (DAVIS conventions): J = mean over frames of the mask IoU at full resolution, per held-out
+sequence; temporal stability = mean IoU between consecutive predicted masks, next to the same
+figure for the ground truth (a stable prediction has about the same value). Baseline: a fixed
+spatial prior (the mean training mask, thresholded).
+
+    python scripts/train_davis.py --data ../shared/data/davis2016
+
+The frames are third-party data and never enter the repository; the weights may ship.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from _budget import train_with_budget
+from napari_octreenca.baselines import prior_video_mask
+from napari_octreenca.data_sources import davis_sequence
+from napari_octreenca.engine.config import preset
+from napari_octreenca.engine.modelfile import save_model
+from napari_octreenca.engine.resample import resample_to_model_spacing, segment_at_model_spacing
+from napari_octreenca.engine.training import TrainConfig, TrainPair
+
+SPACING_YXT = (4.0, 4.0, 1.0)
+SPACING_TYX = (1.0, 4.0, 4.0)
+WINDOW = 12
+HELD_OUT = ("blackswan", "car-roundabout", "dance-twirl")
+DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "davis2016"
+
+
+def sequences(root: Path) -> list[str]:
+    return sorted(p.name for p in root.iterdir() if (p / "images").is_dir())
+
+
+def to_model_grid(frames: np.ndarray, masks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Down-sample a (T, Y, X, 3) clip and its masks exactly as inference does."""
+    small = resample_to_model_spacing(frames, (1.0, 1.0, 1.0), SPACING_TYX, channel_axis=-1)
+    small = np.clip(np.rint(small), 0, 255).astype(np.uint8)
+    m = resample_to_model_spacing(masks.astype(np.float32), (1.0, 1.0, 1.0), SPACING_TYX) > 0.5
+    return small, m.astype(np.uint8)
+
+
+def iou(a: np.ndarray, b: np.ndarray) -> float:
+    u = np.logical_or(a, b).sum()
+    return 1.0 if u == 0 else float(np.logical_and(a, b).sum() / u)
+
+
+def video_metrics(pred: np.ndarray, truth: np.ndarray) -> dict[str, float]:
+    """J (mean per-frame IoU) and temporal stability of a (T, Y, X) prediction."""
+    j = float(np.mean([iou(p, t) for p, t in zip(pred, truth)]))
+    stab_pred = float(np.mean([iou(pred[i], pred[i + 1]) for i in range(len(pred) - 1)]))
+    stab_true = float(np.mean([iou(truth[i], truth[i + 1]) for i in range(len(truth) - 1)]))
+    return {"J": round(j, 4), "consecutive_iou_pred": round(stab_pred, 4), "consecutive_iou_truth": round(stab_true, 4)}
+
+
+def evaluate_held_out(model: torch.nn.Module, root: Path, names=HELD_OUT, train_names=None) -> dict[str, dict]:
+    """Per held-out sequence: the model's J and stability, and the prior baseline's J."""
+    out: dict[str, dict] = {}
+    train_masks = None
+    if train_names:
+        train_masks = [davis_sequence(root, n)[1][::4, ::4, ::4] for n in train_names]
+    for name in names:
+        frames, masks = davis_sequence(root, name)
+        t0 = time.perf_counter()
+        res = segment_at_model_spacing(model, frames, (1.0, 1.0, 1.0), axes="TYXC")
+        m = video_metrics(res.labels == 1, masks > 0)
+        m["segment_seconds"] = round(time.perf_counter() - t0, 1)
+        if train_masks is not None:
+            prior = prior_video_mask(train_masks, masks.shape[1:], len(masks))
+            m["baseline_prior_J"] = round(float(np.mean([iou(p, t) for p, t in zip(prior, masks > 0)])), 4)
+        out[name] = m
+        print(name, m, flush=True)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    ap.add_argument("--out", default="sample_data/models/davis_video.safetensors")
+    ap.add_argument("--checkpoint", default="/tmp/davis_video.ckpt.safetensors")
+    ap.add_argument("--resume", action="store_true")
+    ap.add_argument("--iterations", type=int, default=600)
+    ap.add_argument("--batch", type=int, default=2)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--max-minutes", type=float, default=None, help="stop training after this wall time")
+    ap.add_argument("--eval-only", action="store_true")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    names = sequences(args.data)
+    train_names = [n for n in names if n not in HELD_OUT]
+    if args.eval_only:
+        from napari_octreenca.engine.modelfile import load_model
+
+        print(json.dumps(evaluate_held_out(load_model(args.out), args.data, train_names=train_names), indent=1))
+        return
+
+    t_start = time.perf_counter()
+    pairs = []
+    for n in train_names:
+        small, m = to_model_grid(*davis_sequence(args.data, n))
+        pairs.append(TrainPair(small, m, axes="TYXC"))
+    print(f"{len(pairs)} training sequences {pairs[0].image.shape[1:3]} in {time.perf_counter() - t_start:.0f} s",
+          flush=True)
+    h, w = pairs[0].image.shape[1:3]
+    crop = (h, w, WINDOW)
+    cfg = preset("surgery").replace(
+        name="davis_video",
+        description="Primary-object video segmentation (DAVIS-style), video as (Y, X, T); not for clinical use",
+        output_channels=1,
+        class_names=("object",),
+        spacing=SPACING_YXT,
+        train_size=crop,
+        scale_coarsest_steps=False,  # whole clips are long in T; the coarsest level already spans a frame
+    )
+    tcfg = TrainConfig(
+        iterations=args.iterations, batch_size=args.batch, crop=crop, level_patch=(48, 64, WINDOW),
+        lr=1.6e-3, lr_gamma=0.998, seed=args.seed, checkpoint_every=25, foreground_fraction=0.5,
+    )
+
+    def progress(p) -> None:
+        if p.iteration % 10 == 0 or p.iteration == p.iterations:
+            print(f"it {p.iteration}/{p.iterations} loss {p.loss:.4f} dice {p.dice:.3f} lr {p.lr:.2e} "
+                  f"{p.seconds:.0f} s", flush=True)
+
+    model, done, train_seconds = train_with_budget(
+        cfg, pairs, tcfg, callback=progress, checkpoint=args.checkpoint, resume=args.resume,
+        max_minutes=args.max_minutes,
+    )
+    del pairs
+    metrics = evaluate_held_out(model, args.data, train_names=train_names)
+    wall = time.perf_counter() - t_start
+    mean_j = round(float(np.mean([m["J"] for m in metrics.values()])), 4)
+    extra = {
+        "card": "davis_video.md",
+        "task": "primary-object video segmentation (binary foreground), video as a (Y, X, T) volume",
+        "not_for_clinical_use": True,
+        "training_data": "DAVIS 2016 (annotations CC BY 4.0, videos under their owners' terms, research use): "
+                         + ", ".join(train_names),
+        "held_out_data": "whole DAVIS 2016 sequences never seen in training: " + ", ".join(HELD_OUT),
+        "preprocessing": "frames down-sampled 4x (anti-aliased) to 120 x 214, RGB / 255 - 0.5) / 0.25, whole "
+                         "clip as one (Y, X, T) volume; logits up-sampled back linearly to 480 x 854",
+        "training_sequences": train_names,
+        "held_out_metrics": {"mean_J": mean_j, "per_sequence": metrics},
+        "metrics": {"held_out_mean_J": mean_j, **{f"J_{k}": v["J"] for k, v in metrics.items()},
+                    "baseline_prior_mean_J": round(float(np.mean([m["baseline_prior_J"] for m in metrics.values()])), 4)},
+        "baseline": {"method": "fixed spatial prior: mean training mask thresholded at the best training IoU",
+                     "mean_J": round(float(np.mean([m["baseline_prior_J"] for m in metrics.values()])), 4)},
+        "seed": args.seed,
+        "iterations": done,
+        "train_command": f"python scripts/train_davis.py --iterations {done} --batch {args.batch} --seed {args.seed}",
+        "train_wall_seconds": round(wall, 0),
+        "train_loop_seconds": round(train_seconds, 0),
+        "train_machine": f"2-core CPU dev machine shared with other jobs, 1 torch thread ({platform.machine()})",
+        "segment_call": "segment_at_model_spacing(model, frames_tyxc, (1.0, 1.0, 1.0), axes='TYXC')",
+    }
+    save_model(model, args.out, extra=extra)
+    print(json.dumps(extra["held_out_metrics"]), flush=True)
+    print(f"wrote {args.out}; wall {wall:.0f} s; seed {args.seed}; mean J {mean_j}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
