@@ -57,6 +57,18 @@ def test_fused_level_matches_torch(shape, fire_rate) -> None:
     assert (out - ref).abs().max().item() < 1e-5
 
 
+@pytest.mark.parametrize("dims", [2, 3])
+def test_odd_channel_counts(dims) -> None:
+    """Channel and hidden counts that are not multiples of the loop blocking (remainder paths)."""
+    nca = random_level(9, 2, 15, dims, seed=21)  # 2C = 18, hidden 15, C - in = 7
+    shape = (11, 6) if dims == 2 else (5, 3, 6)
+    image, state = torch.randn((1, 2) + shape), torch.randn((1, 7) + shape)
+    run = LevelRun(level=0, steps=2, seed=8, fire_rate=0.5)
+    ref = TorchBackend().run_level(nca, image, state.clone(), run)
+    out = CpuFusedBackend().run_level(nca, image, state.clone(), run)
+    assert (out - ref).abs().max().item() < 1e-5
+
+
 def test_fused_bf16_matches_torch_bf16() -> None:
     nca = random_level(16, 3, 64, 2, seed=5)
     image = torch.randn(1, 3, 23, 31).bfloat16()
