@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 
 import numpy as np
 import torch
@@ -35,6 +36,9 @@ try:
 except ImportError as exc:  # numba is a dependency, but keep the torch path usable without it
     numba = None
     _NUMBA_ERROR = f"numba is not installed ({exc}); pip install numba"
+
+#: numba's workqueue threading layer aborts on concurrent parallel calls: serialise steps.
+_STEP_LOCK = threading.Lock()
 
 _M32 = np.uint64(0xFFFFFFFF)
 _M1 = np.uint64(0x21F0AAAD)
@@ -320,10 +324,11 @@ class CpuFusedBackend(Backend):
         try:
             for step in range(run.steps):
                 key, thresh = fire_params(run, step)
-                _fused_step(
-                    img_np, view(state), view(out), cw, cb, w0, b0, w1, dims, oz, oy, ox,
-                    np.uint64(key), np.uint64(thresh), bf16,
-                )
+                with _STEP_LOCK:
+                    _fused_step(
+                        img_np, view(state), view(out), cw, cb, w0, b0, w1, dims, oz, oy, ox,
+                        np.uint64(key), np.uint64(thresh), bf16,
+                    )
                 state, out = out, state
                 if callback is not None:
                     callback(step, state)
