@@ -143,3 +143,25 @@ def test_two_threads_and_auto_backend_within_1e6(model2d, image2d) -> None:
     scale = np.abs(whole.logits).max()
     assert np.abs(res.logits - whole.logits).max() <= 1e-6 * max(1.0, scale)
     assert tiling.DEFAULT_TILE[2] >= 256
+
+
+def test_input_pyramid_used_where_shapes_fit(tmp_path) -> None:
+    """A file pyramid made by striding (what ``nearest`` resizing does) gives the whole result
+    exactly; a different pyramid changes it (so it is really read)."""
+    from napari_octreenca.io.ome_zarr import write_ome_zarr_image
+    from napari_octreenca.io.readers import read_image
+
+    cfg = preset("pathology", steps=(3, 3, 3, 4), factors=((2, 2),) * 3, resize="nearest")
+    model = random_model(cfg, 4)
+    img = np.random.default_rng(4).integers(0, 255, (130, 150, 3), dtype=np.uint8)
+    path = write_ome_zarr_image(tmp_path / "p.zarr", img, "YXC", levels=4, chunk=64)
+    im = read_image(path)
+    assert [lv.shape[:2] for lv in im.levels] == [(130, 150), (65, 75), (33, 38), (17, 19)]
+    whole = segment(model, img, backend="torch")
+    res = segment_tiled(model, im.data, tile=48, backend="torch", store_from=2, pyramid=im.levels)
+    assert res.record["pyramid_levels"] == [1, 2, 3]
+    np.testing.assert_array_equal(res.logits, whole.logits)
+    brighter = [im.levels[0]] + [np.minimum(np.asarray(lv).astype(np.int16) + 40, 255).astype(np.uint8)
+                                 for lv in im.levels[1:]]
+    other = segment_tiled(model, im.data, tile=48, backend="torch", store_from=2, pyramid=brighter)
+    assert np.abs(other.logits - whole.logits).max() > 1e-3

@@ -102,12 +102,13 @@ def whole_bytes(cells: int, model: Any) -> int:
 def run_segment(inputs: list[str], output: str, model: str, *, device: str = "cpu", dtype: str = "float32",
                 backend: str = "auto", seed: int = 0, runs: int = 1, tile: int | None = None,
                 scheduler: str | None = None, progress: Progress = None, memory_budget: int | None = None,
-                keep_work: bool = False) -> list[Path]:
+                keep_work: bool = False, use_pyramid: bool = False) -> list[Path]:
     """Segment every input and write labels; returns the output paths (see ``octreenca segment``).
 
     ``output`` is a file for one input (its extension picks the format), else a folder that gets
     ``<name>_labels.<ext>`` per input. Rerunning after an interruption resumes tiled inputs from
-    their work folders.
+    their work folders. ``use_pyramid`` lets tiled runs read octree level images from the
+    file's own pyramid where the shapes fit (faster; not bitwise equal to a whole run).
     """
     net = open_model(model, device)
     cfg = net.config
@@ -133,7 +134,8 @@ def run_segment(inputs: list[str], output: str, model: str, *, device: str = "cp
         t0 = time.perf_counter()
         if tiled:
             _segment_tiled(net, im, src, dest, device=device, dtype=dtype, backend=backend, seed=seed, runs=runs,
-                           tile=tile, scheduler=scheduler, progress=progress, keep_work=keep_work)
+                           tile=tile, scheduler=scheduler, progress=progress, keep_work=keep_work,
+                           use_pyramid=use_pyramid)
         else:
             seg = segment(net, to_numpy(im.data), axes=im.axes, device=device, dtype=dtype, backend=backend,
                           seed=seed, runs=runs, callback=_step_progress(progress))
@@ -175,7 +177,7 @@ def _step_progress(progress: Progress) -> Any:
 
 def _segment_tiled(net: Any, im: ImageData, src: Path, dest: Path, *, device: str, dtype: str, backend: str,
                    seed: int, runs: int, tile: int | None, scheduler: str | None, progress: Progress,
-                   keep_work: bool) -> None:
+                   keep_work: bool, use_pyramid: bool = False) -> None:
     from .ome_zarr import OmeZarrLabelsSink
     from .tiling import ArraySink, segment_tiled
 
@@ -192,7 +194,8 @@ def _segment_tiled(net: Any, im: ImageData, src: Path, dest: Path, *, device: st
         sink = ArraySink(logits=False)
     seg = segment_tiled(net, im.data, axes=im.axes, tile=tile, backend=backend, dtype=dtype, seed=seed, runs=runs,
                         callback=progress, store=work, sink=sink, scheduler=scheduler, device=device,
-                        source_path=str(src), logits=False, restart=True)
+                        source_path=str(src), logits=False, restart=True,
+                        pyramid=im.levels if use_pyramid and len(im.levels) > 1 else None)
     if suffix != ".zarr":
         write_labels(dest, seg.labels, like=im, class_names=cfg.class_names)
     if not keep_work:

@@ -118,7 +118,7 @@ class SourceImage:
     """
 
     def __init__(self, array: Any, plan: AxisPlan, norm: Normalization, *, path: str | None = None,
-                 level_index: int = 0):
+                 level_index: int = 0, stats: NormStats | None | str = "compute"):
         self._array = array
         self.plan = plan
         self.norm = norm
@@ -128,7 +128,8 @@ class SourceImage:
         off = 1 if plan.has_channel else 0
         self.input_shape = shape
         self.shape = tuple(shape[p] for p in plan.permutation[off:])  # model order
-        self.stats = compute_stats(array, plan, norm)
+        # Pyramid levels reuse the finest level's statistics (passed in).
+        self.stats = compute_stats(array, plan, norm) if isinstance(stats, str) else stats
 
     @property
     def array(self) -> Any:
@@ -335,6 +336,7 @@ class TiledRun:
         self._backend: Backend | None = None
         self._restart = restart
         self.cancel: Any = None
+        self.pyramid: dict[int, SourceImage] = {}
         total = len(seeds) * self.cfg.output_channels * int(np.prod(source.shape))
         self.median_by_quantile = total < (1 << 24)  # the rule engine.combine_runs applies
 
@@ -403,7 +405,10 @@ class TiledRun:
             return False
         box = stage.tiles[index]
         if stage.kind == "image":
-            img = self.image_region(stage.level, box, use_store=False)
+            if stage.level in self.pyramid:  # the file's own level: read, not resized
+                img = self.pyramid[stage.level].read(box).to(self.dtype)
+            else:
+                img = self.image_region(stage.level, box, use_store=False)
             self._image_array(stage.level)[(slice(None),) + box.slices()] = tensor_to_numpy(img[0])
         elif stage.kind == "state":
             assert stage.seed is not None
@@ -433,6 +438,8 @@ class TiledRun:
         """``(1, in, *box.size)`` image of ``level`` in the state dtype, as ``run_octree`` builds it."""
         if level == 0:
             return self.source.read(box).to(self.device).to(self.dtype)
+        if level in self.pyramid and level < self.store_from:
+            return self.pyramid[level].read(box).to(self.device).to(self.dtype)
         if use_store and level >= self.store_from:
             a = self._image_array(level)[(slice(None),) + box.slices()]
             return numpy_to_tensor(a, self.dtype).unsqueeze(0).to(self.device)
@@ -488,6 +495,21 @@ def run_local(run: TiledRun, stages: Iterable[Stage], progress: Progress | None,
     return counts
 
 
+def match_pyramid(levels: list[Any], source: SourceImage, cfg: ModelConfig, shapes: list[tuple[int, ...]],
+                  path: str | None) -> dict[int, SourceImage]:
+    """Octree level -> the input pyramid level whose spatial shape equals it (level 0 excluded)."""
+    off = 1 if source.plan.has_channel else 0
+    found: dict[int, SourceImage] = {}
+    for i, arr in enumerate(levels[1:], start=1):
+        shape = tuple(int(arr.shape[p]) for p in source.plan.permutation[off:])
+        if source.plan.has_channel and arr.shape[source.plan.permutation[0]] != cfg.input_channels:
+            continue
+        for lv in range(1, cfg.levels):
+            if shapes[lv] == shape and lv not in found:
+                found[lv] = SourceImage(arr, source.plan, source.norm, path=path, level_index=i, stats=source.stats)
+    return found
+
+
 # -- the public entry ------------------------------------------------------------------------------
 def default_tile(spatial_dims: int) -> int:
     return DEFAULT_TILE[spatial_dims]
@@ -517,6 +539,7 @@ def segment_tiled(
     fire_rate: float | None = None,
     source_path: str | None = None,
     source_level: int = 0,
+    pyramid: list[Any] | None = None,
 ) -> Segmentation:
     """Segment ``image`` tile by tile; the result equals :func:`engine.segment` (within 1e-6).
 
@@ -529,6 +552,10 @@ def segment_tiled(
     ``cancel`` (Event or callable) raises ``Cancelled`` within one step. ``scheduler`` (a dask
     ``Client`` or scheduler address) runs the tiles on dask.distributed workers (needs ``store``
     on a filesystem the workers share). ``source_path`` lets workers reopen a file input.
+    ``pyramid`` (the input's own levels, finest first, e.g. ``ImageData.levels``) supplies the
+    image of every octree level whose shape it matches exactly instead of resizing lazily:
+    faster for slides, but equal to the whole run only if the file's levels were made by the
+    model's own resizing (``nearest`` = striding), which scanners' JPEG pyramids are not.
     """
     t0 = time.perf_counter()
     cfg = model.config
@@ -568,6 +595,9 @@ def segment_tiled(
                    fire_rate=fire, dtype=dt, backend=be.name, device=str(device), tile=tiles,
                    store_from=store_from, store_path=None if store is None else str(store), key=key, sink=sink,
                    restart=restart)
+    if pyramid:
+        run.pyramid = match_pyramid(pyramid, source, cfg, run.shapes, source_path)
+        run.key = key = fingerprint({"base": key, "pyramid": sorted(run.pyramid)})
     out_tile = tuple(run.level_tile(0)[o] for o in run.order)
     spatial_in = tuple(source.shape[o] for o in run.order)
     sink.open(run.store, spatial_in, out_tile, cfg.output_channels, runs)
@@ -588,6 +618,7 @@ def segment_tiled(
         "seeds": seeds, "fire_rate": fire, "steps": steps, "input_axes": plan.input_axes, "tiled": True,
         "tile": list(tiles), "store_from": store_from, "tiles_computed": counts["computed"],
         "tiles_skipped": counts["skipped"], "store": None if store is None else str(store),
+        "pyramid_levels": sorted(run.pyramid),
     }
     arrays = getattr(sink, "arrays", {})
     labels = arrays.get("labels")
