@@ -73,3 +73,41 @@ def test_segment_at_model_spacing_returns_the_input_grid() -> None:
     # A model without a spacing is segmented as it is.
     plain = OctreeNCA(preset("pathology").replace(steps=(1, 1, 1, 1, 1))).eval()
     assert segment_at_model_spacing(plain, img, axes="YXC").labels.shape == (70, 52)
+
+
+def test_reorient_matches_nibabel_canonical(itk_brain) -> None:
+    """The ITK subject is stored LSA; reorienting its (k, j, i) array gives nibabel's RAS+ volume."""
+    import nibabel as nib
+
+    from napari_octreenca.data_sources import load_nifti_zyx
+    from napari_octreenca.engine.resample import reorient_ras_to_zyx, reorient_zyx_to_ras
+
+    img = nib.load(str(itk_brain[0]))
+    file_zyx = np.asarray(img.dataobj, dtype=np.float32).transpose(2, 1, 0)
+    ras, sp = reorient_zyx_to_ras(file_zyx, img.affine)
+    ref, ref_sp = load_nifti_zyx(itk_brain[0])
+    np.testing.assert_array_equal(ras, ref)
+    assert sp == ref_sp == (2.0, 3.0, 2.0)
+    np.testing.assert_array_equal(reorient_ras_to_zyx(ras, img.affine), file_zyx)
+    two = np.stack([ras, ras + 1])
+    np.testing.assert_array_equal(reorient_ras_to_zyx(two, img.affine, channel_axis=0)[1], file_zyx + 1)
+
+
+def test_segment_with_affine_reorients_and_returns_file_order() -> None:
+    torch.manual_seed(0)
+    cfg = preset("radiology").replace(spacing=(2.0, 2.0, 2.0), steps=(1, 1, 1, 1, 2))
+    model = OctreeNCA(cfg).eval()
+    vol = np.random.default_rng(2).random((12, 10, 16)).astype(np.float32)  # file (k, j, i)
+    lsa = np.array([[-2.0, 0, 0, 0], [0, 0, 3.0, 0], [0, 2.0, 0, 0], [0, 0, 0, 1]])
+    res = segment_at_model_spacing(model, vol, axes="ZYX", affine=lsa)
+    assert res.labels.shape == vol.shape and res.record["reoriented"] == "RAS+"
+    from napari_octreenca.engine.resample import reorient_zyx_to_ras
+
+    ras, sp = reorient_zyx_to_ras(vol, lsa)
+    assert sp == (2.0, 3.0, 2.0) and ras.shape == (10, 12, 16)
+    ref = segment_at_model_spacing(model, ras, sp, axes="ZYX")
+    from napari_octreenca.engine.resample import reorient_ras_to_zyx
+
+    np.testing.assert_allclose(res.logits, reorient_ras_to_zyx(ref.logits, lsa, channel_axis=0), atol=1e-6)
+    with pytest.raises(InputError):
+        segment_at_model_spacing(model, vol, (1, 1, 1), axes="ZYX", affine=lsa)

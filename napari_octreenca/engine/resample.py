@@ -114,8 +114,50 @@ def model_spacing_in_input_order(config: Any, input_axes: str) -> tuple[float, .
     return tuple(out)
 
 
+def _ras_transforms(affine: Any) -> tuple[np.ndarray, np.ndarray]:
+    """(file -> RAS+, RAS+ -> file) nibabel orientation transforms of a NIfTI affine."""
+    from nibabel import orientations as ornt
+
+    file_ornt = ornt.io_orientation(np.asarray(affine, float))
+    ras = ornt.axcodes2ornt(("R", "A", "S"))
+    return ornt.ornt_transform(file_ornt, ras), ornt.ornt_transform(ras, file_ornt)
+
+
+def reorient_zyx_to_ras(volume: Any, affine: Any) -> tuple[np.ndarray, tuple[float, float, float]]:
+    """A NIfTI volume read as ``(Z, Y, X)`` = the file's ``(k, j, i)`` -> RAS+ ``(Z, Y, X)`` and its spacing.
+
+    ``affine`` is the file's own ``(i, j, k)`` affine. RAS+ as ZYX means Z = inferior->superior,
+    Y = posterior->anterior, X = left->right, whatever order the file stores.
+    """
+    from nibabel import orientations as ornt
+
+    fwd, _ = _ras_transforms(affine)
+    aff = np.asarray(affine, float)
+    zooms = np.sqrt((aff[:3, :3] ** 2).sum(axis=0))  # per file axis (i, j, k)
+    ijk = np.asarray(volume).transpose(2, 1, 0)
+    ras = ornt.apply_orientation(ijk, fwd)
+    sp = np.empty(3)
+    for axis, (target, _) in enumerate(fwd):
+        sp[int(target)] = zooms[axis]
+    return np.ascontiguousarray(ras.transpose(2, 1, 0)), (float(sp[2]), float(sp[1]), float(sp[0]))
+
+
+def reorient_ras_to_zyx(volume: Any, affine: Any, channel_axis: int | None = None) -> np.ndarray:
+    """Undo :func:`reorient_zyx_to_ras`: RAS+ ``(Z, Y, X)`` (optionally with a leading channel axis
+    at ``channel_axis=0``) back to the file's ``(k, j, i)`` order."""
+    from nibabel import orientations as ornt
+
+    _, back = _ras_transforms(affine)
+    arr = np.asarray(volume)
+    if channel_axis is not None:
+        return np.stack([reorient_ras_to_zyx(a, affine) for a in np.moveaxis(arr, channel_axis, 0)], channel_axis)
+    xyz = arr.transpose(2, 1, 0)
+    return np.ascontiguousarray(ornt.apply_orientation(xyz, back).transpose(2, 1, 0))
+
+
 def segment_at_model_spacing(
-    model: Any, image: Any, spacing: Sequence[float] | None = None, *, axes: str | None = None, **kwargs: Any
+    model: Any, image: Any, spacing: Sequence[float] | None = None, *, axes: str | None = None,
+    affine: Any = None, **kwargs: Any,
 ) -> Any:
     """:func:`~napari_octreenca.engine.inference.segment` for models with a fixed ``config.spacing``.
 
@@ -123,11 +165,30 @@ def segment_at_model_spacing(
     i.e. the model's spacing is then in input pixels). The image is resampled to the model's
     spacing, segmented, and the logits (and spread) are resampled back linearly onto the input
     grid, where the labels are taken. Models without a spacing are segmented as they are.
+
+    ``affine`` (3D models only): the NIfTI ``(i, j, k)`` affine of a volume given as ``(Z, Y, X)`` =
+    ``(k, j, i)`` (how ``io.readers.read_nifti`` returns it). The volume is then reoriented to RAS+
+    first (the orientation the bundled brain model was trained in), its spacing taken from the
+    affine when ``spacing`` is None, and the results reoriented back to the file's order.
     """
     from .inference import Segmentation, labels_from_logits, segment
     from .inputs import plan_axes, to_tensor
 
     cfg = model.config
+    if affine is not None:
+        if cfg.spatial_dims != 3 or (axes or "ZYX").upper() != "ZYX":
+            raise InputError("affine= needs a 3D model and a (Z, Y, X) volume without channels")
+        if spacing is not None:
+            raise InputError("give either spacing= or affine= (the spacing then comes from it), not both")
+        vol, sp_ras = reorient_zyx_to_ras(to_tensor(image).numpy(), affine)
+        res = segment_at_model_spacing(model, vol, sp_ras, axes="ZYX", **kwargs)
+        logits = reorient_ras_to_zyx(res.logits, affine, channel_axis=0)
+        spread = None if res.spread is None else reorient_ras_to_zyx(res.spread, affine, channel_axis=0)
+        record = dict(res.record, reoriented="RAS+")
+        return Segmentation(
+            labels=labels_from_logits(logits), logits=logits, spread=spread, class_names=res.class_names,
+            axes="ZYX", seeds=res.seeds, seconds=res.seconds, record=record,
+        )
     if cfg.spacing is None:
         return segment(model, image, axes=axes, **kwargs)
     arr = to_tensor(image).numpy()
@@ -152,5 +213,6 @@ def segment_at_model_spacing(
 
 __all__ = [
     "model_grid_shape", "resample_to_model_spacing", "resample_back", "resample_labels_back",
+    "reorient_zyx_to_ras", "reorient_ras_to_zyx",
     "model_spacing_in_input_order", "segment_at_model_spacing",
 ]
