@@ -529,7 +529,6 @@ def segment_tiled(
     cancel: Any = None,
     store: str | Path | None = None,
     restart: bool = False,
-    keep_store: bool = True,
     store_from: int | None = None,
     logits: bool = True,
     sink: Any = None,
@@ -624,12 +623,10 @@ def segment_tiled(
     labels = arrays.get("labels")
     lg = arrays.get("logits")
     spread = arrays.get("spread")
-    if store is None:
+    if store is None:  # in memory: hand back numpy arrays
         labels = None if labels is None else labels[...]
         lg = None if lg is None else lg[...]
         spread = None if spread is None else spread[...]
-    elif not keep_store:
-        pass  # the caller copies what it needs, then calls WorkStore.remove()
     return Segmentation(
         labels=labels, logits=lg, spread=spread, class_names=cfg.class_names, axes=plan.spatial_input_axes,
         seeds=seeds, seconds=time.perf_counter() - t0, record=record,
