@@ -33,7 +33,7 @@ from .engine.inference import StepInfo
 #: Default memory budget of a recording (hidden channels + evolution), in bytes.
 DEFAULT_BUDGET = 256 * 1024**2
 #: Cells per level sampled for the convergence curve (bounded cost on huge levels).
-CONVERGENCE_CELLS = 1 << 18
+CONVERGENCE_CELLS = 1 << 16
 
 
 def _stride_for(shape: Sequence[int], bytes_per_cell: float, budget: float) -> int:
@@ -159,6 +159,10 @@ def plan_recording(
         reg = tuple((max(0, int(a)), min(n, int(b))) for (a, b), n in zip(region, shape))
         if any(b <= a for a, b in reg):
             raise ValueError(f"region {region} is empty inside the input of shape {shape}")
+    conv_strides = tuple(_stride_for(s, 1, CONVERGENCE_CELLS) for s in shapes)
+    conv_bytes = 2 * config.update_channels * 4 * max(
+        math.prod(_strided(s, (c,) * nd)) for s, c in zip(shapes, conv_strides))
+    budget = max(budget - conv_bytes, budget // 4)  # what is left for hidden channels and evolution
     halves = (record_hidden and record_evolution) + 1
     hidden_budget = budget / halves / max(1, config.levels)
     hidden_strides = tuple(
@@ -168,7 +172,6 @@ def plan_recording(
     evo_stride = _stride_for(
         [b - a for a, b in reg], total * (config.output_channels * 4 + 3), budget / halves
     )
-    conv_strides = tuple(_stride_for(s, 1, CONVERGENCE_CELLS) for s in shapes)
     return RecordPlan(
         config=config,
         spatial_shape=shape,

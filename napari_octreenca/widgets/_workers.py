@@ -1,0 +1,118 @@
+"""Running engine jobs off the GUI thread, with cancel, throttled progress and clean errors.
+
+A :class:`Job` runs ``fn(job)`` in a Qt worker thread (superqt's ``FunctionWorker``, which napari's
+workers build on). The engine's callbacks run in
+that worker thread; they talk to the GUI only through the :class:`Relay`'s Qt signals, which Qt
+queues onto the GUI thread. ``job.cancel`` is the ``threading.Event`` handed to the engine.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from napari.utils.notifications import show_error, show_info, show_warning
+from qtpy.QtCore import QObject, Signal
+from superqt.utils import create_worker
+
+from ..engine.errors import Cancelled
+
+
+class Relay(QObject):
+    """Signals from the worker thread to the GUI thread (queued connections)."""
+
+    progress = Signal(object)
+    frame = Signal(object)
+    notice = Signal(str)
+
+
+class Throttle:
+    """True at most every ``interval`` seconds (and always when ``force``)."""
+
+    def __init__(self, interval: float) -> None:
+        self.interval = interval
+        self._last = -1e30
+
+    def __call__(self, force: bool = False) -> bool:
+        now = time.monotonic()
+        if force or now - self._last >= self.interval:
+            self._last = now
+            return True
+        return False
+
+
+class Job:
+    """One cancellable background job.
+
+    ``on_done(result)`` runs on the GUI thread after success; ``on_cancelled()`` after a cancel;
+    errors become a napari error notification (and ``on_error(exc)`` if given); ``on_finished()``
+    always runs last, so the widget can re-enable its buttons.
+    """
+
+    def __init__(
+        self,
+        fn: Callable[["Job"], Any],
+        *,
+        on_done: Callable[[Any], Any],
+        on_finished: Callable[[], Any],
+        on_cancelled: Callable[[], Any] | None = None,
+        on_error: Callable[[BaseException], Any] | None = None,
+        what: str = "job",
+    ) -> None:
+        self.cancel = threading.Event()
+        self.pause = threading.Event()
+        self.relay = Relay()
+        self.relay.notice.connect(show_warning)
+        self.what = what
+        self.started = time.monotonic()
+        self.finished_at: float | None = None
+        self.cancelled = False
+        self.error: BaseException | None = None
+        self._on_done, self._on_finished = on_done, on_finished
+        self._on_cancelled, self._on_error = on_cancelled, on_error
+        # superqt's worker (napari's own re-raises or reports every error, a cancel included):
+        # here errors are handled once, below, and a cancel is not an error.
+        self.worker = create_worker(fn, self, _start_thread=False, _ignore_errors=True)
+        self.worker.returned.connect(self._returned)
+        self.worker.errored.connect(self._errored)
+        self.worker.finished.connect(self._finished)
+
+    def start(self) -> None:
+        self.started = time.monotonic()
+        self.worker.start()
+
+    def request_cancel(self) -> None:
+        """Ask the engine to stop; it raises ``Cancelled`` within one step."""
+        self.cancel.set()
+        self.pause.clear()
+
+    @property
+    def running(self) -> bool:
+        return self.finished_at is None
+
+    def _returned(self, result: Any) -> None:
+        try:
+            self._on_done(result)
+        except Exception as exc:  # a failure while adding layers must reach the user too
+            self._errored(exc)
+
+    def _errored(self, exc: BaseException) -> None:
+        if isinstance(exc, Cancelled):
+            self.cancelled = True
+            show_info(f"{self.what} cancelled")
+            if self._on_cancelled is not None:
+                self._on_cancelled()
+            return
+        self.error = exc
+        show_error(f"{self.what} failed: {exc}")
+        if self._on_error is not None:
+            self._on_error(exc)
+
+    def _finished(self) -> None:
+        self.finished_at = time.monotonic()
+        self._on_finished()
+
+
+__all__ = ["Job", "Relay", "Throttle"]

@@ -1,0 +1,106 @@
+"""Qt-free helpers of the widgets (devices, memory estimate, tiling choice, layer geometry) and
+the sample-data providers."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from napari_octreenca.engine import preset
+from napari_octreenca.widgets._devices import choose_tiling, estimate_run_bytes, is_out_of_memory, list_devices
+
+
+def test_devices_list_cpu_and_every_cuda_device():
+    devices = list_devices()
+    assert devices[-1].id == "cpu" and "cores" in devices[-1].label
+    cuda = [d for d in devices if d.id.startswith("cuda")]
+    assert len(cuda) == (torch.cuda.device_count() if torch.cuda.is_available() else 0)
+    for i, d in enumerate(cuda):
+        assert d.id == f"cuda:{i}" and torch.cuda.get_device_name(i) in d.label and "free" in d.label
+
+
+def test_memory_estimate_grows_with_the_image_and_picks_tiles():
+    cfg = preset("pathology")
+    small = estimate_run_bytes(cfg, (512, 512))
+    big = estimate_run_bytes(cfg, (4096, 4096))
+    assert big > 15 * small  # 64x the cells; the fixed slab scratch dominates small images
+    # 13 state channels x 2 buffers x 4 bytes is the bulk: at least that much.
+    assert big >= 2 * cfg.update_channels * 4 * 4096 * 4096
+    whole = choose_tiling(cfg, (512, 512), "cpu", free=8 * 1024**3)
+    assert not whole.tiled and whole.text.startswith("whole image")
+    tiled = choose_tiling(cfg, (40_000, 30_000), "cpu", free=8 * 1024**3)
+    assert tiled.tiled and tiled.tile is not None and "tiles" in tiled.text
+    assert estimate_run_bytes(cfg, (tiled.tile, tiled.tile)) * 2 <= 0.6 * 8 * 1024**3
+    forced = choose_tiling(cfg, (512, 512), "cpu", mode="tiled", free=8 * 1024**3)
+    assert forced.tiled
+
+
+def test_out_of_memory_errors_are_recognised():
+    assert is_out_of_memory(torch.OutOfMemoryError("CUDA out of memory"))
+    assert is_out_of_memory(RuntimeError("CUDA error: out of memory"))
+    assert is_out_of_memory(MemoryError())
+    assert not is_out_of_memory(ValueError("bad axes"))
+
+
+def test_layer_geometry_and_outputs():
+    napari = pytest.importorskip("napari")
+    from napari_octreenca.engine.inference import Segmentation
+    from napari_octreenca.widgets._layers import layer_input, output_layers
+
+    viewer = napari.components.ViewerModel()
+    img = np.zeros((40, 60, 3), np.uint8)
+    layer = viewer.add_image([img, img[::2, ::2]], rgb=True, multiscale=True, scale=(0.5, 0.25),
+                             translate=(3.0, 4.0), name="s")
+    src = layer_input(layer, 1)
+    assert src.axes == "YXC" and src.spatial_shape == (20, 30) and src.level_shapes == [(40, 60), (20, 30)]
+    labels = np.zeros((20, 30), np.uint8)
+    labels[5:10, 5:20] = 1
+    logits = np.where(labels > 0, 2.0, -2.0).astype(np.float32)[None]
+    seg = Segmentation(labels, logits, np.full_like(logits, 0.1), ("tumour",), "YX", [0, 1], 1.0)
+    out = output_layers(seg, src, record={"x": 1}, probability=True, uncertainty=True)
+    assert [kind for _, _, kind in out] == ["labels", "image", "image"]
+    data, kw, _ = out[0]
+    assert kw["multiscale"] and [np.asarray(d).shape for d in data] == [(40, 60), (20, 30)]
+    np.testing.assert_array_equal(np.asarray(data[0])[::2, ::2], labels)
+    assert kw["scale"] == (0.5, 0.25) and kw["translate"] == (3.0, 4.0)
+    assert list(kw["features"]["class"]) == ["background", "tumour"]
+    for d, k, t in out:
+        viewer._add_layer_from_data(d, k, t)
+    assert viewer.layers["s labels"].metadata["octreenca"]["record"] == {"x": 1}
+
+
+@pytest.mark.parametrize("name", ["brain_mri", "he_skin", "whole_slide", "video"])
+def test_sample_data_names_its_model(name):
+    from napari_octreenca import sample_data
+
+    try:
+        layers = getattr(sample_data, name)()
+    except FileNotFoundError as exc:
+        pytest.skip(str(exc))
+    data, kwargs, kind = layers[0]
+    assert kind == "image"
+    assert kwargs["metadata"]["octreenca"]["model"] == sample_data.SAMPLE_MODELS[name]
+    first = data[0] if isinstance(data, list) else data
+    assert first.size > 0
+    if len(layers) > 1:  # the reference labels match the image's spatial shape
+        lab = np.asarray(layers[1][0])
+        spatial = first.shape[:-1] if kwargs.get("rgb") else first.shape
+        assert lab.shape == tuple(spatial) and lab.max() >= 1
+
+
+def test_epidermis_mask_lies_between_the_annotations():
+    from napari_octreenca.data_sources import epidermis_mask, read_shapes_csv, skin_paths
+
+    try:
+        _, csv = skin_paths()
+    except FileNotFoundError as exc:
+        pytest.skip(str(exc))
+    mask = epidermis_mask((960, 1280), csv)
+    kinds = [k for k, _ in read_shapes_csv(csv)]
+    assert kinds == ["polygon", "path"]
+    frac = mask.mean()
+    assert 0.05 < frac < 0.25  # a band, neither empty nor the whole section
+    # Every column has epidermis, above the dermal-epidermal junction path.
+    assert mask.any(axis=0).mean() > 0.98
+    assert mask[:100].sum() == 0 and mask[700:].sum() == 0  # not in the air nor the deep dermis
