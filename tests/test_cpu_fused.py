@@ -141,3 +141,21 @@ def test_real_image_matches_torch(skin_files) -> None:
     b = segment(model, crop, axes="YXC", backend="cpu-fused", seed=2)
     assert b.record["backend"] == "cpu-fused"
     assert np.abs(a.logits - b.logits).max() < 1e-4
+
+
+def test_bf16_segmentation_agrees_with_fp32_on_real_input(skin_files) -> None:
+    """bfloat16 state does not change the answer: the bundled H&E model on the real skin section."""
+    from napari_octreenca.data_sources import skin_sample
+    from napari_octreenca.engine.registry import open_model
+    from napari_octreenca.engine.resample import segment_at_model_spacing
+    from napari_octreenca.engine.training import hard_dice
+    from napari_octreenca.resources import bundled_models
+
+    if "he_epidermis" not in bundled_models():
+        pytest.skip("the bundled he_epidermis model is absent")
+    model = open_model("he_epidermis")
+    image, _ = skin_sample()
+    fp32 = segment_at_model_spacing(model, image, axes="YXC", backend="cpu-fused", dtype="float32", seed=0)
+    bf16 = segment_at_model_spacing(model, image, axes="YXC", backend="cpu-fused", dtype="bfloat16", seed=0)
+    assert fp32.labels.any()
+    assert hard_dice(bf16.labels, fp32.labels) >= 0.99
