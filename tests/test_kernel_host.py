@@ -3,7 +3,8 @@
 The harness (kernels/host_harness.cpp) is compiled with g++ into a shared library and called
 through ctypes on random weights and states, 2D and 3D, odd, non-square and size-1/size-2 axes,
 non-zero origins: every cell of such small blocks is a face, edge or corner cell, so a wrong
-neighbour at any border shows.
+neighbour at any border shows. The whole kernels of nca_step.cu (warp compaction of the firing
+cells, grid-stride loop) also run on the host through kernels/cuda_host_shim.h.
 """
 
 from __future__ import annotations
@@ -177,3 +178,82 @@ def test_hash_and_layout_match_engine(harness) -> None:
         want2 = fire_mask_numpy((1, 1), (y, x), 2**33 + 5, 3, 17, 0.5)[0, 0]
         assert bool(dll.nca_host_fires(3, key, thresh, z, y, x)) == bool(want3)
         assert bool(dll.nca_host_fires(2, key, thresh, 0, y, x)) == bool(want2)
+
+
+# -- the whole CUDA kernels (nca_step.cu) on the host, through kernels/cuda_host_shim.h ----------
+
+
+def _compile_emulation(tmp: Path, c: int, cin: int, h: int) -> ctypes.CDLL:
+    gxx = shutil.which("g++") or shutil.which("c++")
+    if gxx is None:
+        pytest.skip("no C++ compiler (g++) to build the kernel emulation")
+    src = resource_path("kernels") / "host_emulation.cpp"
+    lib = tmp / f"emulation_{c}_{cin}_{h}.so"
+    cmd = [gxx, "-std=c++20", "-O1", "-pthread", "-Wall", "-Wno-unknown-pragmas", "-Werror", "-shared", "-fPIC",
+           f"-DNCA_C={c}", f"-DNCA_IN={cin}", f"-DNCA_H={h}", str(src), "-o", str(lib)]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0 and "barrier" in done.stderr:
+        pytest.skip(f"the C++ compiler lacks C++20 <barrier>: {done.stderr[-300:]}")
+    assert done.returncode == 0, done.stderr
+    dll = ctypes.CDLL(str(lib))
+    i64, u32, p = ctypes.c_longlong, ctypes.c_uint32, ctypes.c_void_p
+    for dims in (2, 3):
+        for dt in ("f32", "bf16"):
+            fn = getattr(dll, f"emu_nca_step_{dims}d_{dt}")
+            fn.restype = None
+            fn.argtypes = [ctypes.c_uint, p, p, p, i64, i64, i64, i64, i64, i64, i64, u32, u32]
+    dll.nca_emu_set_weights.argtypes = [p, ctypes.c_int]
+    return dll
+
+
+@pytest.fixture(scope="module")
+def emulation(tmp_path_factory) -> ctypes.CDLL:
+    return _compile_emulation(tmp_path_factory.mktemp("emulation"), 16, 3, 64)
+
+
+def emulated_step(dll, nca, image, state, run: LevelRun, step: int, grid: int | None = None, dtype=torch.float32):
+    from napari_octreenca.backends.cuda_backend import grid_size
+
+    dims = nca.spatial_dims
+    img, st = image.to(dtype).contiguous(), state.to(dtype).contiguous()
+    out = torch.full_like(st, float("nan"))  # poisoned: unwritten cells show
+    w = pack_weights(nca)
+    dll.nca_emu_set_weights(w.data_ptr(), w.numel())
+    sp = tuple(st.shape[2:])
+    nz, ny, nx = ((1,) + sp) if dims == 2 else sp
+    origin = run.origin or (0,) * dims
+    oz, oy, ox = ((0,) + tuple(origin)) if dims == 2 else tuple(origin)
+    key, thresh = fire_params(run, step)
+    grid = grid or grid_size(st.shape[0] * nz * ny * nx)
+    name = f"emu_nca_step_{dims}d_{'f32' if dtype == torch.float32 else 'bf16'}"
+    getattr(dll, name)(grid, img.data_ptr(), st.data_ptr(), out.data_ptr(), st.shape[0], nz, ny, nx, oz, oy, ox,
+                       key, thresh)
+    return out
+
+
+@pytest.mark.parametrize(
+    "shape,grid",
+    [((5, 9), None), ((33, 20), 1), ((1, 1), None), ((3, 5, 4), None), ((7, 6, 9), 1), ((2, 1, 3), None)],
+    ids=["2d", "2d-grid-stride", "2d-1x1", "3d", "3d-grid-stride", "3d-thin"],
+)
+def test_cuda_kernel_emulated_matches_torch(emulation, shape, grid) -> None:
+    dims = len(shape)
+    nca = random_level(16, 3, 64, dims, seed=3 + sum(shape))
+    g = torch.Generator().manual_seed(sum(shape))
+    image, state = torch.randn((2, 3) + shape, generator=g), torch.randn((2, 13) + shape, generator=g)
+    for fire_rate in (0.5, 1.0):
+        run = LevelRun(level=3, steps=1, seed=77, fire_rate=fire_rate, origin=tuple(range(2, 2 + dims)))
+        out = emulated_step(emulation, nca, image, state, run, step=2, grid=grid)
+        assert not torch.isnan(out).any(), "the kernel left cells unwritten"
+        ref = torch_step(nca, image, state, run, step=2)
+        assert (out - ref).abs().max().item() < 1e-5
+
+
+def test_cuda_kernel_emulated_bf16(emulation) -> None:
+    nca = random_level(16, 3, 64, 2, seed=8)
+    image, state = torch.randn(1, 3, 6, 11).bfloat16(), torch.randn(1, 13, 6, 11).bfloat16()
+    run = LevelRun(level=0, steps=1, seed=4, fire_rate=0.5)
+    out = emulated_step(emulation, nca, image, state, run, step=0, dtype=torch.bfloat16)
+    via_harness_ref = torch_step(nca, image.float(), state.float(), run, step=0).bfloat16()
+    rel = ((out.float() - via_harness_ref.float()).abs() / via_harness_ref.float().abs().clamp_min(1e-2)).max()
+    assert rel.item() <= 2**-7
