@@ -118,11 +118,8 @@ def output_layers(
     """
     shapes = src.level_shapes
     multi = src.multiscale
-    if multi:
-        scale, translate = src.scale, src.translate
-    else:
-        scale, translate = src.scale, src.translate
-    geo: dict[str, Any] = {"scale": scale, "translate": translate}
+    # Level 0's geometry: napari places the other levels of a multiscale layer from it.
+    geo: dict[str, Any] = {"scale": src.scale, "translate": src.translate}
     if src.affine is not None:
         geo["affine"] = src.affine
     class_names = ["background", *seg.class_names]

@@ -22,6 +22,7 @@ from ._devices import list_devices
 from ._layers import layer_input
 from ._models import CATALOG, follow_catalog
 from ._settings import plugin_setting
+from ._spacing import GridPlan, grid_plan, to_grid
 from ._workers import Job
 from .segment_widget import _config_of, _fixed_width, image_layer_choices
 
@@ -48,41 +49,39 @@ def visible_region(layer: Any) -> list[tuple[int, int]] | None:
 
 
 class ConvergencePlot:
-    """Mean absolute update per step, one line per level (matplotlib in a Qt canvas)."""
+    """Mean absolute update per step, one small plot per level (matplotlib in a Qt canvas)."""
 
     def __init__(self) -> None:
         from matplotlib.backends.backend_qtagg import FigureCanvasQTAgg
         from matplotlib.figure import Figure
 
-        self.figure = Figure(figsize=(4, 2.4), tight_layout=True)
+        self.figure = Figure(figsize=(4.5, 2.0), layout="constrained")
         self.canvas = FigureCanvasQTAgg(self.figure)
-        self.canvas.setMinimumHeight(180)
-        self.axes = self.figure.add_subplot(111)
-        self.lines: dict[int, Any] = {}
-        self._style()
+        self.canvas.setMinimumHeight(170)
+        self.axes: list[Any] = []
 
-    def _style(self) -> None:
-        ax = self.axes
-        ax.set_xlabel("step (all levels, coarsest first)", fontsize=8)
-        ax.set_ylabel("mean |update|", fontsize=8)
-        ax.set_yscale("log")
-        ax.tick_params(labelsize=7)
+    @property
+    def lines(self) -> list[Any]:
+        return [ln for ax in self.axes for ln in ax.lines]
 
     def show(self, convergence: dict[int, list[float]], steps: tuple[int, ...]) -> None:
-        """Draw the curves; x is the global step index so the levels line up as a timeline."""
-        ax = self.axes
-        ax.clear()
-        self._style()
-        start = 0
-        for level in range(len(steps) - 1, -1, -1):
-            ys = [y for y in convergence.get(level, []) if math.isfinite(y) and y > 0]
-            if ys:
-                xs = np.arange(start, start + len(ys)) + 1
-                ax.plot(xs, ys, lw=1.2, label=f"L{level}")
-            start += steps[level]
-            ax.axvline(start + 0.5, color="0.8", lw=0.5)
-        if convergence:
-            ax.legend(fontsize=7, ncol=min(5, len(steps)), loc="upper right")
+        """One panel per level, coarsest first (the order the NCA runs them); log scale."""
+        self.figure.clear()
+        n = len(steps)
+        self.axes = list(np.atleast_1d(self.figure.subplots(1, n, sharey=True)))
+        for i, level in enumerate(range(n - 1, -1, -1)):
+            ax = self.axes[i]
+            ys = np.array([y if math.isfinite(y) and y > 0 else np.nan for y in convergence.get(level, [])])
+            if ys.size:
+                ax.plot(np.arange(1, ys.size + 1), ys, lw=1.2, color=f"C{level}")
+            ax.set_yscale("log")
+            ax.set_xlim(0.5, max(1, steps[level]) + 0.5)
+            ok = converged(convergence.get(level, []))
+            ax.set_title(f"L{level}" + (" ok" if ok else ""), fontsize=8)
+            ax.tick_params(labelsize=6)
+            ax.set_xlabel("step", fontsize=7)
+        if self.axes:
+            self.axes[0].set_ylabel("mean |update|", fontsize=7)
         self.canvas.draw_idle()
 
 
@@ -170,11 +169,16 @@ class InspectorWidget(Container):
         src = layer_input(layer, 0)
         ap = plan_axes(tuple(src.array.shape), cfg, src.axes)
         order = ap.to_input_order()
-        shape_in = src.spatial_shape
+        # Fixed-spacing models run on the model's grid: record what the NCA sees there.
+        shape_in = self._grid(cfg, src).grid_shape
         shape_net = [0] * len(shape_in)
         for k, o in enumerate(order):
             shape_net[o] = shape_in[k]
         return cfg, tuple(shape_net), ap
+
+    @staticmethod
+    def _grid(cfg: Any, src: Any) -> GridPlan:
+        return grid_plan(cfg, tuple(src.array.shape), src.axes, src.scale, {}, spacing=src.scale)
 
     def parse_steps(self, levels: int) -> list[int] | None:
         """The steps field as a list (finest first), or None when empty."""
@@ -195,9 +199,11 @@ class InspectorWidget(Container):
         if self.visible_only.value:
             vis = visible_region(self.image.value)
             if vis is not None:
+                grid = self._grid(cfg, layer_input(self.image.value, 0))
+                r = [m / n for n, m in zip(grid.input_shape, grid.grid_shape)]
                 region = [(0, 0)] * len(order)
                 for k, o in enumerate(order):
-                    region[o] = vis[k]
+                    region[o] = (int(vis[k][0] * r[k]), max(int(vis[k][0] * r[k]) + 1, int(round(vis[k][1] * r[k]))))
         plan = plan_recording(cfg, shape_net, steps=self.parse_steps(cfg.levels), order=order,
                               budget=self.budget.value * 1024**2, region=region)
         return plan, ap
@@ -224,6 +230,8 @@ class InspectorWidget(Container):
             return None
         layer = self.image.value
         src = layer_input(layer, 0)
+        grid = self._grid(plan.config, src)
+        scale, translate = grid.cell_geometry(src.scale, src.translate)
         model_name, device, seed = self.model.value, self.device.value, self.seed.value
         live, interval = self.live.value, self.interval.value / 1000.0
         prefix = f"{layer.name} NCA"
@@ -239,15 +247,15 @@ class InspectorWidget(Container):
 
             # Without live mode the frames (small copies) still drive the progress bar.
             rec = NCARecorder(plan, on_frame=on_frame, throttle=interval)
-            array = np.asarray(src.array)
-            segment(model, array, axes=src.axes, device=device, seed=seed, steps=list(plan.steps),
+            array = to_grid(src.array, model.config, grid)
+            segment(model, array, axes=grid.axes, device=device, seed=seed, steps=list(plan.steps),
                     callback=rec, cancel=job.cancel)
             return rec.recording
 
         def done(recording: Any) -> None:
             self._remove_live()
             self.recording = recording
-            for data, kwargs, kind in recording_layers(recording, scale=src.scale, translate=src.translate,
+            for data, kwargs, kind in recording_layers(recording, scale=scale, translate=translate,
                                                        prefix=prefix):
                 self.viewer._add_layer_from_data(data, kwargs, kind)
             # Show the last step: the slider then replays the automaton backwards from the result.
@@ -261,7 +269,7 @@ class InspectorWidget(Container):
 
         self.job = Job(work, on_done=done, on_finished=self._finished, on_cancelled=self._remove_live,
                        on_error=lambda exc: self._remove_live(), what="NCA recording")
-        self.job.relay.frame.connect(lambda f: self._on_frame(f, plan, src, prefix, live))
+        self.job.relay.frame.connect(lambda f: self._on_frame(f, plan, scale, translate, prefix, live))
         self.run_button.enabled = False
         self.cancel_button.enabled = True
         self.bar.max, self.bar.value = plan.total_steps, 0
@@ -274,7 +282,8 @@ class InspectorWidget(Container):
             self.job.request_cancel()
             self.status.value = "cancelling"
 
-    def _on_frame(self, frame: Frame, plan: RecordPlan, src: Any, prefix: str, live: bool) -> None:
+    def _on_frame(self, frame: Frame, plan: RecordPlan, cell_scale: tuple[float, ...],
+                  cell_translate: tuple[float, ...], prefix: str, live: bool) -> None:
         self.bar.value = frame.done
         self.status.value = f"level {frame.level} step {frame.step + 1} ({frame.done}/{frame.total})"
         if not live or frame.rgb is None:
@@ -284,8 +293,8 @@ class InspectorWidget(Container):
         logits = frame.logits.transpose(0, *(1 + o for o in order))
         es = plan.evolution_stride
         start = [plan.region[o][0] for o in order]
-        scale = tuple(s * es for s in src.scale)
-        translate = tuple(t + a * s for t, a, s in zip(src.translate, start, src.scale))
+        scale = tuple(s * es for s in cell_scale)
+        translate = tuple(t + a * s for t, a, s in zip(cell_translate, start, cell_scale))
         for key, data, kw in (
             ("rgb", rgb, {"rgb": True, "opacity": 0.8}),
             ("logits", logits[0] if logits.shape[0] == 1 else logits,

@@ -19,6 +19,7 @@ from ._devices import choose_tiling, is_out_of_memory, list_devices
 from ._layers import layer_input, output_layers
 from ._models import CATALOG, follow_catalog
 from ._settings import plugin_setting
+from ._spacing import from_grid, grid_plan, to_grid
 from ._workers import Job, Throttle
 
 if TYPE_CHECKING:
@@ -120,9 +121,11 @@ class SegmentWidget(Container):
                 self.level.max = len(layer.data) - 1
             src = layer_input(layer, self.level.value)
             cfg = _config_of(self.model.value)
-            choice = choose_tiling(cfg, src.spatial_shape, self.device.value, dtype=self.precision.value,
+            grid = grid_plan(cfg, tuple(src.array.shape), src.axes, _level_scale(src), src.metadata)
+            choice = choose_tiling(cfg, grid.grid_shape, self.device.value, dtype=self.precision.value,
                                    runs=self.runs.value, mode=self.tiling.value)
-            self.plan.value = choice.text
+            at = f" at the model's spacing ({'x'.join(map(str, grid.grid_shape))})" if grid.resampled else ""
+            self.plan.value = choice.text + at
         except Exception as exc:  # the estimate is advisory; show why it failed
             self.plan.value = f"no estimate: {exc}"
 
@@ -220,6 +223,12 @@ def _fixed_width(*labels: Label) -> None:
         native.setWordWrap(False)
 
 
+def _level_scale(src: Any) -> tuple[float, ...]:
+    """World size of a pixel of the pyramid level being segmented (the input spacing)."""
+    f = [n0 / n for n0, n in zip(src.level_shapes[0], src.spatial_shape)]
+    return tuple(s * fi for s, fi in zip(src.scale, f))
+
+
 def _config_of(name: str) -> Any:
     from ..engine.modelfile import read_config
 
@@ -250,31 +259,44 @@ def _run(job: Job, src: Any, settings: dict[str, Any]) -> tuple[Any, dict[str, A
     def on_tile(p: dict[str, Any]) -> None:
         job.relay.progress.emit(dict(p))
 
-    common = dict(axes=src.axes, dtype=settings["precision"], seed=settings["seed"], runs=settings["runs"],
+    cfg = model.config
+    grid = grid_plan(cfg, tuple(array.shape), src.axes, _level_scale(src), src.metadata)
+    common = dict(axes=grid.axes, dtype=settings["precision"], seed=settings["seed"], runs=settings["runs"],
                   cancel=job.cancel)
-    choice = choose_tiling(model.config, src.spatial_shape, device, dtype=settings["precision"],
+    choice = choose_tiling(cfg, grid.grid_shape, device, dtype=settings["precision"],
                            runs=settings["runs"], mode=settings["tiling"])
     load_s = time.perf_counter() - t0
     retried = False
+    if grid.affine is not None:
+        # A NIfTI volume for a fixed-spacing 3D model: reoriented to RAS+ and resampled there.
+        from ..engine.resample import segment_at_model_spacing
+
+        work = np.asarray(array)
+    else:
+        work = to_grid(array, cfg, grid) if grid.spacing is not None else array
 
     def tiled(tile: int | None) -> Any:
         from ..io.tiling import segment_tiled
 
-        return segment_tiled(model, array, tile=tile, device=device, callback=on_tile, **common)
+        return from_grid(segment_tiled(model, work, tile=tile, device=device, callback=on_tile, **common), grid)
 
-    if choice.tiled:
+    if choice.tiled and grid.affine is None:
         seg = tiled(choice.tile)
     else:
         try:
-            if hasattr(array, "compute") or not isinstance(array, np.ndarray):
-                array = np.asarray(array)
-            seg = segment(model, array, device=device, callback=on_step, **common)
+            if grid.affine is not None:
+                seg = segment_at_model_spacing(model, work, device=device, callback=on_step, affine=grid.affine,
+                                               **common)
+            else:
+                if hasattr(work, "compute") or not isinstance(work, np.ndarray):
+                    work = np.asarray(work)
+                seg = from_grid(segment(model, work, device=device, callback=on_step, **common), grid)
         except Exception as exc:
-            if not is_out_of_memory(exc):
+            if not is_out_of_memory(exc) or grid.affine is not None:
                 raise
             if device.startswith("cuda"):
                 torch.cuda.empty_cache()
-            smaller = choose_tiling(model.config, src.spatial_shape, device, dtype=settings["precision"],
+            smaller = choose_tiling(cfg, grid.grid_shape, device, dtype=settings["precision"],
                                     runs=settings["runs"], mode="tiled")
             job.relay.notice.emit(f"{device} ran out of memory for the whole image; retrying tiled "
                                   f"({smaller.tile}-cell tiles)")

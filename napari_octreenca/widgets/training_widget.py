@@ -9,7 +9,6 @@ chosen slice; pause/resume and cancel work at any time. The result is saved as a
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 

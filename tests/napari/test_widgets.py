@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 pytest.importorskip("napari")
 pytest.importorskip("pytestqt")
@@ -207,7 +208,7 @@ def test_inspector_layers_for_every_level_and_step_axis(viewer, qtbot, catalog, 
     np.testing.assert_array_equal(labels_from_logits(logits.data[-1][None]), ref.labels)
     conv = evo.metadata["octreenca"]["convergence"]
     assert [len(conv[lv]) for lv in range(cfg.levels)] == [3, 3, 3, 6]
-    assert w.plot.axes.lines  # the convergence plot has curves
+    assert len(w.plot.axes) == cfg.levels and all(ax.lines for ax in w.plot.axes)  # a curve per level
 
 
 def test_inspector_cancel_leaves_no_layer(viewer, qtbot, catalog, model_file_slow, rgb_image):
@@ -361,3 +362,30 @@ def itk_brain():
         return brain_paths("small")
     except FileNotFoundError as exc:
         pytest.skip(str(exc))
+
+
+def test_fixed_spacing_model_runs_on_its_grid(viewer, qtbot, catalog, tmp_path: Path, rgb_image):
+    """A model trained at 2 pixels per cell sees the image resampled, labels come back full size."""
+    from napari_octreenca.engine import OctreeNCA, load_model, preset, save_model
+    from napari_octreenca.engine.resample import segment_at_model_spacing
+    from napari_octreenca.widgets.segment_widget import SegmentWidget
+
+    m = OctreeNCA(preset("pathology", steps=(3, 3, 4), factors=((2, 2),) * 2, spacing=(2.0, 2.0)))
+    g = torch.Generator().manual_seed(5)
+    for level in m.levels:
+        level.fc1.weight.data = torch.randn(level.fc1.weight.shape, generator=g) * 0.05
+    path = save_model(m, tmp_path / "spaced.safetensors")
+    name = catalog.add(path)
+    viewer.add_image(rgb_image, rgb=True, name="he")
+    w = SegmentWidget(viewer)
+    w.model.value = name
+    assert "model's spacing (48x64)" in w.plan.value
+    job = w.start()
+    _wait(qtbot, job)
+    assert job.error is None, job.error
+    labels = viewer.layers["he labels"]
+    assert labels.data.shape == rgb_image.shape[:2]
+    ref = segment_at_model_spacing(load_model(path), rgb_image, (1.0, 1.0))
+    np.testing.assert_array_equal(labels.data, ref.labels)
+    assert labels.metadata["octreenca"]["record"]["engine"]["model_grid"] == [48, 64]
+
