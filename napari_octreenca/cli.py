@@ -247,6 +247,11 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of ``octreenca``."""
     from .engine.errors import OctreeNCAError
 
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["bench"]:  # argparse.REMAINDER drops leading --options in sub-commands
+        from . import bench
+
+        return int(bench.main(argv[1:]) or 0)
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

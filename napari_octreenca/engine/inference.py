@@ -174,6 +174,7 @@ def segment(
     device = torch.device(device)
     x, plan = prepare(image, model.config, axes, device)
     dt = resolve_dtype(dtype)
+    x = x.to(dt)  # in bfloat16 this frees the float32 copy of the input
     be = get_backend(backend, device, dt) if isinstance(backend, str) else backend
     seeds = [seed + r for r in range(runs)]
     outs = []
