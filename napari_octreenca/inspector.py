@@ -416,7 +416,7 @@ def recording_layers(
                 "axis_labels": ("channel", "step") + _spatial_labels(plan),
                 "colormap": "twilight_shifted",
                 "contrast_limits": _symmetric_limits(h),
-                "visible": level == 0,
+                "visible": False,  # one click away; shown together they would hide the image
                 "metadata": {"octreenca": {"kind": "hidden", "level": level, "channels": int(h.shape[0]),
                                            "stride": plan.hidden_strides[level]}},
             },

@@ -154,6 +154,7 @@ def test_recording_layers_in_a_viewer_model(model2d, image2d):
     # The hidden layers show at every step of the slider (their singleton axis spans all steps).
     viewer.dims.set_point(1, 12)
     hidden0 = viewer.layers["NCA L0 hidden"]
+    hidden0.visible = True
     hidden0.refresh()
     assert hidden0._slice.image.view.shape == image2d.shape[:2]
     # Coarsest level covers the same world extent as the image.

@@ -1,0 +1,85 @@
+"""The NCA inspector widget end to end in a real napari viewer (Qt under Xvfb).
+
+Deselect with ``-m "not napari"`` where there is no X server.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+pytest.importorskip("napari")
+pytest.importorskip("pytestqt")
+
+pytestmark = pytest.mark.napari
+
+
+def _wait(qtbot, job, timeout: float = 60.0) -> None:
+    qtbot.waitUntil(lambda: not job.running, timeout=int(timeout * 1000))
+
+
+@pytest.fixture
+def viewer(make_napari_viewer):
+    return make_napari_viewer()
+
+
+def test_inspector_layers_for_every_level_and_step_axis(viewer, qtbot, catalog, model_file_2d, rgb_image):
+    from napari_octreenca.engine import read_config
+    from napari_octreenca.widgets.inspector_widget import InspectorWidget
+
+    name = catalog.add(model_file_2d)
+    cfg = read_config(model_file_2d)
+    viewer.add_image(rgb_image, rgb=True, name="he", scale=(0.25, 0.25))
+    w = InspectorWidget(viewer)
+    viewer.window.add_dock_widget(w)
+    w.model.value = name
+    assert w.steps.value == "3, 3, 3, 4"
+    w.steps.value = "3, 3, 3, 6"  # more test-time steps at the coarsest level
+    assert "15 steps" in w.memory.value and "MB" in w.memory.value
+    seen: set[str] = set()
+    viewer.layers.events.inserted.connect(lambda e: seen.add(e.value.name))
+    job = w.start()
+    _wait(qtbot, job)
+    assert job.error is None
+    assert "he NCA live rgb" in seen  # live mode showed the evolving state during the run
+    assert "he NCA live rgb" not in viewer.layers  # and made way for the full recording
+    shapes = cfg.level_shapes(rgb_image.shape[:2])
+    for level in range(cfg.levels):
+        layer = viewer.layers[f"he NCA L{level} hidden"]
+        assert layer.data.shape == (cfg.hidden_channels, 1) + shapes[level]
+        f = 2**level
+        assert tuple(layer.scale[2:]) == (0.25 * f, 0.25 * f)
+        assert tuple(layer.translate[2:]) == ((f - 1) / 2 * 0.25,) * 2
+    evo = viewer.layers["he NCA evolution hidden RGB"]
+    logits = viewer.layers["he NCA evolution logits"]
+    assert evo.data.shape == (15,) + rgb_image.shape[:2] + (3,)
+    assert logits.data.shape == (15,) + rgb_image.shape[:2]
+    step_axis = viewer.dims.ndim - 3
+    assert viewer.dims.axis_labels[step_axis] == "step"
+    assert viewer.dims.nsteps[step_axis] == 15
+    assert viewer.dims.point[step_axis] == 14
+    # The last evolution frame is the model's result: its logits give the segment labels.
+    from napari_octreenca.engine import labels_from_logits, load_model, segment
+
+    ref = segment(load_model(model_file_2d), rgb_image, steps=[3, 3, 3, 6])
+    np.testing.assert_allclose(logits.data[-1], ref.logits[0], atol=1e-5)
+    np.testing.assert_array_equal(labels_from_logits(logits.data[-1][None]), ref.labels)
+    conv = evo.metadata["octreenca"]["convergence"]
+    assert [len(conv[lv]) for lv in range(cfg.levels)] == [3, 3, 3, 6]
+    assert len(w.plot.axes) == cfg.levels and all(ax.lines for ax in w.plot.axes)  # a curve per level
+
+
+def test_inspector_cancel_leaves_no_layer(viewer, qtbot, catalog, model_file_slow, rgb_image):
+    from napari_octreenca.widgets.inspector_widget import InspectorWidget
+
+    name = catalog.add(model_file_slow)
+    viewer.add_image(rgb_image, rgb=True, name="he")
+    w = InspectorWidget(viewer)
+    w.model.value = name
+    w.interval.value = 20
+    job = w.start()
+    qtbot.waitUntil(lambda: "he NCA live rgb" in viewer.layers, timeout=60000)
+    w.request_cancel()
+    _wait(qtbot, job, 30)
+    assert job.cancelled
+    assert [ly.name for ly in viewer.layers] == ["he"]

