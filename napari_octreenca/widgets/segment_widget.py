@@ -67,6 +67,7 @@ class SegmentWidget(Container):
         _fixed_width(self.status, self.plan)
         self.job: Job | None = None
         self.last_error: BaseException | None = None
+        self.notices: list[str] = []
         self._throttle = Throttle(0.1)
         self.model_file.changed.connect(self._add_model_file)
         for w in (self.image, self.model, self.device, self.precision, self.runs, self.level, self.tiling):
@@ -172,6 +173,7 @@ class SegmentWidget(Container):
         self.job = Job(work, on_done=done, on_finished=self._finished, on_cancelled=self._cancelled,
                        on_error=self._errored, what="segmentation")
         self.job.relay.progress.connect(self._progress)
+        self.job.relay.notice.connect(self.notices.append)  # also shown as a napari warning
         self.run_button.enabled = False
         self.cancel_button.enabled = True
         self.status.value = "starting"
