@@ -24,7 +24,7 @@ from ._models import CATALOG, follow_catalog
 from ._settings import plugin_setting
 from ._spacing import GridPlan, grid_plan, to_grid
 from ._workers import Job
-from .segment_widget import _config_of, _fixed_width, image_layer_choices
+from .segment_widget import _config_of, _fixed_width, _level_scale, image_layer_choices
 
 if TYPE_CHECKING:
     import napari
@@ -101,6 +101,8 @@ class InspectorWidget(Container):
         self.model = ComboBox(label="model", choices=lambda _w: CATALOG.names())
         self.device = ComboBox(label="device", choices=[(d.label, d.id) for d in list_devices()])
         self.seed = SpinBox(label="seed", min=0, max=2**31 - 1, value=0)
+        self.level = SpinBox(label="pyramid level", min=0, max=0, value=0,
+                             tooltip="multiscale inputs: the resolution level to run on (0 = finest)")
         self.steps = LineEdit(label="steps per level", value="",
                               tooltip="finest level first; raise them to try more test-time steps")
         self.budget = SpinBox(label="memory budget (MB)", min=16, max=65536,
@@ -115,7 +117,7 @@ class InspectorWidget(Container):
         self.bar = ProgressBar(label="steps", min=0, max=1, value=0)
         self.status = Label(label="status", value="ready")
         self.plot = ConvergencePlot()
-        self.extend([self.image, self.model, self.device, self.seed, self.steps, self.budget, self.visible_only,
+        self.extend([self.image, self.model, self.device, self.seed, self.level, self.steps, self.budget, self.visible_only,
                      self.live, self.interval, self.memory, self.run_button, self.cancel_button, self.bar,
                      self.status])
         self.native.layout().addWidget(self.plot.canvas)
@@ -124,8 +126,8 @@ class InspectorWidget(Container):
         self.recording = None
         self.live_layers: dict[str, Any] = {}
         self._plan: RecordPlan | None = None
-        self._chosen: tuple[Any, Any] = (None, None)
-        for w in (self.image, self.model):
+        self._chosen: tuple[Any, ...] = (None, None, 0)
+        for w in (self.image, self.model, self.level):
             w.changed.connect(self._reset_steps)
         for w in (self.steps, self.budget, self.visible_only):
             w.changed.connect(self._update_memory)
@@ -149,7 +151,9 @@ class InspectorWidget(Container):
     def _reset_steps(self, *_: Any) -> None:
         """Fill the steps field with what the model would use on this input (only when the image
         or the model changed: layers the inspector adds must not undo the user's steps)."""
-        chosen = (self.image.value, self.model.value)
+        layer = self.image.value
+        self.level.max = len(layer.data) - 1 if layer is not None and layer.multiscale else 0
+        chosen = (self.image.value, self.model.value, self.level.value)
         if chosen == self._chosen and self.steps.value:
             return
         self._chosen = chosen
@@ -166,7 +170,7 @@ class InspectorWidget(Container):
         if layer is None or not self.model.value:
             raise ValueError("choose an image and a model")
         cfg = _config_of(self.model.value)
-        src = layer_input(layer, 0)
+        src = layer_input(layer, self.level.value)
         ap = plan_axes(tuple(src.array.shape), cfg, src.axes)
         order = ap.to_input_order()
         # Fixed-spacing models run on the model's grid: record what the NCA sees there.
@@ -178,7 +182,8 @@ class InspectorWidget(Container):
 
     @staticmethod
     def _grid(cfg: Any, src: Any) -> GridPlan:
-        return grid_plan(cfg, tuple(src.array.shape), src.axes, src.scale, {}, spacing=src.scale)
+        sp = _level_scale(src)
+        return grid_plan(cfg, tuple(src.array.shape), src.axes, sp, {}, spacing=sp)
 
     def parse_steps(self, levels: int) -> list[int] | None:
         """The steps field as a list (finest first), or None when empty."""
@@ -199,7 +204,7 @@ class InspectorWidget(Container):
         if self.visible_only.value:
             vis = visible_region(self.image.value)
             if vis is not None:
-                grid = self._grid(cfg, layer_input(self.image.value, 0))
+                grid = self._grid(cfg, layer_input(self.image.value, self.level.value))
                 r = [m / n for n, m in zip(grid.input_shape, grid.grid_shape)]
                 region = [(0, 0)] * len(order)
                 for k, o in enumerate(order):
@@ -229,9 +234,9 @@ class InspectorWidget(Container):
             show_error(f"cannot record: {exc}")
             return None
         layer = self.image.value
-        src = layer_input(layer, 0)
+        src = layer_input(layer, self.level.value)
         grid = self._grid(plan.config, src)
-        scale, translate = grid.cell_geometry(src.scale, src.translate)
+        scale, translate = grid.cell_geometry(_level_scale(src), src.translate)
         model_name, device, seed = self.model.value, self.device.value, self.seed.value
         live, interval = self.live.value, self.interval.value / 1000.0
         prefix = f"{layer.name} NCA"

@@ -105,21 +105,3 @@ def test_epidermis_mask_lies_between_the_annotations():
     assert mask.any(axis=0).mean() > 0.98
     assert mask[:100].sum() == 0 and mask[700:].sum() == 0  # not in the air nor the deep dermis
 
-
-def test_defaults_come_from_napari_plugin_settings(plugin_settings, npe2pm):
-    """The manifest's ``configurations`` appear in napari's plugin settings; the widgets read them."""
-    from napari.settings import get_plugin_settings
-    from npe2 import PluginManifest
-
-    from napari_octreenca.resources import PACKAGE_DIR
-    from napari_octreenca.widgets._settings import plugin_setting
-
-    if "napari-octreenca" not in npe2pm:
-        npe2pm.register(PluginManifest.from_file(PACKAGE_DIR / "napari.yaml"))
-    settings = get_plugin_settings("napari-octreenca")
-    assert settings.defaults.runs == 1 and settings.defaults.precision == "float32"
-    assert plugin_setting("runs", 7) == 1
-    settings.defaults.runs = 3
-    settings.defaults.record_budget_mb = 64
-    assert plugin_setting("runs", 1) == 3
-    assert plugin_setting("record_budget_mb", 256) == 64

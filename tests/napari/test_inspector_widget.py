@@ -83,3 +83,24 @@ def test_inspector_cancel_leaves_no_layer(viewer, qtbot, catalog, model_file_slo
     _wait(qtbot, job, 30)
     assert job.cancelled
     assert [ly.name for ly in viewer.layers] == ["he"]
+
+
+def test_inspector_on_a_pyramid_level(viewer, qtbot, catalog, model_file_2d, rgb_image):
+    """Multiscale input: record on a coarser level; layers land at that level's geometry."""
+    from napari_octreenca.widgets.inspector_widget import InspectorWidget
+
+    name = catalog.add(model_file_2d)
+    levels = [rgb_image, rgb_image[::2, ::2]]
+    viewer.add_image(levels, rgb=True, multiscale=True, name="pyr", scale=(0.5, 0.5))
+    w = InspectorWidget(viewer)
+    w.model.value = name
+    w.level.value = 1
+    w.live.value = False
+    job = w.start()
+    _wait(qtbot, job)
+    assert job.error is None, job.error
+    rgb = viewer.layers["pyr NCA evolution hidden RGB"]
+    assert rgb.data.shape[1:3] == levels[1].shape[:2]
+    assert tuple(rgb.scale[1:]) == (1.0, 1.0)  # level-1 pixels are 2 x 0.5
+    l0 = viewer.layers["pyr NCA L0 hidden"]
+    assert l0.data.shape[2:] == levels[1].shape[:2]

@@ -61,3 +61,22 @@ def test_menu_has_the_widgets(viewer):
     ids = {getattr(getattr(i, "command", None), "id", "") for i in items}
     assert {"napari-octreenca.segment_widget", "napari-octreenca.inspector_widget",
             "napari-octreenca.training_widget"} <= ids
+
+
+def test_defaults_come_from_napari_plugin_settings(plugin_settings, npe2pm):
+    """The manifest's ``configurations`` appear in napari's plugin settings; the widgets read them."""
+    from napari.settings import get_plugin_settings
+    from npe2 import PluginManifest
+
+    from napari_octreenca.resources import PACKAGE_DIR
+    from napari_octreenca.widgets._settings import plugin_setting
+
+    if "napari-octreenca" not in npe2pm:
+        npe2pm.register(PluginManifest.from_file(PACKAGE_DIR / "napari.yaml"))
+    settings = get_plugin_settings("napari-octreenca")
+    assert settings.defaults.runs == 1 and settings.defaults.precision == "float32"
+    assert plugin_setting("runs", 7) == 1
+    settings.defaults.runs = 3
+    settings.defaults.record_budget_mb = 64
+    assert plugin_setting("runs", 1) == 3
+    assert plugin_setting("record_budget_mb", 256) == 64
