@@ -70,6 +70,7 @@ class SegmentWidget(Container):
         self.notices: list[str] = []
         self._throttle = Throttle(0.1)
         self.model_file.changed.connect(self._add_model_file)
+        self.image.changed.connect(self._suggest_model)
         for w in (self.image, self.model, self.device, self.precision, self.runs, self.level, self.tiling):
             w.changed.connect(self._update_plan)
         self.run_button.changed.connect(self.start)
@@ -92,7 +93,7 @@ class SegmentWidget(Container):
     def _models_changed(self) -> None:
         self.model.reset_choices()
 
-    def _suggest_model(self) -> None:
+    def _suggest_model(self, *_: Any) -> None:
         """Sample data names its bundled model in the layer metadata: pre-select it."""
         layer = self.image.value
         name = ((getattr(layer, "metadata", None) or {}).get("octreenca") or {}).get("model")

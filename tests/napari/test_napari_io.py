@@ -22,15 +22,6 @@ def _discovered():
     npe2.PluginManager.instance().discover()
 
 
-@pytest.fixture
-def itk_brain():
-    from napari_octreenca.data_sources import brain_paths
-
-    try:
-        return brain_paths("small")
-    except FileNotFoundError as exc:
-        pytest.skip(str(exc))
-
 
 def test_manifest_validates_with_imports():
     """What ``npe2 validate --imports napari-octreenca`` checks: every command imports."""

@@ -250,3 +250,30 @@ def test_video_sample_segments_every_frame(viewer, qtbot, catalog, tmp_path: Pat
     assert labels.data.shape == clip.data.shape[:3]  # (T, Y, X)
     assert list(labels.features["class"]) == ["background", "class1", "class2"]
     assert labels.metadata["octreenca"]["record"]["engine"]["input_axes"] == "TYXC"
+
+
+@pytest.mark.parametrize("sample, image_name, reference, min_dice", [
+    ("brain_mri", "brain MRI (T1)", "brain mask (reference)", 0.75),
+])
+def test_open_sample_then_segment_with_its_bundled_model(viewer, qtbot, sample, image_name, reference, min_dice):
+    """File > Open Sample -> Segment with the model the sample names: offline, and it works."""
+    from napari_octreenca.sample_data import SAMPLE_MODELS
+    from napari_octreenca.widgets._models import CATALOG
+    from napari_octreenca.widgets.segment_widget import SegmentWidget
+
+    if SAMPLE_MODELS[sample] not in CATALOG.names():
+        pytest.skip(f"bundled model {SAMPLE_MODELS[sample]} is not installed")
+    try:
+        viewer.open_sample("napari-octreenca", sample)
+    except FileNotFoundError as exc:
+        pytest.skip(str(exc))
+    w = SegmentWidget(viewer)
+    w.image.value = viewer.layers[image_name]
+    assert w.model.value == SAMPLE_MODELS[sample]  # pre-selected from the sample's metadata
+    job = w.start()
+    _wait(qtbot, job, 300)
+    assert job.error is None, job.error
+    got = np.asarray(viewer.layers[f"{image_name} labels"].data) > 0
+    ref = np.asarray(viewer.layers[reference].data) > 0
+    dice = 2 * (got & ref).sum() / (got.sum() + ref.sum())
+    assert dice >= min_dice

@@ -25,15 +25,6 @@ def viewer(make_napari_viewer):
     return make_napari_viewer()
 
 
-@pytest.fixture
-def itk_brain():
-    from napari_octreenca.data_sources import brain_paths
-
-    try:
-        return brain_paths("small")
-    except FileNotFoundError as exc:
-        pytest.skip(str(exc))
-
 
 def test_save_labels_from_the_viewer(viewer, tmp_path: Path, itk_brain):
     """Open the brain sample, save its mask as NIfTI through the plugin's writer: affine kept."""
