@@ -104,3 +104,37 @@ def test_inspector_on_a_pyramid_level(viewer, qtbot, catalog, model_file_2d, rgb
     assert tuple(rgb.scale[1:]) == (1.0, 1.0)  # level-1 pixels are 2 x 0.5
     l0 = viewer.layers["pyr NCA L0 hidden"]
     assert l0.data.shape[2:] == levels[1].shape[:2]
+
+
+def test_inspector_records_the_visible_region(make_napari_viewer, qtbot, catalog, model_file_2d, rgb_image):
+    """Zoomed in, 'visible region only' records the part on screen at full resolution."""
+    from napari_octreenca.widgets.inspector_widget import InspectorWidget, visible_region
+
+    viewer = make_napari_viewer(show=True)  # the canvas must draw for napari to know what is visible
+    name = catalog.add(model_file_2d)
+    layer = viewer.add_image(rgb_image, rgb=True, name="he")
+    viewer.window._qt_window.resize(800, 600)
+    viewer.camera.center = (48, 64)
+    viewer.camera.zoom = 12
+
+    def zoomed_in() -> bool:
+        region = visible_region(layer)
+        return region is not None and region[0][1] - region[0][0] < 90
+
+    qtbot.waitUntil(zoomed_in, timeout=10000)
+    (y0, y1), (x0, x1) = visible_region(layer)
+    assert 0 <= y0 < 48 < y1 <= 96 and 0 <= x0 < 64 < x1 <= 128
+    w = InspectorWidget(viewer)
+    w.model.value = name
+    w.visible_only.value = True
+    w.live.value = False
+    job = w.start()
+    _wait(qtbot, job)
+    assert job.error is None, job.error
+    logits = viewer.layers["he NCA evolution logits"]
+    assert logits.data.shape[1:] == (y1 - y0, x1 - x0)
+    assert tuple(logits.translate[1:]) == (float(y0), float(x0))
+    from napari_octreenca.engine import load_model, segment
+
+    ref = segment(load_model(model_file_2d), rgb_image)
+    np.testing.assert_allclose(logits.data[-1], ref.logits[0, y0:y1, x0:x1], atol=1e-5)
