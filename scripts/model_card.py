@@ -79,7 +79,7 @@ def render(name: str, cfg: Any, extra: dict[str, Any]) -> str:
     lines += [f"Baseline on the same held-out data: {b['method']}: "
               + ", ".join(f"{k} {_fmt(v)}" for k, v in b.items() if k != "method") + ".", ""]
     if extra.get("target"):
-        lines += [f"Target: {extra['target']}", ""]
+        lines += [f"Target: {extra['target']}" + (f" **Status: {extra['target_status']}.**" if extra.get("target_status") else ""), ""]
     lines += ["## Reproduce", "",
               "```", extra["train_command"], "```", "",
               f"- Seed: {extra['seed']}; iterations: {extra.get('iterations', '-')}.",
