@@ -238,7 +238,8 @@ PRESETS: dict[str, ModelConfig] = {
         name="pathology",
         description="2D H&E pathology preset (3 input channels, 1 class)",
     ),
-    # 3D MRI (prostate/hippocampus setting); the last two transitions keep the short axis.
+    # 3D MRI (prostate/hippocampus setting). The network sees (Y, X, Z) like the original code's
+    # (H, W, D), so the last two transitions keep the short slice axis Z.
     "radiology": ModelConfig(
         spatial_dims=3,
         input_channels=1,
@@ -246,7 +247,7 @@ PRESETS: dict[str, ModelConfig] = {
         factors=((2, 2, 2), (2, 2, 2), (2, 2, 1), (2, 2, 1)),
         steps=(10, 10, 10, 10, 20),
         normalization=Normalization(mode="zscore", threshold=None),
-        axes="ZYX",
+        axes="YXZ",
         name="radiology",
         description="3D MRI preset (1 input channel, 1 class)",
     ),
@@ -266,7 +267,7 @@ PRESETS: dict[str, ModelConfig] = {
 }
 
 
-def preset(name: str, **changes: Any) -> ModelConfig:
+def preset(name: str, /, **changes: Any) -> ModelConfig:
     """Return the preset ``name`` (pathology, radiology, surgery), optionally with changes."""
     try:
         cfg = PRESETS[name]

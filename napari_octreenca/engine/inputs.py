@@ -33,7 +33,8 @@ class AxisPlan:
 
 def _guess_axes(shape: tuple[int, ...], config: ModelConfig) -> str:
     nd, sd, cin = len(shape), config.spatial_dims, config.input_channels
-    spatial = config.axes if "T" not in config.axes else "TYX"
+    # Arrays conventionally put the slice/time axis first, whatever order the network uses.
+    spatial = "YX" if sd == 2 else ("TYX" if "T" in config.axes else "ZYX")
     if nd == sd:
         return spatial
     if nd == sd + 1:

@@ -28,7 +28,9 @@ def downsample(x: torch.Tensor, factor: tuple[int, ...], mode: str) -> torch.Ten
         return x[(slice(None), slice(None)) + tuple(slice(None, None, f) for f in factor)].contiguous()
     pool = F.avg_pool2d if len(factor) == 2 else F.avg_pool3d
     dtype = x.dtype
-    y = pool(x.float(), kernel_size=factor, stride=factor, ceil_mode=True, count_include_pad=False)
+    # A level smaller than its factor is one partial block: the kernel must not exceed the input.
+    kernel = tuple(min(f, n) for f, n in zip(factor, x.shape[2:]))
+    y = pool(x.float(), kernel_size=kernel, stride=factor, ceil_mode=True, count_include_pad=False)
     return y.to(dtype) if dtype.is_floating_point else y
 
 

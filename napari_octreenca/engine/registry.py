@@ -30,7 +30,7 @@ def open_model(name_or_path: str | Path, device: str | torch.device = "cpu") -> 
     return load_model(resolve_model_path(name_or_path), device)
 
 
-def new_model(preset_name: str, seed: int = 0, **changes: object) -> OctreeNCA:
+def new_model(preset_name: str, /, seed: int = 0, **changes: object) -> OctreeNCA:
     """A freshly initialised (untrained) model from a preset."""
     from .config import preset
 
