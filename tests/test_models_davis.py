@@ -1,0 +1,38 @@
+"""The bundled video model: file, card, and J on a held-out DAVIS sequence (shared data)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from models_common import check_file_and_card, close_to_card
+from napari_octreenca.data_sources import davis_sequence
+from napari_octreenca.engine.resample import segment_at_model_spacing
+
+
+def _iou(a: np.ndarray, b: np.ndarray) -> float:
+    u = np.logical_or(a, b).sum()
+    return 1.0 if u == 0 else float(np.logical_and(a, b).sum() / u)
+
+
+def test_davis_model_file_and_card() -> None:
+    model, extra = check_file_and_card("davis_video", "surgery")
+    assert model.config.axes == "YXT" and model.config.output_channels == 1
+    per_seq = extra["held_out_metrics"]["per_sequence"]
+    assert len(per_seq) >= 3
+    assert not set(per_seq) & set(extra["training_sequences"])  # whole sequences held out
+
+
+def test_davis_held_out_J_matches_card(shared_data) -> None:
+    """The card's short-clip figure (the first frames of the shortest held-out sequence, segmented on
+    their own) keeps the test fast; the training script computes the whole-sequence figures."""
+    model, extra = check_file_and_card("davis_video", "surgery")
+    clip = extra["held_out_metrics"]["clip"]
+    assert clip["sequence"] in extra["held_out_metrics"]["per_sequence"]
+    frames, masks = davis_sequence(shared_data / "davis2016", clip["sequence"])
+    frames, masks = frames[: clip["frames"]], masks[: clip["frames"]]
+    res = segment_at_model_spacing(model, frames, (1.0, 1.0, 1.0), axes="TYXC")
+    assert res.labels.shape == masks.shape
+    pred = res.labels == 1
+    close_to_card(float(np.mean([_iou(p, t) for p, t in zip(pred, masks > 0)])), clip["J"])
+    stab = float(np.mean([_iou(pred[i], pred[i + 1]) for i in range(len(pred) - 1)]))
+    close_to_card(stab, clip["consecutive_iou_pred"])
