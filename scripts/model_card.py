@@ -75,6 +75,11 @@ def render(name: str, cfg: Any, extra: dict[str, Any]) -> str:
             lines += [f"| {seq} | {_fmt(v['J'])} | {_fmt(v['consecutive_iou_pred'])} | "
                       f"{_fmt(v['consecutive_iou_truth'])} | {_fmt(v.get('baseline_prior_J', '-'))} |"]
         lines += [""]
+    if "clip" in extra["held_out_metrics"]:
+        c = extra["held_out_metrics"]["clip"]
+        lines += [f"Short-clip figure (checked by the unit test): the first {c['frames']} frames of {c['sequence']} "
+                  f"segmented on their own: J {_fmt(c['J'])}, consecutive-frame IoU {_fmt(c['consecutive_iou_pred'])} "
+                  f"(ground truth {_fmt(c['consecutive_iou_truth'])}).", ""]
     b = extra["baseline"]
     lines += [f"Baseline on the same held-out data: {b['method']}: "
               + ", ".join(f"{k} {_fmt(v)}" for k, v in b.items() if k != "method") + ".", ""]
