@@ -132,6 +132,9 @@ def main() -> None:
     print(f"prepared {len(pairs)} training volumes {GRID} in {time.perf_counter() - t_start:.1f} s", flush=True)
 
     cfg = preset("radiology").replace(
+        # The shipped model sees (Z, Y, X) = RAS+ (S, A, R); its last two transitions keep X (L-R).
+        # Pinned so that the preset's later axis order (YXZ) does not change this model's geometry.
+        axes="ZYX",
         name="brain_mri",
         description="Brain extraction (skull stripping) of T1-weighted head MRI at 3 mm; not for clinical use",
         class_names=("brain",),

@@ -52,7 +52,7 @@ def test_channel_axis_is_left_alone() -> None:
 def test_model_spacing_is_reordered_to_the_input_axes() -> None:
     cfg = preset("surgery").replace(spacing=(4.0, 4.0, 1.0))  # axes YXT
     assert model_spacing_in_input_order(cfg, "TYXC") == (1.0, 4.0, 4.0)
-    cfg3 = preset("radiology").replace(spacing=(3.0, 2.0, 1.0))  # ZYX
+    cfg3 = preset("radiology").replace(axes="ZYX", spacing=(3.0, 2.0, 1.0))
     assert model_spacing_in_input_order(cfg3, "XYZ") == (1.0, 2.0, 3.0)
 
 
@@ -95,7 +95,7 @@ def test_reorient_matches_nibabel_canonical(itk_brain) -> None:
 
 def test_segment_with_affine_reorients_and_returns_file_order() -> None:
     torch.manual_seed(0)
-    cfg = preset("radiology").replace(spacing=(2.0, 2.0, 2.0), steps=(1, 1, 1, 1, 2))
+    cfg = preset("radiology").replace(axes="ZYX", spacing=(2.0, 2.0, 2.0), steps=(1, 1, 1, 1, 2))
     model = OctreeNCA(cfg).eval()
     vol = np.random.default_rng(2).random((12, 10, 16)).astype(np.float32)  # file (k, j, i)
     lsa = np.array([[-2.0, 0, 0, 0], [0, 0, 3.0, 0], [0, 2.0, 0, 0], [0, 0, 0, 1]])
