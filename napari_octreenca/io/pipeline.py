@@ -22,6 +22,7 @@ import numpy as np
 from ..engine.errors import InputError
 from ..engine.inference import segment
 from ..engine.registry import open_model
+from ..engine.resample import model_grid_shape, model_spacing_in_input_order, segment_at_model_spacing
 from .readers import FRAME_SUFFIXES, ImageData, file_kind, read_image, to_numpy
 from .writers import OUTPUT_SUFFIXES, output_suffix, write_labels
 
@@ -130,21 +131,38 @@ def run_segment(inputs: list[str], output: str, model: str, *, device: str = "cp
         im = read_image(src)
         spatial = [n for n, a in zip(im.shape, im.axes) if a != "C"]
         cells = int(np.prod(spatial))
-        tiled = tile is not None or scheduler is not None or whole_bytes(cells, net) > budget
+        if cfg.spacing is not None:
+            # Models with a fixed spacing run on the input resampled to it (a much smaller grid);
+            # the exact tiled path works on the input's own grid, so they always go whole.
+            cells = int(np.prod(model_grid_shape(spatial, im.scale, model_spacing_in_input_order(cfg, im.axes))))
+        tiled = cfg.spacing is None and (tile is not None or scheduler is not None or whole_bytes(cells, net) > budget)
         t0 = time.perf_counter()
         if tiled:
             _segment_tiled(net, im, src, dest, device=device, dtype=dtype, backend=backend, seed=seed, runs=runs,
                            tile=tile, scheduler=scheduler, progress=progress, keep_work=keep_work,
                            use_pyramid=use_pyramid)
         else:
-            seg = segment(net, to_numpy(im.data), axes=im.axes, device=device, dtype=dtype, backend=backend,
-                          seed=seed, runs=runs, callback=_step_progress(progress))
+            seg = _segment_whole(net, im, device=device, dtype=dtype, backend=backend, seed=seed, runs=runs,
+                                 callback=_step_progress(progress))
             write_labels(dest, seg.labels, like=im, class_names=cfg.class_names)
         if progress is not None:
             progress({"stage": "written", "input": k + 1, "inputs": len(paths), "path": str(dest), "tiled": tiled,
                       "seconds": time.perf_counter() - t0})
         results.append(dest)
     return results
+
+
+def _segment_whole(net: Any, im: ImageData, **kwargs: Any) -> Any:
+    """``engine.segment`` on the whole input; models with ``config.spacing`` get the input resampled
+    to it (and NIfTI volumes reoriented to RAS+ through their affine) and the labels back on the
+    input's grid."""
+    data = to_numpy(im.data)
+    if net.config.spacing is None:
+        return segment(net, data, axes=im.axes, **kwargs)
+    use_affine = im.kind == "nifti" and im.axes == "ZYX" and im.affine is not None and net.config.spatial_dims == 3
+    if use_affine:
+        return segment_at_model_spacing(net, data, axes=im.axes, affine=im.affine, **kwargs)
+    return segment_at_model_spacing(net, data, im.scale, axes=im.axes, **kwargs)
 
 
 def _has_output_suffix(p: Path) -> bool:
