@@ -82,6 +82,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
     written = run_segment(
         inputs, output, args.model, device=args.device, dtype=args.dtype, backend=args.backend,
         seed=args.seed, runs=args.runs, tile=args.tile, scheduler=args.scheduler, progress=progress,
+        use_pyramid=args.use_pyramid,
     )
     for p in written:
         print(p)
@@ -193,6 +194,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--runs", type=int, default=1, help="ensemble size (median logits + spread map)")
     s.add_argument("--tile", type=int, default=None, help="force tiled inference with this tile size")
     s.add_argument("--scheduler", default=None, help="dask.distributed scheduler address")
+    s.add_argument("--use-pyramid", action="store_true",
+                   help="read octree levels from the file's pyramid where shapes fit (faster, not bitwise equal)")
     s.add_argument("--quiet", action="store_true")
     s.set_defaults(func=cmd_segment)
 

@@ -102,7 +102,8 @@ def to_tensor(image: object) -> torch.Tensor:
     if isinstance(image, torch.Tensor):
         return image.detach()
     if hasattr(image, "compute") and hasattr(image, "chunks"):  # dask
-        image = image.compute()
+        # Local threads: a default distributed Client cannot ship file-backed arrays.
+        image = image.compute(scheduler="threads")
     arr = np.asarray(image)
     if arr.dtype == np.bool_:
         arr = arr.astype(np.uint8)
