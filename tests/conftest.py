@@ -8,11 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = Path(os.environ.get("OCTREENCA_SHARED_DATA", REPO.parent / "shared" / "data"))
-
-MRICRON = Path("/usr/share/mricron/templates")
-ITK_DATA = Path("/usr/share/doc/insighttoolkit5-examples/examples/Data")
+from helpers import ITK_DATA, MRICRON, SHARED_DATA, need_file  # noqa: F401 (fixtures below use them)
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -27,13 +23,6 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"shared data folder {SHARED_DATA} is absent")
     return SHARED_DATA
-
-
-def need_file(path: Path, how: str) -> Path:
-    """Return ``path`` or skip the test, saying how to get the file."""
-    if not path.exists():
-        pytest.skip(f"{path} is absent ({how})")
-    return path
 
 
 @pytest.fixture

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ITK_DATA, need_file
+from helpers import ITK_DATA, need_file
 from napari_octreenca.engine import OctreeNCA, preset, save_model, segment
 from napari_octreenca.engine.errors import InputError
 from napari_octreenca.io.pipeline import default_output_name, expand_inputs, run_segment

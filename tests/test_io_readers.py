@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import ITK_DATA, MRICRON, need_file
+from helpers import ITK_DATA, MRICRON, need_file
 from napari_octreenca.engine.errors import InputError
 from napari_octreenca.io import readers
 from napari_octreenca.io.readers import level_factor, read_image

@@ -18,7 +18,7 @@ pytest.importorskip("av", reason="PyAV is not installed (pip install av)")
 def davis_frames() -> np.ndarray:
     from PIL import Image
 
-    from conftest import SHARED_DATA
+    from helpers import SHARED_DATA
 
     folder = SHARED_DATA / "davis2016" / "blackswan" / "images"
     files = sorted(folder.glob("*.jpg"))[:20]
