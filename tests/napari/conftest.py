@@ -63,3 +63,9 @@ def rgb_image() -> np.ndarray:
     except FileNotFoundError as exc:
         pytest.skip(str(exc))
     return np.ascontiguousarray(img[200:296, 300:428])
+
+
+@pytest.fixture
+def viewer(make_napari_viewer):
+    """A napari viewer (Qt, under Xvfb) closed after the test."""
+    return make_napari_viewer()

@@ -14,13 +14,7 @@ pytest.importorskip("pytestqt")
 pytestmark = pytest.mark.napari
 
 
-def _wait(qtbot, job, timeout: float = 60.0) -> None:
-    qtbot.waitUntil(lambda: not job.running, timeout=int(timeout * 1000))
-
-
-@pytest.fixture
-def viewer(make_napari_viewer):
-    return make_napari_viewer()
+from napari_helpers import wait as _wait  # noqa: E402
 
 
 def test_inspector_layers_for_every_level_and_step_axis(viewer, qtbot, catalog, model_file_2d, rgb_image):

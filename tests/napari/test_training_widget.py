@@ -16,13 +16,7 @@ pytest.importorskip("pytestqt")
 pytestmark = pytest.mark.napari
 
 
-def _wait(qtbot, job, timeout: float = 60.0) -> None:
-    qtbot.waitUntil(lambda: not job.running, timeout=int(timeout * 1000))
-
-
-@pytest.fixture
-def viewer(make_napari_viewer):
-    return make_napari_viewer()
+from napari_helpers import wait as _wait  # noqa: E402
 
 
 def test_training_widget_trains_saves_and_lists_model(viewer, qtbot, catalog, tmp_path: Path):

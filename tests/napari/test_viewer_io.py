@@ -16,13 +16,6 @@ pytest.importorskip("pytestqt")
 pytestmark = pytest.mark.napari
 
 
-def _wait(qtbot, job, timeout: float = 60.0) -> None:
-    qtbot.waitUntil(lambda: not job.running, timeout=int(timeout * 1000))
-
-
-@pytest.fixture
-def viewer(make_napari_viewer):
-    return make_napari_viewer()
 
 
 
