@@ -58,6 +58,9 @@ def test_ensemble_median_and_spread(rgb: np.ndarray) -> None:
     probs = 1 / (1 + np.exp(-singles))
     np.testing.assert_allclose(ens.spread, probs.std(axis=0, ddof=1), rtol=1e-4, atol=1e-6)
     assert ens.seeds == [3, 4, 5]
+    even = segment(m, rgb, seed=3, runs=4)
+    singles4 = np.stack([segment(m, rgb, seed=s).logits for s in (3, 4, 5, 6)])
+    np.testing.assert_allclose(even.logits, np.median(singles4, axis=0), rtol=1e-6, atol=1e-6)
 
 
 def test_axes_channel_first_and_video(rgb: np.ndarray) -> None:

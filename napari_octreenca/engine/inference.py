@@ -219,7 +219,10 @@ def combine_runs(outs: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor |
     if len(outs) == 1:
         return outs[0], None
     stack = torch.stack(outs)
-    logits = stack.quantile(0.5, dim=0) if stack.numel() < (1 << 24) else stack.median(dim=0).values
+    # The usual median (mean of the two middle values for an even count), at any size.
+    ordered = stack.sort(dim=0).values
+    mid = len(outs) // 2
+    logits = ordered[mid] if len(outs) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
     spread = torch.sigmoid(stack).std(dim=0)
     return logits, spread
 
