@@ -19,7 +19,6 @@ import argparse
 import json
 import platform
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -28,7 +27,7 @@ from napari_octreenca.baselines import otsu_brain_mask
 from napari_octreenca.data_sources import ITK_DATA, MRICRON, load_nifti_zyx
 from napari_octreenca.engine.config import Normalization, preset
 from napari_octreenca.engine.modelfile import save_model
-from napari_octreenca.engine.resample import resample_to_model_spacing, segment_at_model_spacing
+from napari_octreenca.engine.resample import segment_at_model_spacing
 from _budget import train_with_budget
 from napari_octreenca.engine.training import TrainConfig, TrainPair, hard_dice
 

@@ -30,7 +30,7 @@ import torch
 from ..backends import Backend, LevelRun, get_backend
 from ..engine.config import ModelConfig, Normalization
 from ..engine.errors import Cancelled, InputError
-from ..engine.inference import Segmentation, _is_cancelled, labels_from_logits, resolve_dtype
+from ..engine.inference import Segmentation, _is_cancelled, combine_runs, labels_from_logits, resolve_dtype
 from ..engine.inputs import AxisPlan, normalize, plan_axes, to_tensor
 from ..engine.octree import OctreeNCA, downsample, upsample_raw
 from .outofcore import WorkStore, fingerprint, model_digest, numpy_to_tensor, storage_dtype, tensor_to_numpy
@@ -337,8 +337,6 @@ class TiledRun:
         self._restart = restart
         self.cancel: Any = None
         self.pyramid: dict[int, SourceImage] = {}
-        total = len(seeds) * self.cfg.output_channels * int(np.prod(source.shape))
-        self.median_by_quantile = total < (1 << 24)  # the rule engine.combine_runs applies
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
@@ -422,12 +420,7 @@ class TiledRun:
     def _write_output(self, box: Box) -> None:
         out_c = self.cfg.output_channels
         outs = [self.compute_state(0, box, s)[0, :out_c].float().cpu() for s in self.seeds]
-        if len(outs) == 1:
-            logits, spread = outs[0], None
-        else:
-            stack = torch.stack(outs)
-            logits = stack.quantile(0.5, dim=0) if self.median_by_quantile else stack.median(dim=0).values
-            spread = torch.sigmoid(stack).std(dim=0)
+        logits, spread = combine_runs(outs)  # the same ensemble rule as the whole-image path
         perm = (0,) + tuple(o + 1 for o in self.order)
         logits = logits.permute(perm).contiguous()
         spread = None if spread is None else spread.permute(perm).contiguous().numpy()
