@@ -46,7 +46,8 @@ def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
         raise InputError(f"unknown dtype {dtype!r}; choose float32 or bfloat16") from None
 
 
-def _is_cancelled(cancel: CancelCheck) -> bool:
+def is_cancelled(cancel: CancelCheck) -> bool:
+    """Whether a cancel Event is set or a cancel callable returns True."""
     if cancel is None:
         return False
     if isinstance(cancel, threading.Event):
@@ -105,10 +106,10 @@ def run_octree(
         def hook(step: int, st: torch.Tensor, level: int = level, base: int = level_done) -> None:
             if callback is not None:
                 callback(StepInfo(run_index, runs, level, step, steps[level], base + step + 1, total, st))
-            if _is_cancelled(cancel):
+            if is_cancelled(cancel):
                 raise Cancelled(f"cancelled at level {level}, step {step + 1}")
 
-        if _is_cancelled(cancel):
+        if is_cancelled(cancel):
             raise Cancelled(f"cancelled before level {level}")
         run = LevelRun(level=level, steps=steps[level], seed=seed, fire_rate=fire_rate, origin=(0,) * len(spatial))
         state = backend.run_level(model.levels[level], img, state, run, hook)

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from .config import ModelConfig
 from .errors import Cancelled, ConfigError, InputError, ModelFileError, OctreeNCAError
+from .inference import is_cancelled
 from .inputs import prepare
 from .modelfile import _atomic_write
 from .octree import OctreeNCA
@@ -340,10 +341,10 @@ def train(
 
     for it in range(start, cfg.iterations):
         while pause is not None and pause.is_set():
-            if _cancelled(cancel):
+            if is_cancelled(cancel):
                 break
             time.sleep(0.05)
-        if _cancelled(cancel):
+        if is_cancelled(cancel):
             if checkpoint:
                 save_checkpoint(checkpoint, _state(it))
             raise Cancelled(f"training cancelled at iteration {it}")
@@ -385,12 +386,6 @@ def train(
     final = OctreeNCA(mcfg.replace(provenance=prov))
     final.load_state_dict(ema.state_dict())
     return TrainResult(final.eval(), history, total, cfg.iterations)
-
-
-def _cancelled(cancel: threading.Event | Callable[[], bool] | None) -> bool:
-    if cancel is None:
-        return False
-    return cancel.is_set() if isinstance(cancel, threading.Event) else bool(cancel())
 
 
 def evaluate(model: OctreeNCA, pairs: Sequence[TrainPair], **segment_kwargs: Any) -> dict[str, float]:

@@ -16,7 +16,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..engine.errors import Cancelled, InputError
-from ..engine.inference import _is_cancelled
+from ..engine.inference import is_cancelled
 
 _RUNS: dict[str, Any] = {}
 
@@ -75,7 +75,7 @@ def run_distributed(run: Any, stages: list[Any], scheduler: Any, progress: Any, 
                 if progress is not None:
                     progress({"stage": stage.kind, "level": stage.level, "seed": stage.seed, "step": None,
                               "tile": done, "tiles": n, "computed": computed})
-                if _is_cancelled(cancel):
+                if is_cancelled(cancel):
                     client.cancel(futures)
                     raise Cancelled(f"cancelled at {stage.name}, tile {done}/{n}")
     finally:

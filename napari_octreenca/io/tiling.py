@@ -30,7 +30,7 @@ import torch
 from ..backends import Backend, LevelRun, get_backend
 from ..engine.config import ModelConfig, Normalization
 from ..engine.errors import Cancelled, InputError
-from ..engine.inference import Segmentation, _is_cancelled, combine_runs, labels_from_logits, resolve_dtype
+from ..engine.inference import Segmentation, is_cancelled, combine_runs, labels_from_logits, resolve_dtype
 from ..engine.inputs import AxisPlan, normalize, plan_axes, to_tensor
 from ..engine.octree import OctreeNCA, downsample, upsample_raw
 from .outofcore import WorkStore, fingerprint, model_digest, numpy_to_tensor, storage_dtype, tensor_to_numpy
@@ -466,7 +466,7 @@ class TiledRun:
         return _crop(state, core, box.size).contiguous()
 
     def _step_hook(self, step: int, state: torch.Tensor) -> None:
-        if _is_cancelled(self.cancel):
+        if is_cancelled(self.cancel):
             raise Cancelled("cancelled during a tile")
 
 
@@ -478,7 +478,7 @@ def run_local(run: TiledRun, stages: Iterable[Stage], progress: Progress | None,
     for stage in stages:
         n = len(stage.tiles)
         for i in range(n):
-            if _is_cancelled(cancel):
+            if is_cancelled(cancel):
                 raise Cancelled(f"cancelled at {stage.name}, tile {i + 1}/{n}")
             done = run.run_tile(stage, i)
             counts["computed" if done else "skipped"] += 1
