@@ -114,37 +114,62 @@ def to_tensor(image: object) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(arr))
 
 
-def normalize(x: torch.Tensor, norm: Normalization) -> torch.Tensor:
-    """Normalise a ``(C, *spatial)`` tensor (any dtype) to float32 network input, on its device."""
+@dataclass(frozen=True)
+class NormStats:
+    """Per-channel statistics of the image-dependent modes (tiles reuse the whole image's)."""
+
+    mode: str
+    offset: list[torch.Tensor]  # zscore: mean; percentile: low
+    scale: list[torch.Tensor | float]  # zscore: std (or 1.0); percentile: high - low (or 1.0)
+
+
+def norm_stats(x: torch.Tensor, norm: Normalization) -> NormStats | None:
+    """Statistics of a float ``(C, *spatial)`` tensor for ``zscore``/``percentile`` (else None)."""
+    if norm.mode in ("fixed", "none"):
+        return None
+    flat = x.reshape(x.shape[0], -1)
+    offs: list[torch.Tensor] = []
+    scales: list[torch.Tensor | float] = []
+    for v in flat:
+        if norm.mode == "zscore":
+            if norm.threshold is not None:
+                sel = v[v > norm.threshold]
+                v = sel if sel.numel() > 0 else v
+            mean, std = v.mean(), v.std()
+            offs.append(mean)
+            scales.append(std if float(std) > 0 else 1.0)
+        else:
+            if v.numel() > 1 << 24:  # quantile() has a size limit: estimate on a strided sample
+                v = v[:: v.numel() // (1 << 24) + 1]
+            lo = torch.quantile(v, norm.low / 100)
+            hi = torch.quantile(v, norm.high / 100)
+            offs.append(lo)
+            scales.append(hi - lo if float(hi - lo) > 0 else 1.0)
+    return NormStats(norm.mode, offs, scales)
+
+
+def apply_stats(x: torch.Tensor, stats: NormStats) -> torch.Tensor:
+    """Normalise a float ``(C, *spatial)`` tensor with given statistics."""
+    out = torch.empty_like(x)
+    for i in range(x.shape[0]):
+        y = (x[i] - stats.offset[i]) / stats.scale[i]
+        out[i] = y.clamp_(0, 1) if stats.mode == "percentile" else y
+    return out
+
+
+def normalize(x: torch.Tensor, norm: Normalization, stats: NormStats | None = None) -> torch.Tensor:
+    """Normalise a ``(C, *spatial)`` tensor (any dtype) to float32 network input, on its device.
+
+    ``stats`` overrides the image's own statistics (tiles use the whole image's).
+    """
     x = x.float()
-    c = x.shape[0]
-    flat = x.reshape(c, -1)
     if norm.mode == "none":
         return x
     if norm.mode == "fixed":
         mean = torch.tensor(norm.mean, device=x.device).reshape(-1, *([1] * (x.dim() - 1)))
         std = torch.tensor(norm.std, device=x.device).reshape(-1, *([1] * (x.dim() - 1)))
         return (x * norm.scale - mean) / std
-    if norm.mode == "zscore":
-        out = torch.empty_like(x)
-        for i in range(c):
-            v = flat[i]
-            if norm.threshold is not None:
-                sel = v[v > norm.threshold]
-                v = sel if sel.numel() > 0 else v
-            mean, std = v.mean(), v.std()
-            out[i] = (x[i] - mean) / (std if float(std) > 0 else 1.0)
-        return out
-    # percentile
-    out = torch.empty_like(x)
-    for i in range(c):
-        v = flat[i]
-        if v.numel() > 1 << 24:  # quantile() has a size limit: estimate on a strided sample
-            v = v[:: v.numel() // (1 << 24) + 1]
-        lo = torch.quantile(v, norm.low / 100)
-        hi = torch.quantile(v, norm.high / 100)
-        out[i] = ((x[i] - lo) / (hi - lo if float(hi - lo) > 0 else 1.0)).clamp_(0, 1)
-    return out
+    return apply_stats(x, stats if stats is not None else norm_stats(x, norm))
 
 
 def prepare(

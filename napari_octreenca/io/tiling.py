@@ -31,7 +31,7 @@ from ..backends import Backend, LevelRun, get_backend
 from ..engine.config import ModelConfig, Normalization
 from ..engine.errors import Cancelled, InputError
 from ..engine.inference import Segmentation, is_cancelled, combine_runs, labels_from_logits, resolve_dtype
-from ..engine.inputs import AxisPlan, normalize, plan_axes, to_tensor
+from ..engine.inputs import AxisPlan, NormStats, norm_stats, normalize, plan_axes, to_tensor
 from ..engine.octree import OctreeNCA, downsample, upsample_raw
 from .outofcore import WorkStore, fingerprint, model_digest, numpy_to_tensor, storage_dtype, tensor_to_numpy
 
@@ -102,14 +102,6 @@ def _crop(x: torch.Tensor, start: tuple[int, ...], size: tuple[int, ...]) -> tor
 
 # -- the input, lazily ------------------------------------------------------------------------
 @dataclass
-class NormStats:
-    """Global per-channel statistics, so tiles normalise exactly like the whole image."""
-
-    mode: str
-    offset: list[torch.Tensor]  # zscore: mean; percentile: low
-    scale: list[torch.Tensor | float]  # zscore: std (or 1.0); percentile: high - low (or 1.0)
-
-
 class SourceImage:
     """Regions of the input at level 0, in the model's axis order, normalised like ``prepare``.
 
@@ -158,7 +150,7 @@ class SourceImage:
         x = to_tensor(np.asarray(region)).permute(plan.permutation)
         if not plan.has_channel:
             x = x.unsqueeze(0)
-        return apply_norm(x, self.norm, self.stats).unsqueeze(0)
+        return normalize(x, self.norm, self.stats).unsqueeze(0)
 
 
 def _local(a: Any) -> Any:
@@ -184,24 +176,7 @@ def compute_stats(array: Any, plan: AxisPlan, norm: Normalization) -> NormStats 
     offs: list[torch.Tensor] = []
     scales: list[torch.Tensor | float] = []
     if n // c <= _EXACT_STATS_LIMIT:
-        flat = _whole_channels(_local(array), plan).reshape(c, -1)
-        for i in range(c):
-            v = flat[i]
-            if norm.mode == "zscore":
-                if norm.threshold is not None:
-                    sel = v[v > norm.threshold]
-                    v = sel if sel.numel() > 0 else v
-                mean, std = v.mean(), v.std()
-                offs.append(mean)
-                scales.append(std if float(std) > 0 else 1.0)
-            else:
-                if v.numel() > 1 << 24:
-                    v = v[:: v.numel() // (1 << 24) + 1]
-                lo = torch.quantile(v, norm.low / 100)
-                hi = torch.quantile(v, norm.high / 100)
-                offs.append(lo)
-                scales.append(hi - lo if float(hi - lo) > 0 else 1.0)
-        return NormStats(norm.mode, offs, scales)
+        return norm_stats(_whole_channels(_local(array), plan), norm)
     import dask.array as da
 
     arr = da.asarray(array) if not hasattr(array, "chunks") or not hasattr(array, "compute") else array
@@ -228,18 +203,6 @@ def compute_stats(array: Any, plan: AxisPlan, norm: Normalization) -> NormStats 
             offs.append(lo)
             scales.append(hi - lo if float(hi - lo) > 0 else 1.0)
     return NormStats(norm.mode, offs, scales)
-
-
-def apply_norm(x: torch.Tensor, norm: Normalization, stats: NormStats | None) -> torch.Tensor:
-    """Normalise ``(C, *spatial)`` with global ``stats`` (same float ops as the engine)."""
-    if stats is None:
-        return normalize(x, norm)
-    x = x.float()
-    out = torch.empty_like(x)
-    for i in range(x.shape[0]):
-        y = (x[i] - stats.offset[i]) / stats.scale[i]
-        out[i] = y.clamp_(0, 1) if stats.mode == "percentile" else y
-    return out
 
 
 # -- output sinks ------------------------------------------------------------------------------
