@@ -15,11 +15,11 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
 from ..engine.errors import BackendUnavailable
+from ..fileutil import atomic_write
 from ..resources import resource_path
 
 #: Kernel files: the shared per-cell code (a header) and the entry points.
@@ -145,12 +145,8 @@ def cached_cubin(arch: str, defines: Mapping[str, int]) -> tuple[bytes, Path]:
             return data, path
     data = compile_cubin(arch, defines)
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        # Atomic write: a concurrent process never reads a half-written cubin.
-        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
+        # Atomic: a concurrent process never reads a half-written cubin.
+        atomic_write(path, lambda tmp: tmp.write_bytes(data))
     except OSError:
         pass  # a read-only home still runs, it just compiles again next time
     return data, path

@@ -12,31 +12,18 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from ..fileutil import atomic_write
 from .config import FORMAT_VERSION, ModelConfig, preset
 from .errors import ConfigError, ModelFileError
 from .octree import OctreeNCA
 
 FORMAT_NAME = "octreenca"
 SUPPORTED_VERSIONS = {1}
-
-
-def _atomic_write(path: Path, write: Any) -> None:
-    """Write via a temporary file in the same folder, then rename: never a half-written file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def save_model(model: OctreeNCA, path: str | os.PathLike[str], extra: dict[str, Any] | None = None) -> Path:
@@ -55,7 +42,7 @@ def save_model(model: OctreeNCA, path: str | os.PathLike[str], extra: dict[str, 
     }
     if extra:
         meta["extra"] = json.dumps(extra)
-    _atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
+    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
     return path
 
 

@@ -21,11 +21,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..fileutil import atomic_write
 from .config import ModelConfig
 from .errors import Cancelled, ConfigError, InputError, ModelFileError, OctreeNCAError
 from .inference import is_cancelled
 from .inputs import prepare
-from .modelfile import _atomic_write
 from .octree import OctreeNCA
 
 
@@ -239,7 +239,7 @@ def save_checkpoint(path: str | Path, state: dict[str, Any]) -> Path:
         "history": json.dumps(state["history"]),
         "seconds": repr(state["seconds"]),
     }
-    _atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
+    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
     return path
 
 

@@ -16,8 +16,6 @@ ones are written chunk by chunk.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -25,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from ..engine.errors import InputError
+from ..fileutil import atomic_write
 from .readers import ImageData, to_numpy
 
 OUTPUT_SUFFIXES = (".nii", ".nii.gz", ".tif", ".tiff", ".zarr", ".png")
@@ -36,24 +35,6 @@ def output_suffix(path: str | Path) -> str:
         if name.endswith(s):
             return s.replace(".ome", "")
     raise InputError(f"cannot tell the output format of {path}: use one of {', '.join(OUTPUT_SUFFIXES)}")
-
-
-def _temp_beside(path: Path, suffix: str) -> Path:
-    fd, tmp = tempfile.mkstemp(prefix="." + path.name + ".", suffix=".part" + suffix, dir=path.parent)
-    os.close(fd)
-    return Path(tmp)
-
-
-def _atomic(path: Path, suffix: str, write: Any) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _temp_beside(path, suffix)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
 
 
 def _label_dtype(labels: Any) -> np.dtype:
@@ -106,7 +87,7 @@ def _write_nifti(path: Path, labels: Any, like: ImageData | None, names: tuple[s
     img.header["intent_code"] = 1002  # NIFTI_INTENT_LABEL
     if names:
         img.header["descrip"] = ("labels: " + ",".join(f"{i + 1}={n}" for i, n in enumerate(names)))[:79].encode()
-    return _atomic(path, suffix, lambda tmp: nib.save(img, str(tmp)))
+    return atomic_write(path, lambda tmp: nib.save(img, str(tmp)), suffix=suffix)
 
 
 def _tiles(labels: Any, tile: int) -> Any:
@@ -140,7 +121,7 @@ def _write_tiff(path: Path, labels: Any, like: ImageData | None, names: tuple[st
         else:
             tifffile.imwrite(tmp, to_numpy(labels).astype(dtype, copy=False), bigtiff=labels.size > 2**31, **kw)
 
-    return _atomic(path, path.suffix, write)
+    return atomic_write(path, write, suffix=path.suffix)
 
 
 def _write_png(path: Path, labels: Any) -> Path:
@@ -150,7 +131,7 @@ def _write_png(path: Path, labels: Any) -> Path:
     if data.ndim != 2:
         raise InputError(f"PNG labels must be 2D, got shape {data.shape}; use .tif or .zarr")
     data = data.astype(_label_dtype(data))
-    return _atomic(path, ".png", lambda tmp: Image.fromarray(data).save(tmp, format="PNG"))
+    return atomic_write(path, lambda tmp: Image.fromarray(data).save(tmp, format="PNG"), suffix=".png")
 
 
 def write_labels_zarr(path: Path, labels: Any, like: ImageData | None, names: tuple[str, ...],
