@@ -4,15 +4,6 @@
 //   g++ -O1 -shared -fPIC -DNCA_C=16 -DNCA_IN=3 -DNCA_H=64 host_harness.cpp -o harness.so
 #include "nca_common.cuh"
 
-#ifndef NCA_C
-#define NCA_C 16
-#endif
-#ifndef NCA_IN
-#define NCA_IN 3
-#endif
-#ifndef NCA_H
-#define NCA_H 64
-#endif
 
 template <int DIMS, typename T>
 static long long host_step(const T* img, const T* state, T* out, const float* w, nca_i64 batch, nca_i64 nz,

@@ -23,6 +23,18 @@
 #define NCA_RESTRICT __restrict__
 #endif
 
+// Channel counts of the model being compiled for (the presets by default); every build
+// passes -DNCA_C=.. -DNCA_IN=.. -DNCA_H=.. for the model at hand.
+#ifndef NCA_C
+#define NCA_C 16
+#endif
+#ifndef NCA_IN
+#define NCA_IN 3
+#endif
+#ifndef NCA_H
+#define NCA_H 64
+#endif
+
 typedef unsigned int nca_u32;
 typedef unsigned short nca_bf16;  // bfloat16 storage (upper half of a float32)
 typedef long long nca_i64;        // 64-bit indexing everywhere: 184 MP x 12 channels > 2^31

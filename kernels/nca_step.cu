@@ -11,15 +11,6 @@
 // fire rate 0.5 a warp computes about half as many cells as a plain one-thread-per-cell kernel.
 #include "nca_common.cuh"
 
-#ifndef NCA_C
-#define NCA_C 16
-#endif
-#ifndef NCA_IN
-#define NCA_IN 3
-#endif
-#ifndef NCA_H
-#define NCA_H 64
-#endif
 #ifndef NCA_BLOCK
 #define NCA_BLOCK 128
 #endif
