@@ -18,6 +18,13 @@ from napari_octreenca.engine.octree import OctreeNCA
 from napari_octreenca.engine.training import TrainConfig, TrainPair, load_checkpoint, train
 
 
+def print_progress(p: Any) -> None:
+    """Progress line every 10 iterations (and the last)."""
+    if p.iteration % 10 == 0 or p.iteration == p.iterations:
+        print(f"it {p.iteration}/{p.iterations} loss {p.loss:.4f} dice {p.dice:.3f} lr {p.lr:.2e} "
+              f"{p.seconds:.0f} s", flush=True)
+
+
 def train_with_budget(
     cfg: ModelConfig,
     pairs: Sequence[TrainPair],

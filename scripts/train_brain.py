@@ -28,7 +28,7 @@ from napari_octreenca.data_sources import ITK_DATA, MRICRON, load_nifti_zyx
 from napari_octreenca.engine.config import Normalization, preset
 from napari_octreenca.engine.modelfile import save_model
 from napari_octreenca.engine.resample import segment_at_model_spacing
-from _budget import train_with_budget
+from _budget import print_progress, train_with_budget
 from napari_octreenca.engine.training import TrainConfig, TrainPair, hard_dice
 
 SPACING = (3.0, 3.0, 3.0)
@@ -145,13 +145,9 @@ def main() -> None:
         iterations=args.iterations, batch_size=args.batch, level_patch=(32, 32, 32), lr=1.6e-3,
         lr_gamma=0.997, seed=args.seed, checkpoint_every=25, foreground_fraction=0.5,
     )
-    def progress(p) -> None:
-        if p.iteration % 10 == 0 or p.iteration == p.iterations:
-            print(f"it {p.iteration}/{p.iterations} loss {p.loss:.4f} dice {p.dice:.3f} lr {p.lr:.2e} "
-                  f"{p.seconds:.0f} s", flush=True)
 
     model, done, train_seconds = train_with_budget(
-        cfg, pairs, tcfg, callback=progress, checkpoint=args.checkpoint, resume=args.resume,
+        cfg, pairs, tcfg, callback=print_progress, checkpoint=args.checkpoint, resume=args.resume,
         max_minutes=args.max_minutes,
     )
     metrics = evaluate_held_out(model)

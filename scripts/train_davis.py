@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from _budget import train_with_budget
+from _budget import print_progress, train_with_budget
 from napari_octreenca.baselines import prior_video_mask
 from napari_octreenca.data_sources import davis_sequence
 from napari_octreenca.engine.config import preset
@@ -157,13 +157,9 @@ def main() -> None:
         lr=1.6e-3, lr_gamma=0.998, seed=args.seed, checkpoint_every=25, foreground_fraction=0.5,
     )
 
-    def progress(p) -> None:
-        if p.iteration % 10 == 0 or p.iteration == p.iterations:
-            print(f"it {p.iteration}/{p.iterations} loss {p.loss:.4f} dice {p.dice:.3f} lr {p.lr:.2e} "
-                  f"{p.seconds:.0f} s", flush=True)
 
     model, done, train_seconds = train_with_budget(
-        cfg, pairs, tcfg, callback=progress, checkpoint=args.checkpoint, resume=args.resume,
+        cfg, pairs, tcfg, callback=print_progress, checkpoint=args.checkpoint, resume=args.resume,
         max_minutes=args.max_minutes,
     )
     del pairs

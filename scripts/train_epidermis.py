@@ -26,7 +26,7 @@ from napari_octreenca.data_sources import skin_sample
 from napari_octreenca.engine.config import preset
 from napari_octreenca.engine.modelfile import save_model
 from napari_octreenca.engine.resample import resample_to_model_spacing, segment_at_model_spacing
-from _budget import train_with_budget
+from _budget import print_progress, train_with_budget
 from napari_octreenca.engine.training import TrainConfig, TrainPair, hard_dice
 
 SPACING = (3.0, 3.0)
@@ -98,13 +98,8 @@ def main() -> None:
         seed=args.seed, checkpoint_every=50, foreground_fraction=0.6,
     )
 
-    def progress(p) -> None:
-        if p.iteration % 20 == 0 or p.iteration == p.iterations:
-            print(f"it {p.iteration}/{p.iterations} loss {p.loss:.4f} dice {p.dice:.3f} lr {p.lr:.2e} "
-                  f"{p.seconds:.0f} s", flush=True)
-
     model, done, train_seconds = train_with_budget(
-        cfg, [TrainPair(small, small_mask, axes="YXC")], tcfg, callback=progress,
+        cfg, [TrainPair(small, small_mask, axes="YXC")], tcfg, callback=print_progress,
         checkpoint=args.checkpoint, resume=args.resume, max_minutes=args.max_minutes,
     )
     metrics = evaluate_held_out(model)
