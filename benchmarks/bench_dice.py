@@ -20,16 +20,16 @@ import numpy as np
 import torch
 
 from napari_octreenca.data_sources import skin_sample
-from napari_octreenca.engine.config import preset
-from napari_octreenca.engine.inference import segment
-from napari_octreenca.engine.resample import segment_at_model_spacing
-from napari_octreenca.engine.training import TrainConfig, TrainPair, hard_dice, train
+from napari_octreenca.nca.config import preset
+from napari_octreenca.run.inference import segment
+from napari_octreenca.run.resample import segment_at_model_spacing
+from napari_octreenca.run.training import TrainConfig, TrainPair, hard_dice, train
 from napari_octreenca.resources import bundled_models
 
 
 def find_model(name: str | None, device: str):
     """(model, description): the named or first suitable bundled model, else None."""
-    from napari_octreenca.engine.registry import open_model
+    from napari_octreenca.nca.registry import open_model
 
     if name:
         return open_model(name, device), f"model {name}"
@@ -44,7 +44,7 @@ def find_model(name: str | None, device: str):
 def brain_case(device: str) -> tuple[np.ndarray, np.ndarray, dict, object, str]:
     """The held-out ITK T1 MRI (file order, with its affine) and the bundled brain model."""
     from napari_octreenca.data_sources import brain_paths
-    from napari_octreenca.engine.registry import open_model
+    from napari_octreenca.nca.registry import open_model
     from napari_octreenca.io.readers import read_image
 
     t1, stripped = brain_paths("small")

@@ -124,7 +124,7 @@ def make_model(path: Path, seed: int = 0) -> Path:
     """Pathology preset with random weights (fc1 random too, so the output is not all zero)."""
     import torch
 
-    from napari_octreenca.engine import new_model, save_model
+    from napari_octreenca import new_model, save_model
 
     if path.exists():
         return path
@@ -139,7 +139,7 @@ def make_model(path: Path, seed: int = 0) -> Path:
 # -- the run in a child process ---------------------------------------------------------------------
 CHILD = """
 import json, sys, time
-from napari_octreenca.io.pipeline import run_segment
+from napari_octreenca.run.pipeline import run_segment
 t0 = time.time()
 def progress(ev):
     if ev.get("stage") in ("output", "state", "image", "input", "written"):

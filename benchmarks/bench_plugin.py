@@ -32,8 +32,8 @@ def main() -> None:
     from qtpy.QtCore import QTimer
     from qtpy.QtWidgets import QApplication
 
-    from napari_octreenca.engine import OctreeNCA, preset, save_model, segment
-    from napari_octreenca.inspector import DEFAULT_BUDGET, plan_recording
+    from napari_octreenca import OctreeNCA, preset, save_model, segment
+    from napari_octreenca.run.recorder import DEFAULT_BUDGET, plan_recording
     from napari_octreenca.widgets._models import CATALOG
     from napari_octreenca.widgets.segment_widget import SegmentWidget
 

@@ -20,7 +20,7 @@ fi
 LOG="$(mktemp)"
 GPU_NAME="$(nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null | head -1)"
 TORCH_INFO="$("$PY" -c 'import torch; print("torch", torch.__version__, "CUDA", torch.version.cuda)')"
-NVRTC_INFO="$("$PY" -c 'from napari_octreenca.backends.nvrtc_compile import nvrtc_version as v; print("NVRTC %d.%d" % v())')"
+NVRTC_INFO="$("$PY" -c 'from napari_octreenca.backends.cuda.nvrtc import nvrtc_version as v; print("NVRTC %d.%d" % v())')"
 FENCE='```'
 {
     echo

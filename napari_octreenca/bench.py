@@ -13,8 +13,8 @@ each case runs in a fresh subprocess (``--isolate``, the default there) and the 
 set (VmHWM, reset just before the case) above the resident set at that moment. Weights are
 random (speed does not depend on their values); the fire rate is the preset's.
 
-``torch-layerwise`` is a reference only the benchmark knows: the whole level through the
-layer-wise differentiable step at once, as the published OctreeNCA code runs inference.
+``torch-layerwise`` (in ``backends/torch_backend.py``) is the yardstick: the whole level through
+the layer-wise reference step at once, as the published OctreeNCA code runs inference.
 """
 
 from __future__ import annotations
@@ -34,44 +34,14 @@ import numpy as np
 import torch
 
 from .backends import Backend, LevelRun, get_backend
-from .backends.torch_backend import _cast_module, step_differentiable
-from .engine.config import ModelConfig, preset
-from .engine.firemask import fire_mask_torch
-from .engine.nca import BackboneNCA
-from .engine.octree import OctreeNCA
+from .nca.config import ModelConfig, preset
+from .nca.octree import OctreeNCA
 
 MODES = ("level", "pipeline")
 
 
-class LayerwiseTorch(Backend):
-    """Benchmark reference: whole-level layer-wise torch steps (all intermediates at once)."""
-
-    name = "torch-layerwise"
-
-    @classmethod
-    def availability(cls) -> tuple[bool, str]:
-        return True, ""
-
-    @torch.no_grad()
-    def run_level(self, nca, image, state, run: LevelRun, callback=None):
-        weights = _cast_module(nca, state.dtype, state.device)
-        image = image.to(state.dtype)
-        origin = run.origin or (0,) * (state.dim() - 2)
-        for step in range(run.steps):
-            mask = None
-            if run.fire_rate < 1:
-                mask = fire_mask_torch(tuple(state.shape[2:]), origin, run.seed, run.level, step, run.fire_rate,
-                                       state.device)[None, None].to(state.dtype)
-            state = step_differentiable(weights, image, state, mask)
-            if callback is not None:
-                callback(step, state)
-        return state
-
-
 def make_backend(name: str, device: torch.device, dtype: torch.dtype) -> Backend:
     """A backend by name, including the benchmark-only ``torch-layerwise``."""
-    if name == "torch-layerwise":
-        return LayerwiseTorch()
     return get_backend(name, device, dtype)
 
 
@@ -169,8 +139,8 @@ def _level_case(case: Case, backend: Backend, device: torch.device, dt: torch.dt
 
 
 def _pipeline_case(case: Case, backend: Backend, device: torch.device, dt: torch.dtype) -> dict[str, Any]:
-    from .engine.inference import run_octree
-    from .engine.inputs import prepare
+    from .run.inference import run_octree
+    from .run.inputs import prepare
 
     cfg = preset(case.preset)
     model = random_model(cfg).to(device)

@@ -43,9 +43,9 @@ def _describe(cfg: Any, source: str) -> str:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    from .engine.config import PRESETS
-    from .engine.modelfile import read_config, read_extra
-    from .engine.registry import resolve_model_path
+    from .nca.config import PRESETS
+    from .nca.modelfile import read_config, read_extra
+    from .nca.registry import resolve_model_path
 
     if args.model in PRESETS and not Path(args.model).exists():
         cfg, source, extra = PRESETS[args.model], "preset, untrained", {}
@@ -63,7 +63,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def cmd_segment(args: argparse.Namespace) -> int:
-    from .io.pipeline import run_segment
+    from .run.pipeline import run_segment
 
     paths = args.paths
     if len(paths) < 2:
@@ -104,10 +104,10 @@ def _read(path: str) -> tuple[Any, str]:
 def cmd_train(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from .engine.config import preset
-    from .engine.modelfile import save_model
-    from .engine.registry import open_model
-    from .engine.training import TrainConfig, TrainPair, evaluate, train
+    from .nca.config import preset
+    from .nca.modelfile import save_model
+    from .nca.registry import open_model
+    from .run.training import TrainConfig, TrainPair, evaluate, train
 
     if not args.pair:
         raise SystemExit("octreenca: error: give at least one --pair IMAGE LABELS")
@@ -155,7 +155,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_import(args: argparse.Namespace) -> int:
-    from .engine.modelfile import import_original, save_model
+    from .nca.modelfile import import_original, save_model
 
     changes: dict[str, Any] = {}
     if args.classes:
@@ -248,7 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``octreenca``."""
-    from .engine.errors import OctreeNCAError
+    from .nca.errors import OctreeNCAError
 
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["bench"]:  # argparse.REMAINDER drops leading --options in sub-commands

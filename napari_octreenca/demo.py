@@ -63,9 +63,9 @@ CASES = [
 
 def run_demo(out: str | Path = "octreenca-demo", device: str = "cpu", quick: bool = False) -> int:
     """Run every demo case whose data and model are installed; returns 0 when at least one ran."""
-    from .engine.registry import open_model
-    from .engine.resample import segment_at_model_spacing
-    from .engine.training import hard_dice
+    from .nca.registry import open_model
+    from .run.resample import segment_at_model_spacing
+    from .run.training import hard_dice
     from .io.writers import write_labels
     from .resources import bundled_models
 

@@ -1,6 +1,6 @@
 """Where bundled files live: inside the installed wheel, or at the repository root in a checkout.
 
-The wheel maps the top-level ``kernels/``, ``sample_data/`` and ``napari.yaml`` into the package
+The wheel maps the top-level ``kernels/``, ``models/`` and ``napari.yaml`` into the package
 (see ``pyproject.toml``); a source checkout reads them from the repository root.
 """
 
@@ -12,7 +12,7 @@ PACKAGE_DIR = Path(__file__).resolve().parent
 
 
 def resource_path(name: str) -> Path:
-    """Path of a bundled resource (``kernels``, ``sample_data``, ``napari.yaml``)."""
+    """Path of a bundled resource (``kernels``, ``models``, ``napari.yaml``)."""
     for base in (PACKAGE_DIR, PACKAGE_DIR.parent):
         p = base / name
         if p.exists():
@@ -22,7 +22,7 @@ def resource_path(name: str) -> Path:
 
 def models_dir() -> Path:
     """Folder of the bundled model files."""
-    return resource_path("sample_data") / "models"
+    return resource_path("models")
 
 
 def bundled_models() -> dict[str, Path]:

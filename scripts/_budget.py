@@ -12,10 +12,10 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from napari_octreenca.engine.config import ModelConfig
-from napari_octreenca.engine.errors import Cancelled
-from napari_octreenca.engine.octree import OctreeNCA
-from napari_octreenca.engine.training import TrainConfig, TrainPair, load_checkpoint, train
+from napari_octreenca.nca.config import ModelConfig
+from napari_octreenca.nca.errors import Cancelled
+from napari_octreenca.nca.octree import OctreeNCA
+from napari_octreenca.run.training import TrainConfig, TrainPair, load_checkpoint, train
 
 
 def print_progress(p: Any) -> None:

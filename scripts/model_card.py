@@ -16,9 +16,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-from napari_octreenca.engine.modelfile import load_model, read_extra, save_model
+from napari_octreenca.nca.modelfile import load_model, read_extra, save_model
 
-MODELS = Path(__file__).resolve().parents[1] / "sample_data" / "models"
+MODELS = Path(__file__).resolve().parents[1] / "models"
 
 def _load_notes(name: str) -> dict[str, Any]:
     p = Path(__file__).with_name(f"card_notes_{name}.json")
@@ -91,7 +91,7 @@ def render(name: str, cfg: Any, extra: dict[str, Any]) -> str:
               f"- Wall time: {extra['train_wall_seconds']:.0f} s end to end (training, evaluation) on the "
               f"{extra['train_machine']}.",
               f"- Segment from Python: `{extra['segment_call']}` "
-              "(`napari_octreenca.engine.resample`).", ""]
+              "(`napari_octreenca.run.resample`).", ""]
     if extra.get("cli"):
         lines += [f"- From the command line: `{extra['cli']}`", ""]
     lines += ["The test `tests/test_models_" + {"brain_mri": "brain", "he_epidermis": "epidermis",

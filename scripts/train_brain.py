@@ -8,7 +8,7 @@ Held out: the second subject of Debian ``insighttoolkit5-examples`` (KmeansTest_
 mask KmeansTest_T1RawSkullStrip > 0, 2x2x3 mm): resampled to 3 mm, segmented, logits resampled
 back, Dice on the original grid. It never enters training.
 
-    python scripts/train_brain.py --out sample_data/models/brain_mri.safetensors
+    python scripts/train_brain.py --out models/brain_mri.safetensors
 
 Rerunnable on a CPU; seeded; ``--resume`` continues from the checkpoint.
 """
@@ -25,11 +25,11 @@ import torch
 
 from napari_octreenca.baselines import otsu_brain_mask
 from napari_octreenca.data_sources import ITK_DATA, MRICRON, load_nifti_zyx
-from napari_octreenca.engine.config import Normalization, preset
-from napari_octreenca.engine.modelfile import save_model
-from napari_octreenca.engine.resample import segment_at_model_spacing
+from napari_octreenca.nca.config import Normalization, preset
+from napari_octreenca.nca.modelfile import save_model
+from napari_octreenca.run.resample import segment_at_model_spacing
 from _budget import print_progress, train_with_budget
-from napari_octreenca.engine.training import TrainConfig, TrainPair, hard_dice
+from napari_octreenca.run.training import TrainConfig, TrainPair, hard_dice
 
 SPACING = (3.0, 3.0, 3.0)
 GRID = (64, 76, 64)  # training grid at 3 mm (192 x 228 x 192 mm), ZYX
@@ -105,7 +105,7 @@ def evaluate_held_out(model: torch.nn.Module, runs: int = 1) -> dict[str, float]
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", default="sample_data/models/brain_mri.safetensors")
+    ap.add_argument("--out", default="models/brain_mri.safetensors")
     ap.add_argument("--checkpoint", default="/tmp/brain_mri.ckpt.safetensors")
     ap.add_argument("--resume", action="store_true", help="continue from --checkpoint")
     ap.add_argument("--iterations", type=int, default=400)
@@ -119,7 +119,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     if args.eval_only:
-        from napari_octreenca.engine.modelfile import load_model
+        from napari_octreenca.nca.modelfile import load_model
 
         print(json.dumps(evaluate_held_out(load_model(args.out)), indent=1))
         return

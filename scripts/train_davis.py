@@ -31,10 +31,10 @@ import torch
 from _budget import print_progress, train_with_budget
 from napari_octreenca.baselines import prior_video_mask
 from napari_octreenca.data_sources import davis_sequence
-from napari_octreenca.engine.config import preset
-from napari_octreenca.engine.modelfile import save_model
-from napari_octreenca.engine.resample import resample_to_model_spacing, segment_at_model_spacing
-from napari_octreenca.engine.training import TrainConfig, TrainPair
+from napari_octreenca.nca.config import preset
+from napari_octreenca.nca.modelfile import save_model
+from napari_octreenca.run.resample import resample_to_model_spacing, segment_at_model_spacing
+from napari_octreenca.run.training import TrainConfig, TrainPair
 
 SPACING_YXT = (4.0, 4.0, 1.0)
 SPACING_TYX = (1.0, 4.0, 4.0)
@@ -105,7 +105,7 @@ def clip_metric(model: torch.nn.Module, root: Path, names=HELD_OUT) -> dict[str,
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", type=Path, default=DEFAULT_DATA)
-    ap.add_argument("--out", default="sample_data/models/davis_video.safetensors")
+    ap.add_argument("--out", default="models/davis_video.safetensors")
     ap.add_argument("--checkpoint", default="/tmp/davis_video.ckpt.safetensors")
     ap.add_argument("--resume", action="store_true")
     ap.add_argument("--iterations", type=int, default=600)
@@ -120,7 +120,7 @@ def main() -> None:
     names = sequences(args.data)
     train_names = [n for n in names if n not in HELD_OUT]
     if args.update_clip:
-        from napari_octreenca.engine.modelfile import load_model, read_extra
+        from napari_octreenca.nca.modelfile import load_model, read_extra
 
         model = load_model(args.out)
         extra = read_extra(args.out)
@@ -129,7 +129,7 @@ def main() -> None:
         save_model(model, args.out, extra=extra)
         return
     if args.eval_only:
-        from napari_octreenca.engine.modelfile import load_model
+        from napari_octreenca.nca.modelfile import load_model
 
         print(json.dumps(evaluate_held_out(load_model(args.out), args.data, train_names=train_names), indent=1))
         return

@@ -8,7 +8,7 @@ the epidermis mask built from its ``skin_shape.csv`` annotations (see
 context: the held-out part is segmented on its own. The model works at a third of the resolution
 (``config.spacing = (3, 3)`` source pixels); inference down-samples and up-samples back.
 
-    python scripts/train_epidermis.py --out sample_data/models/he_epidermis.safetensors
+    python scripts/train_epidermis.py --out models/he_epidermis.safetensors
 """
 
 from __future__ import annotations
@@ -23,11 +23,11 @@ import torch
 
 from napari_octreenca.baselines import otsu_epidermis_mask
 from napari_octreenca.data_sources import skin_sample
-from napari_octreenca.engine.config import preset
-from napari_octreenca.engine.modelfile import save_model
-from napari_octreenca.engine.resample import resample_to_model_spacing, segment_at_model_spacing
+from napari_octreenca.nca.config import preset
+from napari_octreenca.nca.modelfile import save_model
+from napari_octreenca.run.resample import resample_to_model_spacing, segment_at_model_spacing
 from _budget import print_progress, train_with_budget
-from napari_octreenca.engine.training import TrainConfig, TrainPair, hard_dice
+from napari_octreenca.run.training import TrainConfig, TrainPair, hard_dice
 
 SPACING = (3.0, 3.0)
 SPLIT_X = 853  # columns >= SPLIT_X (the right third) are held out
@@ -62,7 +62,7 @@ def evaluate_held_out(model: torch.nn.Module, runs: int = 1) -> dict[str, float]
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", default="sample_data/models/he_epidermis.safetensors")
+    ap.add_argument("--out", default="models/he_epidermis.safetensors")
     ap.add_argument("--checkpoint", default="/tmp/he_epidermis.ckpt.safetensors")
     ap.add_argument("--resume", action="store_true")
     ap.add_argument("--iterations", type=int, default=600)
@@ -75,7 +75,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     if args.eval_only:
-        from napari_octreenca.engine.modelfile import load_model
+        from napari_octreenca.nca.modelfile import load_model
 
         print(json.dumps(evaluate_held_out(load_model(args.out)), indent=1))
         return

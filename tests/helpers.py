@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 import torch
 
-from napari_octreenca.engine import OctreeNCA, preset
+from napari_octreenca import OctreeNCA, preset
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("OCTREENCA_SHARED_DATA", REPO.parent / "shared" / "data"))

@@ -7,8 +7,8 @@ from typing import Any
 
 import pytest
 
-from napari_octreenca.engine.config import preset
-from napari_octreenca.engine.modelfile import load_model, read_config, read_extra
+from napari_octreenca.nca.config import preset
+from napari_octreenca.nca.modelfile import load_model, read_config, read_extra
 from napari_octreenca.resources import bundled_models
 
 CARD_KEYS = (
@@ -19,7 +19,7 @@ CARD_KEYS = (
 
 def bundled(name: str) -> Path:
     models = bundled_models()
-    assert name in models, f"bundled model {name} is missing from sample_data/models ({sorted(models)})"
+    assert name in models, f"bundled model {name} is missing from models ({sorted(models)})"
     return models[name]
 
 

@@ -9,7 +9,7 @@ import pytest
 import tifffile
 
 from napari_octreenca.cli import main
-from napari_octreenca.engine import load_model
+from napari_octreenca import load_model
 
 
 def test_train_info_segment(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 
 from napari_octreenca.cli import main
-from napari_octreenca.engine import OctreeNCA
-from napari_octreenca.engine.config import ModelConfig, preset
-from napari_octreenca.engine.errors import ConfigError
+from napari_octreenca import OctreeNCA
+from napari_octreenca.nca.config import ModelConfig, preset
+from napari_octreenca.nca.errors import ConfigError
 
 
 @pytest.mark.parametrize("name,count", [("pathology", 15_520), ("radiology", 17_600), ("surgery", 16_960)])

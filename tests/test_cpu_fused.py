@@ -9,11 +9,11 @@ import torch
 from napari_octreenca.backends import get_backend
 from napari_octreenca.backends.base import LevelRun
 from napari_octreenca.backends.torch_backend import TorchBackend
-from napari_octreenca.engine.config import preset
-from napari_octreenca.engine.errors import Cancelled
-from napari_octreenca.engine.inference import run_octree
-from napari_octreenca.engine.nca import BackboneNCA
-from napari_octreenca.engine.octree import OctreeNCA
+from napari_octreenca.nca.config import preset
+from napari_octreenca.nca.errors import Cancelled
+from napari_octreenca.run.inference import run_octree
+from napari_octreenca.nca.weights import BackboneNCA
+from napari_octreenca.nca.octree import OctreeNCA
 
 cpu_fused = pytest.importorskip("napari_octreenca.backends.cpu_fused")
 CpuFusedBackend = cpu_fused.CpuFusedBackend
@@ -120,7 +120,7 @@ def test_registry_and_supports() -> None:
 
 
 def test_rejects_unfusable_level() -> None:
-    from napari_octreenca.engine.errors import InputError
+    from napari_octreenca.nca.errors import InputError
 
     nca = BackboneNCA(8, 16, 1, 2, kernel_size=5)
     with pytest.raises(InputError, match="backend='torch'"):
@@ -131,7 +131,7 @@ def test_real_image_matches_torch(skin_files) -> None:
     """A crop of the real H&E skin section through a random pathology model, both backends."""
     import tifffile
 
-    from napari_octreenca.engine.inference import segment
+    from napari_octreenca.run.inference import segment
 
     rgb = tifffile.imread(skin_files[0])
     crop = np.ascontiguousarray(rgb[:96, :128, :3])
@@ -146,9 +146,9 @@ def test_real_image_matches_torch(skin_files) -> None:
 def test_bf16_segmentation_agrees_with_fp32_on_real_input(skin_files) -> None:
     """bfloat16 state does not change the answer: the bundled H&E model on the real skin section."""
     from napari_octreenca.data_sources import skin_sample
-    from napari_octreenca.engine.registry import open_model
-    from napari_octreenca.engine.resample import segment_at_model_spacing
-    from napari_octreenca.engine.training import hard_dice
+    from napari_octreenca.nca.registry import open_model
+    from napari_octreenca.run.resample import segment_at_model_spacing
+    from napari_octreenca.run.training import hard_dice
     from napari_octreenca.resources import bundled_models
 
     if "he_epidermis" not in bundled_models():

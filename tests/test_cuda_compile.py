@@ -11,9 +11,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from napari_octreenca.engine.errors import BackendUnavailable
+from napari_octreenca.nca.errors import BackendUnavailable
 
-nvrtc_compile = pytest.importorskip("napari_octreenca.backends.nvrtc_compile")
+nvrtc_compile = pytest.importorskip("napari_octreenca.backends.cuda.nvrtc")
 
 PATHOLOGY = {"NCA_C": 16, "NCA_IN": 3, "NCA_H": 64}
 
@@ -81,7 +81,7 @@ def test_cuda_backend_without_gpu_says_why_and_auto_falls_back() -> None:
     import torch
 
     from napari_octreenca.backends import get_backend
-    from napari_octreenca.backends.cuda_backend import CudaBackend
+    from napari_octreenca.backends.cuda.backend import CudaBackend
 
     if torch.cuda.is_available():
         pytest.skip("a GPU is present: tests/gpu covers the backend")
@@ -96,7 +96,7 @@ def test_cuda_backend_without_gpu_says_why_and_auto_falls_back() -> None:
 
 
 def test_arch_choice_and_grid() -> None:
-    from napari_octreenca.backends.cuda_backend import CELLS_PER_BLOCK, MAX_GRID, grid_size, pick_arch
+    from napari_octreenca.backends.cuda.backend import CELLS_PER_BLOCK, MAX_GRID, grid_size, pick_arch
 
     assert pick_arch((9, 0), [80, 86, 89, 90]) == "sm_90"
     assert pick_arch((8, 7), [80, 86, 89, 90]) == "sm_86"  # same major, newest below
@@ -111,7 +111,7 @@ def test_kernel_constants_match_backend() -> None:
     """The launch geometry the backend assumes is the one the kernel source defines."""
     import re
 
-    from napari_octreenca.backends.cuda_backend import BLOCK, CANDIDATES
+    from napari_octreenca.backends.cuda.backend import BLOCK, CANDIDATES
 
     src = nvrtc_compile.kernel_sources()[nvrtc_compile.SOURCE]
     assert int(re.search(r"#define NCA_BLOCK (\d+)", src).group(1)) == BLOCK

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from napari_octreenca.engine import OctreeNCA, preset, save_model, segment
-from napari_octreenca.io.tiling import segment_tiled
+from napari_octreenca import OctreeNCA, preset, save_model, segment
+from napari_octreenca.run.tiling import segment_tiled
 
 distributed = pytest.importorskip("distributed", reason="pip install distributed")
 
@@ -51,7 +51,7 @@ def test_distributed_equals_local(client, tmp_path: Path) -> None:
     np.testing.assert_array_equal(dist.logits[...], local.logits)
     np.testing.assert_array_equal(dist.labels[...], whole.labels)
     assert dist.record["tiles_computed"] == len(seen) > 10
-    workers = client.run(lambda: __import__("napari_octreenca.io.distributed", fromlist=["_RUNS"])._RUNS.__len__())
+    workers = client.run(lambda: __import__("napari_octreenca.run.distributed", fromlist=["_RUNS"])._RUNS.__len__())
     assert len(workers) == 2 and sum(workers.values()) >= 1  # tiles ran in the worker processes
 
 
@@ -59,7 +59,7 @@ def test_distributed_pipeline_from_file(client, tmp_path: Path) -> None:
     """run_segment with a scheduler: the workers reopen the input file by path."""
     import tifffile
 
-    from napari_octreenca.io.pipeline import run_segment
+    from napari_octreenca.run.pipeline import run_segment
     from napari_octreenca.io.readers import read_image
 
     model = random_model(1)

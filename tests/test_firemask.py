@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from napari_octreenca.engine.firemask import fire_mask_numpy, fire_mask_torch
+from napari_octreenca.nca.firemask import fire_mask_numpy, fire_mask_torch
 
 
 @pytest.mark.parametrize("shape,origin", [((17, 33), (0, 0)), ((5, 7, 9), (3, 100, 2**31 + 5)), ((1, 64), (9, 0))])

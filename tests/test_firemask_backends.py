@@ -14,8 +14,8 @@ import torch
 
 from napari_octreenca.backends.base import LevelRun
 from napari_octreenca.backends.torch_backend import TorchBackend
-from napari_octreenca.engine.firemask import fire_mask_numpy
-from napari_octreenca.engine.nca import BackboneNCA
+from napari_octreenca.nca.firemask import fire_mask_numpy
+from napari_octreenca.nca.weights import BackboneNCA
 
 CASES = [
     # (shape, origin, seed, level, fire_rate)
@@ -79,7 +79,7 @@ def test_kernel_source_fire_mask_is_the_engine_hash(tmp_path) -> None:
     """The CUDA kernels' fire test (nca_common.cuh) compiled as host code, on whole blocks."""
     from test_kernel_host import _compile
 
-    from napari_octreenca.backends.fused_common import fire_params
+    from napari_octreenca.backends.base import fire_params
 
     dll = _compile(tmp_path, 8, 2, 16)
     for shape, origin, seed, level, fire_rate in CASES:

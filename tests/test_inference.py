@@ -9,8 +9,8 @@ import pytest
 import torch
 from helpers import random_model
 
-from napari_octreenca.engine import Cancelled, InputError, segment
-from napari_octreenca.engine.inference import StepInfo, labels_from_logits
+from napari_octreenca import Cancelled, InputError, segment
+from napari_octreenca.run.inference import StepInfo, labels_from_logits
 
 
 @pytest.fixture(scope="module")

@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from helpers import ITK_DATA, need_file
-from napari_octreenca.engine import OctreeNCA, preset, save_model, segment
-from napari_octreenca.engine.errors import InputError
-from napari_octreenca.io.pipeline import default_output_name, expand_inputs, run_segment
+from napari_octreenca import OctreeNCA, preset, save_model, segment
+from napari_octreenca.nca.errors import InputError
+from napari_octreenca.run.pipeline import default_output_name, expand_inputs, run_segment
 from napari_octreenca.io.readers import read_image
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from napari_octreenca.engine.errors import InputError
+from napari_octreenca.nca.errors import InputError
 from napari_octreenca.io import video
 from napari_octreenca.io.readers import read_image
 

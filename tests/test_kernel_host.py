@@ -18,10 +18,12 @@ import pytest
 import torch
 
 from napari_octreenca.backends.base import LevelRun
-from napari_octreenca.backends.fused_common import fire_params, layout_size, pack_weights
-from napari_octreenca.backends.torch_backend import TorchBackend, pad_reflect, step_differentiable
-from napari_octreenca.engine.firemask import base_key, fire_mask_numpy, fire_mask_torch, mix32
-from napari_octreenca.engine.nca import BackboneNCA
+from napari_octreenca.backends.base import fire_params
+from napari_octreenca.nca.packing import layout_size, pack_weights
+from napari_octreenca.backends.torch_backend import TorchBackend
+from napari_octreenca.nca.step import pad_reflect, step_differentiable
+from napari_octreenca.nca.firemask import base_key, fire_mask_numpy, fire_mask_torch, mix32
+from napari_octreenca.nca.weights import BackboneNCA
 from napari_octreenca.resources import resource_path
 
 CONFIGS = [(16, 3, 64), (10, 1, 24)]  # (channels, input_channels, hidden)
@@ -128,7 +130,7 @@ def test_host_kernel_detects_wrong_border(harness, dims) -> None:
     image, state = torch.randn((1, cin) + shape), torch.randn((1, c - cin) + shape)
     run = LevelRun(level=0, steps=1, seed=1, fire_rate=1.0)
     out, _ = host_step(dll, nca, image, state, run, step=0)
-    from napari_octreenca.backends.torch_backend import nca_delta
+    from napari_octreenca.nca.step import nca_delta
 
     with torch.no_grad():
         full = torch.cat([image, state], 1)
@@ -212,7 +214,7 @@ def emulation(tmp_path_factory) -> ctypes.CDLL:
 
 
 def emulated_step(dll, nca, image, state, run: LevelRun, step: int, grid: int | None = None, dtype=torch.float32):
-    from napari_octreenca.backends.cuda_backend import grid_size
+    from napari_octreenca.backends.cuda.backend import grid_size
 
     dims = nca.spatial_dims
     img, st = image.to(dtype).contiguous(), state.to(dtype).contiguous()

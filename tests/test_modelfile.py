@@ -14,8 +14,8 @@ from helpers import random_model
 from reference_original import OriginalOctreeNCA
 
 from napari_octreenca.cli import main
-from napari_octreenca.engine import ModelFileError, import_original, load_model, save_model, segment
-from napari_octreenca.engine.modelfile import read_config
+from napari_octreenca import ModelFileError, import_original, load_model, save_model, segment
+from napari_octreenca.nca.modelfile import read_config
 
 
 def test_save_load_round_trip_identical_logits(tmp_path: Path) -> None:
@@ -114,7 +114,7 @@ def test_import_original_matches_original_code(tmp_path: Path, dims: int) -> Non
     for _ in range(levels - 1):
         res.append(tuple(s // 2 for s in res[-1]))
     expected = orig(x, res, steps, fire_rate=1.0)
-    from napari_octreenca.engine.inference import run_octree
+    from napari_octreenca.run.inference import run_octree
 
     got = run_octree(model, x, fire_rate=1.0, backend="torch")
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)

@@ -7,8 +7,8 @@ import numpy as np
 from models_common import check_file_and_card, close_to_card
 from napari_octreenca.baselines import otsu_epidermis_mask
 from napari_octreenca.data_sources import skin_sample
-from napari_octreenca.engine.resample import segment_at_model_spacing
-from napari_octreenca.engine.training import hard_dice
+from napari_octreenca.run.resample import segment_at_model_spacing
+from napari_octreenca.run.training import hard_dice
 
 
 def test_epidermis_model_file_and_card() -> None:

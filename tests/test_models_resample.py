@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from napari_octreenca.engine.config import preset
-from napari_octreenca.engine.errors import InputError
-from napari_octreenca.engine.octree import OctreeNCA
-from napari_octreenca.engine.resample import (
+from napari_octreenca.nca.config import preset
+from napari_octreenca.nca.errors import InputError
+from napari_octreenca.nca.octree import OctreeNCA
+from napari_octreenca.run.resample import (
     model_grid_shape,
     model_spacing_in_input_order,
     resample_back,
@@ -65,7 +65,7 @@ def test_segment_at_model_spacing_returns_the_input_grid() -> None:
     assert res.labels.shape == (70, 52) and res.logits.shape == (1, 70, 52)
     assert res.record["model_grid"][:2] == [35, 26]
     # Same as segmenting the down-sampled image by hand and up-sampling its logits.
-    from napari_octreenca.engine.inference import segment
+    from napari_octreenca.run.inference import segment
 
     small = np.clip(np.rint(resample_to_model_spacing(img, (1, 1), (2, 2), channel_axis=-1)), 0, 255).astype(np.uint8)
     ref = segment(model, small, axes="YXC")
@@ -80,7 +80,7 @@ def test_reorient_matches_nibabel_canonical(itk_brain) -> None:
     import nibabel as nib
 
     from napari_octreenca.data_sources import load_nifti_zyx
-    from napari_octreenca.engine.resample import reorient_ras_to_zyx, reorient_zyx_to_ras
+    from napari_octreenca.run.resample import reorient_ras_to_zyx, reorient_zyx_to_ras
 
     img = nib.load(str(itk_brain[0]))
     file_zyx = np.asarray(img.dataobj, dtype=np.float32).transpose(2, 1, 0)
@@ -101,12 +101,12 @@ def test_segment_with_affine_reorients_and_returns_file_order() -> None:
     lsa = np.array([[-2.0, 0, 0, 0], [0, 0, 3.0, 0], [0, 2.0, 0, 0], [0, 0, 0, 1]])
     res = segment_at_model_spacing(model, vol, axes="ZYX", affine=lsa)
     assert res.labels.shape == vol.shape and res.record["reoriented"] == "RAS+"
-    from napari_octreenca.engine.resample import reorient_zyx_to_ras
+    from napari_octreenca.run.resample import reorient_zyx_to_ras
 
     ras, sp = reorient_zyx_to_ras(vol, lsa)
     assert sp == (2.0, 3.0, 2.0) and ras.shape == (10, 12, 16)
     ref = segment_at_model_spacing(model, ras, sp, axes="ZYX")
-    from napari_octreenca.engine.resample import reorient_ras_to_zyx
+    from napari_octreenca.run.resample import reorient_ras_to_zyx
 
     np.testing.assert_allclose(res.logits, reorient_ras_to_zyx(ref.logits, lsa, channel_axis=0), atol=1e-6)
     with pytest.raises(InputError):

@@ -30,9 +30,9 @@ def test_wheel_contents(wheel: Path) -> None:
     names = set(zipfile.ZipFile(wheel).namelist())
     assert "napari_octreenca/napari.yaml" in names
     assert any(n.startswith("napari_octreenca/kernels/") and n.endswith((".cu", ".cuh")) for n in names)
-    repo_models = sorted(p.name for p in (REPO / "sample_data" / "models").glob("*.safetensors"))
+    repo_models = sorted(p.name for p in (REPO / "models").glob("*.safetensors"))
     for m in repo_models:
-        assert f"napari_octreenca/sample_data/models/{m}" in names
+        assert f"napari_octreenca/models/{m}" in names
     entry = next(n for n in names if n.endswith("entry_points.txt"))
     text = zipfile.ZipFile(wheel).read(entry).decode()
     assert "napari_octreenca:napari.yaml" in text and "octreenca = napari_octreenca.cli:main" in text

@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 import torch
 
-from napari_octreenca.engine import OctreeNCA, preset, save_model, segment
-from napari_octreenca.io.pipeline import WORK_SUFFIX, run_segment
+from napari_octreenca import OctreeNCA, preset, save_model, segment
+from napari_octreenca.run.pipeline import WORK_SUFFIX, run_segment
 from napari_octreenca.io.readers import read_image
-from napari_octreenca.io.tiling import segment_tiled
+from napari_octreenca.run.tiling import segment_tiled
 
 
 class Stop(Exception):
@@ -64,7 +64,7 @@ def test_interrupted_run_resumes_remaining_tiles(tmp_path: Path) -> None:
 SCRIPT = """
 import sys, torch
 torch.set_num_threads(1)
-from napari_octreenca.io.pipeline import run_segment
+from napari_octreenca.run.pipeline import run_segment
 run_segment([sys.argv[1]], sys.argv[2], sys.argv[3], backend="torch", tile=64,
             progress=lambda ev: print(ev.get("stage"), ev.get("computed"), flush=True))
 """

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from napari_octreenca.engine import OctreeNCA, preset, segment
-from napari_octreenca.io import tiling
-from napari_octreenca.io.tiling import Box, segment_tiled, tile_grid
+from napari_octreenca import OctreeNCA, preset, segment
+from napari_octreenca.run import tiling
+from napari_octreenca.run.tiling import Box, segment_tiled, tile_grid
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -123,7 +123,7 @@ def test_tiled_out_of_core_store(tmp_path, model2d, image2d, whole2d) -> None:
 
 
 def test_cancel_stops_tiled_run(model2d, image2d) -> None:
-    from napari_octreenca.engine.errors import Cancelled
+    from napari_octreenca.nca.errors import Cancelled
 
     seen = []
     with pytest.raises(Cancelled):

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from napari_octreenca.engine import Cancelled, preset, save_model, load_model, segment
-from napari_octreenca.engine.training import (
+from napari_octreenca import Cancelled, preset, save_model, load_model, segment
+from napari_octreenca.run.training import (
     TrainConfig, TrainingError, TrainPair, TrainProgress, dice_bce_loss, evaluate, hard_dice, train,
 )
 
@@ -42,7 +42,7 @@ def test_cpu_training_on_real_data_loss_falls_dice_rises(shared_data: Path, tmp_
     """A small 2D model learns laparoscopic instrument masks (Cholec80) in well under a minute."""
     pairs = _cholec_pairs(shared_data)
     hist: list[TrainProgress] = []
-    before = evaluate(__import__("napari_octreenca").engine.OctreeNCA(_small_cfg()), pairs[:8])["mean"]
+    before = evaluate(__import__("napari_octreenca").OctreeNCA(_small_cfg()), pairs[:8])["mean"]
     res = train(_small_cfg(), pairs[:8], TrainConfig(iterations=200, batch_size=4, crop=(64, 64), seed=0), callback=hist.append)
     loss = np.array([h.loss for h in hist])
     dice = np.array([h.dice for h in hist])
@@ -98,7 +98,7 @@ def test_divergence_is_reported() -> None:
 
 
 def test_labels_must_match() -> None:
-    from napari_octreenca.engine import InputError
+    from napari_octreenca import InputError
 
     p = _toy_pairs()[0]
     with pytest.raises(InputError, match="labels must be in 0..1"):
@@ -114,7 +114,7 @@ def test_3d_patch_training_on_real_mri(itk_brain: tuple[Path, Path]) -> None:
     img = np.asarray(nib.load(itk_brain[0]).dataobj, dtype=np.float32)[::2, ::2, ::2]
     lab = (np.asarray(nib.load(itk_brain[1]).dataobj) > 0).astype(np.uint8)[::2, ::2, ::2]
     cfg = preset("radiology", steps=(4, 4, 4, 4, 8), axes="XYZ")
-    from napari_octreenca.engine import OctreeNCA
+    from napari_octreenca import OctreeNCA
 
     model = OctreeNCA(cfg)
     with torch.no_grad():

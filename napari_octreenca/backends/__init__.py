@@ -10,13 +10,13 @@ import logging
 
 import torch
 
-from ..engine.errors import BackendUnavailable
+from ..nca.errors import BackendUnavailable
 from .base import Backend, LevelRun, StepCallback
-from .torch_backend import TorchBackend
+from .torch_backend import LayerwiseTorchBackend, TorchBackend
 
 log = logging.getLogger(__name__)
 
-BACKENDS: dict[str, type[Backend]] = {"torch": TorchBackend}
+BACKENDS: dict[str, type[Backend]] = {"torch": TorchBackend, "torch-layerwise": LayerwiseTorchBackend}
 #: Fastest first; names not registered are skipped.
 AUTO_ORDER: list[str] = ["cuda", "cpu-fused", "torch"]
 _warned: set[str] = set()
@@ -24,11 +24,15 @@ _warned: set[str] = set()
 
 def _register_optional() -> None:
     """Import the optional backends; each registers itself only if its module imports."""
-    for modname in ("cpu_fused", "cuda_backend"):
+    for modname in ("cpu_fused", "cuda.backend"):
         try:
             __import__(f"{__name__}.{modname}")
-        except ImportError:
-            pass
+        except ImportError as e:
+            # A missing optional dependency (numba, cuda-bindings) only hides that backend; a
+            # broken import inside this package is a bug and must surface.
+            if (e.name or "").startswith(__package__ or "napari_octreenca"):
+                raise
+            log.debug("backend module %s not importable: %s", modname, e)
 
 
 def get_backend(name: str = "auto", device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> Backend:

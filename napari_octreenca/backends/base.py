@@ -14,7 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..engine.nca import BackboneNCA
+from ..nca.firemask import MASK32, base_key, threshold
+from ..nca.weights import BackboneNCA
 
 #: Called after every step as ``callback(step_index, state)``; may raise ``Cancelled``.
 StepCallback = Callable[[int, torch.Tensor], None]
@@ -58,3 +59,8 @@ class Backend(ABC):
     def supports(self, device: torch.device, dtype: torch.dtype) -> bool:
         """Whether this backend runs tensors of ``dtype`` on ``device``."""
         return True
+
+
+def fire_params(run: LevelRun, step: int) -> tuple[int, int]:
+    """(key, threshold) for one step: the cell fires when ``mix(key, coords) >> 8 < threshold``."""
+    return base_key(run.seed, run.level, step) & MASK32, threshold(run.fire_rate)

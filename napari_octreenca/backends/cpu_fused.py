@@ -20,11 +20,12 @@ import threading
 import numpy as np
 import torch
 
-from ..engine.errors import InputError
-from ..engine.nca import BackboneNCA
+from ..nca.errors import InputError
+from ..nca.weights import BackboneNCA
 from . import BACKENDS
 from .base import Backend, LevelRun, StepCallback
-from .fused_common import check_fusable, fire_params
+from ..nca.packing import check_fusable
+from .base import fire_params
 
 log = logging.getLogger(__name__)
 

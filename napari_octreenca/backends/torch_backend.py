@@ -1,63 +1,20 @@
-"""PyTorch backend: the reference NCA step (differentiable) and a slab-wise inference loop.
+"""PyTorch backend: the reference step (``nca.step``) run slab by slab for inference.
 
-``nca_delta`` is the one definition of the NCA update in PyTorch; training calls it on whole
-patches, inference calls it on slabs of the first spatial axis so that the 2C- and 64-channel
-intermediates exist only for one slab at a time (two state buffers plus a slab of scratch).
+Slabs of the first spatial axis keep the 2C- and 64-channel intermediates alive for one slab at a
+time (two state buffers plus a slab of scratch).
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
-from ..engine.firemask import fire_mask_torch
-from ..engine.nca import BackboneNCA
+from ..nca.firemask import fire_mask_torch
+from ..nca.step import nca_delta, pad_reflect, reflect_index, step_differentiable
+from ..nca.weights import BackboneNCA
 from .base import Backend, LevelRun, StepCallback
 
 #: Cells per slab in inference; bounds the scratch memory to about 64 MB in float32.
 SLAB_CELLS = 1 << 17
-
-
-def reflect_index(idx: torch.Tensor, n: int) -> torch.Tensor:
-    """Reflect out-of-range indices into [0, n) (no edge repeat); a size-1 axis maps to 0."""
-    if n == 1:
-        return torch.zeros_like(idx)
-    idx = torch.where(idx < 0, -idx, idx)
-    return torch.where(idx >= n, 2 * n - 2 - idx, idx)
-
-
-def pad_reflect(x: torch.Tensor, r: int, axes: range | None = None) -> torch.Tensor:
-    """Reflect-pad the spatial axes of ``(B, C, *spatial)`` by ``r`` cells."""
-    axes = axes if axes is not None else range(2, x.dim())
-    for ax in axes:
-        n = x.shape[ax]
-        idx = reflect_index(torch.arange(-r, n + r, device=x.device), n)
-        x = x.index_select(ax, idx)
-    return x
-
-
-def nca_delta(nca: BackboneNCA, padded: torch.Tensor) -> torch.Tensor:
-    """Update ``dx`` (C - in channels) of the interior cells of a reflect-padded full state.
-
-    ``padded`` is ``cat[image, state]`` padded by the kernel radius on every spatial axis.
-    """
-    conv = F.conv2d if nca.spatial_dims == 2 else F.conv3d
-    r = nca.radius
-    perception = conv(padded, nca.conv.weight, nca.conv.bias, groups=nca.channels)
-    centre = padded[(slice(None), slice(None)) + (slice(r, -r),) * nca.spatial_dims]
-    h = conv(torch.cat([centre, perception], dim=1), nca.fc0.weight, nca.fc0.bias)
-    return conv(F.relu(h), nca.fc1.weight)
-
-
-def step_differentiable(
-    nca: BackboneNCA, image: torch.Tensor, state: torch.Tensor, mask: torch.Tensor | None
-) -> torch.Tensor:
-    """One NCA step for training: returns the new state (no in-place ops, autograd-safe).
-
-    ``mask`` is a ``(B or 1, 1, *spatial)`` float mask of the cells that fire, or None (all fire).
-    """
-    dx = nca_delta(nca, pad_reflect(torch.cat([image, state], dim=1), nca.radius))
-    return state + (dx if mask is None else dx * mask)
 
 
 class TorchBackend(Backend):
@@ -79,7 +36,7 @@ class TorchBackend(Backend):
         callback: StepCallback | None = None,
     ) -> torch.Tensor:
         dtype = state.dtype
-        weights = _cast_module(nca, dtype, state.device)
+        weights = cast_weights(nca, dtype, state.device)
         image = image.to(dtype)
         spatial = tuple(state.shape[2:])
         origin = run.origin or (0,) * len(spatial)
@@ -108,7 +65,7 @@ class TorchBackend(Backend):
         return state
 
 
-def _cast_module(nca: BackboneNCA, dtype: torch.dtype, device: torch.device) -> BackboneNCA:
+def cast_weights(nca: BackboneNCA, dtype: torch.dtype, device: torch.device) -> BackboneNCA:
     """The level's weights in the state's dtype/device (a copy only when they differ)."""
     p = nca.conv.weight
     if p.dtype == dtype and p.device == device:
@@ -116,3 +73,38 @@ def _cast_module(nca: BackboneNCA, dtype: torch.dtype, device: torch.device) -> 
     import copy
 
     return copy.deepcopy(nca).to(device=device, dtype=dtype)
+
+
+class LayerwiseTorchBackend(Backend):
+    """The whole level through the reference step at once (all intermediates alive), as the
+    published OctreeNCA code runs inference: the yardstick of the benchmarks, never picked by
+    ``auto``."""
+
+    name = "torch-layerwise"
+
+    @classmethod
+    def availability(cls) -> tuple[bool, str]:
+        return True, ""
+
+    @torch.no_grad()
+    def run_level(
+        self,
+        nca: BackboneNCA,
+        image: torch.Tensor,
+        state: torch.Tensor,
+        run: LevelRun,
+        callback: StepCallback | None = None,
+    ) -> torch.Tensor:
+        weights = cast_weights(nca, state.dtype, state.device)
+        image = image.to(state.dtype)
+        origin = run.origin or (0,) * (state.dim() - 2)
+        for step in range(run.steps):
+            mask = None
+            if run.fire_rate < 1:
+                mask = fire_mask_torch(
+                    tuple(state.shape[2:]), origin, run.seed, run.level, step, run.fire_rate, state.device
+                )[None, None].to(state.dtype)
+            state = step_differentiable(weights, image, state, mask)
+            if callback is not None:
+                callback(step, state)
+        return state

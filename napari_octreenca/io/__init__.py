@@ -1,8 +1,8 @@
-"""Big-data input/output: lazy readers and writers, exact tiled and out-of-core inference.
+"""File formats only: lazy readers and atomic writers.
 
 - :mod:`.readers`: ``read_image(path) -> ImageData`` (NIfTI, TIFF/SVS/OME-TIFF, OME-Zarr, video, frames)
 - :mod:`.writers`: ``write_labels(path, labels, like=None, class_names=None)``
-- :mod:`.tiling`: ``segment_tiled`` (exact tiles, out-of-core zarr stores, resumable)
-- :mod:`.distributed`: the same tiles on dask.distributed
-- :mod:`.pipeline`: ``run_segment`` behind ``octreenca segment``
+- :mod:`.ome_zarr`, :mod:`.video`: the OME-Zarr and video formats
+
+Running a model on files (tiling, out-of-core, dask, the pipeline) is the run layer's job (``run/``).
 """

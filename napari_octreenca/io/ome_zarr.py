@@ -18,8 +18,8 @@ from typing import Any
 import numpy as np
 import zarr
 
-from ..engine.errors import InputError
-from .readers import ImageData
+from ..nca.errors import InputError
+from .image import ImageData
 
 NGFF_VERSION = "0.5"
 _AXIS_TYPES = {"t": "time", "c": "channel", "z": "space", "y": "space", "x": "space"}

@@ -16,13 +16,13 @@ from __future__ import annotations
 
 import glob
 import re
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from ..engine.errors import InputError
+from ..nca.errors import InputError
+from .image import ImageData, level_factor, to_numpy
 
 #: Files at most this large are read into memory at once; larger ones stay lazy.
 EAGER_BYTES = 256 << 20
@@ -31,53 +31,6 @@ VIDEO_SUFFIXES = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v")
 TIFF_SUFFIXES = (".tif", ".tiff", ".svs", ".ndpi", ".scn", ".btf", ".tf8", ".qptiff")
 #: TIFF series that are not the image (slide label, macro photo, thumbnail).
 _SKIP_SERIES = ("label", "macro", "thumbnail", "overview")
-
-
-@dataclass
-class ImageData:
-    """An image with its geometry; see the module docstring for the contract."""
-
-    data: Any
-    levels: list[Any]
-    axes: str
-    scale: tuple[float, ...]
-    translate: tuple[float, ...]
-    affine: np.ndarray | None = None
-    metadata: dict[str, Any] = field(default_factory=dict)
-    kind: str = ""
-
-    @property
-    def spatial_axes(self) -> str:
-        return self.axes.replace("C", "")
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        return tuple(int(s) for s in self.data.shape)
-
-    def level_scales(self) -> list[tuple[float, ...]]:
-        """Physical scale of every pyramid level, derived from the level shapes."""
-        sp = [i for i, a in enumerate(self.axes) if a != "C"]
-        base = self.levels[0].shape
-        return [tuple(s * level_factor(base[i], lv.shape[i]) for s, i in zip(self.scale, sp)) for lv in self.levels]
-
-
-def level_factor(fine: int, coarse: int) -> float:
-    """Down-sampling factor between two level sizes: the nearest integer when the sizes are a
-    ceil/floor division apart (2967 -> 742 is 4x), else the plain ratio."""
-    for f in range(1, 1025):
-        if coarse in (fine // f, -(-fine // f)):
-            return float(f)
-        if fine // f < coarse:
-            break
-    return fine / coarse
-
-
-def to_numpy(a: Any) -> np.ndarray:
-    """Materialise a numpy/dask/zarr array here, with dask's local threads (never on a
-    dask.distributed client that may be the default: file handles do not travel)."""
-    if hasattr(a, "compute") and hasattr(a, "dask"):
-        return np.asarray(a.compute(scheduler="threads"))
-    return np.asarray(a)
 
 
 def file_kind(path: str | Path) -> str:

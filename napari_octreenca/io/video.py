@@ -14,8 +14,8 @@ from typing import Any
 
 import numpy as np
 
-from ..engine.errors import InputError
-from .readers import ImageData
+from ..nca.errors import InputError
+from .image import ImageData
 
 #: Frames per dask chunk (about 37 MB of 854x480 RGB).
 FRAMES_PER_CHUNK = 32

@@ -22,9 +22,9 @@ from typing import Any
 
 import numpy as np
 
-from ..engine.errors import InputError
+from ..nca.errors import InputError
 from ..fileutil import atomic_write
-from .readers import ImageData, to_numpy
+from .image import ImageData, to_numpy
 
 OUTPUT_SUFFIXES = (".nii", ".nii.gz", ".tif", ".tiff", ".zarr", ".png")
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..engine.config import ModelConfig
+from ..nca.config import ModelConfig
 
 #: Share of the free memory a whole-image run may plan to use (the rest is headroom).
 HEADROOM = 0.6
@@ -118,7 +118,7 @@ def choose_tiling(
         room = f" of {_fmt(free)} free" if free is not None else ""
         return TilingChoice(False, None, est, free, f"whole image: about {_fmt(est)}{room} on {device}")
     # Tiled: the tile's memory scales with its cells; shrink from the default until it fits.
-    from ..io.tiling import default_tile
+    from ..run.tiling import default_tile
 
     tile = default_tile(nd)
     budget = HEADROOM * free if free is not None else est

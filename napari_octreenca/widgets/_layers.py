@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from ..engine.inference import Segmentation
+from ..run.inference import Segmentation
 
 LayerData = tuple[Any, dict[str, Any], str]
 

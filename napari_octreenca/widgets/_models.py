@@ -11,8 +11,8 @@ from typing import Any
 
 from psygnal import Signal
 
-from ..engine.modelfile import load_model, read_config
-from ..engine.octree import OctreeNCA
+from ..nca.modelfile import load_model, read_config
+from ..nca.octree import OctreeNCA
 from ..resources import bundled_models
 
 
@@ -52,7 +52,7 @@ class ModelCatalog:
         p = Path(name)
         if p.exists():
             return p
-        from ..engine.errors import ModelFileError
+        from ..nca.errors import ModelFileError
 
         raise ModelFileError(f"model {name!r} is not in the list and is not a file; open a .safetensors model file")
 

@@ -1,6 +1,6 @@
 """Models with a fixed spacing (``config.spacing``) see the image resampled to it.
 
-The widgets resample an input to the model's grid the way ``engine.resample`` does, run the
+The widgets resample an input to the model's grid the way ``run.resample`` does, run the
 NCA there (whole or tiled), and bring the logits back to the input's grid. NIfTI volumes are
 handed to ``segment_at_model_spacing`` with their affine (it reorients to RAS+, as the bundled
 brain model expects). Qt-free.
@@ -13,8 +13,8 @@ from typing import Any
 
 import numpy as np
 
-from ..engine.config import ModelConfig
-from ..engine.inputs import plan_axes
+from ..nca.config import ModelConfig
+from ..run.inputs import plan_axes
 
 
 @dataclass(frozen=True)
@@ -41,7 +41,7 @@ class GridPlan:
 def grid_plan(config: ModelConfig, array_shape: tuple[int, ...], axes: str | None, scale: tuple[float, ...],
               metadata: dict[str, Any], spacing: tuple[float, ...] | None = None) -> GridPlan:
     """Decide the grid for a layer: ``spacing`` overrides the layer's scale as input spacing."""
-    from ..engine.resample import model_grid_shape, model_spacing_in_input_order
+    from ..run.resample import model_grid_shape, model_spacing_in_input_order
 
     plan = plan_axes(tuple(array_shape), config, axes)
     in_shape = tuple(int(n) for a, n in zip(plan.input_axes, array_shape) if a != "C")
@@ -51,7 +51,7 @@ def grid_plan(config: ModelConfig, array_shape: tuple[int, ...], axes: str | Non
     aff = octree.get("affine")
     if (aff is not None and spacing is None and octree.get("kind") == "nifti" and config.spatial_dims == 3
             and plan.input_axes == "ZYX"):
-        from ..engine.resample import reorient_zyx_to_ras
+        from ..run.resample import reorient_zyx_to_ras
 
         a = np.asarray(aff, dtype=float)
         vol, sp_ras = reorient_zyx_to_ras(np.zeros(in_shape, np.uint8), a)  # 1 byte/voxel, for the sizes
@@ -64,7 +64,7 @@ def grid_plan(config: ModelConfig, array_shape: tuple[int, ...], axes: str | Non
 
 def to_grid(array: Any, config: ModelConfig, grid: GridPlan) -> np.ndarray:
     """The input resampled to the model's spacing (uint8 kept for fixed RGB normalisation)."""
-    from ..engine.resample import model_spacing_in_input_order, resample_to_model_spacing
+    from ..run.resample import model_spacing_in_input_order, resample_to_model_spacing
 
     arr = np.asarray(array)
     if grid.spacing is None:
@@ -79,8 +79,8 @@ def to_grid(array: Any, config: ModelConfig, grid: GridPlan) -> np.ndarray:
 
 def from_grid(seg: Any, grid: GridPlan) -> Any:
     """A Segmentation on the model grid brought back onto the input grid."""
-    from ..engine.inference import Segmentation, labels_from_logits
-    from ..engine.resample import resample_back
+    from ..run.inference import Segmentation, labels_from_logits
+    from ..run.resample import resample_back
 
     if grid.spacing is None or grid.grid_shape == grid.input_shape:
         return seg

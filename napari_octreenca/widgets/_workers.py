@@ -17,7 +17,7 @@ from napari.utils.notifications import show_error, show_info, show_warning
 from qtpy.QtCore import QObject, Signal
 from superqt.utils import create_worker
 
-from ..engine.errors import Cancelled
+from ..nca.errors import Cancelled
 
 
 class Relay(QObject):

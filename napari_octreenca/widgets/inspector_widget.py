@@ -1,6 +1,6 @@
 """The NCA inspector: watch the automaton work.
 
-Runs a model on an Image layer while an :class:`~napari_octreenca.inspector.NCARecorder` keeps
+Runs a model on an Image layer while an :class:`~napari_octreenca.run.recorder.NCARecorder` keeps
 every level's hidden channels, the step-by-step evolution (logits and a PCA colour view of the
 hidden state, on the visible region or at reduced resolution so memory stays bounded) and the
 convergence per level. The memory the recording takes is shown before the run. In live mode the
@@ -16,8 +16,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from magicgui.widgets import CheckBox, ComboBox, Container, Label, LineEdit, ProgressBar, PushButton, SpinBox
 
-from ..engine.inputs import plan_axes
-from ..inspector import Frame, NCARecorder, RecordPlan, plan_recording, recording_layers
+from ..run.inputs import plan_axes
+from ..run.recorder import Frame, NCARecorder, RecordPlan, plan_recording, recording_layers
 from ._devices import list_devices
 from ._layers import layer_input
 from ._models import CATALOG, follow_catalog
@@ -243,7 +243,7 @@ class InspectorWidget(Container):
         self.memory.value = plan.describe()
 
         def work(job: Job) -> Any:
-            from ..engine.inference import segment
+            from ..run.inference import segment
 
             model = CATALOG.load(model_name, device)
 

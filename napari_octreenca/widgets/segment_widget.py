@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from magicgui.widgets import CheckBox, ComboBox, Container, FileEdit, Label, ProgressBar, PushButton, SpinBox
 
-from ..engine.inference import StepInfo
+from ..run.inference import StepInfo
 from ._devices import choose_tiling, is_out_of_memory, list_devices
 from ._layers import layer_input, output_layers
 from ._models import CATALOG, follow_catalog
@@ -233,7 +233,7 @@ def _level_scale(src: Any) -> tuple[float, ...]:
 
 
 def _config_of(name: str) -> Any:
-    from ..engine.modelfile import read_config
+    from ..nca.modelfile import read_config
 
     return read_config(CATALOG.path(name))
 
@@ -243,7 +243,7 @@ def _run(job: Job, src: Any, settings: dict[str, Any]) -> tuple[Any, dict[str, A
     import numpy as np
     import torch
 
-    from ..engine.inference import segment
+    from ..run.inference import segment
 
     t0 = time.perf_counter()
     started = datetime.now(timezone.utc).isoformat(timespec="seconds")
@@ -272,14 +272,14 @@ def _run(job: Job, src: Any, settings: dict[str, Any]) -> tuple[Any, dict[str, A
     retried = False
     if grid.affine is not None:
         # A NIfTI volume for a fixed-spacing 3D model: reoriented to RAS+ and resampled there.
-        from ..engine.resample import segment_at_model_spacing
+        from ..run.resample import segment_at_model_spacing
 
         work = np.asarray(array)
     else:
         work = to_grid(array, cfg, grid) if grid.spacing is not None else array
 
     def tiled(tile: int | None) -> Any:
-        from ..io.tiling import segment_tiled
+        from ..run.tiling import segment_tiled
 
         return from_grid(segment_tiled(model, work, tile=tile, device=device, callback=on_tile, **common), grid)
 

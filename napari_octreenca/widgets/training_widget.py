@@ -1,7 +1,7 @@
 """The Train widget: train an OctreeNCA from Image + Labels layers, in a worker.
 
 Pairs of (image, labels) layers (2D, 3D or video; several allowed) train a model that starts
-from a preset or from a model in the list. The worker runs :func:`engine.training.train`; the
+from a preset or from a model in the list. The worker runs :func:`run.training.train`; the
 GUI shows a live loss curve and, every few iterations, a preview of the current (EMA) model on a
 chosen slice; pause/resume and cancel work at any time. The result is saved as a safe
 ``.safetensors`` model file and added to the model list of the segment and inspector widgets.
@@ -17,7 +17,7 @@ from magicgui.widgets import (
     ComboBox, Container, FileEdit, FloatSpinBox, Label, ProgressBar, PushButton, SpinBox,
 )
 
-from ..engine.config import PRESETS, ModelConfig, preset
+from ..nca.config import PRESETS, ModelConfig, preset
 from ._devices import list_devices
 from ._models import CATALOG, follow_catalog
 from ._workers import Job, Throttle
@@ -62,7 +62,7 @@ def start_config(start: str, axes: str, classes: int, class_names: list[str] | N
     if names:
         changes["class_names"] = names
     if channels != cfg.input_channels and cfg.normalization.mode == "fixed":
-        from ..engine.config import Normalization
+        from ..nca.config import Normalization
 
         changes["normalization"] = Normalization(mode="percentile")
     return preset(name, **changes)
@@ -188,7 +188,7 @@ class TrainingWidget(Container):
     def start(self, *_: Any) -> Job | None:
         from napari.utils.notifications import show_error
 
-        from ..engine.training import TrainConfig, TrainPair
+        from ..run.training import TrainConfig, TrainPair
 
         if self.job is not None and self.job.running:
             return self.job
@@ -227,8 +227,8 @@ class TrainingWidget(Container):
         self.saved = None
 
         def work(job: Job) -> Any:
-            from ..engine.modelfile import save_model
-            from ..engine.training import train
+            from ..nca.modelfile import save_model
+            from ..run.training import train
 
             model = CATALOG.load(start, device) if isinstance(start, str) else start
             mcfg = model.config if not isinstance(model, ModelConfig) else model
@@ -326,7 +326,7 @@ class TrainingWidget(Container):
 def _preview(model: Any, image: np.ndarray, axes: str | None, index: int, edge: int) -> tuple[np.ndarray, tuple[int, ...]] | None:
     """Labels of the current model on a window of the first pair: for 2D a centred crop, for 3D
     and video a slab around slice ``index`` (kept small so previews stay quick)."""
-    from ..engine.inference import segment
+    from ..run.inference import segment
 
     axes = axes or ("YXC" if image.ndim == 3 and image.shape[-1] == 3 else "ZYX"[-image.ndim:])
     spatial = [i for i, a in enumerate(axes) if a != "C"]

@@ -13,17 +13,17 @@ import torch
 
 from napari_octreenca.backends.base import LevelRun
 from napari_octreenca.backends.torch_backend import TorchBackend
-from napari_octreenca.engine.config import preset
-from napari_octreenca.engine.inference import run_octree
-from napari_octreenca.engine.nca import BackboneNCA
-from napari_octreenca.engine.octree import OctreeNCA
+from napari_octreenca.nca.config import preset
+from napari_octreenca.run.inference import run_octree
+from napari_octreenca.nca.weights import BackboneNCA
+from napari_octreenca.nca.octree import OctreeNCA
 
 pytestmark = pytest.mark.gpu
 
 
 @pytest.fixture(scope="module")
 def cuda_backend():
-    from napari_octreenca.backends.cuda_backend import CudaBackend
+    from napari_octreenca.backends.cuda.backend import CudaBackend
 
     ok, why = CudaBackend.availability()
     if not ok:
@@ -130,6 +130,6 @@ def test_64bit_indexing(cuda_backend) -> None:
 
 
 def CudaBackendNoPoison():
-    from napari_octreenca.backends.cuda_backend import CudaBackend
+    from napari_octreenca.backends.cuda.backend import CudaBackend
 
     return CudaBackend(poison=False)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from napari_octreenca.engine import OctreeNCA, preset, save_model
+from napari_octreenca import OctreeNCA, preset, save_model
 
 
 def _nonzero(model: torch.nn.Module, seed: int) -> torch.nn.Module:

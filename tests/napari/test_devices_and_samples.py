@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from napari_octreenca.engine import preset
+from napari_octreenca import preset
 from napari_octreenca.widgets._devices import choose_tiling, estimate_run_bytes, is_out_of_memory, list_devices
 
 
@@ -45,7 +45,7 @@ def test_out_of_memory_errors_are_recognised():
 
 def test_layer_geometry_and_outputs():
     napari = pytest.importorskip("napari")
-    from napari_octreenca.engine.inference import Segmentation
+    from napari_octreenca.run.inference import Segmentation
     from napari_octreenca.widgets._layers import layer_input, output_layers
 
     viewer = napari.components.ViewerModel()

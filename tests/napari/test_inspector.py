@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from napari_octreenca.engine import OctreeNCA, labels_from_logits, preset, segment
-from napari_octreenca.engine.inputs import plan_axes
-from napari_octreenca.inspector import NCARecorder, level_geometry, plan_recording, recording_layers
+from napari_octreenca import OctreeNCA, labels_from_logits, preset, segment
+from napari_octreenca.run.inputs import plan_axes
+from napari_octreenca.run.recorder import NCARecorder, level_geometry, plan_recording, recording_layers
 
 
 def _model(name: str, seed: int = 0, **changes) -> OctreeNCA:

@@ -18,7 +18,7 @@ from napari_helpers import wait as _wait  # noqa: E402
 
 
 def test_inspector_layers_for_every_level_and_step_axis(viewer, qtbot, catalog, model_file_2d, rgb_image):
-    from napari_octreenca.engine import read_config
+    from napari_octreenca import read_config
     from napari_octreenca.widgets.inspector_widget import InspectorWidget
 
     name = catalog.add(model_file_2d)
@@ -53,7 +53,7 @@ def test_inspector_layers_for_every_level_and_step_axis(viewer, qtbot, catalog, 
     assert viewer.dims.nsteps[step_axis] == 15
     assert viewer.dims.point[step_axis] == 14
     # The last evolution frame is the model's result: its logits give the segment labels.
-    from napari_octreenca.engine import labels_from_logits, load_model, segment
+    from napari_octreenca import labels_from_logits, load_model, segment
 
     ref = segment(load_model(model_file_2d), rgb_image, steps=[3, 3, 3, 6])
     np.testing.assert_allclose(logits.data[-1], ref.logits[0], atol=1e-5)
@@ -128,7 +128,7 @@ def test_inspector_records_the_visible_region(make_napari_viewer, qtbot, catalog
     logits = viewer.layers["he NCA evolution logits"]
     assert logits.data.shape[1:] == (y1 - y0, x1 - x0)
     assert tuple(logits.translate[1:]) == (float(y0), float(x0))
-    from napari_octreenca.engine import load_model, segment
+    from napari_octreenca import load_model, segment
 
     ref = segment(load_model(model_file_2d), rgb_image)
     np.testing.assert_allclose(logits.data[-1], ref.logits[0, y0:y1, x0:x1], atol=1e-5)

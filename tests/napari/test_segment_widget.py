@@ -57,7 +57,7 @@ def test_open_sample_and_segment(viewer, qtbot, catalog, model_file_2d):
     assert unc.data.shape == (128, 160) and float(unc.data.max()) > 0  # two seeds differ somewhere
     assert len(viewer.layers) == n_before + 3
     # The same settings give the same labels (seeded fire masks).
-    from napari_octreenca.engine import load_model, segment
+    from napari_octreenca import load_model, segment
 
     ref = segment(load_model(model_file_2d), np.asarray(crop.data), seed=0, runs=2)
     np.testing.assert_array_equal(labels.data, ref.labels)
@@ -108,7 +108,7 @@ def test_out_of_memory_retries_tiled(viewer, qtbot, catalog, model_file_2d, rgb_
     """When the whole-image run runs out of memory, the widget retries tiled and says so."""
     import torch
 
-    from napari_octreenca.engine import inference
+    from napari_octreenca.run import inference
     from napari_octreenca.widgets import segment_widget
 
     def oom(*args, **kwargs):
@@ -127,7 +127,7 @@ def test_out_of_memory_retries_tiled(viewer, qtbot, catalog, model_file_2d, rgb_
     rec = labels.metadata["octreenca"]["record"]
     assert rec["retried_tiled_after_oom"] and rec["tiled"]
     monkeypatch.undo()
-    from napari_octreenca.engine import load_model, segment
+    from napari_octreenca import load_model, segment
 
     ref = segment(load_model(model_file_2d), np.asarray(layer.data))
     np.testing.assert_array_equal(np.asarray(labels.data), ref.labels)  # tiling is exact
@@ -150,7 +150,7 @@ def test_multiscale_input_gives_multiscale_output(viewer, qtbot, catalog, model_
     shapes = [tuple(np.asarray(d).shape) for d in labels.data]
     assert shapes == [lv.shape[:2] for lv in levels]
     assert tuple(labels.scale) == (2.0, 2.0)
-    from napari_octreenca.engine import load_model, segment
+    from napari_octreenca import load_model, segment
 
     ref = segment(load_model(model_file_2d), levels[1]).labels
     np.testing.assert_array_equal(np.asarray(labels.data[1]), ref)
@@ -159,8 +159,8 @@ def test_multiscale_input_gives_multiscale_output(viewer, qtbot, catalog, model_
 
 def test_fixed_spacing_model_runs_on_its_grid(viewer, qtbot, catalog, tmp_path: Path, rgb_image):
     """A model trained at 2 pixels per cell sees the image resampled, labels come back full size."""
-    from napari_octreenca.engine import OctreeNCA, load_model, preset, save_model
-    from napari_octreenca.engine.resample import segment_at_model_spacing
+    from napari_octreenca import OctreeNCA, load_model, preset, save_model
+    from napari_octreenca.run.resample import segment_at_model_spacing
     from napari_octreenca.widgets.segment_widget import SegmentWidget
 
     m = OctreeNCA(preset("pathology", steps=(3, 3, 4), factors=((2, 2),) * 2, spacing=(2.0, 2.0)))
@@ -195,8 +195,8 @@ def test_brain_sample_with_a_fixed_spacing_3d_model(viewer, qtbot, catalog, tmp_
     reoriented to RAS+ and resampled (NIfTI affine from the reader), labels come back on the
     input grid."""
     from napari_octreenca.data_sources import brain_paths
-    from napari_octreenca.engine import OctreeNCA, load_model, preset, save_model
-    from napari_octreenca.engine.resample import segment_at_model_spacing
+    from napari_octreenca import OctreeNCA, load_model, preset, save_model
+    from napari_octreenca.run.resample import segment_at_model_spacing
     from napari_octreenca.io.readers import read_image
     from napari_octreenca.widgets.segment_widget import SegmentWidget
 
@@ -226,7 +226,7 @@ def test_brain_sample_with_a_fixed_spacing_3d_model(viewer, qtbot, catalog, tmp_
 
 
 def test_video_sample_segments_every_frame(viewer, qtbot, catalog, tmp_path: Path):
-    from napari_octreenca.engine import OctreeNCA, preset, save_model
+    from napari_octreenca import OctreeNCA, preset, save_model
     from napari_octreenca.widgets.segment_widget import SegmentWidget
 
     m = _random_fc1(OctreeNCA(preset("surgery", steps=(2, 2, 2), factors=((2, 2, 2), (2, 2, 2)),

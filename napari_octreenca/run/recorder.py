@@ -1,7 +1,7 @@
 """Qt-free recording of what an OctreeNCA does while it segments.
 
-An :class:`NCARecorder` is passed as ``callback=`` to :func:`napari_octreenca.engine.segment`.
-For every step it receives a :class:`~napari_octreenca.engine.StepInfo` whose ``state`` is a live
+An :class:`NCARecorder` is passed as ``callback=`` to :func:`napari_octreenca.segment`.
+For every step it receives a :class:`~napari_octreenca.StepInfo` whose ``state`` is a live
 view of the engine's buffer, and it keeps bounded copies of:
 
 - the final hidden channels of every octree level (strided on large inputs),
@@ -27,8 +27,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from .engine.config import ModelConfig
-from .engine.inference import StepInfo
+from ..nca.config import ModelConfig
+from .inference import StepInfo
 
 #: Default memory budget of a recording (hidden channels + evolution), in bytes.
 DEFAULT_BUDGET = 256 * 1024**2

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 import zarr
 
-from ..engine.errors import InputError
+from ..nca.errors import InputError
 
 #: zarr cannot hold bfloat16: such tensors are stored as their raw 16 bits.
 _BITS = {torch.bfloat16: np.int16}

@@ -22,11 +22,11 @@ import torch
 import torch.nn.functional as F
 
 from ..fileutil import atomic_write
-from .config import ModelConfig
-from .errors import Cancelled, ConfigError, InputError, ModelFileError, OctreeNCAError
+from ..nca.config import ModelConfig
+from ..nca.errors import Cancelled, ConfigError, InputError, ModelFileError, OctreeNCAError
 from .inference import is_cancelled
 from .inputs import prepare
-from .octree import OctreeNCA
+from ..nca.octree import OctreeNCA
 
 
 class TrainingError(OctreeNCAError, RuntimeError):

@@ -1,6 +1,6 @@
 """``run_segment``: segment files, folders or globs; what ``octreenca segment`` calls.
 
-Small inputs go through ``engine.segment`` whole; inputs whose whole-image run would need more
+Small inputs go through ``run.inference.segment`` whole; inputs whose whole-image run would need more
 memory than the budget (or any run with ``tile`` or ``scheduler``) go through the exact tiled
 pipeline with a resumable work folder ``<output>.octreenca-work`` beside the output (removed
 when the output is complete). OME-Zarr outputs are filled tile by tile; NIfTI/TIFF outputs are
@@ -19,12 +19,12 @@ from typing import Any
 
 import numpy as np
 
-from ..engine.errors import InputError
-from ..engine.inference import segment
-from ..engine.registry import open_model
-from ..engine.resample import model_grid_shape, model_spacing_in_input_order, segment_at_model_spacing
-from .readers import FRAME_SUFFIXES, ImageData, file_kind, read_image, to_numpy
-from .writers import OUTPUT_SUFFIXES, output_suffix, write_labels
+from ..nca.errors import InputError
+from .inference import segment
+from ..nca.registry import open_model
+from .resample import model_grid_shape, model_spacing_in_input_order, segment_at_model_spacing
+from ..io.readers import FRAME_SUFFIXES, ImageData, file_kind, read_image, to_numpy
+from ..io.writers import OUTPUT_SUFFIXES, output_suffix, write_labels
 
 Progress = Callable[[dict[str, Any]], Any] | None
 #: Default memory budget for a whole-image run (bytes); above it the run is tiled.
@@ -153,7 +153,7 @@ def run_segment(inputs: list[str], output: str, model: str, *, device: str = "cp
 
 
 def _segment_whole(net: Any, im: ImageData, **kwargs: Any) -> Any:
-    """``engine.segment`` on the whole input; models with ``config.spacing`` get the input resampled
+    """``run.inference.segment`` on the whole input; models with ``config.spacing`` get the input resampled
     to it (and NIfTI volumes reoriented to RAS+ through their affine) and the labels back on the
     input's grid."""
     data = to_numpy(im.data)
@@ -196,7 +196,7 @@ def _step_progress(progress: Progress) -> Any:
 def _segment_tiled(net: Any, im: ImageData, src: Path, dest: Path, *, device: str, dtype: str, backend: str,
                    seed: int, runs: int, tile: int | None, scheduler: str | None, progress: Progress,
                    keep_work: bool, use_pyramid: bool = False) -> None:
-    from .ome_zarr import OmeZarrLabelsSink
+    from ..io.ome_zarr import OmeZarrLabelsSink
     from .tiling import ArraySink, segment_tiled
 
     suffix = output_suffix(dest)

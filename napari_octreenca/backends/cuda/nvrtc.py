@@ -18,9 +18,9 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 
-from ..engine.errors import BackendUnavailable
-from ..fileutil import atomic_write
-from ..resources import resource_path
+from ...nca.errors import BackendUnavailable
+from ...fileutil import atomic_write
+from ...resources import resource_path
 
 #: Kernel files: the shared per-cell code (a header) and the entry points.
 HEADER = "nca_common.cuh"

@@ -15,8 +15,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..engine.errors import Cancelled, InputError
-from ..engine.inference import is_cancelled
+from ..nca.errors import Cancelled, InputError
+from .inference import is_cancelled
 
 _RUNS: dict[str, Any] = {}
 

@@ -17,7 +17,8 @@ from torch import nn
 
 from .config import ModelConfig
 from .firemask import fire_mask_torch
-from .nca import BackboneNCA
+from .step import step_differentiable
+from .weights import BackboneNCA
 
 
 def downsample(x: torch.Tensor, factor: tuple[int, ...], mode: str) -> torch.Tensor:
@@ -90,8 +91,6 @@ class OctreeNCA(nn.Module):
         training scheme): gradients still reach every coarser level through the crop. Returns
         the finest logits and where they lie.
         """
-        from ..backends.torch_backend import step_differentiable
-
         cfg = self.config
         fire_rate = cfg.fire_rate if fire_rate is None else fire_rate
         spatial = tuple(image.shape[2:])

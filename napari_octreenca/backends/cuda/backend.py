@@ -19,12 +19,13 @@ from dataclasses import dataclass
 
 import torch
 
-from ..engine.errors import BackendUnavailable, InputError
-from ..engine.nca import BackboneNCA
-from . import BACKENDS
-from .base import Backend, LevelRun, StepCallback
-from .fused_common import check_fusable, fire_params, pack_weights
-from .torch_backend import TorchBackend
+from ...nca.errors import BackendUnavailable, InputError
+from ...nca.weights import BackboneNCA
+from .. import BACKENDS
+from ..base import Backend, LevelRun, StepCallback
+from ...nca.packing import check_fusable, pack_weights
+from ..base import fire_params
+from ..torch_backend import TorchBackend
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +93,7 @@ _modules: dict[tuple, _Module] = {}
 
 
 def _load_module(device: torch.device, channels: int, inputs: int, hidden: int) -> _Module:
-    from . import nvrtc_compile
+    from . import nvrtc as nvrtc_compile
 
     index = device.index if device.index is not None else torch.cuda.current_device()
     defines = {"NCA_C": channels, "NCA_IN": inputs, "NCA_H": hidden}
@@ -137,7 +138,7 @@ class CudaBackend(Backend):
         if not torch.cuda.is_available():
             return False, "no CUDA GPU visible to PyTorch"
         try:
-            from . import nvrtc_compile
+            from . import nvrtc as nvrtc_compile
 
             major, _ = nvrtc_compile.nvrtc_version()
             driver = _driver()

@@ -28,11 +28,11 @@ import numpy as np
 import torch
 
 from ..backends import Backend, LevelRun, get_backend
-from ..engine.config import ModelConfig, Normalization
-from ..engine.errors import Cancelled, InputError
-from ..engine.inference import Segmentation, is_cancelled, combine_runs, labels_from_logits, resolve_dtype
-from ..engine.inputs import AxisPlan, NormStats, norm_stats, normalize, plan_axes, to_tensor
-from ..engine.octree import OctreeNCA, downsample, upsample_raw
+from ..nca.config import ModelConfig, Normalization
+from ..nca.errors import Cancelled, InputError
+from .inference import Segmentation, is_cancelled, combine_runs, labels_from_logits, resolve_dtype
+from .inputs import AxisPlan, NormStats, norm_stats, normalize, plan_axes, to_tensor
+from ..nca.octree import OctreeNCA, downsample, upsample_raw
 from .outofcore import WorkStore, fingerprint, model_digest, numpy_to_tensor, storage_dtype, tensor_to_numpy
 
 #: Progress callback: receives a dict with stage, level, seed, tile, tiles, step.
@@ -126,7 +126,7 @@ class SourceImage:
     @property
     def array(self) -> Any:
         if self._array is None:
-            from .readers import read_image
+            from ..io.readers import read_image
 
             self._array = read_image(self.path).levels[self.level_index]
         return self._array
@@ -166,7 +166,7 @@ def compute_stats(array: Any, plan: AxisPlan, norm: Normalization) -> NormStats 
     """Global statistics for the ``zscore``/``percentile`` modes (None for fixed/none).
 
     Inputs up to 2**27 values per channel are loaded once and reduced exactly as
-    ``engine.inputs.normalize`` does (bitwise the same); larger ones are reduced lazily in float64
+    ``run.inputs.normalize`` does (bitwise the same); larger ones are reduced lazily in float64
     (z-score) or on a strided sample (percentiles), which matches to about 1e-7.
     """
     if norm.mode in ("fixed", "none"):
@@ -496,13 +496,13 @@ def segment_tiled(
     source_level: int = 0,
     pyramid: list[Any] | None = None,
 ) -> Segmentation:
-    """Segment ``image`` tile by tile; the result equals :func:`engine.segment` (within 1e-6).
+    """Segment ``image`` tile by tile; the result equals :func:`run.inference.segment` (within 1e-6).
 
     ``image`` is numpy, dask or zarr with ``axes`` (guessed like ``segment`` when omitted);
     ``tile`` is the tile edge in level-0 cells (int or one per model axis). With ``store`` (a
     folder) the coarse level states and the outputs live in a chunked zarr store there and a
     rerun resumes from the tiles already done; without it they live in memory. Returns an
-    ``engine.Segmentation`` whose ``labels``/``logits`` are numpy (in memory) or zarr arrays
+    ``run.inference.Segmentation`` whose ``labels``/``logits`` are numpy (in memory) or zarr arrays
     (with ``store``). ``callback`` gets a dict per tile (stage, level, seed, tile, tiles);
     ``cancel`` (Event or callable) raises ``Cancelled`` within one step. ``scheduler`` (a dask
     ``Client`` or scheduler address) runs the tiles on dask.distributed workers (needs ``store``

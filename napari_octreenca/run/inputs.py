@@ -7,8 +7,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .config import ModelConfig, Normalization
-from .errors import InputError
+from ..nca.config import ModelConfig, Normalization
+from ..nca.errors import InputError
 
 _AXIS_LETTERS = set("TZYXC")
 

@@ -1,8 +1,7 @@
-"""What the fused backends (CUDA kernel, host harness, numba CPU path) share.
+"""Weight packing for the fused step implementations (CUDA kernel, host harness, numba CPU path).
 
 - :func:`pack_weights`: one level's parameters as the flat float32 array the fused code reads
   (layout ``nca_layout`` in ``kernels/nca_common.cuh``: conv_w, conv_b, fc0_w, fc0_b, fc1_w).
-- :func:`fire_params`: the per-step key and integer threshold of the counter-based fire mask.
 - :func:`check_fusable`: whether a level fits the fused code (3x3 / 3x3x3 depthwise conv).
 """
 
@@ -10,9 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from ..engine.firemask import MASK32, base_key, threshold
-from ..engine.nca import BackboneNCA
-from .base import LevelRun
+from .weights import BackboneNCA
 
 
 def layout_size(spatial_dims: int, channels: int, input_channels: int, hidden: int) -> int:
@@ -34,11 +31,6 @@ def pack_weights(nca: BackboneNCA, device: torch.device | str = "cpu") -> torch.
     flat = torch.cat([p.detach().to(device=device, dtype=torch.float32).reshape(-1) for p in parts])
     assert flat.numel() == layout_size(nca.spatial_dims, c, nca.input_channels, h)
     return flat.contiguous()
-
-
-def fire_params(run: LevelRun, step: int) -> tuple[int, int]:
-    """(key, threshold) for one step: the cell fires when ``mix(key, coords) >> 8 < threshold``."""
-    return base_key(run.seed, run.level, step) & MASK32, threshold(run.fire_rate)
 
 
 def check_fusable(nca: BackboneNCA) -> tuple[bool, str]:

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import InputError
+from ..nca.errors import InputError
 
 
 def _check(spacing: Sequence[float], ndim: int, what: str) -> tuple[float, ...]:
@@ -159,7 +159,7 @@ def segment_at_model_spacing(
     model: Any, image: Any, spacing: Sequence[float] | None = None, *, axes: str | None = None,
     affine: Any = None, **kwargs: Any,
 ) -> Any:
-    """:func:`~napari_octreenca.engine.inference.segment` for models with a fixed ``config.spacing``.
+    """:func:`~napari_octreenca.run.inference.segment` for models with a fixed ``config.spacing``.
 
     ``spacing`` is the input's voxel size per spatial axis in input order (default 1 per axis,
     i.e. the model's spacing is then in input pixels). The image is resampled to the model's

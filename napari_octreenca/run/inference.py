@@ -12,9 +12,9 @@ import numpy as np
 import torch
 
 from ..backends import Backend, LevelRun, get_backend
-from .errors import Cancelled, InputError
+from ..nca.errors import Cancelled, InputError
 from .inputs import AxisPlan, prepare
-from .octree import OctreeNCA, downsample, upsample
+from ..nca.octree import OctreeNCA, downsample, upsample
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "fp32": torch.float32, "bf16": torch.bfloat16}
 

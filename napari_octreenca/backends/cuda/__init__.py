@@ -1,0 +1,1 @@
+"""The fused CUDA backend: NVRTC compilation of ``kernels/`` (``nvrtc``) and the launcher (``backend``)."""
