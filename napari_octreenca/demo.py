@@ -64,7 +64,7 @@ CASES = [
 def run_demo(out: str | Path = "octreenca-demo", device: str = "cpu", quick: bool = False) -> int:
     """Run every demo case whose data and model are installed; returns 0 when at least one ran."""
     from .nca.registry import open_model
-    from .run.resample import segment_at_model_spacing
+    from .run.planner import InputGeometry, RunOptions, execute, plan_run
     from .run.training import hard_dice
     from .io.writers import write_labels
     from .resources import bundled_models
@@ -90,7 +90,8 @@ def run_demo(out: str | Path = "octreenca-demo", device: str = "cpu", quick: boo
             image, ref = image[sl], ref[sl[: ref.ndim]]
         model = open_model(case.model, device)
         t0 = time.perf_counter()
-        res = segment_at_model_spacing(model, image, device=device, **kw)
+        geometry = InputGeometry(tuple(image.shape), kw.get("axes"), None, kw.get("affine"))
+        res = execute(model, plan_run(model.config, geometry, RunOptions(device=device)), image)
         seconds = time.perf_counter() - t0
         dice = hard_dice(res.labels == 1, ref > 0)
         path = write_labels(out / case.output, res.labels, like=like, class_names=list(model.config.class_names))

@@ -1,7 +1,8 @@
 """``run_segment``: segment files, folders or globs; what ``octreenca segment`` calls.
 
-Small inputs go through ``run.inference.segment`` whole; inputs whose whole-image run would need more
-memory than the budget (or any run with ``tile`` or ``scheduler``) go through the exact tiled
+The run planner (``run.planner``) decides per input: small inputs run whole; inputs whose
+whole-image run would need more memory than the budget (or any run with ``tile`` or ``scheduler``),
+including fixed-spacing models, which are resampled tile by tile, go through the tiled
 pipeline with a resumable work folder ``<output>.octreenca-work`` beside the output (removed
 when the output is complete). OME-Zarr outputs are filled tile by tile; NIfTI/TIFF outputs are
 written from the finished tiles at the end, atomically.
@@ -17,13 +18,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 
 from ..nca.errors import InputError
-from .inference import segment
 from ..nca.registry import open_model
-from .resample import model_grid_shape, model_spacing_in_input_order, segment_at_model_spacing
-from ..io.readers import FRAME_SUFFIXES, ImageData, file_kind, read_image, to_numpy
+from .planner import InputGeometry, RunOptions, RunPlan, execute, plan_run
+from ..io.readers import FRAME_SUFFIXES, ImageData, file_kind, read_image
 from ..io.writers import OUTPUT_SUFFIXES, output_suffix, write_labels
 
 Progress = Callable[[dict[str, Any]], Any] | None
@@ -94,12 +93,6 @@ def default_output_name(src: Path, im: ImageData | None = None) -> str:
     return f"{stem}_labels{ext}"
 
 
-def whole_bytes(cells: int, model: Any) -> int:
-    """Peak memory of a whole-image run: input + pyramid, two state buffers, slab scratch."""
-    cfg = model.config
-    return int(cells * 4 * (cfg.input_channels * 1.4 + 2 * cfg.update_channels + 1.5 * cfg.output_channels)) + (256 << 20)
-
-
 def run_segment(inputs: list[str], output: str, model: str, *, device: str = "cpu", dtype: str = "float32",
                 backend: str = "auto", seed: int = 0, runs: int = 1, tile: int | None = None,
                 scheduler: str | None = None, progress: Progress = None, memory_budget: int | None = None,
@@ -122,47 +115,27 @@ def run_segment(inputs: list[str], output: str, model: str, *, device: str = "cp
         if _has_output_suffix(out) and not out.is_dir():
             raise InputError(f"{len(paths)} inputs need an output folder, not the file {out}")
         out.mkdir(parents=True, exist_ok=True)
-    budget = memory_budget if memory_budget is not None else _budget()
+    options = RunOptions(device=device, dtype=dtype, backend=backend, seed=seed, runs=runs, tile=tile,
+                         scheduler=scheduler, memory_budget=memory_budget if memory_budget is not None else _budget())
     results = []
     for k, src in enumerate(paths):
         dest = out if single else out / default_output_name(src)
         if progress is not None:
             progress({"stage": "input", "input": k + 1, "inputs": len(paths), "path": str(src), "output": str(dest)})
         im = read_image(src)
-        spatial = [n for n, a in zip(im.shape, im.axes) if a != "C"]
-        cells = int(np.prod(spatial))
-        if cfg.spacing is not None:
-            # Models with a fixed spacing run on the input resampled to it (a much smaller grid);
-            # the exact tiled path works on the input's own grid, so they always go whole.
-            cells = int(np.prod(model_grid_shape(spatial, im.scale, model_spacing_in_input_order(cfg, im.axes))))
-        tiled = cfg.spacing is None and (tile is not None or scheduler is not None or whole_bytes(cells, net) > budget)
+        plan = plan_run(cfg, InputGeometry.of(im), options)
+        tiled = plan.tiled
         t0 = time.perf_counter()
         if tiled:
-            _segment_tiled(net, im, src, dest, device=device, dtype=dtype, backend=backend, seed=seed, runs=runs,
-                           tile=tile, scheduler=scheduler, progress=progress, keep_work=keep_work,
-                           use_pyramid=use_pyramid)
+            _segment_tiled(net, plan, im, src, dest, progress=progress, keep_work=keep_work, use_pyramid=use_pyramid)
         else:
-            seg = _segment_whole(net, im, device=device, dtype=dtype, backend=backend, seed=seed, runs=runs,
-                                 callback=_step_progress(progress))
+            seg = execute(net, plan, im.data, callback=_step_progress(progress))
             write_labels(dest, seg.labels, like=im, class_names=cfg.class_names)
         if progress is not None:
             progress({"stage": "written", "input": k + 1, "inputs": len(paths), "path": str(dest), "tiled": tiled,
                       "seconds": time.perf_counter() - t0})
         results.append(dest)
     return results
-
-
-def _segment_whole(net: Any, im: ImageData, **kwargs: Any) -> Any:
-    """``run.inference.segment`` on the whole input; models with ``config.spacing`` get the input resampled
-    to it (and NIfTI volumes reoriented to RAS+ through their affine) and the labels back on the
-    input's grid."""
-    data = to_numpy(im.data)
-    if net.config.spacing is None:
-        return segment(net, data, axes=im.axes, **kwargs)
-    use_affine = im.kind == "nifti" and im.axes == "ZYX" and im.affine is not None and net.config.spatial_dims == 3
-    if use_affine:
-        return segment_at_model_spacing(net, data, axes=im.axes, affine=im.affine, **kwargs)
-    return segment_at_model_spacing(net, data, im.scale, axes=im.axes, **kwargs)
 
 
 def _has_output_suffix(p: Path) -> bool:
@@ -193,11 +166,10 @@ def _step_progress(progress: Progress) -> Any:
     return hook
 
 
-def _segment_tiled(net: Any, im: ImageData, src: Path, dest: Path, *, device: str, dtype: str, backend: str,
-                   seed: int, runs: int, tile: int | None, scheduler: str | None, progress: Progress,
+def _segment_tiled(net: Any, plan: RunPlan, im: ImageData, src: Path, dest: Path, *, progress: Progress,
                    keep_work: bool, use_pyramid: bool = False) -> None:
     from ..io.ome_zarr import OmeZarrLabelsSink
-    from .tiling import ArraySink, segment_tiled
+    from .tiling import ArraySink
 
     suffix = output_suffix(dest)
     work = dest.parent / (dest.name + WORK_SUFFIX)
@@ -210,10 +182,8 @@ def _segment_tiled(net: Any, im: ImageData, src: Path, dest: Path, *, device: st
                                       class_names=cfg.class_names, source=str(src))
     else:
         sink = ArraySink(logits=False)
-    seg = segment_tiled(net, im.data, axes=im.axes, tile=tile, backend=backend, dtype=dtype, seed=seed, runs=runs,
-                        callback=progress, store=work, sink=sink, scheduler=scheduler, device=device,
-                        source_path=str(src), logits=False, restart=True,
-                        pyramid=im.levels if use_pyramid and len(im.levels) > 1 else None)
+    seg = execute(net, plan, im.data, tile_callback=progress, store=work, sink=sink, source_path=str(src),
+                  logits=False, pyramid=im.levels if use_pyramid and len(im.levels) > 1 else None)
     if suffix != ".zarr":
         write_labels(dest, seg.labels, like=im, class_names=cfg.class_names)
     if not keep_work:

@@ -12,6 +12,7 @@ back keeps the field of view exactly.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -204,7 +205,8 @@ def segment_at_model_spacing(
     logits = resample_back(res.logits, in_shape, channel_axis=0, order=1)
     spread = None if res.spread is None else resample_back(res.spread, in_shape, channel_axis=0, order=1)
     record = dict(res.record)
-    record.update({"input_spacing": list(sp), "model_spacing": list(msp), "model_grid": list(small.shape)})
+    grid = [int(n) for a, n in zip(plan.input_axes, small.shape) if a != "C"]
+    record.update({"input_spacing": list(sp), "model_spacing": list(msp), "model_grid": grid})
     return Segmentation(
         labels=labels_from_logits(logits), logits=logits.astype(np.float32), spread=spread,
         class_names=res.class_names, axes=res.axes, seeds=res.seeds, seconds=res.seconds, record=record,
@@ -216,3 +218,112 @@ __all__ = [
     "reorient_zyx_to_ras", "reorient_ras_to_zyx",
     "model_spacing_in_input_order", "segment_at_model_spacing",
 ]
+
+
+# -- RAS+ geometry without pixels, and tile-by-tile resampling ---------------------------------------
+def ras_axis_permutation(affine: Any) -> tuple[int, int, int]:
+    """For each file ``(Z, Y, X)`` axis, the RAS+ ``(Z, Y, X)`` axis it becomes."""
+    fwd, _ = _ras_transforms(affine)
+    # fwd[i] = (target RAS axis, flip) for file axis i (i, j, k) = (X, Y, Z) of a ZYX volume.
+    zyx_of_ijk = {0: 2, 1: 1, 2: 0}
+    perm = [0, 0, 0]
+    for i, (target, _flip) in enumerate(fwd):
+        perm[zyx_of_ijk[i]] = zyx_of_ijk[int(target)]
+    return perm[0], perm[1], perm[2]
+
+
+def ras_shape_and_spacing(shape_zyx: Sequence[int], affine: Any) -> tuple[tuple[int, ...], tuple[float, ...]]:
+    """Shape and spacing of a ``(Z, Y, X)`` volume once reoriented to RAS+ (no pixels touched)."""
+    aff = np.asarray(affine, float)
+    zooms_ijk = np.sqrt((aff[:3, :3] ** 2).sum(axis=0))
+    zooms_zyx = (float(zooms_ijk[2]), float(zooms_ijk[1]), float(zooms_ijk[0]))
+    perm = ras_axis_permutation(aff)
+    shape = [0, 0, 0]
+    sp = [0.0, 0.0, 0.0]
+    for axis, target in enumerate(perm):
+        shape[target] = int(shape_zyx[axis])
+        sp[target] = zooms_zyx[axis]
+    return tuple(shape), tuple(sp)
+
+
+def _source_window(start: int, stop: int, ratio: float, n_src: int, halo: int) -> tuple[int, int, float]:
+    """Source cells ``[lo, hi)`` needed for output cells ``[start, stop)`` of a ``grid_mode`` zoom
+    (output cell ``x`` samples source ``(x + 0.5) * ratio - 0.5``), and that coordinate of ``start``."""
+    first = (start + 0.5) * ratio - 0.5
+    last = (stop - 0.5) * ratio - 0.5
+    lo = max(0, int(math.floor(first)) - halo)
+    hi = min(n_src, int(math.floor(last)) + 2 + halo)
+    return lo, hi, first - lo
+
+
+def resample_box(
+    source: Any, src_shape: Sequence[int], out_shape: Sequence[int], start: Sequence[int], stop: Sequence[int],
+    *, spatial_axes: Sequence[int], order: int = 1, antialias: bool = True,
+) -> np.ndarray:
+    """Cells ``[start, stop)`` of :func:`_zoom_to` of ``source`` to ``out_shape``, reading only the
+    source window they need (plus the anti-alias filter's reach). Equals the whole-array zoom up
+    to float rounding, so resampling can run tile by tile on inputs that do not fit in memory."""
+    from scipy import ndimage
+
+    from ..io.image import to_numpy
+
+    ratios = [n / m for n, m in zip(src_shape, out_shape)]
+    sigmas = [max(0.0, (r - 1.0) / 2.0) if (antialias and order > 0 and r > 1) else 0.0 for r in ratios]
+    halos = [int(4.0 * s + 0.5) + 1 if s > 0 else 0 for s in sigmas]  # gaussian_filter's truncate=4
+    nd = len(np.shape(source)) if hasattr(source, "shape") else np.ndim(source)
+    window: list[slice] = [slice(None)] * nd
+    offsets = []
+    for k, ax in enumerate(spatial_axes):
+        lo, hi, off = _source_window(int(start[k]), int(stop[k]), ratios[k], int(src_shape[k]), halos[k])
+        window[ax] = slice(lo, hi)
+        offsets.append(off)
+    block = to_numpy(source[tuple(window)])
+    work = block.astype(np.float32) if order > 0 else block
+    if any(s > 0 for s in sigmas):
+        sig = [0.0] * nd
+        for k, ax in enumerate(spatial_axes):
+            sig[ax] = sigmas[k]
+        work = ndimage.gaussian_filter(work, sig, mode="nearest")
+    size = [int(b) - int(a) for a, b in zip(start, stop)]
+    out_shape_full = list(work.shape)
+    matrix = [1.0] * nd
+    offset = [0.0] * nd
+    for k, ax in enumerate(spatial_axes):
+        out_shape_full[ax] = size[k]
+        matrix[ax] = ratios[k]
+        offset[ax] = offsets[k]
+    return ndimage.affine_transform(work, matrix, offset=offset, output_shape=tuple(out_shape_full),
+                                    order=order, mode="nearest", prefilter=order > 1)
+
+
+def lazy_resampled(source: Any, axes: str, out_spatial: Sequence[int], chunk: int, *, order: int = 1,
+                   round_uint8: bool = True) -> Any:
+    """A dask array of ``source`` resampled to ``out_spatial`` (input axis order), computed chunk by
+    chunk from the source windows it needs: the input never has to fit in memory."""
+    import dask.array as da
+
+    spatial_axes = [i for i, a in enumerate(axes) if a != "C"]
+    src_shape = [int(source.shape[a]) for a in spatial_axes]
+    shape = []
+    it = iter(out_spatial)
+    for a, n in zip(axes, source.shape):
+        shape.append(int(n) if a == "C" else int(next(it)))
+    chunks = tuple((int(n),) if a == "C" else _chunk_sizes(int(n), chunk) for a, n in zip(axes, shape))
+    uint8 = round_uint8 and np.dtype(source.dtype) == np.uint8
+    dtype = np.uint8 if uint8 else np.float32
+
+    def block(block_info: Any = None) -> np.ndarray:
+        loc = block_info[None]["array-location"]
+        start = [loc[a][0] for a in spatial_axes]
+        stop = [loc[a][1] for a in spatial_axes]
+        out = resample_box(source, src_shape, list(out_spatial), start, stop, spatial_axes=spatial_axes, order=order)
+        if uint8:
+            out = np.clip(np.rint(out), 0, 255).astype(np.uint8)
+        return out.astype(dtype, copy=False)
+
+    return da.map_blocks(block, chunks=chunks, dtype=dtype, meta=np.empty((0,) * len(shape), dtype))
+
+
+def _chunk_sizes(n: int, chunk: int) -> tuple[int, ...]:
+    full, rest = divmod(n, chunk)
+    return (chunk,) * full + ((rest,) if rest else ())

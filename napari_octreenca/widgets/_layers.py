@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 
 from ..run.inference import Segmentation
+from ..run.planner import InputGeometry
 
 LayerData = tuple[Any, dict[str, Any], str]
 
@@ -34,6 +35,20 @@ class LayerInput:
     @property
     def spatial_shape(self) -> tuple[int, ...]:
         return self.level_shapes[self.level]
+
+    @property
+    def level_scale(self) -> tuple[float, ...]:
+        """World size of a pixel of the pyramid level being segmented (the input spacing)."""
+        f = [n0 / n for n0, n in zip(self.level_shapes[0], self.spatial_shape)]
+        return tuple(s * fi for s, fi in zip(self.scale, f))
+
+    def geometry(self) -> InputGeometry:
+        """What the run planner needs: shape, axes, spacing and, for a NIfTI volume read by this
+        plugin, the file's affine (fixed-spacing 3D models then run in RAS+)."""
+        octree = self.metadata.get("octreenca") or {}
+        aff = octree.get("affine") if octree.get("kind") == "nifti" and self.level == 0 else None
+        return InputGeometry(tuple(int(n) for n in self.array.shape), self.axes, self.level_scale,
+                             None if aff is None else np.asarray(aff, float))
 
 
 def _channel_index(layer: Any, axes: str | None) -> int | None:

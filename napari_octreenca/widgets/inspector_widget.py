@@ -17,14 +17,14 @@ import numpy as np
 from magicgui.widgets import CheckBox, ComboBox, Container, Label, LineEdit, ProgressBar, PushButton, SpinBox
 
 from ..run.inputs import plan_axes
+from ..run.planner import Grid, RunOptions, RunPlan, execute, plan_run
 from ..run.recorder import Frame, NCARecorder, RecordPlan, plan_recording, recording_layers
 from ._devices import list_devices
-from ._layers import layer_input
+from ._layers import layer_input, output_layers
 from ._models import CATALOG, follow_catalog
 from ._settings import plugin_setting
-from ._spacing import GridPlan, grid_plan, to_grid
 from ._workers import Job
-from .segment_widget import _config_of, _fixed_width, _level_scale, image_layer_choices
+from .segment_widget import _config_of, _fixed_width, image_layer_choices
 
 if TYPE_CHECKING:
     import napari
@@ -170,20 +170,17 @@ class InspectorWidget(Container):
         if layer is None or not self.model.value:
             raise ValueError("choose an image and a model")
         cfg = _config_of(self.model.value)
-        src = layer_input(layer, self.level.value)
-        ap = plan_axes(tuple(src.array.shape), cfg, src.axes)
-        order = ap.to_input_order()
-        # Fixed-spacing models run on the model's grid: record what the NCA sees there.
-        shape_in = self._grid(cfg, src).grid_shape
-        shape_net = [0] * len(shape_in)
-        for k, o in enumerate(order):
-            shape_net[o] = shape_in[k]
-        return cfg, tuple(shape_net), ap
+        grid = self._run_plan(cfg, layer_input(layer, self.level.value), steps=None).grid
+        ap = plan_axes(_with_channels(grid), cfg, grid.axes)
+        # Record what the NCA sees: the grid the planner chose (model spacing, RAS+ for NIfTI).
+        by_axis = dict(zip(ap.spatial_input_axes, grid.grid_shape))
+        return cfg, tuple(by_axis[a] for a in ap.model_axes), ap
 
-    @staticmethod
-    def _grid(cfg: Any, src: Any) -> GridPlan:
-        sp = _level_scale(src)
-        return grid_plan(cfg, tuple(src.array.shape), src.axes, sp, {}, spacing=sp)
+    def _run_plan(self, cfg: Any, src: Any, steps: list[int] | None) -> RunPlan:
+        """The run Segment would make for this input (same planner), whole image, these steps."""
+        options = RunOptions(device=self.device.value, seed=self.seed.value, tiling="whole", retry_tiled=False,
+                             steps=None if steps is None else tuple(steps))
+        return plan_run(cfg, src.geometry(), options)
 
     def parse_steps(self, levels: int) -> list[int] | None:
         """The steps field as a list (finest first), or None when empty."""
@@ -204,7 +201,7 @@ class InspectorWidget(Container):
         if self.visible_only.value:
             vis = visible_region(self.image.value)
             if vis is not None:
-                grid = self._grid(cfg, layer_input(self.image.value, self.level.value))
+                grid = self._run_plan(cfg, layer_input(self.image.value, self.level.value), None).grid
                 r = [m / n for n, m in zip(grid.input_shape, grid.grid_shape)]
                 region = [(0, 0)] * len(order)
                 for k, o in enumerate(order):
@@ -235,16 +232,17 @@ class InspectorWidget(Container):
             return None
         layer = self.image.value
         src = layer_input(layer, self.level.value)
-        grid = self._grid(plan.config, src)
-        scale, translate = grid.cell_geometry(_level_scale(src), src.translate)
-        model_name, device, seed = self.model.value, self.device.value, self.seed.value
+        run_plan = self._run_plan(plan.config, src, list(plan.steps))
+        grid = run_plan.grid
+        scale, translate = grid.cell_geometry(src.level_scale, src.translate)
+        if grid.affine is not None:  # recorded on the RAS+ grid: geometry in that axis order
+            scale, translate = _to_grid_order(grid, scale), _to_grid_order(grid, translate)
+        model_name, device = self.model.value, self.device.value
         live, interval = self.live.value, self.interval.value / 1000.0
         prefix = f"{layer.name} NCA"
         self.memory.value = plan.describe()
 
         def work(job: Job) -> Any:
-            from ..run.inference import segment
-
             model = CATALOG.load(model_name, device)
 
             def on_frame(frame: Frame) -> None:
@@ -252,16 +250,19 @@ class InspectorWidget(Container):
 
             # Without live mode the frames (small copies) still drive the progress bar.
             rec = NCARecorder(plan, on_frame=on_frame, throttle=interval)
-            array = to_grid(src.array, model.config, grid)
-            segment(model, array, axes=grid.axes, device=device, seed=seed, steps=list(plan.steps),
-                    callback=rec, cancel=job.cancel)
-            return rec.recording
+            seg = execute(model, run_plan, src.array, callback=rec, cancel=job.cancel)
+            return rec.recording, seg
 
-        def done(recording: Any) -> None:
+        def done(result: Any) -> None:
+            recording, seg = result
             self._remove_live()
-            self.recording = recording
+            self.recording, self.segmentation = recording, seg
             for data, kwargs, kind in recording_layers(recording, scale=scale, translate=translate,
                                                        prefix=prefix):
+                data, kwargs = _to_file_order(grid, data, kwargs)
+                self.viewer._add_layer_from_data(data, kwargs, kind)
+            for data, kwargs, kind in output_layers(seg, src, record={"engine": dict(seg.record)}):
+                kwargs["name"] = f"{prefix} labels"
                 self.viewer._add_layer_from_data(data, kwargs, kind)
             # Show the last step: the slider then replays the automaton backwards from the result.
             step_axis = self.viewer.dims.ndim - len(src.scale) - 1
@@ -325,6 +326,44 @@ class InspectorWidget(Container):
         self.cancel_button.enabled = False
         if self.job is not None and self.job.cancelled:
             self.status.value = "cancelled"
+
+
+def _with_channels(grid: Grid) -> tuple[int, ...]:
+    """An array shape on ``grid`` (3 for a colour axis) for axis planning."""
+    it = iter(grid.grid_shape)
+    return tuple(3 if a == "C" else next(it) for a in grid.axes)
+
+
+def _to_grid_order(grid: Grid, values: tuple[float, ...]) -> tuple[float, ...]:
+    """Per-axis values in the file's (Z, Y, X) order -> the RAS+ grid's order."""
+    from ..run.resample import ras_axis_permutation
+
+    out = [0.0] * len(values)
+    for i, j in enumerate(ras_axis_permutation(grid.affine)):
+        out[j] = values[i]
+    return tuple(out)
+
+
+def _to_file_order(grid: Grid, data: Any, kwargs: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+    """A recorded layer on a RAS+ grid put back in the file's axis order (data, scale, translate)."""
+    if grid.affine is None:
+        return data, kwargs
+    import numpy as np
+
+    from ..run.resample import ras_axis_permutation
+
+    perm = ras_axis_permutation(grid.affine)
+    rgb = bool(kwargs.get("rgb"))
+    arr = np.moveaxis(np.asarray(data), -1, 0) if rgb else np.asarray(data)
+    arr = grid.to_input_orientation(arr)
+    arr = np.moveaxis(arr, 0, -1) if rgb else arr
+    kw = dict(kwargs)
+    for key in ("scale", "translate"):
+        if key in kw:
+            vals = list(kw[key])
+            lead, sp = vals[:-3], vals[-3:]
+            kw[key] = tuple(lead + [sp[j] for j in perm])
+    return arr, kw
 
 
 __all__ = ["InspectorWidget", "ConvergencePlot", "visible_region", "converged"]

@@ -15,11 +15,11 @@ from typing import TYPE_CHECKING, Any
 from magicgui.widgets import CheckBox, ComboBox, Container, FileEdit, Label, ProgressBar, PushButton, SpinBox
 
 from ..run.inference import StepInfo
-from ._devices import choose_tiling, is_out_of_memory, list_devices
+from ..run.planner import RunOptions, execute, plan_run
+from ._devices import list_devices
 from ._layers import layer_input, output_layers
 from ._models import CATALOG, follow_catalog
 from ._settings import plugin_setting
-from ._spacing import from_grid, grid_plan, to_grid
 from ._workers import Job, Throttle
 
 if TYPE_CHECKING:
@@ -123,11 +123,9 @@ class SegmentWidget(Container):
                 self.level.max = len(layer.data) - 1
             src = layer_input(layer, self.level.value)
             cfg = _config_of(self.model.value)
-            grid = grid_plan(cfg, tuple(src.array.shape), src.axes, _level_scale(src), src.metadata)
-            choice = choose_tiling(cfg, grid.grid_shape, self.device.value, dtype=self.precision.value,
-                                   runs=self.runs.value, mode=self.tiling.value)
-            at = f" at the model's spacing ({'x'.join(map(str, grid.grid_shape))})" if grid.resampled else ""
-            self.plan.value = choice.text + at
+            options = RunOptions(device=self.device.value, dtype=self.precision.value, runs=self.runs.value,
+                                 tiling=self.tiling.value)
+            self.plan.value = plan_run(cfg, src.geometry(), options).text
         except Exception as exc:  # the estimate is advisory; show why it failed
             self.plan.value = f"no estimate: {exc}"
 
@@ -226,12 +224,6 @@ def _fixed_width(*labels: Label) -> None:
         native.setWordWrap(False)
 
 
-def _level_scale(src: Any) -> tuple[float, ...]:
-    """World size of a pixel of the pyramid level being segmented (the input spacing)."""
-    f = [n0 / n for n0, n in zip(src.level_shapes[0], src.spatial_shape)]
-    return tuple(s * fi for s, fi in zip(src.scale, f))
-
-
 def _config_of(name: str) -> Any:
     from ..nca.modelfile import read_config
 
@@ -239,17 +231,11 @@ def _config_of(name: str) -> Any:
 
 
 def _run(job: Job, src: Any, settings: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
-    """The worker-thread part: load, choose tiling, segment (retry tiled on out-of-memory)."""
-    import numpy as np
-    import torch
-
-    from ..run.inference import segment
-
+    """The worker-thread part: load the model, plan the run (the CLI's planner), segment."""
     t0 = time.perf_counter()
     started = datetime.now(timezone.utc).isoformat(timespec="seconds")
     device = settings["device"]
     model = CATALOG.load(settings["model"], device)
-    array = src.array
     throttle = Throttle(0.1)
     levels = model.config.levels
 
@@ -262,55 +248,19 @@ def _run(job: Job, src: Any, settings: dict[str, Any]) -> tuple[Any, dict[str, A
     def on_tile(p: dict[str, Any]) -> None:
         job.relay.progress.emit(dict(p))
 
-    cfg = model.config
-    grid = grid_plan(cfg, tuple(array.shape), src.axes, _level_scale(src), src.metadata)
-    common = dict(axes=grid.axes, dtype=settings["precision"], seed=settings["seed"], runs=settings["runs"],
-                  cancel=job.cancel)
-    choice = choose_tiling(cfg, grid.grid_shape, device, dtype=settings["precision"],
-                           runs=settings["runs"], mode=settings["tiling"])
+    options = RunOptions(device=device, dtype=settings["precision"], seed=settings["seed"], runs=settings["runs"],
+                         tiling=settings["tiling"])
+    plan = plan_run(model.config, src.geometry(), options)
     load_s = time.perf_counter() - t0
-    retried = False
-    if grid.affine is not None:
-        # A NIfTI volume for a fixed-spacing 3D model: reoriented to RAS+ and resampled there.
-        from ..run.resample import segment_at_model_spacing
-
-        work = np.asarray(array)
-    else:
-        work = to_grid(array, cfg, grid) if grid.spacing is not None else array
-
-    def tiled(tile: int | None) -> Any:
-        from ..run.tiling import segment_tiled
-
-        return from_grid(segment_tiled(model, work, tile=tile, device=device, callback=on_tile, **common), grid)
-
-    if choice.tiled and grid.affine is None:
-        seg = tiled(choice.tile)
-    else:
-        try:
-            if grid.affine is not None:
-                seg = segment_at_model_spacing(model, work, device=device, callback=on_step, affine=grid.affine,
-                                               **common)
-            else:
-                if hasattr(work, "compute") or not isinstance(work, np.ndarray):
-                    work = np.asarray(work)
-                seg = from_grid(segment(model, work, device=device, callback=on_step, **common), grid)
-        except Exception as exc:
-            if not is_out_of_memory(exc) or grid.affine is not None:
-                raise
-            if device.startswith("cuda"):
-                torch.cuda.empty_cache()
-            smaller = choose_tiling(cfg, grid.grid_shape, device, dtype=settings["precision"],
-                                    runs=settings["runs"], mode="tiled")
-            job.relay.notice.emit(f"{device} ran out of memory for the whole image; retrying tiled "
-                                  f"({smaller.tile}-cell tiles)")
-            retried = True
-            seg = tiled(smaller.tile)
+    seg = execute(model, plan, src.array, callback=on_step, tile_callback=on_tile, cancel=job.cancel,
+                  notice=job.relay.notice.emit)
     seconds = time.perf_counter() - t0
+    retried = bool(seg.record.get("retried_tiled_after_oom", False))
     record = {
         "model": settings["model"], "model_file": settings["model_file"], "model_config": model.config.name,
         "settings": settings, "seed": settings["seed"], "seeds": list(seg.seeds), "engine": dict(seg.record),
         "tiled": bool(seg.record.get("tiled", False)), "retried_tiled_after_oom": retried,
-        "plan": choice.text, "class_names": list(seg.class_names),
+        "plan": plan.text, "class_names": list(seg.class_names),
         "timings": {"started": started, "load_s": round(load_s, 3), "segment_s": round(seg.seconds, 3),
                     "seconds": round(seconds, 3)},
     }

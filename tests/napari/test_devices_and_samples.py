@@ -1,5 +1,4 @@
-"""Qt-free helpers of the widgets (devices, memory estimate, tiling choice, layer geometry) and
-the sample-data providers."""
+"""Qt-free helpers of the widgets (devices, layer geometry) and the sample-data providers."""
 
 from __future__ import annotations
 
@@ -8,7 +7,7 @@ import pytest
 import torch
 
 from napari_octreenca import preset
-from napari_octreenca.widgets._devices import choose_tiling, estimate_run_bytes, is_out_of_memory, list_devices
+from napari_octreenca.widgets._devices import list_devices
 
 
 def test_devices_list_cpu_and_every_cuda_device():
@@ -18,29 +17,6 @@ def test_devices_list_cpu_and_every_cuda_device():
     assert len(cuda) == (torch.cuda.device_count() if torch.cuda.is_available() else 0)
     for i, d in enumerate(cuda):
         assert d.id == f"cuda:{i}" and torch.cuda.get_device_name(i) in d.label and "free" in d.label
-
-
-def test_memory_estimate_grows_with_the_image_and_picks_tiles():
-    cfg = preset("pathology")
-    small = estimate_run_bytes(cfg, (512, 512))
-    big = estimate_run_bytes(cfg, (4096, 4096))
-    assert big > 15 * small  # 64x the cells; the fixed slab scratch dominates small images
-    # 13 state channels x 2 buffers x 4 bytes is the bulk: at least that much.
-    assert big >= 2 * cfg.update_channels * 4 * 4096 * 4096
-    whole = choose_tiling(cfg, (512, 512), "cpu", free=8 * 1024**3)
-    assert not whole.tiled and whole.text.startswith("whole image")
-    tiled = choose_tiling(cfg, (40_000, 30_000), "cpu", free=8 * 1024**3)
-    assert tiled.tiled and tiled.tile is not None and "tiles" in tiled.text
-    assert estimate_run_bytes(cfg, (tiled.tile, tiled.tile)) * 2 <= 0.6 * 8 * 1024**3
-    forced = choose_tiling(cfg, (512, 512), "cpu", mode="tiled", free=8 * 1024**3)
-    assert forced.tiled
-
-
-def test_out_of_memory_errors_are_recognised():
-    assert is_out_of_memory(torch.OutOfMemoryError("CUDA out of memory"))
-    assert is_out_of_memory(RuntimeError("CUDA error: out of memory"))
-    assert is_out_of_memory(MemoryError())
-    assert not is_out_of_memory(ValueError("bad axes"))
 
 
 def test_layer_geometry_and_outputs():

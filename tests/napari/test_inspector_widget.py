@@ -132,3 +132,46 @@ def test_inspector_records_the_visible_region(make_napari_viewer, qtbot, catalog
 
     ref = segment(load_model(model_file_2d), rgb_image)
     np.testing.assert_allclose(logits.data[-1], ref.logits[0, y0:y1, x0:x1], atol=1e-5)
+
+
+def test_inspector_runs_exactly_what_segment_runs_on_the_brain_sample(viewer, qtbot, catalog):
+    """Same planner: the bundled brain model on the brain sample (NIfTI, RAS+ reorientation, 3 mm
+    grid, the model's own steps) gives the same labels in the inspector as in Segment."""
+    from napari_octreenca.data_sources import brain_paths
+    from napari_octreenca.widgets.inspector_widget import InspectorWidget
+    from napari_octreenca.widgets.segment_widget import SegmentWidget
+
+    try:
+        brain_paths("small")
+    except FileNotFoundError as exc:
+        pytest.skip(str(exc))
+    viewer.open_sample("napari-octreenca", "brain_mri")
+    mri = viewer.layers["brain MRI (T1)"]
+    seg_w = SegmentWidget(viewer)
+    seg_w.image.value = mri
+    seg_w.model.value = "brain_mri"
+    seg_w.seed.value = 3
+    job = seg_w.start()
+    _wait(qtbot, job, 300)
+    assert job.error is None, job.error
+    segment_labels = np.asarray(viewer.layers["brain MRI (T1) labels"].data)
+    record = viewer.layers["brain MRI (T1) labels"].metadata["octreenca"]["record"]
+
+    ins = InspectorWidget(viewer)
+    ins.image.value = mri
+    ins.model.value = "brain_mri"
+    ins.seed.value = 3
+    ins.live.value = False
+    assert [int(s) for s in ins.steps.value.split(",")] == record["engine"]["steps"]
+    job = ins.start()
+    _wait(qtbot, job, 300)
+    assert job.error is None, job.error
+    assert ins.segmentation.record["reoriented"] == "RAS+"
+    inspector_labels = np.asarray(viewer.layers["brain MRI (T1) NCA labels"].data)
+    assert segment_labels.any()
+    np.testing.assert_array_equal(inspector_labels, segment_labels)
+    # The recording is shown in the file's axis order, on the image's grid extent.
+    evo = viewer.layers["brain MRI (T1) NCA evolution logits"]
+    extent = np.asarray(evo.extent.world)[:, -3:]
+    img_extent = np.asarray(mri.extent.world)[:, -3:]
+    np.testing.assert_allclose(extent, img_extent, atol=max(mri.scale) * 3.5)

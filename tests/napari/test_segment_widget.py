@@ -108,13 +108,13 @@ def test_out_of_memory_retries_tiled(viewer, qtbot, catalog, model_file_2d, rgb_
     """When the whole-image run runs out of memory, the widget retries tiled and says so."""
     import torch
 
-    from napari_octreenca.run import inference
+    from napari_octreenca.run import execute
     from napari_octreenca.widgets import segment_widget
 
     def oom(*args, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
 
-    monkeypatch.setattr(inference, "segment", oom)
+    monkeypatch.setattr(execute, "segment", oom)  # the whole-image run of the planner's executor
     name = catalog.add(model_file_2d)
     layer = viewer.add_image(rgb_image, rgb=True, name="rgb")
     w = segment_widget.SegmentWidget(viewer)
@@ -172,7 +172,7 @@ def test_fixed_spacing_model_runs_on_its_grid(viewer, qtbot, catalog, tmp_path: 
     viewer.add_image(rgb_image, rgb=True, name="he")
     w = SegmentWidget(viewer)
     w.model.value = name
-    assert "model's spacing (48x64)" in w.plan.value
+    assert "model's grid 48x64" in w.plan.value
     job = w.start()
     _wait(qtbot, job)
     assert job.error is None, job.error
@@ -212,7 +212,7 @@ def test_brain_sample_with_a_fixed_spacing_3d_model(viewer, qtbot, catalog, tmp_
     w = SegmentWidget(viewer)
     w.image.value = mri
     w.model.value = name
-    assert "model's spacing" in w.plan.value
+    assert "model's RAS+ grid" in w.plan.value
     job = w.start()
     _wait(qtbot, job, 120)
     assert job.error is None, job.error
