@@ -64,7 +64,8 @@ CASES = [
 def run_demo(out: str | Path = "octreenca-demo", device: str = "cpu", quick: bool = False) -> int:
     """Run every demo case whose data and model are installed; returns 0 when at least one ran."""
     from .nca.registry import open_model
-    from .run.planner import InputGeometry, RunOptions, execute, plan_run
+    from .run.planner import InputGeometry, RunOptions, plan_run
+    from .run.execute import execute
     from .run.training import hard_dice
     from .io.writers import write_labels
     from .resources import bundled_models

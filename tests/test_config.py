@@ -60,3 +60,17 @@ def test_config_validation(changes: dict, msg: str) -> None:
 def test_unknown_preset() -> None:
     with pytest.raises(ConfigError, match="unknown preset"):
         preset("cardiology")
+
+
+def test_new_model_leaves_the_global_random_state_alone() -> None:
+    import torch
+
+    from napari_octreenca import new_model
+
+    torch.manual_seed(5)
+    expected = torch.rand(3)
+    torch.manual_seed(5)
+    a = new_model("pathology", seed=1)
+    assert torch.equal(torch.rand(3), expected)
+    b = new_model("pathology", seed=1)
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))

@@ -11,7 +11,8 @@ import torch
 from napari_octreenca import OctreeNCA, preset, save_model
 from napari_octreenca.nca.errors import InputError
 from napari_octreenca.run.execute import is_out_of_memory
-from napari_octreenca.run.planner import InputGeometry, RunOptions, estimate_run_bytes, execute, plan_run
+from napari_octreenca.run.planner import InputGeometry, RunOptions, estimate_run_bytes, plan_run
+from napari_octreenca.run.execute import execute
 
 
 def _evolving(model: OctreeNCA, seed: int) -> OctreeNCA:

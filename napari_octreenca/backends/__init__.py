@@ -1,11 +1,13 @@
 """Compute backends behind one interface: ``get_backend("auto" | "torch" | ...)``.
 
-Further backends (fused CPU, fused CUDA) register themselves in ``BACKENDS``; ``auto`` picks the
-first available one in ``AUTO_ORDER`` that supports the device and dtype.
+The optional backends (fused CPU, fused CUDA) are imported on first use and registered in
+``BACKENDS`` under their ``name``; ``auto`` picks the first available one in ``AUTO_ORDER`` that
+supports the device and dtype.
 """
 
 from __future__ import annotations
 
+import importlib
 import logging
 
 import torch
@@ -26,13 +28,15 @@ def _register_optional() -> None:
     """Import the optional backends; each registers itself only if its module imports."""
     for modname in ("cpu_fused", "cuda.backend"):
         try:
-            __import__(f"{__name__}.{modname}")
+            module = importlib.import_module(f"{__name__}.{modname}")
         except ImportError as e:
             # A missing optional dependency (numba, cuda-bindings) only hides that backend; a
             # broken import inside this package is a bug and must surface.
             if (e.name or "").startswith(__package__ or "napari_octreenca"):
                 raise
             log.debug("backend module %s not importable: %s", modname, e)
+            continue
+        BACKENDS.setdefault(module.BACKEND.name, module.BACKEND)
 
 
 def get_backend(name: str = "auto", device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> Backend:

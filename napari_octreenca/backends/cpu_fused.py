@@ -22,7 +22,6 @@ import torch
 
 from ..nca.errors import InputError
 from ..nca.weights import BackboneNCA
-from . import BACKENDS
 from .base import Backend, LevelRun, StepCallback
 from ..nca.packing import check_fusable
 from .base import fire_params
@@ -343,4 +342,5 @@ def default_threads() -> int:
     return int(os.environ.get("NUMBA_NUM_THREADS", 0)) or (os.cpu_count() or 1)
 
 
-BACKENDS["cpu-fused"] = CpuFusedBackend
+#: Registered by ``backends/__init__.py`` (the package imports this module, never the reverse).
+BACKEND = CpuFusedBackend

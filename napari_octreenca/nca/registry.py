@@ -31,10 +31,13 @@ def open_model(name_or_path: str | Path, device: str | torch.device = "cpu") -> 
 
 
 def new_model(preset_name: str, /, seed: int = 0, **changes: object) -> OctreeNCA:
-    """A freshly initialised (untrained) model from a preset."""
+    """A freshly initialised (untrained) model from a preset; ``seed`` fixes its weights without
+    touching the global torch random state."""
     from .config import preset
 
     if preset_name not in PRESETS:
         raise ModelFileError(f"unknown preset {preset_name!r}; choose one of {sorted(PRESETS)}")
-    torch.manual_seed(seed)
-    return OctreeNCA(preset(preset_name, **changes))
+    # Seed a private generator: the caller's global torch RNG state stays as it was.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return OctreeNCA(preset(preset_name, **changes))

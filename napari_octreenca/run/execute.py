@@ -8,6 +8,7 @@ onto the input grid one output tile at a time, each tile reading the grid window
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -154,4 +155,42 @@ def _tiled_ras(model: Any, plan: RunPlan, image: Any, store: Any, sink: Any, com
     return Segmentation(labels, logits, spread, seg.class_names, "ZYX", seg.seeds, seg.seconds, record)
 
 
-__all__ = ["run_whole", "run_tiled", "is_out_of_memory"]
+# -- the entry point ------------------------------------------------------------------------------------
+Notice = Callable[[str], Any]
+
+
+def execute(model: Any, plan: RunPlan, image: Any, *, callback: Any = None, tile_callback: Any = None,
+            cancel: Any = None, store: Any = None, sink: Any = None, source_path: str | None = None,
+            pyramid: list[Any] | None = None, logits: bool = True, notice: Notice | None = None) -> Any:
+    """Run ``plan`` on ``image`` (numpy, dask or zarr in the geometry it was planned for).
+
+    ``callback`` gets a ``StepInfo`` per step (whole runs), ``tile_callback`` a dict per tile
+    (tiled runs). ``store`` (a folder) makes a tiled run out of core and resumable; ``sink``
+    receives the finished label tiles (e.g. an OME-Zarr writer). A whole run that runs out of
+    memory is retried tiled when the plan allows it; ``notice`` is told why.
+    Returns a ``run.inference.Segmentation`` on the input's grid.
+    """
+    if not plan.tiled:
+        try:
+            return run_whole(model, plan, image, callback=callback, cancel=cancel)
+        except Exception as exc:
+            if not (plan.options.retry_tiled and is_out_of_memory(exc)):
+                raise
+            _free_device_cache(plan.options.device)
+            plan = plan.as_tiled(f"{plan.options.device} ran out of memory for the whole image")
+            if notice is not None:
+                notice(plan.text)
+    seg = run_tiled(model, plan, image, callback=tile_callback, cancel=cancel, store=store, sink=sink,
+                    source_path=source_path, pyramid=pyramid, logits=logits)
+    seg.record["retried_tiled_after_oom"] = bool(plan.notes)
+    return seg
+
+
+def _free_device_cache(device: str) -> None:
+    if device.startswith("cuda"):
+        import torch
+
+        torch.cuda.empty_cache()
+
+
+__all__ = ["execute", "run_whole", "run_tiled", "is_out_of_memory"]

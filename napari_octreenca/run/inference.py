@@ -6,10 +6,16 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 import numpy as np
 import torch
+
+if TYPE_CHECKING:
+    import zarr
+
+#: numpy in memory; a zarr array when a tiled run keeps its outputs in a work store.
+ArrayLike: TypeAlias = "np.ndarray | zarr.Array"
 
 from ..backends import Backend, LevelRun, get_backend
 from ..nca.errors import Cancelled, InputError
@@ -123,9 +129,10 @@ def run_octree(
 class Segmentation:
     """Result of :func:`segment`, in the input's spatial axis order."""
 
-    labels: np.ndarray  # (*spatial) 0 = background, k = class k
-    logits: np.ndarray  # (classes, *spatial) float32, median over runs
-    spread: np.ndarray | None  # (classes, *spatial) std of probabilities over runs (runs > 1)
+    #: Arrays are numpy, except from tiled runs with a work store: zarr arrays there (out of core).
+    labels: ArrayLike  # (*spatial) 0 = background, k = class k
+    logits: ArrayLike  # (classes, *spatial) float32, median over runs
+    spread: ArrayLike | None  # (classes, *spatial) std of probabilities over runs (runs > 1)
     class_names: tuple[str, ...]
     axes: str  # spatial axes of the arrays above
     seeds: list[int]
@@ -134,7 +141,7 @@ class Segmentation:
 
     @property
     def probabilities(self) -> np.ndarray:
-        return 1.0 / (1.0 + np.exp(-self.logits))
+        return 1.0 / (1.0 + np.exp(-np.asarray(self.logits)))
 
 
 def labels_from_logits(logits: np.ndarray | torch.Tensor) -> np.ndarray:

@@ -21,7 +21,8 @@ from typing import Any
 
 from ..nca.errors import InputError
 from ..nca.registry import open_model
-from .planner import InputGeometry, RunOptions, RunPlan, execute, plan_run
+from .planner import InputGeometry, RunOptions, RunPlan, plan_run
+from .execute import execute
 from ..io.readers import FRAME_SUFFIXES, ImageData, file_kind, read_image
 from ..io.writers import OUTPUT_SUFFIXES, output_suffix, write_labels
 

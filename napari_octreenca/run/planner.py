@@ -9,7 +9,7 @@ config and decides, before any pixel is read:
 - whole image or tiled (from a memory estimate against the device's free memory, or the user's
   choice), the tile edge, and whether a whole run may fall back to tiles on out-of-memory.
 
-``execute`` carries a plan out. The CLI pipeline, the Segment widget, the NCA inspector and the
+``run.execute.execute`` carries a plan out. The CLI pipeline, the Segment widget, the NCA inspector and the
 benchmarks all go through these two functions, so they run the same thing for the same input.
 """
 
@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -284,45 +283,5 @@ def _with_grid(text: str, grid: Grid) -> str:
     return f"{text}; on the model's {where}grid {'x'.join(map(str, grid.grid_shape))}"
 
 
-# -- execution ------------------------------------------------------------------------------------
-Notice = Callable[[str], Any]
-
-
-def execute(model: Any, plan: RunPlan, image: Any, *, callback: Any = None, tile_callback: Any = None,
-            cancel: Any = None, store: Any = None, sink: Any = None, source_path: str | None = None,
-            pyramid: list[Any] | None = None, logits: bool = True, notice: Notice | None = None) -> Any:
-    """Run ``plan`` on ``image`` (numpy, dask or zarr in the geometry it was planned for).
-
-    ``callback`` gets a ``StepInfo`` per step (whole runs), ``tile_callback`` a dict per tile
-    (tiled runs). ``store`` (a folder) makes a tiled run out of core and resumable; ``sink``
-    receives the finished label tiles (e.g. an OME-Zarr writer). A whole run that runs out of
-    memory is retried tiled when the plan allows it; ``notice`` is told why.
-    Returns a ``run.inference.Segmentation`` on the input's grid.
-    """
-    from .execute import run_tiled, run_whole, is_out_of_memory
-
-    if not plan.tiled:
-        try:
-            return run_whole(model, plan, image, callback=callback, cancel=cancel)
-        except Exception as exc:
-            if not (plan.options.retry_tiled and is_out_of_memory(exc)):
-                raise
-            _free_device_cache(plan.options.device)
-            plan = plan.as_tiled(f"{plan.options.device} ran out of memory for the whole image")
-            if notice is not None:
-                notice(plan.text)
-    seg = run_tiled(model, plan, image, callback=tile_callback, cancel=cancel, store=store, sink=sink,
-                    source_path=source_path, pyramid=pyramid, logits=logits)
-    seg.record["retried_tiled_after_oom"] = bool(plan.notes)
-    return seg
-
-
-def _free_device_cache(device: str) -> None:
-    if device.startswith("cuda"):
-        import torch
-
-        torch.cuda.empty_cache()
-
-
-__all__ = ["RunOptions", "InputGeometry", "Grid", "RunPlan", "plan_run", "plan_grid", "grid_steps", "execute",
+__all__ = ["RunOptions", "InputGeometry", "Grid", "RunPlan", "plan_run", "plan_grid", "grid_steps",
            "estimate_run_bytes", "device_free_bytes", "host_free_bytes", "fmt_bytes", "HEADROOM"]

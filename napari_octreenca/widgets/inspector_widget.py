@@ -17,7 +17,8 @@ import numpy as np
 from magicgui.widgets import CheckBox, ComboBox, Container, Label, LineEdit, ProgressBar, PushButton, SpinBox
 
 from ..run.inputs import plan_axes
-from ..run.planner import Grid, RunOptions, RunPlan, execute, plan_run
+from ..run.planner import Grid, RunOptions, RunPlan, plan_run
+from ..run.execute import execute
 from ..run.recorder import Frame, NCARecorder, RecordPlan, plan_recording, recording_layers
 from ._devices import list_devices
 from ._layers import layer_input, output_layers

@@ -15,7 +15,8 @@ from typing import TYPE_CHECKING, Any
 from magicgui.widgets import CheckBox, ComboBox, Container, FileEdit, Label, ProgressBar, PushButton, SpinBox
 
 from ..run.inference import StepInfo
-from ..run.planner import RunOptions, execute, plan_run
+from ..run.planner import RunOptions, plan_run
+from ..run.execute import execute
 from ._devices import list_devices
 from ._layers import layer_input, output_layers
 from ._models import CATALOG, follow_catalog

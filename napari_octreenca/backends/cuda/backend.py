@@ -21,7 +21,6 @@ import torch
 
 from ...nca.errors import BackendUnavailable, InputError
 from ...nca.weights import BackboneNCA
-from .. import BACKENDS
 from ..base import Backend, LevelRun, StepCallback
 from ...nca.packing import check_fusable, pack_weights
 from ..base import fire_params
@@ -222,4 +221,5 @@ class CudaBackend(Backend):
         return state
 
 
-BACKENDS["cuda"] = CudaBackend
+#: Registered by ``backends/__init__.py`` (the package imports this module, never the reverse).
+BACKEND = CudaBackend
