@@ -305,6 +305,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     debug = bool(args.debug)
     with warnings.catch_warnings():
+        # Our own warnings (value range, dropped alpha) always show, as one line unless --debug.
+        from .nca.errors import OctreeNCAWarning
+
+        warnings.filterwarnings("always", category=OctreeNCAWarning)
         if not debug:
             warnings.showwarning = _one_line_warning
         try:

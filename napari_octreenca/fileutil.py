@@ -159,7 +159,10 @@ def output_lock(path: str | os.PathLike[str], *, wait: bool = False, poll: float
         os.close(fd)  # the previous holder removed the file after we opened it: lock the new one
         time.sleep(poll if wait else 0)
     try:
-        os.write(fd, f"{_tag()}\n".encode())
+        try:
+            os.write(fd, f"{_tag()}\n".encode())  # who holds it, for a curious user; optional
+        except OSError:
+            pass
         yield lp
     finally:
         try:

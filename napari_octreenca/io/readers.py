@@ -246,8 +246,10 @@ def _read_frame(path: str) -> np.ndarray:
         if "A" in im.getbands() or (im.mode == "P" and "transparency" in im.info):
             import warnings
 
-            warnings.warn(f"{path}: the alpha (transparency) channel is dropped; the image is read as RGB",
-                          stacklevel=2)
+            from ..nca.errors import OctreeNCAWarning
+
+            warnings.warn(OctreeNCAWarning(f"{path}: the alpha (transparency) channel is dropped; the image is "
+                                           "read as RGB"), stacklevel=2)
         return np.asarray(im.convert("RGB") if im.mode not in ("L", "RGB", "I;16", "I") else im)
 
 

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from ..nca.config import ModelConfig, Normalization
-from ..nca.errors import InputError
+from ..nca.errors import InputError, OctreeNCAWarning
 
 _AXIS_LETTERS = set("TZYXC")
 
@@ -98,7 +99,7 @@ def check_values(x: torch.Tensor) -> None:
     check_float32_range(x)
 
 
-class InputRangeWarning(UserWarning):
+class InputRangeWarning(OctreeNCAWarning):
     """The input's values are far from those the model was trained on: the result may be wrong."""
 
 
@@ -153,8 +154,6 @@ def check_range(x: object, config: ModelConfig) -> str | None:
     msg = (f"the input's values ({dtype}, {in_lo:.4g}..{in_hi:.4g}) are far from the training images' "
            f"({config.input_dtype or '?'}, {lo:.4g}..{hi:.4g}): the labels may be wrong; rescale the image "
            f"to the training range")
-    import warnings
-
     warnings.warn(InputRangeWarning(msg), stacklevel=3)
     return msg
 
@@ -173,7 +172,9 @@ def to_tensor(image: object) -> torch.Tensor:
         raise InputError(f"unsupported input dtype {arr.dtype}; use an integer or float array")
     if arr.dtype in (np.uint16, np.uint32, np.uint64):
         arr = arr.astype(np.float32 if arr.dtype == np.uint16 else np.float64)
-    return torch.from_numpy(np.ascontiguousarray(arr))
+    with warnings.catch_warnings():  # a read-only array (e.g. from a file) is fine: it is only read
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return torch.from_numpy(np.ascontiguousarray(arr))
 
 
 @dataclass(frozen=True)

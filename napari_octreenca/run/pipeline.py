@@ -15,6 +15,7 @@ and raises :class:`BatchError` listing the failures at the end.
 
 from __future__ import annotations
 
+import errno
 import glob
 import hashlib
 import json
@@ -31,7 +32,7 @@ import numpy as np
 
 from ..fileutil import output_lock
 from ..nca.config import check_seed
-from ..nca.errors import Cancelled, InputError, OctreeNCAError
+from ..nca.errors import Cancelled, InputError, OctreeNCAError, OctreeNCAWarning
 from .inference import segment
 from ..nca.registry import open_model
 from .resample import model_grid_shape, model_spacing_in_input_order, segment_at_model_spacing
@@ -148,7 +149,7 @@ def run_segment(inputs: list[str], output: str, model: str, *, device: str = "cp
     if not paths:
         raise InputError("no inputs given")
     if keep_going is None:
-        keep_going = any(_is_batch_item(item) for item in inputs)
+        keep_going = any(_is_batch_item(item, video_model="T" in cfg.axes) for item in inputs)
     jobs = plan_outputs(paths, Path(output), overwrite=overwrite)
     budget = memory_budget if memory_budget is not None else _budget()
     results: list[Path] = []
@@ -165,6 +166,7 @@ def run_segment(inputs: list[str], output: str, model: str, *, device: str = "cp
         except (KeyboardInterrupt, Cancelled):
             raise
         except Exception as exc:
+            _name_input(exc, src, dest)
             if not keep_going:
                 raise
             failures.append((src, exc))
@@ -220,8 +222,11 @@ def _warnings_naming(src: Path) -> Iterator[None]:
         finally:
             pending = list(caught)
     for w in pending:
-        text = str(w.message)
-        warnings.warn(w.category(text if str(src) in text else f"{src}: {text}"), stacklevel=3)
+        if issubclass(w.category, OctreeNCAWarning):
+            text = str(w.message)
+            warnings.warn(w.category(text if str(src) in text else f"{src}: {text}"), stacklevel=3)
+        else:  # someone else's: as it was, under the caller's filters
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
 
 
 def _check_sample(im: ImageData, cfg: Any) -> None:
@@ -248,17 +253,30 @@ def _memory_advice(src: Path, tiled: bool, tile: int | None) -> str:
     return f"out of memory segmenting {src} as a whole image: retry with --tile 1024 (tile by tile, out of core) or --dtype bfloat16"
 
 
+def _name_input(exc: BaseException, src: Path, dest: Path) -> None:
+    """Prefix our own one-line errors with the input they are about, unless they name it already; an
+    OSError that names no file gets the output (disk full, read-only disk) or the input."""
+    if isinstance(exc, OSError) and exc.errno is not None and not exc.filename:
+        exc.filename = str(dest) if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS) else str(src)
+    if isinstance(exc, OctreeNCAError) and len(exc.args) == 1 and isinstance(exc.args[0], str):
+        if str(src) not in exc.args[0] and src.name not in exc.args[0]:
+            exc.args = (f"{src}: {exc.args[0]}",)
+
+
 def _one_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
 
 
-def _is_batch_item(item: str) -> bool:
-    """A folder (of separate images) or a glob: the inputs of a batch."""
+def _is_batch_item(item: str, video_model: bool) -> bool:
+    """A folder of separate images or a glob (as ``expand_inputs`` sees them): the inputs of a batch."""
     p = Path(item)
     if any(ch in item for ch in "*?[") and not p.exists():
         return True
-    return p.is_dir() and not _is_image_dir(p)
+    if not p.is_dir():
+        return False
+    kind = file_kind(p) if _is_image_dir(p) else "batch"
+    return not (kind == "ome-zarr" or (kind == "frames" and video_model))
 
 
 # -- outputs: where each input goes, and what must not be overwritten ------------------------------
