@@ -223,9 +223,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="octreenca", description="OctreeNCA segmentation of large medical images")
     p.add_argument("--debug", action="store_true", help="show the full traceback of an error")
+    # ... also after the sub-command (SUPPRESS: absent there, the top-level value stays)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                        help="show the full traceback of an error")
     sub = p.add_subparsers(dest="command", required=True)
 
-    s = sub.add_parser("segment", help="segment images (files, folders or globs) with a model")
+    s = sub.add_parser("segment", parents=[common], help="segment images (files, folders or globs) with a model")
     s.add_argument("paths", nargs="+", metavar="INPUT... OUTPUT")
     s.add_argument("--model", required=True, help="bundled model name or model file")
     s.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
@@ -246,7 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--quiet", action="store_true")
     s.set_defaults(func=cmd_segment)
 
-    t = sub.add_parser("train", help="train a model from image/label pairs")
+    t = sub.add_parser("train", parents=[common], help="train a model from image/label pairs")
     t.add_argument("--pair", nargs=2, action="append", metavar=("IMAGE", "LABELS"), default=[])
     t.add_argument("--preset", default="pathology", choices=["pathology", "radiology", "surgery"])
     t.add_argument("--model", default=None, help="start from this model (fine-tune) instead of a preset")
@@ -268,12 +272,12 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--out", required=True)
     t.set_defaults(func=cmd_train)
 
-    i = sub.add_parser("info", help="print a model's architecture and parameter count")
+    i = sub.add_parser("info", parents=[common], help="print a model's architecture and parameter count")
     i.add_argument("model", help="preset name, bundled model name or model file")
     i.add_argument("--json", action="store_true")
     i.set_defaults(func=cmd_info)
 
-    m = sub.add_parser("import", help="convert a checkpoint of the published OctreeNCA code")
+    m = sub.add_parser("import", parents=[common], help="convert a checkpoint of the published OctreeNCA code")
     m.add_argument("checkpoint")
     m.add_argument("out")
     m.add_argument("--preset", default="pathology", choices=["pathology", "radiology", "surgery"])
@@ -285,7 +289,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("rest", nargs=argparse.REMAINDER)
     b.set_defaults(func=cmd_bench)
 
-    d = sub.add_parser("demo", help="segment the bundled samples with the bundled models")
+    d = sub.add_parser("demo", parents=[common], help="segment the bundled samples with the bundled models")
     d.add_argument("--out", default="octreenca-demo")
     d.add_argument("--device", default="cpu")
     d.add_argument("--quick", action="store_true", help="smaller inputs, for a fast check")

@@ -360,10 +360,14 @@ def test_hostile_header_fails_before_allocation(tmp_path: Path, model_2d: Path, 
 def test_api_checks_match_the_cli(model_2d: Path, pictures, capsys, tmp_path: Path) -> None:
     model = random_model_from(model_2d)
     img = pictures[0][:32, :32]
+    from napari_octreenca.run.tiling import segment_tiled
+
     for kw in ({"fire_rate": 0}, {"fire_rate": 2}, {"steps": [2, -1, 3]}, {"steps": [2, 2, 10**9]},
                {"seed": 2**64}, {"seed": -1}, {"seed": 2**64 - 1, "runs": 2}):
         with pytest.raises(ConfigError):
             segment(model, img, backend="torch", **kw)
+        with pytest.raises(ConfigError):
+            segment_tiled(model, img, tile=16, backend="torch", **kw)
     segment(model, img, backend="torch", seed=2**64 - 1)  # the last seed of the hash's range is fine
     src = save_png(tmp_path / "a.png", img)
     rc, err = cli(capsys, *seg(model_2d, src, tmp_path / "o.png", "--seed", str(2**64)))
@@ -390,6 +394,11 @@ def test_cuda_without_gpu_is_one_line(tmp_path: Path, model_2d: Path, pictures, 
     one_line_error(err, "no CUDA GPU")
     with pytest.raises(BackendUnavailable, match="no CUDA GPU"):
         segment(random_model_from(model_2d), pictures[0], device="cuda")
+    from napari_octreenca.run.training import TrainConfig, TrainPair, train
+
+    with pytest.raises(BackendUnavailable, match="no CUDA GPU"):
+        train(random_model_from(model_2d), [TrainPair(pictures[0], np.zeros((96, 128), np.uint8), "YXC")],
+              TrainConfig(iterations=1), device="cuda")
 
 
 @pytest.fixture
@@ -511,8 +520,13 @@ def test_memory_error_names_input_and_a_flag(tmp_path: Path, model_2d: Path, pic
 
 
 def test_debug_shows_the_traceback(tmp_path: Path, model_2d: Path, capsys) -> None:
-    with pytest.raises(Exception):
-        main(["--debug", "segment", str(tmp_path / "missing.png"), str(tmp_path / "o.png"), "--model", str(model_2d)])
+    argv = ["segment", str(tmp_path / "missing.png"), str(tmp_path / "o.png"), "--model", str(model_2d)]
+    rc, err = cli(capsys, *argv)
+    assert rc == 2
+    one_line_error(err, "missing.png", "does not exist")
+    for debug in (["--debug", *argv], [*argv, "--debug"]):  # before or after the sub-command
+        with pytest.raises(ValueError, match="does not exist"):
+            main(debug)
 
 
 # -- finding 7: values far from training, overflow, alpha --------------------------------------------------
