@@ -19,11 +19,11 @@ import numpy as np
 import pytest
 import tifffile
 import torch
-
 from helpers import ITK_DATA, need_file, random_model
+
 from napari_octreenca import save_model, segment
 from napari_octreenca.cli import main
-from napari_octreenca.fileutil import atomic_write, lock_path, output_lock, OutputLocked
+from napari_octreenca.fileutil import OutputLocked, atomic_write, lock_path, output_lock
 from napari_octreenca.io.readers import read_image
 from napari_octreenca.nca.errors import BackendUnavailable, ConfigError
 from napari_octreenca.run.pipeline import BatchError, find_work_folders, run_segment
@@ -58,9 +58,8 @@ def model_3d(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def pictures() -> list[np.ndarray]:
     """Three real colonoscopy pictures (Kvasir-SEG), cropped to 96 x 128 RGB."""
-    from PIL import Image
-
     from helpers import SHARED_DATA
+    from PIL import Image
 
     folder = SHARED_DATA / "kvasir-seg-mini" / "images"
     if not folder.is_dir():
@@ -196,9 +195,8 @@ def test_killed_writers_part_files_are_removed(tmp_path: Path, model_2d: Path, p
 def test_lock_refuses_second_holder_and_wait_blocks(tmp_path: Path) -> None:
     out = tmp_path / "o.tif"
     with output_lock(out):
-        with pytest.raises(OutputLocked, match="another octreenca run is writing"):
-            with output_lock(out):
-                pass
+        with pytest.raises(OutputLocked, match="another octreenca run is writing"), output_lock(out):
+            pass
         assert lock_path(out).exists()
     assert not lock_path(out).exists()  # removed on release
 
@@ -241,7 +239,7 @@ def test_two_processes_on_one_output(tmp_path: Path, model_2d: Path, pictures) -
     while not lock_path(out).exists():  # the first run takes the lock before it writes anything
         assert first.poll() is None and time.time() < deadline, "the first run ended before taking the lock"
         time.sleep(0.05)
-    second = subprocess.run([sys.executable, "-c", RUN, *argv], env=ENV, capture_output=True, text=True, timeout=120)
+    second = subprocess.run([sys.executable, "-c", RUN, *argv], env=ENV, capture_output=True, text=True, timeout=120, check=False)
     assert second.returncode == 2
     one_line_error(second.stderr, "another octreenca run is writing", str(out), "--wait")
     waiter = subprocess.Popen([sys.executable, "-c", RUN, *argv, "--wait"], env=ENV, stderr=subprocess.PIPE, text=True)
@@ -292,7 +290,7 @@ def test_killed_rewrite_is_not_listed_as_complete(tmp_path: Path, model_2d: Path
     assert rc == 0 and listed(out) == ["segmentation"], err
     killed = subprocess.run([sys.executable, "-c", KILL_AFTER_FIRST_CHUNK, *seg(model_2d, src, out, "--seed", "7",
                                                                                *extra)],
-                            env=ENV, capture_output=True, text=True, timeout=120)
+                            env=ENV, capture_output=True, text=True, timeout=120, check=False)
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     assert listed(out) == []  # a mix of old and new labels must not look complete
     rc, err = cli(capsys, *seg(model_2d, src, out, "--seed", "7", *extra))  # the rerun completes it
@@ -406,7 +404,7 @@ def full_disk(tmp_path: Path):
     """A 64 KiB tmpfs, filled up (needs root to mount; skipped otherwise)."""
     mnt = tmp_path / "tiny"
     mnt.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mnt)], capture_output=True)
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mnt)], capture_output=True, check=False)
     if done.returncode != 0:
         pytest.skip("cannot mount a tmpfs here (not root)")
     try:
@@ -507,7 +505,7 @@ def test_lying_nifti_header_is_one_line(tmp_path: Path, model_3d: Path, capsys) 
 
 
 def test_memory_error_names_input_and_a_flag(tmp_path: Path, model_2d: Path, pictures, monkeypatch, capsys) -> None:
-    import napari_octreenca.run.pipeline as pipeline
+    from napari_octreenca.run import pipeline
 
     def oom(*a, **k):
         raise MemoryError

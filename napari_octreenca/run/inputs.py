@@ -106,14 +106,14 @@ class InputRangeWarning(OctreeNCAWarning):
 FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
-def _min_max(x: object) -> tuple[float, float]:
+def _min_max(x: torch.Tensor | np.ndarray) -> tuple[float, float]:
     if isinstance(x, torch.Tensor):
         return float(x.min()), float(x.max())
     a = np.asarray(x)
     return float(a.min()), float(a.max())
 
 
-def check_float32_range(x: object) -> None:
+def check_float32_range(x: torch.Tensor | np.ndarray) -> None:
     """Refuse values the network's float32 cannot hold (they would become inf and silently wrong labels)."""
     if isinstance(x, torch.Tensor):
         wide = x.dtype in (torch.float64, torch.int64)
@@ -134,7 +134,7 @@ def input_range_of(images: list[object]) -> tuple[float, float, str]:
     return lo, hi, str(np.result_type(*arrays))
 
 
-def check_range(x: object, config: ModelConfig) -> str | None:
+def check_range(x: torch.Tensor | np.ndarray, config: ModelConfig) -> str | None:
     """Warn (``InputRangeWarning``) when raw input values are far from the training images' range.
 
     Only for models whose file stores that range (``config.input_range``) and whose

@@ -258,9 +258,10 @@ def _name_input(exc: BaseException, src: Path, dest: Path) -> None:
     OSError that names no file gets the output (disk full, read-only disk) or the input."""
     if isinstance(exc, OSError) and exc.errno is not None and not exc.filename:
         exc.filename = str(dest) if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS) else str(src)
-    if isinstance(exc, OctreeNCAError) and len(exc.args) == 1 and isinstance(exc.args[0], str):
-        if str(src) not in exc.args[0] and src.name not in exc.args[0]:
-            exc.args = (f"{src}: {exc.args[0]}",)
+    if not (isinstance(exc, OctreeNCAError) and len(exc.args) == 1 and isinstance(exc.args[0], str)):
+        return
+    if str(src) not in exc.args[0] and src.name not in exc.args[0]:
+        exc.args = (f"{src}: {exc.args[0]}",)
 
 
 def _one_line(exc: BaseException) -> str:
@@ -471,5 +472,5 @@ def _drop_old_labels(dest: Path) -> None:
         raise InputError(f"the output {dest} exists and is not a zarr store: remove it or choose another output")
 
 
-__all__ = ["run_segment", "expand_inputs", "default_output_name", "plan_outputs", "work_folder", "find_work_folders",
-           "BatchError", "OutOfMemory", "OUTPUT_SUFFIXES"]
+__all__ = ["OUTPUT_SUFFIXES", "BatchError", "OutOfMemory", "default_output_name", "expand_inputs", "find_work_folders",
+           "plan_outputs", "run_segment", "work_folder"]
