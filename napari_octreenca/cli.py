@@ -63,7 +63,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def cmd_segment(args: argparse.Namespace) -> int:
-    from .run.pipeline import run_segment
+    from .run.pipeline import BatchError, run_segment
 
     paths = args.paths
     if len(paths) < 2:
@@ -73,22 +73,47 @@ def cmd_segment(args: argparse.Namespace) -> int:
     last = [0.0]
 
     def progress(info: dict[str, Any]) -> None:
+        if info.get("stage") == "failed" and not args.quiet:  # the batch goes on; the list comes at the end
+            print(f"  failed: {info['path']}: {info['error']}", file=sys.stderr, flush=True)
+            return
         if args.quiet or time.perf_counter() - last[0] < 1.0:
             return
         last[0] = time.perf_counter()
         parts = [f"{k}={v}" for k, v in info.items() if v is not None]
         print("  " + " ".join(parts), file=sys.stderr, flush=True)
 
-    written = run_segment(
-        inputs, output, args.model, device=args.device, dtype=args.dtype, backend=args.backend,
-        seed=args.seed, runs=args.runs, tile=args.tile, scheduler=args.scheduler, progress=progress,
-        use_pyramid=args.use_pyramid,
-    )
+    _check_seed_arg(args.seed, args.runs)
+    try:
+        written = run_segment(
+            inputs, output, args.model, device=args.device, dtype=args.dtype, backend=args.backend,
+            seed=args.seed, runs=args.runs, tile=args.tile, scheduler=args.scheduler, progress=progress,
+            use_pyramid=args.use_pyramid, overwrite=args.overwrite, wait=args.wait, keep_going=args.keep_going,
+        )
+    except BatchError as exc:
+        for p in exc.written:
+            print(p)
+        for src, err in exc.failures:
+            print(f"octreenca: failed: {src}: {error_message(err)}", file=sys.stderr)
+        raise
     for p in written:
         print(p)
     if not args.quiet:
         print(f"done: {len(written)} output(s) in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
     return 0
+
+
+def _check_seed_arg(seed: int, runs: int = 1) -> None:
+    from .nca.config import check_seed
+
+    check_seed(seed, runs)
+
+
+def _refuse_same_file(src: str, out: str, what: str) -> None:
+    """``out`` must not be ``src``: writing it would destroy the input before it is fully read."""
+    import os
+
+    if os.path.exists(out) and os.path.exists(src) and os.path.samefile(src, out):
+        raise ValueError(f"the output {out} is the {what} {src}: writing would destroy it; choose another output")
 
 
 def _read(path: str) -> tuple[Any, str]:
@@ -105,12 +130,19 @@ def cmd_train(args: argparse.Namespace) -> int:
     import numpy as np
 
     from .nca.config import preset
+    from .nca.device import check_device
     from .nca.modelfile import save_model
     from .nca.registry import open_model
+    from .run.inputs import input_range_of
     from .run.training import TrainConfig, TrainPair, evaluate, train
 
     if not args.pair:
         raise SystemExit("octreenca: error: give at least one --pair IMAGE LABELS")
+    _check_seed_arg(args.seed)
+    check_device(args.device)
+    for image_path, label_path in args.pair:
+        _refuse_same_file(image_path, args.out, "training image")
+        _refuse_same_file(label_path, args.out, "training labels")
     pairs = []
     for image_path, label_path in args.pair:
         image, axes = _read(image_path)
@@ -125,7 +157,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         model: Any = open_model(args.model)
     else:
         changes: dict[str, Any] = {}
-        if args.classes:
+        if args.classes is not None:
             changes["output_channels"] = args.classes
         if args.steps:
             changes["steps"] = args.steps
@@ -148,7 +180,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     result = train(model, pairs, cfg, callback=progress, checkpoint=args.checkpoint, resume=args.resume, device=args.device)
     scores = evaluate(result.model, pairs)
     final = result.model
-    final.config = final.config.replace(provenance={**final.config.provenance, "train_dice": scores})
+    lo, hi, dtype_name = input_range_of([p.image for p in pairs])
+    # The training images' raw range: inputs far outside it get a warning when segmenting.
+    final.config = final.config.replace(provenance={**final.config.provenance, "train_dice": scores},
+                                        input_range=(lo, hi), input_dtype=dtype_name)
     save_model(final, args.out)
     print(f"saved {args.out}  (train Dice {scores['mean']:.3f}, {time.perf_counter() - t0:.0f} s)")
     return 0
@@ -157,8 +192,11 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_import(args: argparse.Namespace) -> int:
     from .nca.modelfile import import_original, save_model
 
+    _refuse_same_file(args.checkpoint, args.out, "checkpoint")
     changes: dict[str, Any] = {}
-    if args.classes:
+    if args.classes is not None:
+        if args.classes < 1:
+            raise ValueError(f"--classes must be >= 1, got {args.classes}")
         changes["output_channels"] = args.classes
     if args.steps:
         changes["steps"] = args.steps
@@ -176,15 +214,22 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
+    from .nca.device import check_device
 
+    check_device(args.device)
     return int(run_demo(args.out, device=args.device, quick=args.quick) or 0)
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="octreenca", description="OctreeNCA segmentation of large medical images")
+    p.add_argument("--debug", action="store_true", help="show the full traceback of an error")
+    # ... also after the sub-command (SUPPRESS: absent there, the top-level value stays)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                        help="show the full traceback of an error")
     sub = p.add_subparsers(dest="command", required=True)
 
-    s = sub.add_parser("segment", help="segment images (files, folders or globs) with a model")
+    s = sub.add_parser("segment", parents=[common], help="segment images (files, folders or globs) with a model")
     s.add_argument("paths", nargs="+", metavar="INPUT... OUTPUT")
     s.add_argument("--model", required=True, help="bundled model name or model file")
     s.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
@@ -196,10 +241,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--scheduler", default=None, help="dask.distributed scheduler address")
     s.add_argument("--use-pyramid", action="store_true",
                    help="read octree levels from the file's pyramid where shapes fit (faster, not bitwise equal)")
+    s.add_argument("--overwrite", action="store_true",
+                   help="allow an output that is an input (the input is replaced) or earlier results among the inputs")
+    s.add_argument("--wait", action="store_true", help="wait for another run writing the same output instead of failing")
+    s.add_argument("--keep-going", action=argparse.BooleanOptionalAction, default=None,
+                   help="go on after a failed input, list the failures at the end, exit non-zero "
+                        "(default: on for folders and globs)")
     s.add_argument("--quiet", action="store_true")
     s.set_defaults(func=cmd_segment)
 
-    t = sub.add_parser("train", help="train a model from image/label pairs")
+    t = sub.add_parser("train", parents=[common], help="train a model from image/label pairs")
     t.add_argument("--pair", nargs=2, action="append", metavar=("IMAGE", "LABELS"), default=[])
     t.add_argument("--preset", default="pathology", choices=["pathology", "radiology", "surgery"])
     t.add_argument("--model", default=None, help="start from this model (fine-tune) instead of a preset")
@@ -221,12 +272,12 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--out", required=True)
     t.set_defaults(func=cmd_train)
 
-    i = sub.add_parser("info", help="print a model's architecture and parameter count")
+    i = sub.add_parser("info", parents=[common], help="print a model's architecture and parameter count")
     i.add_argument("model", help="preset name, bundled model name or model file")
     i.add_argument("--json", action="store_true")
     i.set_defaults(func=cmd_info)
 
-    m = sub.add_parser("import", help="convert a checkpoint of the published OctreeNCA code")
+    m = sub.add_parser("import", parents=[common], help="convert a checkpoint of the published OctreeNCA code")
     m.add_argument("checkpoint")
     m.add_argument("out")
     m.add_argument("--preset", default="pathology", choices=["pathology", "radiology", "surgery"])
@@ -238,7 +289,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("rest", nargs=argparse.REMAINDER)
     b.set_defaults(func=cmd_bench)
 
-    d = sub.add_parser("demo", help="segment the bundled samples with the bundled models")
+    d = sub.add_parser("demo", parents=[common], help="segment the bundled samples with the bundled models")
     d.add_argument("--out", default="octreenca-demo")
     d.add_argument("--device", default="cpu")
     d.add_argument("--quick", action="store_true", help="smaller inputs, for a fast check")
@@ -248,7 +299,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``octreenca``."""
-    from .nca.errors import OctreeNCAError
+    import warnings
 
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["bench"]:  # argparse.REMAINDER drops leading --options in sub-commands
@@ -256,24 +307,57 @@ def main(argv: list[str] | None = None) -> int:
 
         return int(bench.main(argv[1:]) or 0)
     args = build_parser().parse_args(argv)
-    try:
-        return args.func(args)
-    except KeyboardInterrupt:
-        print("octreenca: interrupted", file=sys.stderr)
-        return EXIT_INTERRUPT
-    except (OctreeNCAError, FileNotFoundError, IsADirectoryError, PermissionError, ValueError, MemoryError) as exc:
-        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        if isinstance(exc, MemoryError):
-            msg = "out of memory: use --tile, a smaller --dtype (bfloat16) or a machine with more memory"
-        print(f"octreenca: error: {msg}", file=sys.stderr)
-        return EXIT_ERROR
-    except RuntimeError as exc:
-        text = str(exc)
-        if "out of memory" in text.lower():
-            print("octreenca: error: the device ran out of memory: retry with --tile 2048 or --dtype bfloat16", file=sys.stderr)
-        else:
-            print(f"octreenca: error: {text.splitlines()[0] if text else type(exc).__name__}", file=sys.stderr)
-        return EXIT_ERROR
+    debug = bool(args.debug)
+    with warnings.catch_warnings():
+        # Our own warnings (value range, dropped alpha) always show, as one line unless --debug.
+        from .nca.errors import OctreeNCAWarning
+
+        warnings.filterwarnings("always", category=OctreeNCAWarning)
+        if not debug:
+            warnings.showwarning = _one_line_warning
+        try:
+            return args.func(args)
+        except KeyboardInterrupt:
+            print("octreenca: interrupted", file=sys.stderr)
+            return EXIT_INTERRUPT
+        except Exception as exc:
+            if debug:
+                raise
+            print(f"octreenca: error: {error_message(exc)}", file=sys.stderr)
+            return EXIT_ERROR
+
+
+def _one_line_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                      file: Any = None, line: str | None = None) -> None:
+    text = str(message).strip().splitlines()
+    print(f"octreenca: warning: {text[0] if text else category.__name__}", file=sys.stderr, flush=True)
+
+
+def error_message(exc: BaseException) -> str:
+    """One line for any error: what was wrong (with the file) and what to do; never a traceback."""
+    import errno as errnos
+
+    from .nca.errors import OctreeNCAError
+
+    text = str(exc).strip()
+    first = text.splitlines()[0] if text else type(exc).__name__
+    if isinstance(exc, OctreeNCAError):
+        return first
+    if isinstance(exc, MemoryError):
+        return "out of memory: retry with --tile 1024 (tile by tile, out of core) or --dtype bfloat16"
+    if isinstance(exc, OSError) and exc.errno is not None:
+        where = f"{exc.filename}: " if exc.filename else ""
+        what = exc.strerror or first
+        if exc.errno == errnos.ENOSPC:
+            return f"{where}no space left on the disk: free some space or write the output elsewhere"
+        if exc.errno in (errnos.EACCES, errnos.EPERM, errnos.EROFS):
+            return f"{where}{what}: check the file's permissions or choose another path"
+        return f"{where}{what}"
+    if isinstance(exc, RuntimeError) and "out of memory" in text.lower():
+        return "the device ran out of memory: retry with --tile 1024 or --dtype bfloat16"
+    if isinstance(exc, (ValueError, OSError, RuntimeError)):
+        return first
+    return f"{type(exc).__name__}: {first} (unexpected; rerun with --debug for the traceback)"
 
 
 if __name__ == "__main__":

@@ -30,6 +30,8 @@ def test_train_info_segment(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
     model = load_model(out)
     assert model.config.name == "toy" and model.config.steps == (4, 4, 8)
     assert model.config.provenance["iterations"] == 4 and "train_dice" in model.config.provenance
+    # the training images' raw range, for the range warning when segmenting
+    assert model.config.input_range == (float(img.min()), float(img.max())) and model.config.input_dtype == "uint8"
     capsys.readouterr()
     assert main(["info", str(out)]) == 0
     assert "toy" in capsys.readouterr().out

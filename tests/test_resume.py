@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from napari_octreenca import OctreeNCA, preset, save_model, segment
-from napari_octreenca.run.pipeline import WORK_SUFFIX, run_segment
+from napari_octreenca.run.pipeline import find_work_folders, run_segment
 from napari_octreenca.io.readers import read_image
 from napari_octreenca.run.tiling import segment_tiled
 
@@ -80,7 +80,6 @@ def test_killed_process_resumes_with_identical_output(tmp_path: Path) -> None:
     src = tmp_path / "slide.tif"
     tifffile.imwrite(src, img, photometric="rgb", tile=(128, 128))
     out = tmp_path / "out" / "slide_labels.zarr"
-    work = out.parent / (out.name + WORK_SUFFIX)
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.Popen([sys.executable, "-c", SCRIPT, str(src), str(out), str(mpath)], env=env,
                             stdout=subprocess.PIPE, text=True)
@@ -94,6 +93,7 @@ def test_killed_process_resumes_with_identical_output(tmp_path: Path) -> None:
                 break
     proc.wait(timeout=60)
     assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    [work] = find_work_folders(out)  # one work folder, named after this run's settings
     done_before = len(list((work / "progress").iterdir()))
     assert done_before >= 5
     # An interrupted OME-Zarr output is not listed as a labels image yet.
@@ -103,7 +103,7 @@ def test_killed_process_resumes_with_identical_output(tmp_path: Path) -> None:
     run_segment([str(src)], str(out), str(mpath), backend="torch", tile=64, progress=events.append)
     tiles = [e for e in events if "computed" in e]
     assert sum(e["computed"] for e in tiles) == len(tiles) - done_before
-    assert not work.exists()  # removed once complete
+    assert not work.exists() and not find_work_folders(out)  # removed once complete
     resumed = np.asarray(read_image(out).data)
 
     fresh = tmp_path / "fresh_labels.zarr"

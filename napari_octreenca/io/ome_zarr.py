@@ -96,6 +96,7 @@ class LabelsWriter:
         labels = root_group.require_group("labels")
         if "ome" not in labels.attrs:
             labels.attrs["ome"] = {"version": NGFF_VERSION, "labels": []}
+        unlist_labels(labels, name)  # before any chunk changes: a killed rewrite never looks complete
         g = labels.require_group(name)
         scale = scale or (1.0,) * len(axes)
         translate = translate or (0.0,) * len(axes)
@@ -108,8 +109,7 @@ class LabelsWriter:
             "multiscales": [multiscales(axes, self.factors, scale, translate, name, units)],
             "image-label": image_label,
         }
-        if source:
-            g.attrs["octreenca"] = {"source": source, "complete": False}
+        g.attrs["octreenca"] = {"source": source, "complete": False} if source else {"complete": False}
         self.group = g
         self.arrays = []
         for k, f in enumerate(self.factors):
@@ -148,6 +148,20 @@ class LabelsWriter:
 
     def group_parent(self) -> zarr.Group:
         return zarr.open_group(str(self.root / "labels"), mode="a")
+
+
+def unlist_labels(labels: zarr.Group, name: str) -> None:
+    """Remove ``name`` from a ``labels`` group's listing and mark it incomplete (first step of any rewrite)."""
+    ome = dict(labels.attrs.get("ome", {}))
+    if name in ome.get("labels", []):
+        ome["labels"] = [n for n in ome["labels"] if n != name]
+        labels.attrs["ome"] = ome
+    if name in labels:
+        g = labels[name]
+        meta = dict(g.attrs.get("octreenca", {}))
+        if meta.get("complete", True):
+            meta["complete"] = False
+            g.attrs["octreenca"] = meta
 
 
 def _color(i: int) -> list[int]:

@@ -100,6 +100,7 @@ def read_nifti(path: Path) -> ImageData:
     if len(shape) not in (2, 3, 4):
         raise InputError(f"{path.name}: NIfTI with {len(shape)} axes is not supported (2 to 4)")
     nbytes = int(np.prod(shape)) * np.dtype(img.get_data_dtype()).itemsize
+    _check_nifti_size(path, shape, nbytes, int(img.header.get("vox_offset", 0) or 0))
     if nbytes <= EAGER_BYTES or str(path).endswith(".gz"):  # gzip has no random access anyway
         data = np.asanyarray(proxy)
     else:
@@ -120,6 +121,22 @@ def read_nifti(path: Path) -> ImageData:
     meta = {"path": str(path), "nifti_header": img.header, "file_axes_reversed": True,
             "dtype": str(img.get_data_dtype())}
     return ImageData(data, [data], axes, scale, translate, affine, meta, "nifti")
+
+
+#: deflate cannot compress by more than about 1032:1, so a .gz file this much smaller than the
+#: voxel data its header claims cannot hold that data.
+_GZIP_MAX_RATIO = 1032
+
+
+def _check_nifti_size(path: Path, shape: tuple[int, ...], nbytes: int, offset: int) -> None:
+    """Refuse a header that claims more voxel data than the file can hold, before anything is allocated."""
+    size = path.stat().st_size
+    gz = str(path).endswith(".gz")
+    room = size * _GZIP_MAX_RATIO if gz else size - offset
+    if nbytes > room:
+        held = f"a {size:,}-byte compressed file holds at most {room:,}" if gz else f"the file holds {max(room, 0):,}"
+        raise InputError(f"{path}: the NIfTI header claims {'x'.join(map(str, shape))} voxels ({nbytes:,} bytes) but "
+                         f"{held}: the file is truncated or its header is wrong")
 
 
 # -- TIFF / SVS / OME-TIFF ------------------------------------------------------------------------
@@ -226,6 +243,13 @@ def _read_frame(path: str) -> np.ndarray:
     from PIL import Image
 
     with Image.open(path) as im:
+        if "A" in im.getbands() or (im.mode == "P" and "transparency" in im.info):
+            import warnings
+
+            from ..nca.errors import OctreeNCAWarning
+
+            warnings.warn(OctreeNCAWarning(f"{path}: the alpha (transparency) channel is dropped; the image is "
+                                           "read as RGB"), stacklevel=2)
         return np.asarray(im.convert("RGB") if im.mode not in ("L", "RGB", "I;16", "I") else im)
 
 

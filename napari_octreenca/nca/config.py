@@ -16,6 +16,55 @@ FORMAT_VERSION = 1
 RESIZE_MODES = ("nearest", "average")
 NORM_MODES = ("fixed", "zscore", "percentile", "none")
 
+# Bounds a model header must respect, checked before anything is allocated: a hostile or broken
+# file must fail here, not by running for days or asking for gigabytes. They are far above any
+# real OctreeNCA (16 channels, hidden 64, 5 levels, 10-20 steps, factor 2).
+MAX_LEVELS = 16
+MAX_CHANNELS = 1024
+MAX_HIDDEN = 4096
+MAX_STEPS = 10_000
+MAX_FACTOR = 64
+MAX_TRAIN_SIZE = 1 << 20
+#: The fire mask hashes the seed as a 64-bit integer (``firemask.base_key``).
+SEED_LIMIT = 1 << 64
+
+
+def check_fire_rate(fire_rate: float) -> float:
+    """``fire_rate`` as a float in (0, 1], or a ConfigError."""
+    try:
+        value = float(fire_rate)
+    except (TypeError, ValueError):
+        raise ConfigError(f"fire_rate must be a number in (0, 1], got {fire_rate!r}") from None
+    if not 0.0 < value <= 1.0:
+        raise ConfigError(f"fire_rate must be in (0, 1], got {fire_rate}")
+    return value
+
+
+def check_steps(steps: Any, levels: int | None = None) -> tuple[int, ...]:
+    """Steps per level as integers in 0..MAX_STEPS (one per level when ``levels`` is given)."""
+    try:
+        values = tuple(steps)
+    except TypeError:
+        raise ConfigError(f"steps must be a list of integers, got {steps!r}") from None
+    for s in values:
+        if isinstance(s, bool) or not hasattr(s, "__index__"):
+            raise ConfigError(f"steps must be integers, got {s!r}")
+        if not 0 <= int(s) <= MAX_STEPS:
+            raise ConfigError(f"steps must be in 0..{MAX_STEPS} per level, got {s}")
+    if levels is not None and len(values) != levels:
+        raise ConfigError(f"steps lists {len(values)} levels but the model has {levels}")
+    return tuple(int(s) for s in values)
+
+
+def check_seed(seed: int, runs: int = 1) -> int:
+    """A seed (and the ``runs - 1`` seeds after it) inside the fire-mask hash's range 0..2**64-1."""
+    if isinstance(seed, bool) or not hasattr(seed, "__index__"):
+        raise ConfigError(f"seed must be an integer, got {seed!r}")
+    seed = int(seed)
+    if seed < 0 or seed + max(1, int(runs)) - 1 >= SEED_LIMIT:
+        raise ConfigError(f"seed must be in 0..2**64-{max(1, int(runs))} (with {runs} run(s)), got {seed}")
+    return seed
+
 
 @dataclass(frozen=True)
 class Normalization:
@@ -41,6 +90,9 @@ class Normalization:
             raise ConfigError(f"normalization mode {self.mode!r} is not one of {NORM_MODES}")
         if any(s == 0 for s in self.std):
             raise ConfigError("normalization std must not contain zeros")
+        values = (self.scale, self.low, self.high, *self.mean, *self.std)
+        if not all(isinstance(v, (int, float)) and math.isfinite(v) for v in values):
+            raise ConfigError("normalization scale, mean, std, low and high must be finite numbers")
 
     def to_dict(self) -> dict[str, Any]:
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items()}
@@ -85,6 +137,10 @@ class ModelConfig:
     name: str = "octreenca"
     description: str = ""
     provenance: dict[str, Any] = field(default_factory=dict)
+    #: Raw value range ``(low, high)`` and dtype of the training images (None in older model files):
+    #: inputs far outside it get a warning (``run.inputs.check_range``).
+    input_range: tuple[float, float] | None = None
+    input_dtype: str | None = None
 
     def __post_init__(self) -> None:
         self.validate()
@@ -143,7 +199,11 @@ class ModelConfig:
 
         need(self.spatial_dims in (2, 3), f"spatial_dims must be 2 or 3, got {self.spatial_dims}")
         need(self.input_channels >= 1, "input_channels must be >= 1")
-        need(self.output_channels >= 1, "output_channels must be >= 1")
+        need(self.output_channels >= 1, f"output_channels (classes) must be >= 1, got {self.output_channels}")
+        need(self.channels <= MAX_CHANNELS, f"channels must be <= {MAX_CHANNELS}, got {self.channels}")
+        need(self.hidden <= MAX_HIDDEN, f"hidden must be <= {MAX_HIDDEN}, got {self.hidden}")
+        need(1 <= len(self.steps) <= MAX_LEVELS, f"levels (entries of steps) must be in 1..{MAX_LEVELS}, got {len(self.steps)}")
+        check_steps(self.steps)
         need(
             self.channels >= self.input_channels + self.output_channels,
             f"channels ({self.channels}) must be >= input + output channels "
@@ -151,7 +211,7 @@ class ModelConfig:
         )
         need(self.hidden >= 1, "hidden must be >= 1")
         need(self.kernel_size in (3,), "kernel_size must be 3 (the fused kernels assume it)")
-        need(0.0 < self.fire_rate <= 1.0, f"fire_rate must be in (0, 1], got {self.fire_rate}")
+        check_fire_rate(self.fire_rate)
         need(len(self.steps) >= 1, "steps must list at least one level")
         need(all(int(s) >= 0 for s in self.steps), "steps must be >= 0")
         need(
@@ -161,7 +221,7 @@ class ModelConfig:
         )
         for f in self.factors:
             need(len(f) == self.spatial_dims, f"factor {f} must have {self.spatial_dims} entries")
-            need(all(int(x) >= 1 for x in f), f"factor {f} must be >= 1")
+            need(all(1 <= int(x) <= MAX_FACTOR for x in f), f"factor {f} must be in 1..{MAX_FACTOR}")
         need(self.resize in RESIZE_MODES, f"resize must be one of {RESIZE_MODES}")
         need(len(self.axes) == self.spatial_dims, f"axes {self.axes!r} must name {self.spatial_dims} axes")
         need(
@@ -175,8 +235,15 @@ class ModelConfig:
                 need(n in (1, self.input_channels), f"normalization {key} needs 1 or {self.input_channels} values")
         if self.train_size is not None:
             need(len(self.train_size) == self.spatial_dims, "train_size must have one entry per spatial axis")
+            need(all(0 < int(s) <= MAX_TRAIN_SIZE for s in self.train_size),
+                 f"train_size entries must be in 1..{MAX_TRAIN_SIZE}, got {list(self.train_size)}")
         if self.spacing is not None:
             need(len(self.spacing) == self.spatial_dims, "spacing must have one entry per spatial axis")
+            need(all(math.isfinite(s) and s > 0 for s in self.spacing), f"spacing must be > 0, got {list(self.spacing)}")
+        if self.input_range is not None:
+            lo_hi = self.input_range
+            need(len(lo_hi) == 2 and all(math.isfinite(v) for v in lo_hi) and lo_hi[0] <= lo_hi[1],
+                 f"input_range must be [low, high] with low <= high, got {list(lo_hi)}")
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -187,6 +254,12 @@ class ModelConfig:
         d["train_size"] = list(self.train_size) if self.train_size is not None else None
         d["spacing"] = list(self.spacing) if self.spacing is not None else None
         d["parameters"] = self.parameter_count()
+        # Written only when known, so files without them stay byte-identical to older versions.
+        for key in ("input_range", "input_dtype"):
+            if d[key] is None:
+                del d[key]
+        if self.input_range is not None:
+            d["input_range"] = list(self.input_range)
         return d
 
     @staticmethod
@@ -211,6 +284,8 @@ class ModelConfig:
                     d[key] = tuple(int(s) for s in d[key])
             if d.get("spacing") is not None:
                 d["spacing"] = tuple(float(s) for s in d["spacing"])
+            if d.get("input_range") is not None:
+                d["input_range"] = tuple(float(s) for s in d["input_range"])
             if "normalization" in d:
                 d["normalization"] = Normalization.from_dict(d["normalization"])
             return ModelConfig(**d)

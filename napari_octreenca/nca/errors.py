@@ -25,3 +25,7 @@ class Cancelled(OctreeNCAError):
 
 class BackendUnavailable(OctreeNCAError, RuntimeError):
     """A requested compute backend cannot run on this machine."""
+
+
+class OctreeNCAWarning(UserWarning):
+    """Something the user should know about an input (e.g. a dropped alpha channel); the run goes on."""

@@ -10,6 +10,7 @@ Checkpoints of the published OctreeNCA code (``.pth`` state dicts) are imported 
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 from pathlib import Path
@@ -19,6 +20,7 @@ import torch
 
 from ..fileutil import atomic_write
 from .config import FORMAT_VERSION, ModelConfig, preset
+from .device import check_device
 from .errors import ConfigError, ModelFileError
 from .octree import OctreeNCA
 
@@ -42,8 +44,20 @@ def save_model(model: OctreeNCA, path: str | os.PathLike[str], extra: dict[str, 
     }
     if extra:
         meta["extra"] = json.dumps(extra)
-    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
+    atomic_write(path, lambda tmp: _save_tensors(save_file, tensors, tmp, meta))
     return path
+
+
+def _save_tensors(save_file: Any, tensors: dict[str, torch.Tensor], tmp: Path, meta: dict[str, str]) -> None:
+    """``save_file`` with its own error type (SafetensorError, e.g. on a full disk) as an OSError."""
+    try:
+        save_file(tensors, str(tmp), metadata=meta)
+    except OSError:
+        raise
+    except Exception as exc:  # safetensors' Rust errors carry the OS error only as text
+        text = str(exc)
+        code = errno.ENOSPC if "No space left" in text else (errno.EACCES if "ermission denied" in text else errno.EIO)
+        raise OSError(code, os.strerror(code) if code != errno.EIO else text.splitlines()[0]) from None
 
 
 def read_header(path: str | os.PathLike[str]) -> dict[str, str]:
@@ -94,6 +108,7 @@ def load_model(path: str | os.PathLike[str], device: str | torch.device = "cpu")
     from safetensors.torch import load_file
 
     config = read_config(path)
+    device = check_device(device)
     try:
         tensors = load_file(str(path), device="cpu")
     except Exception as exc:

@@ -18,6 +18,8 @@ if TYPE_CHECKING:
 ArrayLike: TypeAlias = "np.ndarray | zarr.Array"
 
 from ..backends import Backend, LevelRun, get_backend
+from ..nca.config import check_fire_rate, check_seed, check_steps
+from ..nca.device import check_device
 from ..nca.errors import Cancelled, InputError
 from .inputs import AxisPlan, prepare
 from ..nca.octree import OctreeNCA, downsample, upsample
@@ -86,12 +88,11 @@ def run_octree(
     device = image.device
     if isinstance(backend, str):
         backend = get_backend(backend, device, dt)
-    fire_rate = cfg.fire_rate if fire_rate is None else fire_rate
+    fire_rate = cfg.fire_rate if fire_rate is None else check_fire_rate(fire_rate)
+    check_seed(seed)
     spatial = tuple(image.shape[2:])
     shapes = cfg.level_shapes(spatial)
-    steps = list(steps) if steps is not None else cfg.steps_for(spatial)
-    if len(steps) != cfg.levels:
-        raise InputError(f"steps lists {len(steps)} levels but the model has {cfg.levels}")
+    steps = list(check_steps(steps, cfg.levels)) if steps is not None else cfg.steps_for(spatial)
     total = sum(steps)
     model = model.to(device)
 
@@ -178,8 +179,14 @@ def segment(
     """
     if runs < 1:
         raise InputError(f"runs must be >= 1, got {runs}")
+    # The same checks as the command line, before any memory is allocated.
+    check_seed(seed, runs)
+    if fire_rate is not None:
+        check_fire_rate(fire_rate)
+    if steps is not None:
+        check_steps(steps, model.config.levels)
     t0 = time.perf_counter()
-    device = torch.device(device)
+    device = check_device(device)
     x, plan = prepare(image, model.config, axes, device)
     dt = resolve_dtype(dtype)
     x = x.to(dt)  # in bfloat16 this frees the float32 copy of the input

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from ..nca.config import ModelConfig, Normalization
-from ..nca.errors import InputError
+from ..nca.errors import InputError, OctreeNCAWarning
 
 _AXIS_LETTERS = set("TZYXC")
 
@@ -89,12 +90,72 @@ def plan_axes(shape: tuple[int, ...], config: ModelConfig, axes: str | None = No
 
 
 def check_values(x: torch.Tensor) -> None:
-    """Reject empty arrays and NaN/inf values with a clear message."""
+    """Reject empty arrays, NaN/inf values and values that overflow float32 with a clear message."""
     if x.numel() == 0 or any(s == 0 for s in x.shape):
         raise InputError(f"the input is empty (shape {tuple(x.shape)})")
     if x.dtype.is_floating_point and not bool(torch.isfinite(x).all()):
         n = int((~torch.isfinite(x)).sum())
         raise InputError(f"the input contains {n} NaN or infinite values; fill or mask them first")
+    check_float32_range(x)
+
+
+class InputRangeWarning(OctreeNCAWarning):
+    """The input's values are far from those the model was trained on: the result may be wrong."""
+
+
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
+def _min_max(x: torch.Tensor | np.ndarray) -> tuple[float, float]:
+    if isinstance(x, torch.Tensor):
+        return float(x.min()), float(x.max())
+    a = np.asarray(x)
+    return float(a.min()), float(a.max())
+
+
+def check_float32_range(x: torch.Tensor | np.ndarray) -> None:
+    """Refuse values the network's float32 cannot hold (they would become inf and silently wrong labels)."""
+    if isinstance(x, torch.Tensor):
+        wide = x.dtype in (torch.float64, torch.int64)
+    else:
+        wide = np.asarray(x).dtype in (np.float64, np.int64, np.uint64)
+    if wide:  # narrower dtypes fit in float32 by construction
+        lo, hi = _min_max(x)
+        if max(abs(lo), abs(hi)) > FLOAT32_MAX:
+            raise InputError(f"the input holds values up to {max(abs(lo), abs(hi)):.3g}, beyond float32 "
+                             f"(about {FLOAT32_MAX:.3g}); rescale the image first")
+
+
+def input_range_of(images: list[object]) -> tuple[float, float, str]:
+    """Raw value range and dtype of training images, to store in the model's config."""
+    arrays = [np.asarray(im) for im in images]
+    lo = min(float(a.min()) for a in arrays)
+    hi = max(float(a.max()) for a in arrays)
+    return lo, hi, str(np.result_type(*arrays))
+
+
+def check_range(x: torch.Tensor | np.ndarray, config: ModelConfig) -> str | None:
+    """Warn (``InputRangeWarning``) when raw input values are far from the training images' range.
+
+    Only for models whose file stores that range (``config.input_range``) and whose
+    normalisation is fixed (z-score and percentile adapt to each image). "Far": more than one
+    training span beyond either end, or a span below 1/50 of the training span (a 0..1 float
+    image into a 0..255 model). Returns the warning text, or None.
+    """
+    if config.input_range is None or config.normalization.mode not in ("fixed", "none"):
+        return None
+    lo, hi = config.input_range
+    span = max(hi - lo, 1e-12)
+    in_lo, in_hi = _min_max(x)
+    dtype = str(x.dtype).replace("torch.", "")
+    far = in_hi > hi + span or in_lo < lo - span or (in_hi - in_lo) < span / 50
+    if not far:
+        return None
+    msg = (f"the input's values ({dtype}, {in_lo:.4g}..{in_hi:.4g}) are far from the training images' "
+           f"({config.input_dtype or '?'}, {lo:.4g}..{hi:.4g}): the labels may be wrong; rescale the image "
+           f"to the training range")
+    warnings.warn(InputRangeWarning(msg), stacklevel=3)
+    return msg
 
 
 def to_tensor(image: object) -> torch.Tensor:
@@ -111,7 +172,9 @@ def to_tensor(image: object) -> torch.Tensor:
         raise InputError(f"unsupported input dtype {arr.dtype}; use an integer or float array")
     if arr.dtype in (np.uint16, np.uint32, np.uint64):
         arr = arr.astype(np.float32 if arr.dtype == np.uint16 else np.float64)
-    return torch.from_numpy(np.ascontiguousarray(arr))
+    with warnings.catch_warnings():  # a read-only array (e.g. from a file) is fine: it is only read
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return torch.from_numpy(np.ascontiguousarray(arr))
 
 
 @dataclass(frozen=True)
@@ -179,6 +242,7 @@ def prepare(
     x = to_tensor(image)
     plan = plan_axes(tuple(x.shape), config, axes)
     check_values(x)
+    check_range(x, config)
     x = x.permute(plan.permutation)
     if not plan.has_channel:
         x = x.unsqueeze(0)

@@ -87,9 +87,12 @@ class WorkStore:
                         f"the work folder {self.root} belongs to a different run (other model, input, "
                         "seed or settings); delete it or pass restart=True to start over"
                     )
-                shutil.rmtree(self.root)
+                remove_work_folder(self.root)
         elif self.root.exists() and any(self.root.iterdir()) and not (self.root / "zarr.json").exists():
             raise InputError(f"{self.root} exists and is not an octreenca work folder; choose another path")
+        elif self.root.exists():
+            # Markers without a fingerprint (a removal killed halfway) vouch for nothing: drop them.
+            shutil.rmtree(self.root / "progress", ignore_errors=True)
         self.root.mkdir(parents=True, exist_ok=True)
         (self.root / "progress").mkdir(exist_ok=True)
         self.group = zarr.open_group(zarr.storage.LocalStore(str(self.root)), mode="a")
@@ -130,7 +133,22 @@ class WorkStore:
     def remove(self) -> None:
         """Delete the work folder (after a finished run)."""
         if self.root is not None and self.root.exists():
-            shutil.rmtree(self.root)
+            remove_work_folder(self.root)
+
+
+def remove_work_folder(root: str | Path) -> None:
+    """Delete a work folder, completion markers first, then the fingerprint, then the data.
+
+    Killed at any point, what is left never claims a tile whose chunks are gone: markers go
+    before the chunks they vouch for, and a folder without ``meta.json`` is trusted for nothing.
+    """
+    root = Path(root)
+    shutil.rmtree(root / "progress", ignore_errors=True)
+    try:
+        (root / "meta.json").unlink()
+    except FileNotFoundError:
+        pass
+    shutil.rmtree(root, ignore_errors=True)
 
 
 def _atomic_text(path: Path, text: str) -> None:

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from ..backends import Backend, LevelRun, get_backend
-from ..nca.config import ModelConfig, Normalization
+from ..nca.config import ModelConfig, Normalization, check_fire_rate, check_seed, check_steps
 from ..nca.errors import Cancelled, InputError
 from .inference import Segmentation, is_cancelled, combine_runs, labels_from_logits, resolve_dtype
 from .inputs import AxisPlan, NormStats, norm_stats, normalize, plan_axes, to_tensor
@@ -522,10 +522,9 @@ def segment_tiled(
         raise InputError(f"the input is empty (shape {shape})")
     source = SourceImage(image, plan, cfg.normalization, path=source_path, level_index=source_level)
     dt = resolve_dtype(dtype)
-    steps = list(steps) if steps is not None else cfg.steps_for(source.shape)
-    if len(steps) != cfg.levels:
-        raise InputError(f"steps lists {len(steps)} levels but the model has {cfg.levels}")
-    fire = cfg.fire_rate if fire_rate is None else fire_rate
+    check_seed(seed, runs)  # the same checks as segment() and the command line
+    steps = list(check_steps(steps, cfg.levels)) if steps is not None else cfg.steps_for(source.shape)
+    fire = cfg.fire_rate if fire_rate is None else check_fire_rate(fire_rate)
     if tile is None:
         tile = default_tile(cfg.spatial_dims)
     tiles = (tile,) * cfg.spatial_dims if isinstance(tile, int) else tuple(int(t) for t in tile)

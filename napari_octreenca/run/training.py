@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from ..fileutil import atomic_write
+from ..nca.device import check_device
 from ..nca.config import ModelConfig
 from ..nca.errors import Cancelled, ConfigError, InputError, ModelFileError, OctreeNCAError
 from .inference import is_cancelled
@@ -291,7 +292,7 @@ def train(
     loop waits. ``checkpoint`` is written every ``cfg.checkpoint_every`` iterations and at the end;
     ``resume`` continues from such a file (same data and settings give the same result).
     """
-    device = torch.device(device)
+    device = check_device(device)  # one line, not torch's AssertionError, when the GPU is missing
     state_from: dict[str, Any] | None = load_checkpoint(resume) if resume else None
     if state_from is not None:
         cfg = state_from["train_config"] if cfg is None else cfg
