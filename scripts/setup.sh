@@ -32,7 +32,7 @@ command -v "$PY" >/dev/null || PY=python3
 python -m pip install -q --upgrade pip
 # The CPU build of torch first, so that no extra below pulls a multi-GB CUDA build.
 python -c "import torch" 2>/dev/null || python -m pip install -q "torch==2.13.0"
-python -m pip install -q -e ".[test,napari,video,omezarr,distributed,cuda]"
+python -m pip install -q -e ".[test,napari,video,distributed,cuda]"
 # Third-party sample data shipped as Python packages (installed, never copied into the repo); the
 # list is declared in pyproject.toml [tool.napari-octreenca] sample-data-packages.
 mapfile -t SAMPLE_PACKAGES < <(python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['tool']['napari-octreenca']['sample-data-packages']))")

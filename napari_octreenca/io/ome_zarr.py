@@ -1,6 +1,6 @@
 """OME-Zarr (NGFF 0.5 on zarr v3; 0.4 on zarr v2 is read too): images and labels, multiscale.
 
-Written with zarr directly (the NGFF metadata is a few JSON attributes) because outputs are
+Arrays are written with zarr directly and the NGFF metadata with ome-zarr-py, because outputs are
 filled tile by tile: each tile writes whole chunks of every pyramid level (zarr writes a chunk
 to a temporary file and renames it), and the ``labels`` listing that makes viewers show the
 result is added only when every tile is done, so an interrupted run never looks complete.
@@ -70,6 +70,20 @@ def multiscales(axes: str, factors: list[tuple[int, ...]], scale: tuple[float, .
     return {"axes": _ngff_axes(axes, units), "datasets": datasets, "name": name}
 
 
+def write_multiscales(group: zarr.Group, axes: str, factors: list[tuple[int, ...]], scale: tuple[float, ...],
+                      translate: tuple[float, ...], name: str, units: dict[str, str] | None = None,
+                      **extra: Any) -> None:
+    """Write the NGFF 0.5 ``multiscales`` metadata of ``group`` with ome-zarr-py's writer (which
+    validates axes and transformations); ``extra`` entries (e.g. ``image-label``) join it under ``ome``."""
+    from ome_zarr.format import FormatV05
+    from ome_zarr.writer import write_multiscales_metadata
+
+    ms = multiscales(axes, factors, scale, translate, name, units)
+    write_multiscales_metadata(group, ms["datasets"], fmt=FormatV05(), axes=ms["axes"], name=name)
+    if extra:
+        group.attrs["ome"] = {**dict(group.attrs["ome"]), **extra}
+
+
 def _strided(a: Any, f: tuple[int, ...]) -> Any:
     return a[tuple(slice(None, None, x) for x in f)]
 
@@ -104,11 +118,7 @@ class LabelsWriter:
         props = [{"label-value": i + 1, "class": c} for i, c in enumerate(class_names)]
         image_label: dict[str, Any] = {"version": NGFF_VERSION, "colors": colors, "properties": props}
         image_label["source"] = {"image": "../../"}
-        g.attrs["ome"] = {
-            "version": NGFF_VERSION,
-            "multiscales": [multiscales(axes, self.factors, scale, translate, name, units)],
-            "image-label": image_label,
-        }
+        write_multiscales(g, axes, self.factors, scale, translate, name, units, **{"image-label": image_label})
         g.attrs["octreenca"] = {"source": source, "complete": False} if source else {"complete": False}
         self.group = g
         self.arrays = []
@@ -199,11 +209,8 @@ def write_ome_zarr_image(path: str | Path, data: Any, axes: str, *, scale: tuple
             z = g.create_array(str(k), shape=lv.shape, chunks=tuple(min(c, n) for c, n in zip(chunks, lv.shape)),
                                dtype=lv.dtype, fill_value=0, dimension_names=list(order.lower()))
             da.store(lv, z, lock=False)
-        g.attrs["ome"] = {
-            "version": NGFF_VERSION,
-            "multiscales": [multiscales(order, factors, tuple(sc.get(a, 1.0) for a in order),
-                                        tuple(tr.get(a, 0.0) for a in order), name)],
-        }
+        write_multiscales(g, order, factors, tuple(sc.get(a, 1.0) for a in order),
+                          tuple(tr.get(a, 0.0) for a in order), name)
         os.replace(tmp, path)
     finally:
         if tmp.exists():
