@@ -41,6 +41,15 @@ def _common(plan: RunPlan) -> dict[str, Any]:
                 fire_rate=o.fire_rate, steps=list(plan.steps))
 
 
+def tile_settings(plan: RunPlan) -> Any:
+    """The plan's numbers for ``tiling.segment_tiled``."""
+    from .tiling import TileSettings
+
+    o = plan.options
+    return TileSettings(tile=plan.tile, backend=o.backend, dtype=o.dtype, device=o.device, seed=o.seed, runs=o.runs,
+                        steps=list(plan.steps), fire_rate=o.fire_rate)
+
+
 def run_whole(model: Any, plan: RunPlan, image: Any, *, callback: Any = None, cancel: Any = None) -> Segmentation:
     """The whole image at once (resampled and reoriented as the plan says)."""
     from .resample import segment_at_model_spacing
@@ -62,40 +71,41 @@ def run_tiled(model: Any, plan: RunPlan, image: Any, *, callback: Any = None, ca
               store: str | Path | None = None, sink: Any = None, source_path: str | None = None,
               pyramid: list[Any] | None = None, logits: bool = True) -> Segmentation:
     """Tile by tile (out of core with ``store``), resampling tile by tile on fixed-spacing grids."""
-    from .tiling import segment_tiled
+    from .tiling import TileOutputs, segment_tiled
 
     g = plan.grid
-    common = dict(_common(plan), tile=plan.tile, callback=callback, cancel=cancel, scheduler=plan.options.scheduler)
     if not g.resampled:
-        seg = segment_tiled(model, image, axes=g.axes, store=store, sink=sink, source_path=source_path,
-                            logits=logits, restart=store is not None, pyramid=pyramid, **common)
+        seg = segment_tiled(model, image, axes=g.axes, settings=tile_settings(plan), callback=callback,
+                            cancel=cancel, outputs=TileOutputs(store=store, restart=store is not None, logits=logits,
+                                                               sink=sink, scheduler=plan.options.scheduler,
+                                                               source_path=source_path, pyramid=pyramid))
     elif g.affine is not None:
-        seg = _tiled_ras(model, plan, image, store, sink, common)
+        seg = _tiled_ras(model, plan, image, store, sink, callback, cancel)
     else:
-        seg = _tiled_on_grid(model, plan, image, g, store, sink, logits, common)
+        seg = _tiled_on_grid(model, plan, image, g, store, sink, logits, callback, cancel)
     seg.record["plan"] = plan.record()
     return seg
 
 
 def _tiled_on_grid(model: Any, plan: RunPlan, image: Any, g: Grid, store: Any, sink: Any, logits: bool,
-                   common: dict[str, Any]) -> Segmentation:
+                   callback: Any, cancel: Any) -> Segmentation:
     from .outofcore import WorkStore
     from .resample import lazy_resampled
-    from .tiling import ArraySink, Box, segment_tiled
+    from .tiling import ArraySink, Box, TileOutputs, segment_tiled
 
     cfg = model.config
     tile = int(plan.tile or 256)
     lazy = lazy_resampled(image, g.axes, g.grid_shape, tile)
     grid_store = None if store is None else Path(store) / "grid"
-    gseg = segment_tiled(model, lazy, axes=g.axes, store=grid_store, sink=ArraySink(logits=True), logits=True,
-                         restart=store is not None, **common)
+    gseg = segment_tiled(model, lazy, axes=g.axes, settings=tile_settings(plan), callback=callback, cancel=cancel,
+                         outputs=TileOutputs(store=grid_store, restart=store is not None, sink=ArraySink(logits=True),
+                                             scheduler=plan.options.scheduler))
     # Back onto the input grid, one output tile at a time.
     out_tile = tuple(min(BACK_TILE, n) for n in g.input_shape)
     work = WorkStore(None if store is None else Path(store) / "back", "back", restart=True)
     out = sink if sink is not None else ArraySink(logits=logits)
     runs = len(gseg.seeds)
     out.open(work, g.input_shape, out_tile, cfg.output_channels, runs)
-    cancel = common.get("cancel")
     for box in _boxes(g.input_shape, out_tile):
         if is_cancelled(cancel):
             raise Cancelled("segmentation cancelled")
@@ -130,7 +140,7 @@ def _boxes(shape: tuple[int, ...], tile: tuple[int, ...]) -> list[tuple[tuple[in
     return [(start, tuple(min(n, s + t) for s, n, t in zip(start, shape, tile))) for start in itertools.product(*ranges)]
 
 
-def _tiled_ras(model: Any, plan: RunPlan, image: Any, store: Any, sink: Any, common: dict[str, Any]) -> Segmentation:
+def _tiled_ras(model: Any, plan: RunPlan, image: Any, store: Any, sink: Any, callback: Any, cancel: Any) -> Segmentation:
     """A NIfTI volume for a fixed-spacing 3D model, in tiles: volumes fit in memory, so reorient it
     whole, run the grid in tiles, and put the (in-memory) results back in the file's order."""
     from .resample import reorient_ras_to_zyx, reorient_zyx_to_ras
@@ -138,7 +148,7 @@ def _tiled_ras(model: Any, plan: RunPlan, image: Any, store: Any, sink: Any, com
     g = plan.grid
     vol, sp = reorient_zyx_to_ras(to_numpy(image), g.affine)
     inner = Grid("ZYX", tuple(vol.shape), g.grid_shape, sp, g.model_spacing)
-    seg = _tiled_on_grid(model, plan, vol, inner, None, None, True, common)
+    seg = _tiled_on_grid(model, plan, vol, inner, None, None, True, callback, cancel)
     logits = reorient_ras_to_zyx(seg.logits, g.affine, channel_axis=0)
     spread = None if seg.spread is None else reorient_ras_to_zyx(seg.spread, g.affine, channel_axis=0)
     labels = labels_from_logits(logits)

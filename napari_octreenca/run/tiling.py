@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -471,121 +471,158 @@ def default_tile(spatial_dims: int) -> int:
     return DEFAULT_TILE[spatial_dims]
 
 
+@dataclass(frozen=True)
+class TileSettings:
+    """The numbers of a tiled run (what the planner decides and the user asks)."""
+
+    #: Tile edge in level-0 cells (int or one per model axis); None = ``default_tile``.
+    tile: int | tuple[int, ...] | None = None
+    backend: str = "auto"
+    dtype: str | torch.dtype = "float32"
+    device: str = "cpu"
+    seed: int = 0
+    runs: int = 1
+    steps: list[int] | None = None
+    fire_rate: float | None = None
+    #: Levels from this one up keep their state in the store (None: the two coarsest below level 2).
+    store_from: int | None = None
+
+
+@dataclass(frozen=True)
+class TileOutputs:
+    """Where a tiled run keeps its work and puts its results."""
+
+    store: str | Path | None = None  # a folder: out of core and resumable; None: in memory
+    restart: bool = False  # a store of a different run is replaced instead of refused
+    logits: bool = True  # keep the logits (and spread), not only the labels
+    sink: Any = None  # receives finished tiles (default: ArraySink in the store)
+    scheduler: Any = None  # a dask Client or address: tiles on dask.distributed workers
+    source_path: str | None = None  # lets workers reopen a file input
+    source_level: int = 0
+    pyramid: list[Any] | None = None  # the input's own levels, finest first
+
+
+_SETTINGS = {f.name for f in fields(TileSettings)}
+_OUTPUTS = {f.name for f in fields(TileOutputs)}
+
+
 def segment_tiled(
     model: OctreeNCA,
     image: Any,
     *,
     axes: str | None = None,
-    tile: int | tuple[int, ...] | None = None,
-    backend: str = "auto",
-    dtype: str | torch.dtype = "float32",
-    seed: int = 0,
-    runs: int = 1,
+    settings: TileSettings | None = None,
+    outputs: TileOutputs | None = None,
     callback: Progress | None = None,
     cancel: Any = None,
-    store: str | Path | None = None,
-    restart: bool = False,
-    store_from: int | None = None,
-    logits: bool = True,
-    sink: Any = None,
-    scheduler: Any = None,
-    device: str = "cpu",
-    steps: list[int] | None = None,
-    fire_rate: float | None = None,
-    source_path: str | None = None,
-    source_level: int = 0,
-    pyramid: list[Any] | None = None,
+    **options: Any,
 ) -> Segmentation:
     """Segment ``image`` tile by tile; the result equals :func:`run.inference.segment` (within 1e-6).
 
-    ``image`` is numpy, dask or zarr with ``axes`` (guessed like ``segment`` when omitted);
-    ``tile`` is the tile edge in level-0 cells (int or one per model axis). With ``store`` (a
-    folder) the coarse level states and the outputs live in a chunked zarr store there and a
-    rerun resumes from the tiles already done; without it they live in memory. Returns an
+    ``image`` is numpy, dask or zarr with ``axes`` (guessed like ``segment`` when omitted).
+    ``settings`` (:class:`TileSettings`) and ``outputs`` (:class:`TileOutputs`) say how; their
+    fields may also be given by name (``tile=256, store="work"``). With ``store`` (a folder) the
+    coarse level states and the outputs live in a chunked zarr store there and a rerun resumes
+    from the tiles already done; without it they live in memory. Returns an
     ``run.inference.Segmentation`` whose ``labels``/``logits`` are numpy (in memory) or zarr arrays
     (with ``store``). ``callback`` gets a dict per tile (stage, level, seed, tile, tiles);
-    ``cancel`` (Event or callable) raises ``Cancelled`` within one step. ``scheduler`` (a dask
-    ``Client`` or scheduler address) runs the tiles on dask.distributed workers (needs ``store``
-    on a filesystem the workers share). ``source_path`` lets workers reopen a file input.
-    ``pyramid`` (the input's own levels, finest first, e.g. ``ImageData.levels``) supplies the
-    image of every octree level whose shape it matches exactly instead of resizing lazily:
-    faster for slides, but equal to the whole run only if the file's levels were made by the
-    model's own resizing (``nearest`` = striding), which scanners' JPEG pyramids are not.
+    ``cancel`` (Event or callable) raises ``Cancelled`` within one step. ``scheduler`` runs the
+    tiles on dask.distributed workers (needs ``store`` on a filesystem the workers share).
+    ``pyramid`` supplies the image of every octree level whose shape it matches exactly instead
+    of resizing lazily: faster for slides, but equal to the whole run only if the file's levels
+    were made by the model's own resizing (``nearest`` = striding), which scanners' JPEG
+    pyramids are not.
     """
+    unknown = set(options) - _SETTINGS - _OUTPUTS
+    if unknown:
+        raise TypeError(f"segment_tiled() got unexpected keyword arguments {sorted(unknown)}")
+    settings = replace(settings or TileSettings(), **{k: v for k, v in options.items() if k in _SETTINGS})
+    outputs = replace(outputs or TileOutputs(), **{k: v for k, v in options.items() if k in _OUTPUTS})
     t0 = time.perf_counter()
+    run, plan, counts = _run_tiles(model, image, axes, settings, outputs, callback, cancel)
+    return _tiled_result(run, plan, settings, outputs, counts, time.perf_counter() - t0)
+
+
+def _run_tiles(model: OctreeNCA, image: Any, axes: str | None, s: TileSettings, o: TileOutputs,
+               callback: Progress | None, cancel: Any) -> tuple[TiledRun, AxisPlan, dict[str, int]]:
+    """Validate, set up the tiled run and its store, and run every stage (locally or on dask)."""
     cfg = model.config
-    if runs < 1:
-        raise InputError(f"runs must be >= 1, got {runs}")
-    shape = tuple(int(s) for s in image.shape)
+    if s.runs < 1:
+        raise InputError(f"runs must be >= 1, got {s.runs}")
+    shape = tuple(int(n) for n in image.shape)
     plan = plan_axes(shape, cfg, axes)
-    if any(s == 0 for s in shape):
+    if any(n == 0 for n in shape):
         raise InputError(f"the input is empty (shape {shape})")
-    source = SourceImage(image, plan, cfg.normalization, path=source_path, level_index=source_level)
-    dt = resolve_dtype(dtype)
-    check_seed(seed, runs)  # the same checks as segment() and the command line
-    steps = list(check_steps(steps, cfg.levels)) if steps is not None else cfg.steps_for(source.shape)
-    fire = cfg.fire_rate if fire_rate is None else check_fire_rate(fire_rate)
-    if tile is None:
-        tile = default_tile(cfg.spatial_dims)
+    source = SourceImage(image, plan, cfg.normalization, path=o.source_path, level_index=o.source_level)
+    dt = resolve_dtype(s.dtype)
+    check_seed(s.seed, s.runs)  # the same checks as segment() and the command line
+    steps = list(check_steps(s.steps, cfg.levels)) if s.steps is not None else cfg.steps_for(source.shape)
+    fire = cfg.fire_rate if s.fire_rate is None else check_fire_rate(s.fire_rate)
+    tile = default_tile(cfg.spatial_dims) if s.tile is None else s.tile
     tiles = (tile,) * cfg.spatial_dims if isinstance(tile, int) else tuple(int(t) for t in tile)
     if len(tiles) != cfg.spatial_dims or any(t < 1 for t in tiles):
         raise InputError(f"tile must be a positive int or {cfg.spatial_dims} ints, got {tile!r}")
+    store_from = s.store_from
     if store_from is None:
         store_from = min(2, cfg.levels - 1) if cfg.levels > 1 else 1
     if not 1 <= store_from <= cfg.levels:
         raise InputError(f"store_from must be in 1..{cfg.levels}, got {store_from}")
-    be_name = backend if isinstance(backend, str) else backend.name
-    be = get_backend(be_name, device, dt)  # fail early if unavailable; resolves "auto"
-    seeds = [seed + r for r in range(runs)]
+    be = get_backend(s.backend if isinstance(s.backend, str) else s.backend.name, s.device, dt)  # fail early
+    seeds = [s.seed + r for r in range(s.runs)]
     key = fingerprint({
         "model": model_digest(model), "config": cfg.to_dict(), "shape": shape, "axes": plan.input_axes,
         "seeds": seeds, "steps": steps, "fire_rate": fire, "dtype": str(dt), "backend": be.name,
-        "tile": tiles, "store_from": store_from, "logits": logits,
-        "stats": None if source.stats is None else [[float(o) for o in source.stats.offset],
-                                                     [float(s) for s in source.stats.scale]],
+        "tile": tiles, "store_from": store_from, "logits": o.logits,
+        "stats": None if source.stats is None else [[float(v) for v in source.stats.offset],
+                                                     [float(v) for v in source.stats.scale]],
     })
-    sink = sink if sink is not None else ArraySink(logits=logits)
-    run = TiledRun(model.cpu() if device == "cpu" else model.to(device), source, seeds=seeds, steps=steps,
-                   fire_rate=fire, dtype=dt, backend=be.name, device=str(device), tile=tiles,
-                   store_from=store_from, store_path=None if store is None else str(store), key=key, sink=sink,
-                   restart=restart)
-    if pyramid:
-        run.pyramid = match_pyramid(pyramid, source, cfg, run.shapes, source_path)
-        run.key = key = fingerprint({"base": key, "pyramid": sorted(run.pyramid)})
-    out_tile = tuple(run.level_tile(0)[o] for o in run.order)
-    spatial_in = tuple(source.shape[o] for o in run.order)
-    sink.open(run.store, spatial_in, out_tile, cfg.output_channels, runs)
+    sink = o.sink if o.sink is not None else ArraySink(logits=o.logits)
+    run = TiledRun(model.cpu() if s.device == "cpu" else model.to(s.device), source, seeds=seeds, steps=steps,
+                   fire_rate=fire, dtype=dt, backend=be.name, device=str(s.device), tile=tiles,
+                   store_from=store_from, store_path=None if o.store is None else str(o.store), key=key, sink=sink,
+                   restart=o.restart)
+    if o.pyramid:
+        run.pyramid = match_pyramid(o.pyramid, source, cfg, run.shapes, o.source_path)
+        run.key = fingerprint({"base": key, "pyramid": sorted(run.pyramid)})
+    out_tile = tuple(run.level_tile(0)[a] for a in run.order)
+    spatial_in = tuple(source.shape[a] for a in run.order)
+    sink.open(run.store, spatial_in, out_tile, cfg.output_channels, s.runs)
     stages = run.stages()
     run.prepare(stages)
-    if scheduler is not None:
-        if store is None:
+    if o.scheduler is not None:
+        if o.store is None:
             raise InputError("a dask scheduler needs store= (a folder all workers can reach)")
         from .distributed import run_distributed
 
-        counts = run_distributed(run, stages, scheduler, callback, cancel)
+        counts = run_distributed(run, stages, o.scheduler, callback, cancel)
     else:
         counts = run_local(run, stages, callback, cancel)
     if hasattr(sink, "finish"):
         sink.finish()
+    return run, plan, counts
+
+
+def _tiled_result(run: TiledRun, plan: AxisPlan, s: TileSettings, o: TileOutputs, counts: dict[str, int],
+                  seconds: float) -> Segmentation:
+    """The finished run as a ``Segmentation`` (numpy in memory, zarr arrays with a store)."""
+    cfg = run.model.config
     record = {
-        "model": cfg.name, "backend": be.name, "device": str(device), "dtype": str(dt).replace("torch.", ""),
-        "seeds": seeds, "fire_rate": fire, "steps": steps, "input_axes": plan.input_axes, "tiled": True,
-        "tile": list(tiles), "store_from": store_from, "tiles_computed": counts["computed"],
-        "tiles_skipped": counts["skipped"], "store": None if store is None else str(store),
+        "model": cfg.name, "backend": run.backend_name, "device": str(s.device), "dtype": str(run.dtype).replace("torch.", ""),
+        "seeds": run.seeds, "fire_rate": run.fire_rate, "steps": run.steps, "input_axes": plan.input_axes,
+        "tiled": True, "tile": list(run.tile), "store_from": run.store_from, "tiles_computed": counts["computed"],
+        "tiles_skipped": counts["skipped"], "store": None if o.store is None else str(o.store),
         "pyramid_levels": sorted(run.pyramid),
     }
-    arrays = getattr(sink, "arrays", {})
-    labels = arrays.get("labels")
-    lg = arrays.get("logits")
-    spread = arrays.get("spread")
-    if store is None:  # in memory: hand back numpy arrays
+    arrays = getattr(run.sink, "arrays", {})
+    labels, lg, spread = arrays.get("labels"), arrays.get("logits"), arrays.get("spread")
+    if o.store is None:  # in memory: hand back numpy arrays
         labels = None if labels is None else labels[...]
         lg = None if lg is None else lg[...]
         spread = None if spread is None else spread[...]
     return Segmentation(
         labels=labels, logits=lg, spread=spread, class_names=cfg.class_names, axes=plan.spatial_input_axes,
-        seeds=seeds, seconds=time.perf_counter() - t0, record=record,
+        seeds=run.seeds, seconds=seconds, record=record,
     )
 
 
-__all__ = ["Box", "tile_grid", "segment_tiled", "TiledRun", "Stage", "SourceImage", "ArraySink", "compute_stats"]
+__all__ = ["Box", "tile_grid", "segment_tiled", "TileSettings", "TileOutputs", "TiledRun", "Stage", "SourceImage", "ArraySink", "compute_stats"]
