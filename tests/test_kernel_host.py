@@ -203,8 +203,10 @@ def _compile_emulation(tmp: Path, c: int, cin: int, h: int) -> ctypes.CDLL:
         for dt in ("f32", "bf16"):
             fn = getattr(dll, f"emu_nca_step_{dims}d_{dt}")
             fn.restype = None
-            fn.argtypes = [ctypes.c_uint, p, p, p, i64, i64, i64, i64, i64, i64, i64, u32, u32]
-    dll.nca_emu_set_weights.argtypes = [p, ctypes.c_int]
+            fn.argtypes = [ctypes.c_uint, p, p, p, i64, i64, i64, i64, i64, i64, i64, u32, u32, p]
+    dll.nca_emu_weights_size.argtypes = [ctypes.c_int]
+    dll.emu_launch_params.argtypes = [ctypes.c_int, ctypes.c_uint, p]
+    dll.emu_launch_params.restype = None
     return dll
 
 
@@ -220,7 +222,7 @@ def emulated_step(dll, nca, image, state, run: LevelRun, step: int, grid: int | 
     img, st = image.to(dtype).contiguous(), state.to(dtype).contiguous()
     out = torch.full_like(st, float("nan"))  # poisoned: unwritten cells show
     w = pack_weights(nca)
-    dll.nca_emu_set_weights(w.data_ptr(), w.numel())
+    assert dll.nca_emu_weights_size(dims) == w.numel()
     sp = tuple(st.shape[2:])
     nz, ny, nx = ((1,) + sp) if dims == 2 else sp
     origin = run.origin or (0,) * dims
@@ -229,7 +231,7 @@ def emulated_step(dll, nca, image, state, run: LevelRun, step: int, grid: int | 
     grid = grid or grid_size(st.shape[0] * nz * ny * nx)
     name = f"emu_nca_step_{dims}d_{'f32' if dtype == torch.float32 else 'bf16'}"
     getattr(dll, name)(grid, img.data_ptr(), st.data_ptr(), out.data_ptr(), st.shape[0], nz, ny, nx, oz, oy, ox,
-                       key, thresh)
+                       key, thresh, w.data_ptr())
     return out
 
 
@@ -259,3 +261,40 @@ def test_cuda_kernel_emulated_bf16(emulation) -> None:
     via_harness_ref = torch_step(nca, image.float(), state.float(), run, step=0).bfloat16()
     rel = ((out.float() - via_harness_ref.float()).abs() / via_harness_ref.float().abs().clamp_min(1e-2)).max()
     assert rel.item() <= 2**-7
+
+
+@pytest.mark.parametrize("dims,dtype", [(2, torch.float32), (3, torch.bfloat16)], ids=["2d-f32", "3d-bf16"])
+def test_backend_launch_arguments_match_the_kernel_signature(emulation, dims, dtype) -> None:
+    """The argument block the CUDA backend hands cuLaunchKernel, read the way the driver reads it.
+
+    Each step's weights travel inside its own argument block (no shared __constant__ array): two
+    levels launched back to back with different weights each compute with their own.
+    """
+    from napari_octreenca.backends.cuda.backend import check_launch, grid_size, host_weights, launch_args
+
+    shape = (6, 11) if dims == 2 else (3, 5, 4)
+    g = torch.Generator().manual_seed(5)
+    image = torch.randn((2, 3) + shape, generator=g).to(dtype)
+    state = torch.randn((2, 13) + shape, generator=g).to(dtype)
+    run = LevelRun(level=1, steps=1, seed=9, fire_rate=0.5, origin=(4,) * dims)
+    key, thresh = fire_params(run, 0)
+    sizes = (2,) + (((1,) + shape) if dims == 2 else shape) + (((0,) + run.origin) if dims == 2 else run.origin)
+    entry = (dims - 2) * 2 + (dtype == torch.bfloat16)
+    outs, blocks = [], []
+    for seed in (1, 2):  # both argument blocks exist before either "launch" runs
+        nca = random_level(16, 3, 64, dims, seed=seed)
+        out = torch.full_like(state, float("nan"))
+        check_launch(nca, image, state, out)
+        params, keep = launch_args(image, state, out, sizes, key, thresh, host_weights(nca))
+        outs.append((nca, out))
+        blocks.append((params, keep))
+    for (params, _), (nca, out) in zip(blocks, outs):
+        emulation.emu_launch_params(entry, grid_size(state[:, 0].numel()), params)
+        ref = torch_step(nca, image.float(), state.float(), run, step=0)
+        assert not torch.isnan(out.float()).any(), "the kernel left cells unwritten"
+        if dtype == torch.float32:
+            assert (out - ref).abs().max().item() < 1e-5
+        else:
+            rel = ((out.float() - ref.bfloat16().float()).abs() / ref.abs().clamp_min(1e-2)).max().item()
+            assert rel <= 2**-7
+    assert (outs[0][1].float() - outs[1][1].float()).abs().max().item() > 1e-2  # the two weights differ
