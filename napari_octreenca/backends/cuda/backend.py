@@ -57,7 +57,9 @@ def _driver():
     try:
         from cuda.bindings import driver
     except ImportError as exc:
-        raise BackendUnavailable(f"cuda-bindings is not installed ({exc}); pip install 'napari-octreenca[cuda]'") from None
+        raise BackendUnavailable(
+            f"cuda-bindings is not installed ({exc}); pip install 'napari-octreenca[cuda]' (CUDA 12) or '[cuda13]' (CUDA 13)"
+        ) from None
     return driver
 
 

@@ -52,7 +52,7 @@ def _nvrtc():
         from cuda.bindings import nvrtc
     except ImportError as exc:
         raise BackendUnavailable(
-            f"cuda-bindings is not installed ({exc}); pip install 'napari-octreenca[cuda]'"
+            f"cuda-bindings is not installed ({exc}); pip install 'napari-octreenca[cuda]' (CUDA 12) or '[cuda13]' (CUDA 13)"
         ) from None
     return nvrtc
 
