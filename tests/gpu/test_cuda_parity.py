@@ -1,7 +1,10 @@
 """Fused CUDA kernels against the torch path on a real NVIDIA GPU (skipped without one).
 
-Run by ``benchmarks/gpu_check.sh``. The output buffer is poisoned with NaN before every step so
+Run by ``benchmarks/gpu_check.py``. The output buffer is poisoned with NaN before every step so
 a cell the kernel does not write shows. ``OCTREENCA_REQUIRE_GPU=1`` turns a skip into a failure.
+
+The torch references run with TF32 off: PyTorch lets cuDNN convolutions use TF32 (10-bit
+mantissa) by default, which alone would break the float32 comparisons at 1e-5.
 """
 
 from __future__ import annotations
@@ -19,6 +22,16 @@ from napari_octreenca.nca.weights import BackboneNCA
 from napari_octreenca.nca.octree import OctreeNCA
 
 pytestmark = pytest.mark.gpu
+
+
+@pytest.fixture(autouse=True)
+def _no_tf32():
+    """Exact float32 references: no TF32 in cuDNN convolutions or matmuls during a test."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
 
 
 @pytest.fixture(scope="module")
@@ -133,3 +146,73 @@ def CudaBackendNoPoison():
     from napari_octreenca.backends.cuda.backend import CudaBackend
 
     return CudaBackend(poison=False)
+
+
+def test_wrong_shapes_raise_before_launch(cuda_backend) -> None:
+    """A state that does not match the level is refused with a clear error; the context stays usable."""
+    from napari_octreenca.nca.errors import InputError
+
+    nca = random_level(16, 3, 64, 2, seed=2)
+    image = torch.randn((1, 3, 9, 9), device="cuda")
+    run = LevelRun(level=0, steps=1, seed=0, fire_rate=0.5)
+    with pytest.raises(InputError, match="state must be"):
+        cuda_backend.run_level(nca, image, torch.randn((1, 12, 9, 9), device="cuda"), run)
+    with pytest.raises(InputError, match="image must have shape"):
+        cuda_backend.run_level(nca, image[..., :8], torch.randn((1, 13, 9, 9), device="cuda"), run)
+    torch.cuda.synchronize()  # an out-of-bounds access would surface here as a sticky error
+    state = torch.randn((1, 13, 9, 9), device="cuda")
+    ref = TorchBackend().run_level(nca, image, state.clone(), run)
+    assert (cuda_backend.run_level(nca, image, state.clone(), run) - ref).abs().max().item() < 1e-5
+
+
+def test_concurrent_runs_keep_their_own_weights(cuda_backend) -> None:
+    """Two threads on two streams with two models, launches interleaved: each result is its own model's."""
+    import threading
+
+    shape = (257, 263)
+    models = [random_level(16, 3, 64, 2, seed=s) for s in (11, 12)]
+    g = torch.Generator(device="cuda").manual_seed(0)
+    image = torch.randn((1, 3) + shape, generator=g, device="cuda")
+    state = torch.randn((1, 13) + shape, generator=g, device="cuda")
+    run = LevelRun(level=0, steps=8, seed=3, fire_rate=0.5)
+    refs = [TorchBackend().run_level(m, image, state.clone(), run) for m in models]
+    results: dict[int, torch.Tensor] = {}
+    errors: list[BaseException] = []
+    barrier = threading.Barrier(2)
+
+    def work(i: int) -> None:
+        try:
+            stream = torch.cuda.Stream()
+            with torch.cuda.stream(stream):
+                barrier.wait()
+                out = state.clone()
+                for _ in range(5):
+                    out = CudaBackendNoPoison().run_level(models[i], image, state.clone(), run)
+                stream.synchronize()
+                results[i] = out
+        except BaseException as exc:  # noqa: BLE001 (reported below)
+            errors.append(exc)
+
+    torch.cuda.synchronize()  # inputs and references are ready before the side streams read them
+    threads = [threading.Thread(target=work, args=(i,)) for i in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    for i in (0, 1):
+        assert (results[i] - refs[i]).abs().max().item() < 1e-4, f"run {i} used the other model's weights"
+
+
+def test_second_device_runs_in_its_own_context(cuda_backend) -> None:
+    """Tensors on cuda:1 while cuda:0 is current: the launch goes to cuda:1's context."""
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs two GPUs")
+    nca = random_level(16, 3, 64, 2, seed=5).to("cuda:1")
+    image = torch.randn((1, 3, 33, 47), device="cuda:1")
+    state = torch.randn((1, 13, 33, 47), device="cuda:1")
+    run = LevelRun(level=0, steps=2, seed=1, fire_rate=0.5)
+    with torch.cuda.device(0):
+        out = cuda_backend.run_level(nca, image, state.clone(), run)
+    ref = TorchBackend().run_level(nca, image, state.clone(), run)
+    assert out.device == image.device and (out - ref).abs().max().item() < 1e-5
