@@ -55,3 +55,29 @@ extern "C" void emu_launch_params(int entry, unsigned grid, void** args) {
         default: emu_from_params<3, nca_bf16>(grid, args); break;
     }
 }
+
+// -- kernel v2 (nca_step_v2.cu): tensor-core fc0/fc1 through the emulated mma.sync ---------------
+#include "nca_step_v2.cu"
+
+#define EMU2_ENTRY(NAME)                                                                                     \
+    extern "C" void emu_##NAME(unsigned grid, const nca_bf16* img, const nca_bf16* state, nca_bf16* out,      \
+                               nca_i64 batch, nca_i64 nz, nca_i64 ny, nca_i64 nx, nca_i64 oz, nca_i64 oy,     \
+                               nca_i64 ox, nca_u32 key, nca_u32 thresh, const nca_u32* wpack) {               \
+        nca_emu_launch(grid, NCA2_THREADS,                                                                   \
+                       [=] { NAME(img, state, out, batch, nz, ny, nx, oz, oy, ox, key, thresh, wpack); });   \
+    }
+
+EMU2_ENTRY(nca2_step_2d_bf16)
+EMU2_ENTRY(nca2_step_3d_bf16)
+
+// The packed-weight layout and tile of kernel v2, for the Python packer's test:
+// [words, w0, w1, b0, cw, cb, KS0, NT0, KS1, NT1, TZ, TY, TX].
+template <int DIMS>
+static void nca2_layout_fill(long long* v) {
+    typedef nca2_layout<DIMS> L;
+    const long long vals[] = {L::words, L::w0, L::w1, L::b0, L::cw, L::cb, L::KS0, L::NT0, L::KS1, L::NT1, L::TZ, L::TY, L::TX};
+    for (int i = 0; i < 13; ++i) v[i] = vals[i];
+}
+extern "C" void nca2_emu_layout(int dims, long long* v) {
+    if (dims == 2) nca2_layout_fill<2>(v); else nca2_layout_fill<3>(v);
+}

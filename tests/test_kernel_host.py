@@ -14,6 +14,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -298,3 +299,124 @@ def test_backend_launch_arguments_match_the_kernel_signature(emulation, dims, dt
             rel = ((out.float() - ref.bfloat16().float()).abs() / ref.abs().clamp_min(1e-2)).max().item()
             assert rel <= 2**-7
     assert (outs[0][1].float() - outs[1][1].float()).abs().max().item() > 1e-2  # the two weights differ
+
+
+# -- kernel v2 (nca_step_v2.cu: tensor-core fc0/fc1, shared-memory tile) on the host ---------------
+
+
+@pytest.fixture(scope="module", params=CONFIGS, ids=lambda c: "C%d-in%d-H%d" % c)
+def emulation_v2(request, tmp_path_factory) -> tuple[ctypes.CDLL, tuple[int, int, int]]:
+    dll = _compile_emulation(tmp_path_factory.mktemp("emulation_v2"), *request.param)
+    i64, u32, p = ctypes.c_longlong, ctypes.c_uint32, ctypes.c_void_p
+    for dims in (2, 3):
+        fn = getattr(dll, f"emu_nca2_step_{dims}d_bf16")
+        fn.restype = None
+        fn.argtypes = [ctypes.c_uint, p, p, p, i64, i64, i64, i64, i64, i64, i64, u32, u32, p]
+    dll.nca2_emu_layout.argtypes = [ctypes.c_int, p]
+    dll.nca2_emu_layout.restype = None
+    return dll, request.param
+
+
+def v2_model_step(nca, image, state, run: LevelRun, step: int) -> torch.Tensor:
+    """Kernel v2's numerics in torch: bf16 matmul inputs (x, perception, weights, hidden), float32
+    perception, sums and biases, one rounding at the store; cells that do not fire keep their value."""
+    import torch.nn.functional as F
+
+    conv = F.conv2d if nca.spatial_dims == 2 else F.conv3d
+    bf = lambda t: t.bfloat16().float()  # noqa: E731
+    full = pad_reflect(torch.cat([image.float(), state.float()], 1), 1)
+    p = conv(full, nca.conv.weight, nca.conv.bias, groups=nca.channels)
+    centre = full[(slice(None), slice(None)) + (slice(1, -1),) * nca.spatial_dims]
+    h = conv(bf(torch.cat([centre, p], 1)), bf(nca.fc0.weight), nca.fc0.bias)
+    dx = conv(bf(torch.relu(h)), bf(nca.fc1.weight))
+    new = (state.float() + dx).bfloat16()
+    origin = run.origin or (0,) * nca.spatial_dims
+    mask = fire_mask_torch(tuple(state.shape[2:]), origin, run.seed, run.level, step, run.fire_rate)
+    return torch.where(mask[None, None], new, state)
+
+
+def v2_emulated_step(dll, nca, image, state, run: LevelRun, step: int, grid: int | None = None) -> torch.Tensor:
+    from napari_octreenca.backends.cuda.fragments import layout_of, pack_v2
+
+    dims = nca.spatial_dims
+    img, st = image.bfloat16().contiguous(), state.bfloat16().contiguous()
+    out = torch.full_like(st, float("nan"))  # poisoned: unwritten cells show
+    words = torch.from_numpy(pack_v2(nca).view(np.int32))
+    sp = tuple(st.shape[2:])
+    nz, ny, nx = ((1,) + sp) if dims == 2 else sp
+    origin = run.origin or (0,) * dims
+    oz, oy, ox = ((0,) + tuple(origin)) if dims == 2 else tuple(origin)
+    key, thresh = fire_params(run, step)
+    tz, ty, tx = layout_of(nca).tile
+    tiles = st.shape[0] * -(-nz // tz) * -(-ny // ty) * -(-nx // tx)
+    getattr(dll, f"emu_nca2_step_{dims}d_bf16")(grid or tiles, img.data_ptr(), st.data_ptr(), out.data_ptr(), st.shape[0],
+                                                nz, ny, nx, oz, oy, ox, key, thresh, words.data_ptr())
+    return out
+
+
+def test_v2_weight_layout_matches_the_kernel(emulation_v2) -> None:
+    from napari_octreenca.backends.cuda.fragments import layout_of
+
+    dll, (c, cin, h) = emulation_v2
+    for dims in (2, 3):
+        lay = layout_of(random_level(c, cin, h, dims, seed=0))
+        got = (ctypes.c_longlong * 13)()
+        dll.nca2_emu_layout(dims, got)
+        want = [lay.words, lay.w0, lay.w1, lay.b0, lay.cw, lay.cb, lay.ks0, lay.nt0, lay.ks1, lay.nt1, *lay.tile]
+        assert list(got) == want
+
+
+V2_SHAPES = [((1, 1), None), ((3, 7), None), ((9, 33), None), ((17, 5), 1), ((1, 1, 1), None), ((2, 5, 3), None),
+             ((5, 5, 9), None), ((3, 1, 4), 1)]
+
+
+@pytest.mark.parametrize("shape,grid", V2_SHAPES, ids=lambda v: "x".join(map(str, v)) if isinstance(v, tuple) else str(v))
+def test_v2_emulated_equals_its_bf16_model_and_the_torch_path(emulation_v2, shape, grid) -> None:
+    """Every face, edge and corner (shapes cross the 8x32 / 4x4x8 tiles; grid 1 = grid-stride loop)."""
+    dll, (c, cin, h) = emulation_v2
+    dims = len(shape)
+    nca = random_level(c, cin, h, dims, seed=11 + sum(shape))
+    g = torch.Generator().manual_seed(sum(shape))
+    image = torch.randn((2, cin) + shape, generator=g).bfloat16()
+    state = torch.randn((2, c - cin) + shape, generator=g).bfloat16()
+    for fire_rate in (0.5, 1.0):
+        run = LevelRun(level=2, steps=1, seed=31, fire_rate=fire_rate, origin=tuple(range(5, 5 + dims)))
+        out = v2_emulated_step(dll, nca, image, state, run, step=3, grid=grid)
+        assert not torch.isnan(out.float()).any(), "the kernel left cells unwritten"
+        model = v2_model_step(nca, image, state, run, step=3).float()
+        diff = (out.float() - model).abs()
+        # Within one bf16 rounding of the model (float32 summation order may flip the last bit) ...
+        assert (diff <= 2**-7 * model.abs() + 1e-6).all(), diff.max().item()
+        # ... and bit-equal nearly everywhere: a fragment-layout mistake would show everywhere.
+        assert (diff == 0).float().mean().item() > 0.97
+        mask = fire_mask_torch(shape, run.origin, 31, 2, 3, fire_rate)
+        keep = ~mask.expand_as(out[:, 0])
+        for ch in range(c - cin):
+            assert torch.equal(out[:, ch][keep], state[:, ch][keep])
+        # Against the float32 torch path: bf16 accuracy.
+        ref = torch_step(nca, image.float(), state.float(), run, step=3)
+        rel = ((out.float() - ref).abs() / ref.abs().clamp_min(1.0)).max().item()
+        assert rel < 5e-2
+
+
+def test_v2_detects_a_wrong_fragment_layout(emulation_v2) -> None:
+    """The emulation has teeth: fc0 fragments packed with the two halves swapped give wrong results."""
+    from napari_octreenca.backends.cuda import fragments
+
+    dll, (c, cin, h) = emulation_v2
+    nca = random_level(c, cin, h, 2, seed=4)
+    image, state = torch.randn(1, cin, 6, 10).bfloat16(), torch.randn(1, c - cin, 6, 10).bfloat16()
+    run = LevelRun(level=0, steps=1, seed=2, fire_rate=1.0)
+    model = v2_model_step(nca, image, state, run, step=0).float()
+    real = fragments.b_fragments
+
+    def swapped(matrix, ks, nt):
+        f = real(matrix, ks, nt)
+        return ((f >> 16) | (f << 16)) & 0xFFFFFFFF
+
+    fragments.b_fragments = swapped
+    try:
+        bad = v2_emulated_step(dll, nca, image, state, run, step=0)
+    finally:
+        fragments.b_fragments = real
+    assert (bad.float() - model).abs().max().item() > 1e-2
