@@ -46,13 +46,20 @@ static void emu_from_params(unsigned grid, void** a) {
     nca_emu_launch(grid, NCA_BLOCK, [=] { kernel(img, state, out, v[0], v[1], v[2], v[3], v[4], v[5], v[6], key, thresh, weights); });
 }
 
-// entry: 0 = 2d_f32, 1 = 2d_bf16, 2 = 3d_f32, 3 = 3d_bf16 (the order of nvrtc.ENTRY_POINTS).
+// Kernel v2 (declared further down): its last argument is a pointer to the weight buffer.
+template <int DIMS>
+static void emu2_from_params(unsigned grid, void** a);
+
+// entry: 0 = 2d_f32, 1 = 2d_bf16, 2 = 3d_f32, 3 = 3d_bf16 (the order of nvrtc.ENTRY_POINTS);
+// 4 = v2 2d_bf16, 5 = v2 3d_bf16.
 extern "C" void emu_launch_params(int entry, unsigned grid, void** args) {
     switch (entry) {
         case 0: emu_from_params<2, float>(grid, args); break;
         case 1: emu_from_params<2, nca_bf16>(grid, args); break;
         case 2: emu_from_params<3, float>(grid, args); break;
-        default: emu_from_params<3, nca_bf16>(grid, args); break;
+        case 3: emu_from_params<3, nca_bf16>(grid, args); break;
+        case 4: emu2_from_params<2>(grid, args); break;
+        default: emu2_from_params<3>(grid, args); break;
     }
 }
 
@@ -69,6 +76,19 @@ extern "C" void emu_launch_params(int entry, unsigned grid, void** args) {
 
 EMU2_ENTRY(nca2_step_2d_bf16)
 EMU2_ENTRY(nca2_step_3d_bf16)
+
+template <int DIMS>
+static void emu2_from_params(unsigned grid, void** a) {
+    const nca_bf16* img = *(const nca_bf16* const*)a[0];
+    const nca_bf16* state = *(const nca_bf16* const*)a[1];
+    nca_bf16* out = *(nca_bf16* const*)a[2];
+    nca_i64 v[7];
+    for (int i = 0; i < 7; ++i) v[i] = *(const nca_i64*)a[3 + i];
+    const nca_u32 key = *(const nca_u32*)a[10], thresh = *(const nca_u32*)a[11];
+    const nca_u32* wpack = *(const nca_u32* const*)a[12];
+    auto kernel = DIMS == 2 ? nca2_step_2d_bf16 : nca2_step_3d_bf16;
+    nca_emu_launch(grid, NCA2_THREADS, [=] { kernel(img, state, out, v[0], v[1], v[2], v[3], v[4], v[5], v[6], key, thresh, wpack); });
+}
 
 // The packed-weight layout and tile of kernel v2, for the Python packer's test:
 // [words, w0, w1, b0, cw, cb, KS0, NT0, KS1, NT1, TZ, TY, TX].

@@ -45,6 +45,20 @@ def test_compiles_for_ci_archs() -> None:
 
 
 @pytest.mark.usefixtures("need_nvrtc")
+@pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
+def test_kernel_v2_compiles(arch) -> None:
+    """Kernel v2 (tensor-core mma.sync) for the preset shape and a padded one (2C, H, C - IN not multiples)."""
+    source, entries = nvrtc_compile.VARIANTS["v2"]
+    for defines in (PATHOLOGY, {"NCA_C": 10, "NCA_IN": 1, "NCA_H": 24}):
+        cubin = nvrtc_compile.compile_cubin(arch, defines, "v2")
+        assert nvrtc_compile.cubin_arch(cubin) == int(arch[3:])
+        for name in entries:
+            assert name.encode() in cubin, f"{name} missing from the {arch} v2 cubin"
+    with pytest.raises(nvrtc_compile.KernelCompileError, match="sm_80 or newer"):
+        nvrtc_compile.compile_cubin("sm_75", PATHOLOGY, "v2")
+
+
+@pytest.mark.usefixtures("need_nvrtc")
 def test_compile_error_carries_the_log() -> None:
     with pytest.raises(nvrtc_compile.KernelCompileError, match="nca_step.cu"):
         # A hidden size of 0 makes a zero-length array: the compiler must reject it.
@@ -57,9 +71,9 @@ def test_cache_reuses_the_binary(tmp_path, monkeypatch) -> None:
     calls: list[str] = []
     real = nvrtc_compile.compile_kernels
 
-    def counting(arch, defines):
+    def counting(arch, defines, variant="v1"):
         calls.append(arch)
-        return real(arch, defines)
+        return real(arch, defines, variant)
 
     monkeypatch.setattr(nvrtc_compile, "compile_kernels", counting)
     small = {"NCA_C": 4, "NCA_IN": 1, "NCA_H": 8}
@@ -246,6 +260,16 @@ def test_launch_check_rejects_what_would_read_out_of_bounds() -> None:
     # A 3D level refuses 2D buffers.
     with pytest.raises(InputError, match="3 spatial axes"):
         check_launch(_level(dims=3), img, st, torch.empty_like(st))
+
+
+def test_kernel_option() -> None:
+    from napari_octreenca.backends.cuda.backend import CudaBackend
+    from napari_octreenca.nca.errors import InputError
+
+    assert CudaBackend().kernel in ("v1", "v2")
+    assert CudaBackend(kernel="v2").kernel == "v2"
+    with pytest.raises(InputError, match="choose v1 or v2"):
+        CudaBackend(kernel="v3")
 
 
 def test_weights_too_large_for_kernel_arguments_fall_back() -> None:

@@ -420,3 +420,26 @@ def test_v2_detects_a_wrong_fragment_layout(emulation_v2) -> None:
     finally:
         fragments.b_fragments = real
     assert (bad.float() - model).abs().max().item() > 1e-2
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+def test_backend_v2_launch_arguments_match_the_kernel_signature(emulation, dims) -> None:
+    """The v2 argument block (last argument: a pointer to this run's weight buffer), read like the driver."""
+    from napari_octreenca.backends.cuda.backend import check_launch, launch_args
+    from napari_octreenca.backends.cuda.fragments import pack_v2
+
+    shape = (9, 35) if dims == 2 else (5, 3, 9)
+    nca = random_level(16, 3, 64, dims, seed=21)
+    g = torch.Generator().manual_seed(1)
+    image, state = torch.randn((2, 3) + shape, generator=g).bfloat16(), torch.randn((2, 13) + shape, generator=g).bfloat16()
+    out = torch.full_like(state, float("nan"))
+    run = LevelRun(level=1, steps=1, seed=9, fire_rate=0.5, origin=(4,) * dims)
+    key, thresh = fire_params(run, 0)
+    sizes = (2,) + (((1,) + shape) if dims == 2 else shape) + (((0,) + run.origin) if dims == 2 else run.origin)
+    words = torch.from_numpy(pack_v2(nca).view(np.int32))
+    check_launch(nca, image, state, out)
+    params, keep = launch_args(image, state, out, sizes, key, thresh, ctypes.c_void_p(words.data_ptr()))
+    emulation.emu_launch_params(4 if dims == 2 else 5, 3, params)  # 3 blocks: grid-stride over the tiles
+    assert not torch.isnan(out.float()).any()
+    model = v2_model_step(nca, image, state, run, step=0).float()
+    assert ((out.float() - model).abs() <= 2**-7 * model.abs() + 1e-6).all()

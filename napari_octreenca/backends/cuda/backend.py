@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import logging
+import os
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -38,6 +39,10 @@ BLOCK = 128
 CANDIDATES = 4
 CELLS_PER_BLOCK = BLOCK * CANDIDATES
 MAX_GRID = 2**31 - 1
+#: Kernel v2: threads per block (NCA2_THREADS) and resident blocks per SM the grid aims at
+#: (it loops over the tiles, so each block stages the weights once for many tiles).
+V2_THREADS = 128
+V2_BLOCKS_PER_SM = 8
 #: Kernel parameter space (CUDA 12.1+, sm_70+): the weights travel as a by-value argument.
 MAX_PARAM_BYTES = 32764
 #: Bytes of the kernel's arguments before the weights: 3 pointers, 7 int64, 2 uint32.
@@ -119,12 +124,13 @@ def check_launch(nca: BackboneNCA, image: torch.Tensor, state: torch.Tensor, out
 
 def launch_args(
     image: torch.Tensor, state: torch.Tensor, out: torch.Tensor, sizes: tuple[int, ...], key: int, thresh: int,
-    weights: ctypes.Array,
+    weights: ctypes.Array | ctypes.c_void_p,
 ) -> tuple[int, list]:
     """cuLaunchKernel's ``kernelParams`` for one step: (address of the void* array, objects to keep alive).
 
     The kernel signature is ``(img, state, out, batch, nz, ny, nx, oz, oy, ox, key, thresh,
-    weights)`` with the weights a by-value float array (kernels/nca_step.cu, ``nca_weights``).
+    weights)``: for kernel v1 the weights are a by-value float array (kernels/nca_step.cu,
+    ``nca_weights``), for kernel v2 a pointer to the run's weight buffer (``wpack``).
     """
     values: list = [ctypes.c_void_p(t.data_ptr()) for t in (image, state, out)]
     values += [ctypes.c_longlong(int(v)) for v in sizes]
@@ -163,18 +169,18 @@ def _current(context) -> Iterator[None]:
 _modules: dict[tuple, _Module] = {}
 
 
-def _load_module(device: torch.device, channels: int, inputs: int, hidden: int) -> _Module:
+def _load_module(device: torch.device, channels: int, inputs: int, hidden: int, variant: str = "v1") -> _Module:
     from . import nvrtc as nvrtc_compile
 
     index = device.index if device.index is not None else torch.cuda.current_device()
     defines = {"NCA_C": channels, "NCA_IN": inputs, "NCA_H": hidden}
     arch = nvrtc_compile.pick_target(torch.cuda.get_device_capability(index), nvrtc_compile.supported_archs())
-    key = (index, arch, channels, inputs, hidden)
+    key = (index, arch, channels, inputs, hidden, variant)
     with _lock:
         if key in _modules:
             return _modules[key]
         driver = _driver()
-        cubin, path = nvrtc_compile.cached_cubin(arch, defines)
+        cubin, path = nvrtc_compile.cached_cubin(arch, defines, variant)
         _ok(driver.cuInit(0), "cuInit")
         torch.cuda.init()  # torch creates the primary context it runs in; the kernels join it
         context = _ok(driver.cuDevicePrimaryCtxRetain(_ok(driver.cuDeviceGet(index), "cuDeviceGet")), "cuDevicePrimaryCtxRetain")
@@ -182,11 +188,11 @@ def _load_module(device: torch.device, channels: int, inputs: int, hidden: int) 
             module = _ok(driver.cuModuleLoadData(cubin), f"cuModuleLoadData({path.name})")
             functions = {
                 name: _ok(driver.cuModuleGetFunction(module, name.encode()), f"cuModuleGetFunction({name})")
-                for name in nvrtc_compile.ENTRY_POINTS
+                for name in nvrtc_compile.VARIANTS[variant][1]
             }
         mod = _Module(module, functions, context)
         _modules[key] = mod
-        log.info("loaded fused CUDA kernels %s for %s (%s)", path.name, arch, defines)
+        log.info("loaded fused CUDA kernels %s (%s) for %s (%s)", path.name, variant, arch, defines)
         return mod
 
 
@@ -200,9 +206,14 @@ class CudaBackend(Backend):
 
     name = "cuda"
 
-    def __init__(self, poison: bool = False):
+    def __init__(self, poison: bool = False, kernel: str | None = None):
         #: Fill the output buffer with NaN before every step (tests: unwritten cells show).
         self.poison = poison
+        #: Kernel variant: "v1" (CUDA cores, float32 and bfloat16) or "v2" (tensor cores,
+        #: bfloat16 states on sm_80+; float32 states still run v1). Default: $OCTREENCA_CUDA_KERNEL or v1.
+        self.kernel = kernel or os.environ.get("OCTREENCA_CUDA_KERNEL", "v1")
+        if self.kernel not in ("v1", "v2"):
+            raise InputError(f"unknown CUDA kernel {self.kernel!r}; choose v1 or v2")
 
     @classmethod
     def availability(cls) -> tuple[bool, str]:
@@ -246,12 +257,28 @@ class CudaBackend(Backend):
         if not ok:
             _warn_once(f"fuse:{why}", f"fused CUDA kernels cannot run this model ({why}); using the torch path")
             return TorchBackend().run_level(nca, image, state, run, callback)
+        variant = self._variant(state)
         try:
-            mod = _load_module(state.device, nca.channels, nca.input_channels, nca.fc0.out_channels)
+            mod = _load_module(state.device, nca.channels, nca.input_channels, nca.fc0.out_channels, variant)
         except Exception as exc:  # any failure to build/load the kernels: say why once, stay correct
             _warn_once(f"load:{exc}", f"fused CUDA kernels unavailable ({exc}); using the torch path")
             return TorchBackend().run_level(nca, image, state, run, callback)
+        if variant == "v2":
+            return self._run_v2(mod, nca, image, state, run, callback)
         return self._run(mod, nca, image, state, run, callback)
+
+    def _variant(self, state: torch.Tensor) -> str:
+        """The kernel that runs this state: v2 only for bfloat16 on sm_80+, else v1 (said once)."""
+        if self.kernel != "v2":
+            return "v1"
+        if state.dtype != torch.bfloat16:
+            _warn_once("v2:f32", "kernel v2 runs bfloat16 states (tensor cores); float32 states run kernel v1")
+            return "v1"
+        major, minor = torch.cuda.get_device_capability(state.device)
+        if major * 10 + minor < 80:
+            _warn_once("v2:arch", f"kernel v2 needs compute capability 8.0+, this GPU is {major}.{minor}; using v1")
+            return "v1"
+        return "v2"
 
     def _run(self, mod: _Module, nca, image, state, run: LevelRun, callback) -> torch.Tensor:
         driver = _driver()
@@ -282,6 +309,47 @@ class CudaBackend(Backend):
                 params, keep = launch_args(image, state, out, (batch, nz, ny, nx, oz, oy, ox), key, thresh, weights)
                 _ok(driver.cuLaunchKernel(func, grid, 1, 1, BLOCK, 1, 1, 0, cu_stream, params, 0), "cuLaunchKernel")
                 del keep  # cuLaunchKernel copied the arguments
+                state, out = out, state
+                if callback is not None:
+                    callback(step, state)
+        return state
+
+
+    def _run_v2(self, mod: _Module, nca, image, state, run: LevelRun, callback) -> torch.Tensor:
+        """Kernel v2: bfloat16 state, a per-run weight buffer on the device (never shared)."""
+        import numpy as np
+
+        from .fragments import layout_of, pack_v2
+
+        driver = _driver()
+        dims = nca.spatial_dims
+        func = mod.functions[f"nca2_step_{dims}d_bf16"]
+        image = image.to(state.dtype).contiguous()
+        state = state.contiguous()
+        out = torch.empty_like(state)
+        check_launch(nca, image, state, out)
+        # This run's own weight buffer; the caching allocator keeps it for this stream's order.
+        words = torch.from_numpy(pack_v2(nca).view(np.int32)).to(state.device, non_blocking=False)
+        spatial = tuple(state.shape[2:])
+        nz, ny, nx = ((1,) + spatial) if dims == 2 else spatial
+        origin = tuple(run.origin) or (0,) * dims
+        oz, oy, ox = ((0,) + origin) if dims == 2 else origin
+        batch = state.shape[0]
+        tz, ty, tx = layout_of(nca).tile
+        tiles = batch * -(-nz // tz) * -(-ny // ty) * -(-nx // tx)
+        sms = torch.cuda.get_device_properties(state.device).multi_processor_count
+        grid = max(1, min(tiles, sms * V2_BLOCKS_PER_SM))
+        with torch.cuda.device(state.device), _current(mod.context):
+            cu_stream = driver.CUstream(torch.cuda.current_stream(state.device).cuda_stream)
+            for step in range(run.steps):
+                key, thresh = fire_params(run, step)
+                if self.poison:
+                    out.fill_(float("nan"))
+                check_launch(nca, image, state, out)
+                params, keep = launch_args(image, state, out, (batch, nz, ny, nx, oz, oy, ox), key, thresh,
+                                           ctypes.c_void_p(words.data_ptr()))
+                _ok(driver.cuLaunchKernel(func, grid, 1, 1, V2_THREADS, 1, 1, 0, cu_stream, params, 0), "cuLaunchKernel(v2)")
+                del keep
                 state, out = out, state
                 if callback is not None:
                     callback(step, state)

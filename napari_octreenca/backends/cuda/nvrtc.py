@@ -32,6 +32,14 @@ HEADER = "nca_common.cuh"
 SOURCE = "nca_step.cu"
 #: Kernel entry points, ``nca_step_{2,3}d_{f32,bf16}``.
 ENTRY_POINTS = tuple(f"nca_step_{d}d_{t}" for d in (2, 3) for t in ("f32", "bf16"))
+#: Kernel variants: v1 (a thread per firing cell, CUDA cores) and v2 (bf16 only: tensor-core
+#: fc0/fc1, shared-memory tile; needs sm_80+). Each is its own NVRTC program and cubin.
+VARIANTS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "v1": (SOURCE, ENTRY_POINTS),
+    "v2": ("nca_step_v2.cu", ("nca2_step_2d_bf16", "nca2_step_3d_bf16")),
+}
+#: The oldest architecture kernel v2 runs on (mma.sync with bf16 inputs).
+V2_MIN_ARCH = 80
 #: Architectures CI compiles for (A100, A10/3090, L4/4090, H100).
 CI_ARCHS = ("sm_80", "sm_86", "sm_89", "sm_90")
 BASE_OPTIONS = ("-std=c++17", "--device-as-default-execution-space")
@@ -41,10 +49,10 @@ class KernelCompileError(BackendUnavailable):
     """NVRTC rejected the kernel source (the message holds the compiler log)."""
 
 
-def kernel_sources() -> dict[str, str]:
-    """The bundled kernel files by name."""
+def kernel_sources(variant: str = "v1") -> dict[str, str]:
+    """The bundled kernel files of a variant (the header and its entry-point source) by name."""
     folder = resource_path("kernels")
-    return {name: (folder / name).read_text(encoding="utf-8") for name in (HEADER, SOURCE)}
+    return {name: (folder / name).read_text(encoding="utf-8") for name in (HEADER, VARIANTS[variant][0])}
 
 
 def _nvrtc():
@@ -91,10 +99,10 @@ def compile_options(arch: str, defines: Mapping[str, int]) -> list[str]:
     return [f"--gpu-architecture={arch}", *BASE_OPTIONS, *(f"-D{k}={int(v)}" for k, v in sorted(defines.items()))]
 
 
-def cache_key(arch: str, defines: Mapping[str, int]) -> str:
+def cache_key(arch: str, defines: Mapping[str, int], variant: str = "v1") -> str:
     """Hash of everything the cubin depends on."""
     h = hashlib.sha256()
-    for name, text in sorted(kernel_sources().items()):
+    for name, text in sorted(kernel_sources(variant).items()):
         h.update(name.encode())
         h.update(text.encode())
     h.update(repr(compile_options(arch, defines)).encode())
@@ -143,17 +151,20 @@ def _program_log(prog) -> str:
     return log.decode(errors="replace").strip(" \n\x00")
 
 
-def compile_kernels(arch: str, defines: Mapping[str, int]) -> bytes:
-    """Compile the kernels for ``arch``: a cubin for ``sm_XX``, PTX (NUL-terminated) for ``compute_XX``.
+def compile_kernels(arch: str, defines: Mapping[str, int], variant: str = "v1") -> bytes:
+    """Compile a kernel variant for ``arch``: a cubin for ``sm_XX``, PTX (NUL-terminated) for ``compute_XX``.
 
     Raises KernelCompileError with the compiler log.
     """
     nvrtc = _nvrtc()
     nvrtc_version()  # a clear error when the library is missing
     ptx = arch.startswith("compute_")
-    sources = kernel_sources()
+    source = VARIANTS[variant][0]
+    if variant == "v2" and int(arch.split("_")[1]) < V2_MIN_ARCH:
+        raise KernelCompileError(f"kernel v2 needs sm_{V2_MIN_ARCH} or newer (tensor-core bf16), not {arch}")
+    sources = kernel_sources(variant)
     err, prog = nvrtc.nvrtcCreateProgram(
-        sources[SOURCE].encode(), SOURCE.encode(), 1, [sources[HEADER].encode()], [HEADER.encode()]
+        sources[source].encode(), source.encode(), 1, [sources[HEADER].encode()], [HEADER.encode()]
     )
     _check(err, "program creation")
     try:
@@ -161,7 +172,7 @@ def compile_kernels(arch: str, defines: Mapping[str, int]) -> bytes:
         (result,) = nvrtc.nvrtcCompileProgram(prog, len(opts), opts)
         if result != nvrtc.nvrtcResult.NVRTC_SUCCESS:
             raise KernelCompileError(
-                f"NVRTC could not compile {SOURCE} for {arch} with {dict(defines)}:\n{_program_log(prog)}"
+                f"NVRTC could not compile {source} for {arch} with {dict(defines)}:\n{_program_log(prog)}"
             )
         get_size, get = (nvrtc.nvrtcGetPTXSize, nvrtc.nvrtcGetPTX) if ptx else (nvrtc.nvrtcGetCUBINSize, nvrtc.nvrtcGetCUBIN)
         err, size = get_size(prog)
@@ -174,11 +185,11 @@ def compile_kernels(arch: str, defines: Mapping[str, int]) -> bytes:
         nvrtc.nvrtcDestroyProgram(prog)
 
 
-def compile_cubin(arch: str, defines: Mapping[str, int]) -> bytes:
-    """Compile the kernels to a cubin for ``arch`` (``sm_XX``); raises KernelCompileError with the log."""
+def compile_cubin(arch: str, defines: Mapping[str, int], variant: str = "v1") -> bytes:
+    """Compile a kernel variant to a cubin for ``arch`` (``sm_XX``); raises KernelCompileError with the log."""
     if not arch.startswith("sm_"):
         raise ValueError(f"a cubin needs an sm_XX architecture, got {arch!r}")
-    return compile_kernels(arch, defines)
+    return compile_kernels(arch, defines, variant)
 
 
 def _looks_valid(data: bytes, arch: str) -> bool:
@@ -188,18 +199,18 @@ def _looks_valid(data: bytes, arch: str) -> bool:
     return data[:4] == b"\x7fELF"
 
 
-def cached_cubin(arch: str, defines: Mapping[str, int]) -> tuple[bytes, Path]:
-    """The binary for ``arch``/``defines`` from the cache, compiling (and caching) it when absent.
+def cached_cubin(arch: str, defines: Mapping[str, int], variant: str = "v1") -> tuple[bytes, Path]:
+    """The binary for ``arch``/``defines``/``variant`` from the cache, compiling (and caching) it when absent.
 
     ``arch`` is what :func:`pick_target` chose: ``sm_XX`` gives a cubin, ``compute_XX`` PTX.
     """
     suffix = "ptx" if arch.startswith("compute_") else "cubin"
-    path = cache_dir() / f"{cache_key(arch, defines)}-{arch}.{suffix}"
+    path = cache_dir() / f"{cache_key(arch, defines, variant)}-{arch}.{suffix}"
     if path.exists():
         data = path.read_bytes()
         if _looks_valid(data, arch):
             return data, path
-    data = compile_kernels(arch, defines)
+    data = compile_kernels(arch, defines, variant)
     try:
         # Atomic: a concurrent process never reads a half-written binary.
         atomic_write(path, lambda tmp: tmp.write_bytes(data))
