@@ -30,6 +30,7 @@ marked skipped, since CPU figures say nothing about the targets.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import json
 import os
@@ -39,7 +40,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
@@ -196,10 +197,26 @@ def _junit_counts(path: Path) -> dict[str, int]:
 
 
 # -- 3 and 4. benchmarks --------------------------------------------------------------------------
-def _bench(check: Check, **case: Any) -> dict[str, Any]:
+@contextlib.contextmanager
+def cuda_kernel(variant: str) -> Iterator[None]:
+    """Run the block with CUDA kernel ``variant`` (v1 or v2) as the cuda backend's default."""
+    saved = os.environ.get("OCTREENCA_CUDA_KERNEL")
+    os.environ["OCTREENCA_CUDA_KERNEL"] = variant
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop("OCTREENCA_CUDA_KERNEL", None)
+        else:
+            os.environ["OCTREENCA_CUDA_KERNEL"] = saved
+
+
+def _bench(check: Check, kernel: str = "v1", **case: Any) -> dict[str, Any]:
     from napari_octreenca.bench import Case, run_case
 
-    row = run_case(Case(**case))
+    with cuda_kernel(kernel):
+        row = run_case(Case(**case))
+    row["kernel"] = kernel if case.get("backend") == "cuda" else "-"
     check.info.setdefault("benchmarks", []).append(row)
     return row
 
@@ -207,7 +224,8 @@ def _bench(check: Check, **case: Any) -> dict[str, Any]:
 def section_levels(check: Check) -> None:
     check.say("## one level: 8192^2 (pathology network) and 256^3 (radiology network)")
     if check.rehearse:
-        check.say("  rehearsal: GPU benchmark skipped (no GPU); the same code runs on the CPU at 256^2 and 24^3")
+        check.say("  rehearsal: GPU benchmark skipped (no GPU; kernels v1 and v2 on the GPU only); the same code "
+                  "runs on the CPU at 256^2 and 24^3")
         for dims, size, preset_name, steps in ((2, 256, "pathology", 4), (3, 24, "radiology", 2)):
             for dtype in ("float32", "bfloat16"):
                 row = _bench(check, backend="cpu-fused", size=size, dtype=dtype, dims=dims, preset=preset_name,
@@ -216,19 +234,21 @@ def section_levels(check: Check) -> None:
                                     "cell-steps/s", "GPU only", "SKIPPED (rehearsal on the CPU: not comparable)"))
         return
     cases = [
-        (2, 8192, "pathology", 20, "bfloat16", LEVEL_2D_TARGET),
-        (2, 8192, "pathology", 20, "float32", None),
-        (3, 256, "radiology", 10, "bfloat16", LEVEL_3D_TARGET),
-        (3, 256, "radiology", 10, "float32", None),
+        (2, 8192, "pathology", 20, "bfloat16", "v2", LEVEL_2D_TARGET),
+        (2, 8192, "pathology", 20, "bfloat16", "v1", LEVEL_2D_TARGET),
+        (2, 8192, "pathology", 20, "float32", "v1", None),
+        (3, 256, "radiology", 10, "bfloat16", "v2", LEVEL_3D_TARGET),
+        (3, 256, "radiology", 10, "bfloat16", "v1", LEVEL_3D_TARGET),
+        (3, 256, "radiology", 10, "float32", "v1", None),
     ]
-    for dims, size, preset_name, steps, dtype, target in cases:
-        name = f"{dims}D {size}^{dims} {dtype}"
+    for dims, size, preset_name, steps, dtype, kernel, target in cases:
+        name = f"{dims}D {size}^{dims} {dtype} kernel {kernel}"
         if check.left() < 60:
             check.skip("level", name, "-", "time budget spent")
             continue
         try:
-            row = _bench(check, backend="cuda", size=size, dtype=dtype, dims=dims, preset=preset_name, steps=steps,
-                         device="cuda")
+            row = _bench(check, kernel, backend="cuda", size=size, dtype=dtype, dims=dims, preset=preset_name,
+                         steps=steps, device="cuda")
         except Exception as exc:
             check.failed.append(f"level {name}: {exc}")
             check.skip("level", name, "-", f"error: {exc}")
@@ -249,13 +269,14 @@ def section_pipeline(check: Check) -> None:
         check.figure(Figure("pipeline", "384^2 bf16 seconds (cpu-fused)", row["seconds"], "s", "GPU only",
                             "SKIPPED (rehearsal on the CPU: not comparable)"))
         return
-    for dtype in ("bfloat16", "float32"):
-        name = f"{PIPELINE_SIZE}^2 {dtype}"
+    for dtype, kernel in (("bfloat16", "v2"), ("bfloat16", "v1"), ("float32", "v1")):
+        name = f"{PIPELINE_SIZE}^2 {dtype} kernel {kernel}"
         if check.left() < 45:
             check.skip("pipeline", name, "-", "time budget spent")
             continue
         try:
-            row = _bench(check, backend="cuda", size=PIPELINE_SIZE, dtype=dtype, mode="pipeline", device="cuda")
+            row = _bench(check, kernel, backend="cuda", size=PIPELINE_SIZE, dtype=dtype, mode="pipeline",
+                         device="cuda")
         except Exception as exc:
             check.failed.append(f"pipeline {name}: {exc}")
             check.skip("pipeline", name, "-", f"error: {exc}")
@@ -323,7 +344,8 @@ def section_dice(check: Check, data: Path | None) -> None:
     device = "cpu" if check.rehearse else "cuda"
     fused = "cpu-fused" if check.rehearse else "cuda"
     if check.rehearse:
-        check.say("  rehearsal: the fused CPU backend stands in for the GPU; the Dice figures are real CPU figures")
+        check.say("  rehearsal: the fused CPU backend stands in for the GPU; the Dice figures are real CPU figures "
+                  "(kernel v2 is GPU-only: skipped here)")
     cases, missing = real_cases(data)
     for line in missing:
         check.say(f"  not available: {line}")
@@ -332,20 +354,24 @@ def section_dice(check: Check, data: Path | None) -> None:
             check.skip("dice", case.name, f">= {DICE_TARGET}", "time budget spent")
             continue
         model = open_model(case.model, device)
+        runs = [("float32", "v1"), ("bfloat16", "v1")] + ([] if check.rehearse else [("bfloat16", "v2")])
         labels = {}
-        for dtype in ("float32", "bfloat16"):
+        for dtype, kernel in runs:
             torch.manual_seed(0)
-            res = segment_at_model_spacing(model, case.image, device=device, dtype=dtype, backend=fused, seed=0,
-                                           **case.kwargs)
-            labels[dtype] = res.labels
-        agree = hard_dice(labels["bfloat16"], labels["float32"])
-        fg = float((labels["float32"] > 0).mean())
-        note = f"model {case.model}, {fused}, foreground {fg:.3f}"
-        if case.truth is not None:
-            note += (f", Dice vs reference mask fp32 {hard_dice(labels['float32'], case.truth):.4f}"
-                     f" / bf16 {hard_dice(labels['bfloat16'], case.truth):.4f}")
-        check.figure(Figure("dice", f"Dice(bf16, fp32) {case.name}", agree, "", f">= {DICE_TARGET}",
-                            verdict(agree, DICE_TARGET), note))
+            with cuda_kernel(kernel):
+                res = segment_at_model_spacing(model, case.image, device=device, dtype=dtype, backend=fused, seed=0,
+                                               **case.kwargs)
+            labels[dtype, kernel] = res.labels
+        fp32 = labels["float32", "v1"]
+        for dtype, kernel in runs[1:]:
+            agree = hard_dice(labels[dtype, kernel], fp32)
+            which = f"{fused} kernel {kernel}" if fused == "cuda" else fused
+            note = f"model {case.model}, {which}, foreground {float((fp32 > 0).mean()):.3f}"
+            if case.truth is not None:
+                note += (f", Dice vs reference mask fp32 {hard_dice(fp32, case.truth):.4f}"
+                         f" / bf16 {hard_dice(labels[dtype, kernel], case.truth):.4f}")
+            label = f"Dice(bf16, fp32) {case.name}" + (f" [kernel {kernel}]" if fused == "cuda" else "")
+            check.figure(Figure("dice", label, agree, "", f">= {DICE_TARGET}", verdict(agree, DICE_TARGET), note))
 
 
 # -- preparation (run where the data packages are installed) -------------------------------------

@@ -318,21 +318,12 @@ def emulation_v2(request, tmp_path_factory) -> tuple[ctypes.CDLL, tuple[int, int
 
 
 def v2_model_step(nca, image, state, run: LevelRun, step: int) -> torch.Tensor:
-    """Kernel v2's numerics in torch: bf16 matmul inputs (x, perception, weights, hidden), float32
-    perception, sums and biases, one rounding at the store; cells that do not fire keep their value."""
-    import torch.nn.functional as F
+    """Kernel v2's numerics in torch (fragments.reference_step_v2) with the run's fire mask."""
+    from napari_octreenca.backends.cuda.fragments import reference_step_v2
 
-    conv = F.conv2d if nca.spatial_dims == 2 else F.conv3d
-    bf = lambda t: t.bfloat16().float()  # noqa: E731
-    full = pad_reflect(torch.cat([image.float(), state.float()], 1), 1)
-    p = conv(full, nca.conv.weight, nca.conv.bias, groups=nca.channels)
-    centre = full[(slice(None), slice(None)) + (slice(1, -1),) * nca.spatial_dims]
-    h = conv(bf(torch.cat([centre, p], 1)), bf(nca.fc0.weight), nca.fc0.bias)
-    dx = conv(bf(torch.relu(h)), bf(nca.fc1.weight))
-    new = (state.float() + dx).bfloat16()
     origin = run.origin or (0,) * nca.spatial_dims
     mask = fire_mask_torch(tuple(state.shape[2:]), origin, run.seed, run.level, step, run.fire_rate)
-    return torch.where(mask[None, None], new, state)
+    return reference_step_v2(nca, image, state, mask[None, None])
 
 
 def v2_emulated_step(dll, nca, image, state, run: LevelRun, step: int, grid: int | None = None) -> torch.Tensor:

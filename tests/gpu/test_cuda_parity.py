@@ -216,3 +216,78 @@ def test_second_device_runs_in_its_own_context(cuda_backend) -> None:
         out = cuda_backend.run_level(nca, image, state.clone(), run)
     ref = TorchBackend().run_level(nca, image, state.clone(), run)
     assert out.device == image.device and (out - ref).abs().max().item() < 1e-5
+
+
+# -- kernel v2 (tensor cores, bfloat16) -------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def cuda_v2(cuda_backend):
+    from napari_octreenca.backends.cuda.backend import CudaBackend
+
+    if torch.cuda.get_device_capability() < (8, 0):
+        pytest.skip("kernel v2 needs compute capability 8.0+")
+    return CudaBackend(poison=True, kernel="v2")
+
+
+V2_SHAPES = [(1, 1), (2, 2), (7, 3), (9, 33), (33, 65), (130, 257),
+             (1, 1, 1), (2, 5, 3), (5, 5, 9), (9, 17, 33), (31, 12, 5)]
+
+
+@pytest.mark.parametrize("shape", V2_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("config", [(16, 3, 64), (10, 1, 24)], ids=["C16", "C10"])
+def test_v2_bf16_equals_its_reference(cuda_v2, shape, config) -> None:
+    """One step of v2 against its torch model (bf16 matmul inputs), every face; and the fp32 torch path."""
+    from napari_octreenca.backends.cuda.fragments import reference_step_v2
+    from napari_octreenca.nca.firemask import fire_mask_torch
+
+    c, cin, h = config
+    dims = len(shape)
+    nca = random_level(c, cin, h, dims, seed=sum(shape) + 1)
+    g = torch.Generator(device="cuda").manual_seed(sum(shape))
+    image = torch.randn((2, cin) + shape, generator=g, device="cuda").bfloat16()
+    state = torch.randn((2, c - cin) + shape, generator=g, device="cuda").bfloat16()
+    run = LevelRun(level=1, steps=1, seed=2**40 + 3, fire_rate=0.5, origin=tuple(range(7, 7 + dims)))
+    out = cuda_v2.run_level(nca, image, state.clone(), run)
+    assert out.dtype == torch.bfloat16 and not torch.isnan(out.float()).any(), "cells left unwritten"
+    mask = fire_mask_torch(shape, run.origin, run.seed, run.level, 0, run.fire_rate, "cuda")[None, None]
+    model = reference_step_v2(nca, image, state, mask).float()
+    diff = (out.float() - model).abs()
+    # Within bf16 rounding: tensor-core summation order may flip a rounding of h or of the output.
+    assert (diff <= 2**-6 * model.abs() + 1e-3).all(), diff.max().item()
+    assert torch.equal(out[~mask.expand_as(out)], state[~mask.expand_as(state)])
+    ref = TorchBackend().run_level(nca, image.float(), state.float(), run)
+    assert ((out.float() - ref).abs() / ref.abs().clamp_min(1.0)).max().item() < 5e-2
+
+
+def test_v2_several_steps_agree_with_v1(cuda_v2) -> None:
+    nca = random_level(16, 3, 64, 2, seed=3)
+    image = torch.randn((1, 3, 200, 301), device="cuda").bfloat16()
+    state = torch.randn((1, 13, 200, 301), device="cuda").bfloat16()
+    run = LevelRun(level=0, steps=6, seed=5, fire_rate=0.5)
+    v2 = cuda_v2.run_level(nca, image, state.clone(), run)
+    v1 = CudaBackendNoPoison().run_level(nca, image, state.clone(), run)
+    ref = TorchBackend().run_level(nca, image.float(), state.float(), run)
+    for got in (v1, v2):
+        assert ((got.float() - ref).abs() / ref.abs().clamp_min(1.0)).max().item() < 5e-2
+
+
+def test_v2_64bit_indexing(cuda_v2) -> None:
+    """More than 2^31 state elements with kernel v2: the far end is still right."""
+    free, _ = torch.cuda.mem_get_info()
+    ny, nx = 12000, 14000
+    if free < 12 * 2**30:
+        pytest.skip("needs 12 GiB of free GPU memory")
+    from napari_octreenca.backends.cuda.backend import CudaBackend
+
+    nca = random_level(16, 3, 64, 2, seed=4)
+    image = torch.randn((1, 3, ny, nx), device="cuda").bfloat16()
+    state = torch.randn((1, 13, ny, nx), device="cuda").bfloat16()
+    run = LevelRun(level=0, steps=1, seed=1, fire_rate=0.5)
+    window = (slice(ny - 40, ny), slice(nx - 50, nx))
+    img_w, st_w = image[(...,) + window].float(), state[(...,) + window].float()
+    out = CudaBackend(kernel="v2").run_level(nca, image, state, run)
+    ref = TorchBackend().run_level(nca, img_w, st_w, LevelRun(0, 1, 1, 0.5, origin=(ny - 40, nx - 50)))
+    got = out[(...,) + window].float()
+    diff = (got - ref)[..., 1:, 1:].abs() / ref[..., 1:, 1:].abs().clamp_min(1.0)
+    assert diff.max().item() < 5e-2

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ...nca.step import pad_reflect
 from ...nca.weights import BackboneNCA
 
 
@@ -132,3 +133,27 @@ def pack_v2(nca: BackboneNCA) -> np.ndarray:
     words[lay.cw:lay.cb] = np.ascontiguousarray(f32(nca.conv.weight).reshape(c * lay.taps)).view(np.uint32)
     words[lay.cb:] = np.ascontiguousarray(f32(nca.conv.bias).reshape(c)).view(np.uint32)
     return words
+
+
+@torch.no_grad()
+def reference_step_v2(nca: BackboneNCA, image: torch.Tensor, state: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """What kernel v2 computes for one step, in torch (the tests' oracle; nca/step.py otherwise).
+
+    The torch step (``nca.step.nca_delta``) with the matmul inputs rounded to bfloat16 (x,
+    perception, fc0/fc1 weights, hidden vector); perception, sums and biases in float32; one
+    rounding of ``state + dx`` to bfloat16. ``mask`` (broadcastable bool) marks the firing cells.
+    """
+    import torch.nn.functional as F
+
+    conv = F.conv2d if nca.spatial_dims == 2 else F.conv3d
+
+    def bf(t: torch.Tensor) -> torch.Tensor:
+        return t.bfloat16().float()
+
+    full = pad_reflect(torch.cat([image.float(), state.float()], 1), 1)
+    p = conv(full, nca.conv.weight.float(), nca.conv.bias.float(), groups=nca.channels)
+    centre = full[(slice(None), slice(None)) + (slice(1, -1),) * nca.spatial_dims]
+    h = conv(bf(torch.cat([centre, p], 1)), bf(nca.fc0.weight), nca.fc0.bias.float())
+    dx = conv(bf(torch.relu(h)), bf(nca.fc1.weight))
+    new = (state.float() + dx).bfloat16()
+    return new if mask is None else torch.where(mask, new, state.bfloat16())
