@@ -25,7 +25,7 @@ inline nca_dim3 blockDim{1, 1, 1};
 #define __device__
 #define __host__
 #define __forceinline__ inline
-#define __launch_bounds__(x)
+#define __launch_bounds__(...)
 #define __constant__
 #define __grid_constant__
 // One block runs at a time, so a function-static array is exactly the block's shared memory.

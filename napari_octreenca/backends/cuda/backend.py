@@ -42,7 +42,7 @@ MAX_GRID = 2**31 - 1
 #: Kernel v2: threads per block (NCA2_THREADS) and resident blocks per SM the grid aims at
 #: (it loops over the tiles, so each block stages the weights once for many tiles).
 V2_THREADS = 128
-V2_BLOCKS_PER_SM = 8
+V2_BLOCKS_PER_SM = 6  # NCA2_MIN_BLOCKS
 #: Kernel parameter space (CUDA 12.1+, sm_70+): the weights travel as a by-value argument.
 MAX_PARAM_BYTES = 32764
 #: Bytes of the kernel's arguments before the weights: 3 pointers, 7 int64, 2 uint32.
