@@ -212,13 +212,30 @@ def cuda_kernel(variant: str) -> Iterator[None]:
 
 
 def _bench(check: Check, kernel: str = "v1", **case: Any) -> dict[str, Any]:
+    """One benchmark case; on the GPU in a fresh process, so that a kernel fault (a poisoned CUDA
+    context) costs only that case, and the peak memory is that case's alone."""
     from napari_octreenca.bench import Case, run_case
 
     with cuda_kernel(kernel):
-        row = run_case(Case(**case))
+        row = run_case(Case(**case)) if check.rehearse else _isolated(Case(**case), min(150.0, check.left()))
     row["kernel"] = kernel if case.get("backend") == "cuda" else "-"
     check.info.setdefault("benchmarks", []).append(row)
     return row
+
+
+def _isolated(case: Any, timeout: float) -> dict[str, Any]:
+    """``octreenca bench --case`` in a fresh process, killed after ``timeout`` seconds (a hung kernel)."""
+    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    try:
+        proc = subprocess.run([sys.executable, "-m", "napari_octreenca.bench", "--case", json.dumps(case.__dict__)],
+                              capture_output=True, text=True, env=env, timeout=max(10.0, timeout))
+    except subprocess.TimeoutExpired:
+        raise RuntimeError(f"timed out after {timeout:.0f} s") from None
+    rows = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    if proc.returncode != 0 or not rows:
+        last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        raise RuntimeError(f"exit {proc.returncode}: {last}")
+    return json.loads(rows[-1])
 
 
 def section_levels(check: Check) -> None:
