@@ -4,9 +4,13 @@
 // shape (NCA_C channels, NCA_IN image channels, NCA_H hidden units) and GPU architecture.
 // The per-cell logic lives in nca_common.cuh, which CI also compiles and runs as host C++.
 //
-// Launch: blockDim.x = NCA_BLOCK, any gridDim.x (grid-stride loop). The level's weights are
-// copied into the constant array `nca_weights` (layout: nca_layout in nca_common.cuh) on the
-// same stream before the launches. Each warp takes a run of 32 * NCA_CANDIDATES consecutive
+// Launch: blockDim.x = NCA_BLOCK, any gridDim.x (grid-stride loop). The level's weights are the
+// last kernel argument, passed by value (layout: nca_layout in nca_common.cuh): the driver copies
+// them with each launch into that launch's own parameter bank, so two runs on two streams or
+// threads can never see each other's weights (a shared __constant__ array could be overwritten
+// between another run's copy and its launch). __grid_constant__ lets the kernel read them in
+// place from the constant bank, as fast as __constant__ memory. Kernel parameters above 4 KiB
+// need CUDA 12.1+ and sm_70+ (both required anyway). Each warp takes a run of 32 * NCA_CANDIDATES consecutive
 // cells, copies the ones that do not fire and compacts the firing ones onto its lanes, so at
 // fire rate 0.5 a warp computes about half as many cells as a plain one-thread-per-cell kernel.
 #include "nca_common.cuh"
@@ -21,13 +25,17 @@
 #define NCA_WARPS (NCA_BLOCK / 32)
 #define NCA_CHUNK (32 * NCA_CANDIDATES)
 
-__constant__ float nca_weights[nca_layout<3, NCA_C, NCA_IN, NCA_H>::size];
+// One level's packed weights, passed by value as a kernel argument.
+template <int DIMS>
+struct nca_weights {
+    float w[nca_layout<DIMS, NCA_C, NCA_IN, NCA_H>::size];
+};
 
 template <int DIMS, typename T>
 __device__ __forceinline__ void nca_step_impl(const T* __restrict__ img, const T* __restrict__ state,
                                               T* __restrict__ out, nca_i64 batch, nca_i64 nz, nca_i64 ny,
                                               nca_i64 nx, nca_i64 oz, nca_i64 oy, nca_i64 ox, nca_u32 key,
-                                              nca_u32 thresh) {
+                                              nca_u32 thresh, const float* __restrict__ weights) {
     __shared__ short slots[NCA_WARPS][NCA_CHUNK];
     const int lane = threadIdx.x & 31;
     const int warp = threadIdx.x >> 5;
@@ -67,7 +75,7 @@ __device__ __forceinline__ void nca_step_impl(const T* __restrict__ img, const T
             const nca_i64 y = zy % ny;
             const nca_i64 z = zy / ny;
             nca_cell<DIMS, NCA_C, NCA_IN, NCA_H, T>(img + b * NCA_IN * plane, state + b * cu * plane,
-                                                    out + b * cu * plane, nca_weights, nz, ny, nx, z, y, x);
+                                                    out + b * cu * plane, weights, nz, ny, nx, z, y, x);
         }
         __syncwarp();
     }
@@ -76,8 +84,9 @@ __device__ __forceinline__ void nca_step_impl(const T* __restrict__ img, const T
 #define NCA_ENTRY(NAME, DIMS, T)                                                                          \
     extern "C" __global__ void __launch_bounds__(NCA_BLOCK)                                               \
         NAME(const T* img, const T* state, T* out, nca_i64 batch, nca_i64 nz, nca_i64 ny, nca_i64 nx,     \
-             nca_i64 oz, nca_i64 oy, nca_i64 ox, nca_u32 key, nca_u32 thresh) {                           \
-        nca_step_impl<DIMS, T>(img, state, out, batch, nz, ny, nx, oz, oy, ox, key, thresh);              \
+             nca_i64 oz, nca_i64 oy, nca_i64 ox, nca_u32 key, nca_u32 thresh,                             \
+             const __grid_constant__ nca_weights<DIMS> weights) {                                         \
+        nca_step_impl<DIMS, T>(img, state, out, batch, nz, ny, nx, oz, oy, ox, key, thresh, weights.w);   \
     }
 
 NCA_ENTRY(nca_step_2d_f32, 2, float)

@@ -14,6 +14,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -203,8 +204,10 @@ def _compile_emulation(tmp: Path, c: int, cin: int, h: int) -> ctypes.CDLL:
         for dt in ("f32", "bf16"):
             fn = getattr(dll, f"emu_nca_step_{dims}d_{dt}")
             fn.restype = None
-            fn.argtypes = [ctypes.c_uint, p, p, p, i64, i64, i64, i64, i64, i64, i64, u32, u32]
-    dll.nca_emu_set_weights.argtypes = [p, ctypes.c_int]
+            fn.argtypes = [ctypes.c_uint, p, p, p, i64, i64, i64, i64, i64, i64, i64, u32, u32, p]
+    dll.nca_emu_weights_size.argtypes = [ctypes.c_int]
+    dll.emu_launch_params.argtypes = [ctypes.c_int, ctypes.c_uint, p]
+    dll.emu_launch_params.restype = None
     return dll
 
 
@@ -220,7 +223,7 @@ def emulated_step(dll, nca, image, state, run: LevelRun, step: int, grid: int | 
     img, st = image.to(dtype).contiguous(), state.to(dtype).contiguous()
     out = torch.full_like(st, float("nan"))  # poisoned: unwritten cells show
     w = pack_weights(nca)
-    dll.nca_emu_set_weights(w.data_ptr(), w.numel())
+    assert dll.nca_emu_weights_size(dims) == w.numel()
     sp = tuple(st.shape[2:])
     nz, ny, nx = ((1,) + sp) if dims == 2 else sp
     origin = run.origin or (0,) * dims
@@ -229,7 +232,7 @@ def emulated_step(dll, nca, image, state, run: LevelRun, step: int, grid: int | 
     grid = grid or grid_size(st.shape[0] * nz * ny * nx)
     name = f"emu_nca_step_{dims}d_{'f32' if dtype == torch.float32 else 'bf16'}"
     getattr(dll, name)(grid, img.data_ptr(), st.data_ptr(), out.data_ptr(), st.shape[0], nz, ny, nx, oz, oy, ox,
-                       key, thresh)
+                       key, thresh, w.data_ptr())
     return out
 
 
@@ -259,3 +262,175 @@ def test_cuda_kernel_emulated_bf16(emulation) -> None:
     via_harness_ref = torch_step(nca, image.float(), state.float(), run, step=0).bfloat16()
     rel = ((out.float() - via_harness_ref.float()).abs() / via_harness_ref.float().abs().clamp_min(1e-2)).max()
     assert rel.item() <= 2**-7
+
+
+@pytest.mark.parametrize("dims,dtype", [(2, torch.float32), (3, torch.bfloat16)], ids=["2d-f32", "3d-bf16"])
+def test_backend_launch_arguments_match_the_kernel_signature(emulation, dims, dtype) -> None:
+    """The argument block the CUDA backend hands cuLaunchKernel, read the way the driver reads it.
+
+    Each step's weights travel inside its own argument block (no shared __constant__ array): two
+    levels launched back to back with different weights each compute with their own.
+    """
+    from napari_octreenca.backends.cuda.backend import check_launch, grid_size, host_weights, launch_args
+
+    shape = (6, 11) if dims == 2 else (3, 5, 4)
+    g = torch.Generator().manual_seed(5)
+    image = torch.randn((2, 3) + shape, generator=g).to(dtype)
+    state = torch.randn((2, 13) + shape, generator=g).to(dtype)
+    run = LevelRun(level=1, steps=1, seed=9, fire_rate=0.5, origin=(4,) * dims)
+    key, thresh = fire_params(run, 0)
+    sizes = (2,) + (((1,) + shape) if dims == 2 else shape) + (((0,) + run.origin) if dims == 2 else run.origin)
+    entry = (dims - 2) * 2 + (dtype == torch.bfloat16)
+    outs, blocks = [], []
+    for seed in (1, 2):  # both argument blocks exist before either "launch" runs
+        nca = random_level(16, 3, 64, dims, seed=seed)
+        out = torch.full_like(state, float("nan"))
+        check_launch(nca, image, state, out)
+        params, keep = launch_args(image, state, out, sizes, key, thresh, host_weights(nca))
+        outs.append((nca, out))
+        blocks.append((params, keep))
+    for (params, _), (nca, out) in zip(blocks, outs):
+        emulation.emu_launch_params(entry, grid_size(state[:, 0].numel()), params)
+        ref = torch_step(nca, image.float(), state.float(), run, step=0)
+        assert not torch.isnan(out.float()).any(), "the kernel left cells unwritten"
+        if dtype == torch.float32:
+            assert (out - ref).abs().max().item() < 1e-5
+        else:
+            rel = ((out.float() - ref.bfloat16().float()).abs() / ref.abs().clamp_min(1e-2)).max().item()
+            assert rel <= 2**-7
+    assert (outs[0][1].float() - outs[1][1].float()).abs().max().item() > 1e-2  # the two weights differ
+
+
+# -- kernel v2 (nca_step_v2.cu: tensor-core fc0/fc1, shared-memory tile) on the host ---------------
+
+
+@pytest.fixture(scope="module", params=CONFIGS, ids=lambda c: "C%d-in%d-H%d" % c)
+def emulation_v2(request, tmp_path_factory) -> tuple[ctypes.CDLL, tuple[int, int, int]]:
+    dll = _compile_emulation(tmp_path_factory.mktemp("emulation_v2"), *request.param)
+    i64, u32, p = ctypes.c_longlong, ctypes.c_uint32, ctypes.c_void_p
+    for dims in (2, 3):
+        fn = getattr(dll, f"emu_nca2_step_{dims}d_bf16")
+        fn.restype = None
+        fn.argtypes = [ctypes.c_uint, p, p, p, i64, i64, i64, i64, i64, i64, i64, u32, u32, p]
+    dll.nca2_emu_layout.argtypes = [ctypes.c_int, p]
+    dll.nca2_emu_layout.restype = None
+    return dll, request.param
+
+
+def v2_model_step(nca, image, state, run: LevelRun, step: int) -> torch.Tensor:
+    """Kernel v2's numerics in torch (fragments.reference_step_v2) with the run's fire mask."""
+    from napari_octreenca.backends.cuda.fragments import reference_step_v2
+
+    origin = run.origin or (0,) * nca.spatial_dims
+    mask = fire_mask_torch(tuple(state.shape[2:]), origin, run.seed, run.level, step, run.fire_rate)
+    return reference_step_v2(nca, image, state, mask[None, None])
+
+
+def v2_emulated_step(dll, nca, image, state, run: LevelRun, step: int, grid: int | None = None) -> torch.Tensor:
+    from napari_octreenca.backends.cuda.fragments import layout_of, pack_v2
+
+    dims = nca.spatial_dims
+    img, st = image.bfloat16().contiguous(), state.bfloat16().contiguous()
+    out = torch.full_like(st, float("nan"))  # poisoned: unwritten cells show
+    words = torch.from_numpy(pack_v2(nca).view(np.int32))
+    sp = tuple(st.shape[2:])
+    nz, ny, nx = ((1,) + sp) if dims == 2 else sp
+    origin = run.origin or (0,) * dims
+    oz, oy, ox = ((0,) + tuple(origin)) if dims == 2 else tuple(origin)
+    key, thresh = fire_params(run, step)
+    tz, ty, tx = layout_of(nca).tile
+    tiles = st.shape[0] * -(-nz // tz) * -(-ny // ty) * -(-nx // tx)
+    getattr(dll, f"emu_nca2_step_{dims}d_bf16")(grid or tiles, img.data_ptr(), st.data_ptr(), out.data_ptr(), st.shape[0],
+                                                nz, ny, nx, oz, oy, ox, key, thresh, words.data_ptr())
+    return out
+
+
+def test_v2_weight_layout_matches_the_kernel(emulation_v2) -> None:
+    from napari_octreenca.backends.cuda.fragments import layout_of
+
+    dll, (c, cin, h) = emulation_v2
+    for dims in (2, 3):
+        lay = layout_of(random_level(c, cin, h, dims, seed=0))
+        got = (ctypes.c_longlong * 13)()
+        dll.nca2_emu_layout(dims, got)
+        want = [lay.words, lay.w0, lay.w1, lay.b0, lay.cw, lay.cb, lay.ks0, lay.nt0, lay.ks1, lay.nt1, *lay.tile]
+        assert list(got) == want
+
+
+V2_SHAPES = [((1, 1), None), ((3, 7), None), ((9, 33), None), ((17, 5), 1), ((1, 1, 1), None), ((2, 5, 3), None),
+             ((5, 5, 9), None), ((3, 1, 4), 1)]
+
+
+@pytest.mark.parametrize("shape,grid", V2_SHAPES, ids=lambda v: "x".join(map(str, v)) if isinstance(v, tuple) else str(v))
+def test_v2_emulated_equals_its_bf16_model_and_the_torch_path(emulation_v2, shape, grid) -> None:
+    """Every face, edge and corner (shapes cross the 8x32 / 4x4x8 tiles; grid 1 = grid-stride loop)."""
+    dll, (c, cin, h) = emulation_v2
+    dims = len(shape)
+    nca = random_level(c, cin, h, dims, seed=11 + sum(shape))
+    g = torch.Generator().manual_seed(sum(shape))
+    image = torch.randn((2, cin) + shape, generator=g).bfloat16()
+    state = torch.randn((2, c - cin) + shape, generator=g).bfloat16()
+    for fire_rate in (0.5, 1.0):
+        run = LevelRun(level=2, steps=1, seed=31, fire_rate=fire_rate, origin=tuple(range(5, 5 + dims)))
+        out = v2_emulated_step(dll, nca, image, state, run, step=3, grid=grid)
+        assert not torch.isnan(out.float()).any(), "the kernel left cells unwritten"
+        model = v2_model_step(nca, image, state, run, step=3).float()
+        diff = (out.float() - model).abs()
+        # Within one bf16 rounding of the model (float32 summation order may flip the last bit) ...
+        assert (diff <= 2**-7 * model.abs() + 1e-6).all(), diff.max().item()
+        # ... and bit-equal nearly everywhere: a fragment-layout mistake would show everywhere.
+        assert (diff == 0).float().mean().item() > 0.97
+        mask = fire_mask_torch(shape, run.origin, 31, 2, 3, fire_rate)
+        keep = ~mask.expand_as(out[:, 0])
+        for ch in range(c - cin):
+            assert torch.equal(out[:, ch][keep], state[:, ch][keep])
+        # Against the float32 torch path: bf16 accuracy.
+        ref = torch_step(nca, image.float(), state.float(), run, step=3)
+        rel = ((out.float() - ref).abs() / ref.abs().clamp_min(1.0)).max().item()
+        assert rel < 5e-2
+
+
+def test_v2_detects_a_wrong_fragment_layout(emulation_v2) -> None:
+    """The emulation has teeth: fc0 fragments packed with the two halves swapped give wrong results."""
+    from napari_octreenca.backends.cuda import fragments
+
+    dll, (c, cin, h) = emulation_v2
+    nca = random_level(c, cin, h, 2, seed=4)
+    image, state = torch.randn(1, cin, 6, 10).bfloat16(), torch.randn(1, c - cin, 6, 10).bfloat16()
+    run = LevelRun(level=0, steps=1, seed=2, fire_rate=1.0)
+    model = v2_model_step(nca, image, state, run, step=0).float()
+    real = fragments.b_fragments
+
+    def swapped(matrix, ks, nt):
+        f = real(matrix, ks, nt)
+        return ((f >> 16) | (f << 16)) & 0xFFFFFFFF
+
+    fragments.b_fragments = swapped
+    try:
+        bad = v2_emulated_step(dll, nca, image, state, run, step=0)
+    finally:
+        fragments.b_fragments = real
+    assert (bad.float() - model).abs().max().item() > 1e-2
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+def test_backend_v2_launch_arguments_match_the_kernel_signature(emulation, dims) -> None:
+    """The v2 argument block (last argument: a pointer to this run's weight buffer), read like the driver."""
+    from napari_octreenca.backends.cuda.backend import check_launch, launch_args
+    from napari_octreenca.backends.cuda.fragments import pack_v2
+
+    shape = (9, 35) if dims == 2 else (5, 3, 9)
+    nca = random_level(16, 3, 64, dims, seed=21)
+    g = torch.Generator().manual_seed(1)
+    image, state = torch.randn((2, 3) + shape, generator=g).bfloat16(), torch.randn((2, 13) + shape, generator=g).bfloat16()
+    out = torch.full_like(state, float("nan"))
+    run = LevelRun(level=1, steps=1, seed=9, fire_rate=0.5, origin=(4,) * dims)
+    key, thresh = fire_params(run, 0)
+    sizes = (2,) + (((1,) + shape) if dims == 2 else shape) + (((0,) + run.origin) if dims == 2 else run.origin)
+    words = torch.from_numpy(pack_v2(nca).view(np.int32))
+    check_launch(nca, image, state, out)
+    params, keep = launch_args(image, state, out, sizes, key, thresh, ctypes.c_void_p(words.data_ptr()))
+    emulation.emu_launch_params(4 if dims == 2 else 5, 3, params)  # 3 blocks: grid-stride over the tiles
+    assert not torch.isnan(out.float()).any()
+    model = v2_model_step(nca, image, state, run, step=0).float()
+    assert ((out.float() - model).abs() <= 2**-7 * model.abs() + 1e-6).all()

@@ -17,13 +17,24 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-import zarr
 
 from ..nca.errors import InputError
+
+if TYPE_CHECKING:
+    import zarr
+
+
+def _zarr():
+    """zarr, imported on first use: whole-image runs (and the GPU check) work without it."""
+    try:
+        import zarr
+    except ImportError:
+        raise InputError("tiled and out-of-core runs need zarr; pip install 'zarr>=3'") from None
+    return zarr
 
 #: zarr cannot hold bfloat16: such tensors are stored as their raw 16 bits.
 _BITS = {torch.bfloat16: np.int16}
@@ -74,6 +85,7 @@ class WorkStore:
     def __init__(self, root: str | Path | None, key: str, *, restart: bool = False):
         self.root = Path(root) if root is not None else None
         self._done: set[str] = set()
+        zarr = _zarr()
         if self.root is None:
             self.group = zarr.open_group(zarr.storage.MemoryStore(), mode="w")
             self.group.attrs["fingerprint"] = key
@@ -105,7 +117,7 @@ class WorkStore:
         """Open the array ``name``, creating it (empty) when missing."""
         if name in self.group:
             arr = self.group[name]
-            assert isinstance(arr, zarr.Array)
+            assert isinstance(arr, _zarr().Array)
             if tuple(arr.shape) != tuple(shape) or np.dtype(arr.dtype) != np.dtype(dtype):
                 raise InputError(f"work array {name} has shape {arr.shape}/{arr.dtype}, expected {shape}/{dtype}")
             return arr
