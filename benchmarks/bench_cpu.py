@@ -1,13 +1,19 @@
-"""CPU benchmark: the pathology preset end to end, fused CPU backend against the torch paths.
+"""CPU benchmark: inference and training side by side, the published code's way as the yardstick.
 
 Every case runs in a fresh process (peak resident memory read from VmHWM, reset before the
-case), side by side in one run, with the same number of threads:
+case), one after the other in one run, with the same number of threads:
 
-    python benchmarks/bench_cpu.py --sizes 1024,2048 --threads 2 [--append benchmarks/RESULTS.md]
+    python benchmarks/bench_cpu.py --threads 2 [--append benchmarks/RESULTS.md]
 
-``torch`` is the engine's torch backend (slab-wise, bounded scratch); ``torch-layerwise`` runs
-each level through the layer-wise step at once, as the published code does. Ratios are printed
-against both.
+Inference (whole pipeline, random weights, fire rate 0.5): the pathology preset on 1024^2 and
+2048^2 and the radiology preset on 128^3, backends ``torch-layerwise`` (the whole level through
+the layer-wise reference step, as the published code runs inference: the yardstick), ``torch``
+(the engine's slab-wise torch backend) and ``cpu-fused`` (numba; float32 and bfloat16).
+Training (one iteration = forward through every step of every level, loss, backward, Adam):
+pathology 256^2 batch 2 and radiology 64^3 batch 2 with 32^3 patches on the two finest levels,
+``autograd`` (autograd through the layer-wise step, the published training step: the yardstick)
+against ``cpu-fused`` (``backends/cpu_train.py``). The machine's load is printed before and after:
+other jobs on a shared machine slow every case, so compare ratios within one run.
 """
 
 from __future__ import annotations
@@ -18,51 +24,55 @@ import sys
 import time
 from pathlib import Path
 
-from napari_octreenca.bench import format_table, machine_description, run_bench
+from napari_octreenca.bench import format_table, machine_description, machine_load, ratio_lines, run_bench
 
-
-def ratios(rows: list[dict], fused: str = "cpu-fused") -> list[str]:
-    """Speed-up and memory fraction of each fused row against each torch row of the same size/dtype."""
-    out = []
-    for f in (r for r in rows if r["backend"] == fused):
-        for t in rows:
-            if t["backend"].startswith("torch") and t["size"] == f["size"] and t["dtype"] == "float32":
-                out.append(
-                    f"- {f['size']} {f['dtype']} cpu-fused vs {t['backend']} (float32): "
-                    f"{f['cell_steps_per_s'] / t['cell_steps_per_s']:.1f}x faster, "
-                    f"peak memory {f['peak_bytes'] / t['peak_bytes']:.3f} of it "
-                    f"({f['bytes_per_pixel']:.0f} vs {t['bytes_per_pixel']:.0f} bytes/pixel)"
-                )
-    return out
+#: (preset, dims, sizes) of the inference cases.
+INFERENCE = [("pathology", 2, "1024,2048"), ("radiology", 3, "128")]
+#: (preset, dims, size) of the training cases (3D: the published patch scheme, patch size / 2).
+TRAINING = [("pathology", 2, 256), ("radiology", 3, 64)]
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--sizes", default="1024,2048")
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--backends", default="torch,torch-layerwise,cpu-fused")
+    p.add_argument("--pathology-sizes", default=INFERENCE[0][2], help="comma list; empty to skip")
+    p.add_argument("--radiology-sizes", default=INFERENCE[1][2], help="comma list; empty to skip")
+    p.add_argument("--backends", default="torch-layerwise,torch,cpu-fused")
     p.add_argument("--fused-dtypes", default="float32,bfloat16")
+    p.add_argument("--train-iterations", type=int, default=3, help="timed iterations per training case; 0 skips")
+    p.add_argument("--train-batch", type=int, default=2)
     p.add_argument("--append", type=Path, help="append the Markdown section to this file")
     args = p.parse_args(argv)
-    sizes = [int(s) for s in args.sizes.split(",")]
+    load_before = machine_load()
     rows = []
-    for size in sizes:
-        for backend in args.backends.split(","):
-            dtypes = args.fused_dtypes.split(",") if backend == "cpu-fused" else ["float32"]
-            rows += run_bench([backend], [size], dtypes, mode="pipeline", preset_name="pathology",
-                              device="cpu", threads=args.threads, isolate=True)
-            print(format_table(rows[-len(dtypes):]), file=sys.stderr, flush=True)
+    sizes = {"pathology": args.pathology_sizes, "radiology": args.radiology_sizes}
+    for preset, dims, _ in INFERENCE:
+        for size in [int(s) for s in sizes[preset].split(",") if s.strip()]:
+            for backend in args.backends.split(","):
+                dtypes = args.fused_dtypes.split(",") if backend == "cpu-fused" else ["float32"]
+                new = run_bench([backend], [size], dtypes, mode="pipeline", dims=dims, preset_name=preset,
+                                device="cpu", threads=args.threads, isolate=True)
+                rows += new
+                print(format_table(new), file=sys.stderr, flush=True)
+    if args.train_iterations:
+        for preset, dims, size in TRAINING:
+            new = run_bench(["autograd", "cpu-fused"], [size], mode="train", dims=dims, preset_name=preset,
+                            steps=args.train_iterations, device="cpu", threads=args.threads, isolate=True,
+                            batch=args.train_batch)
+            rows += new
+            print(format_table(new), file=sys.stderr, flush=True)
     stamp = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     cmd = "python benchmarks/bench_cpu.py " + " ".join(argv if argv is not None else sys.argv[1:])
     text = "\n".join([
-        f"### CPU, pathology preset end to end ({stamp})",
+        f"### CPU: inference and training against the published code's way ({stamp})",
         "",
         f"Machine: {machine_description('cpu')} ({platform.node()}); {args.threads} threads.",
+        f"Load: {load_before} before, {machine_load()} after.",
         f"Command: `{cmd.strip()}`",
         "",
         format_table(rows),
         "",
-        *ratios(rows),
+        *ratio_lines(rows),
         "",
     ])
     print(text)

@@ -1,12 +1,18 @@
 """``octreenca bench``: speed and peak memory of the compute backends, as a table.
 
-Two modes:
+Three modes:
 
 - ``level``: ``steps`` NCA steps of one level at ``size`` (2D: size x size, 3D: size^3) with the
   preset's finest-level network and fire rate. Reports cell-steps/s of the step itself.
 - ``pipeline``: a preset end to end (all levels) on a ``size`` x ``size`` uint8 image: upload,
   normalisation on the device, every level, foreground mask, synchronised. Cell-steps counts the
   steps of every level times its cells.
+- ``train``: training iterations of a preset (forward through every step of every level, loss,
+  backward, Adam step) on a random batch of ``batch`` samples of ``size`` (3D: ``size``^3 with the
+  published patch scheme, patch ``size/2`` on the two finest levels). Backends are the training
+  steps: ``autograd`` (autograd through the layer-wise reference step, as the published code
+  trains: the yardstick) and ``cpu-fused`` (``backends/cpu_train.py``). ``steps`` is the number
+  of timed iterations; ``seconds`` is per iteration.
 
 Peak memory: on CUDA the allocator's peak above what was allocated before the case; on the CPU
 each case runs in a fresh subprocess (``--isolate``, the default there) and the peak resident
@@ -37,7 +43,9 @@ from .backends import Backend, LevelRun, get_backend
 from .nca.config import ModelConfig, preset
 from .nca.octree import OctreeNCA
 
-MODES = ("level", "pipeline")
+MODES = ("level", "pipeline", "train")
+#: Training steps the ``train`` mode compares (see :func:`_train_case`).
+TRAIN_STEPS = ("autograd", "cpu-fused")
 
 
 def make_backend(name: str, device: torch.device, dtype: torch.dtype) -> Backend:
@@ -68,6 +76,7 @@ class Case:
     steps: int = 10
     device: str = "cpu"
     threads: int = 0  # 0: leave the default
+    batch: int = 1  # samples per training iteration (train mode)
 
     def shape(self) -> tuple[int, ...]:
         return (self.size,) * self.dims
@@ -163,18 +172,79 @@ def _pipeline_case(case: Case, backend: Backend, device: torch.device, dt: torch
             "pixels": int(np.prod(shape))}
 
 
+def _train_runner(name: str) -> Any:
+    """The level runner of a training step: autograd through the reference, or the fused step."""
+    from .nca.octree import reference_level_steps
+
+    if name == "autograd":
+        return reference_level_steps
+    if name == "cpu-fused":
+        from .backends.cpu_train import run_level_fused
+
+        return run_level_fused
+    raise ValueError(f"unknown training step {name!r}; choose one of {TRAIN_STEPS}")
+
+
+def _train_case(case: Case, device: torch.device) -> dict[str, Any]:
+    from .run.training import dice_bce_loss
+
+    cfg = preset(case.preset)
+    model = random_model(cfg).to(device).train()
+    shape = case.shape()
+    patch = (max(1, case.size // 2),) * case.dims if case.dims == 3 else None
+    runner = _train_runner(case.backend)
+    cells = [0]
+
+    def counting(nca, img, state, level, steps, *rest):  # type: ignore[no-untyped-def]
+        cells[0] += steps * state[:, 0].numel()
+        return runner(nca, img, state, level, steps, *rest)
+
+    gen = torch.Generator().manual_seed(0)
+
+    def batch(shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+        image = torch.randn((case.batch, cfg.input_channels) + shape, generator=gen)
+        return image, (torch.rand((case.batch, cfg.output_channels) + shape, generator=gen) > 0.5).float()
+
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+
+    def iteration(i: int, image: torch.Tensor, target: torch.Tensor, patch: tuple[int, ...] | None) -> None:
+        seeds = [1000 * i + b for b in range(case.batch)]
+        logits, where = model.forward_train(image, seeds, patch_size=patch, generator=gen, level_steps=counting)
+        loss = dice_bce_loss(logits, target[(slice(None), slice(None)) + where.slices()])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    with torch.enable_grad():
+        # Warm-up on a small batch: kernel compilation and loading are neither timed nor counted.
+        iteration(0, *batch((min(8, case.size),) * case.dims), None)
+        image, target = batch(shape)
+        cells[0] = 0
+        iterations = max(1, case.steps)
+        with _Probe(device) as probe:
+            for i in range(iterations):
+                iteration(i + 1, image, target, patch)
+    return {"cell_steps": cells[0] // iterations, "seconds": probe.seconds / iterations,
+            "peak_bytes": probe.peak, "pixels": int(np.prod(shape)) * case.batch}
+
+
 def run_case(case: Case) -> dict[str, Any]:
     """Run one case in this process; returns a result row."""
     device = torch.device(case.device)
     dt = {"float32": torch.float32, "bfloat16": torch.bfloat16}[case.dtype]
     if case.threads:
         torch.set_num_threads(case.threads)
-    backend = make_backend(case.backend, device, dt)
-    with torch.no_grad():
-        res = (_level_case if case.mode == "level" else _pipeline_case)(case, backend, device, dt)
+    if case.mode == "train":
+        res = _train_case(case, device)
+        name = case.backend
+    else:
+        backend = make_backend(case.backend, device, dt)
+        with torch.no_grad():
+            res = (_level_case if case.mode == "level" else _pipeline_case)(case, backend, device, dt)
+        name = backend.name
     row = dict(case.__dict__)
     row["size"] = "x".join(map(str, case.shape()))
-    row["backend"] = backend.name
+    row["backend"] = name
     row.update(res)
     row["cell_steps_per_s"] = res["cell_steps"] / res["seconds"]
     row["bytes_per_pixel"] = res["peak_bytes"] / res["pixels"]
@@ -209,6 +279,7 @@ def run_bench(
     device: str = "cpu",
     threads: int = 0,
     isolate: bool | None = None,
+    batch: int = 1,
 ) -> list[dict[str, Any]]:
     """Measure every (backend, size, dtype); returns one row per case (see :func:`format_table`).
 
@@ -221,7 +292,7 @@ def run_bench(
     for size in sizes:
         for dtype in dtypes:
             for name in backends:
-                case = Case(name, size, dtype, mode, dims, preset_name, steps, device, threads)
+                case = Case(name, size, dtype, mode, dims, preset_name, steps, device, threads, batch)
                 rows.append(_run_isolated(case) if isolate else run_case(case))
     return rows
 
@@ -240,6 +311,36 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+#: The yardstick of each mode: the published code's way (layer-wise inference, autograd training).
+YARDSTICK = {"level": "torch-layerwise", "pipeline": "torch-layerwise", "train": "autograd"}
+
+
+def ratio_lines(rows: list[dict[str, Any]]) -> list[str]:
+    """Each row's speed-up and peak-memory fraction against the yardstick row of its mode and size."""
+    out = []
+    for r in rows:
+        ref = next((t for t in rows if t["backend"] == YARDSTICK[r["mode"]] and t["mode"] == r["mode"]
+                    and t["size"] == r["size"] and t["preset"] == r["preset"] and t["dtype"] == "float32"), None)
+        if ref is None or ref is r:
+            continue
+        mem = f"{r['peak_bytes'] / ref['peak_bytes']:.3f}" if ref["peak_bytes"] else "n/a"
+        out.append(
+            f"- {r['mode']} {r['preset']} {r['size']} {r['dtype']} {r['backend']} vs {ref['backend']}: "
+            f"{ref['seconds'] / r['seconds']:.1f}x faster ({r['seconds']:.3f} vs {ref['seconds']:.3f} s), "
+            f"peak memory {mem} of it ({r['peak_bytes'] / 2**20:.0f} vs {ref['peak_bytes'] / 2**20:.0f} MiB)"
+        )
+    return out
+
+
+def machine_load() -> str:
+    """The load averages (1, 5, 15 min) and CPU count: the machine is shared, say how busy it was."""
+    try:
+        one, five, fifteen = os.getloadavg()
+    except OSError:
+        return "load unknown"
+    return f"load average {one:.2f} / {five:.2f} / {fifteen:.2f} on {os.cpu_count()} CPUs"
+
+
 def machine_description(device: str = "cpu") -> str:
     """One line naming the machine a table was measured on."""
     if device.startswith("cuda") and torch.cuda.is_available():
@@ -250,13 +351,14 @@ def machine_description(device: str = "cpu") -> str:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``octreenca bench``."""
     p = argparse.ArgumentParser(prog="octreenca bench", description=__doc__.split("\n")[0])
-    p.add_argument("--backends", default="auto", help="comma list: auto, torch, cpu-fused, cuda, torch-layerwise")
+    p.add_argument("--backends", default="auto", help="comma list: auto, torch, cpu-fused, cuda, torch-layerwise; train mode: autograd, cpu-fused")
     p.add_argument("--sizes", default="1024", help="comma list of edge lengths")
     p.add_argument("--dtypes", default="float32", help="comma list: float32, bfloat16")
     p.add_argument("--mode", default="level", choices=MODES)
     p.add_argument("--dims", type=int, default=2, choices=(2, 3))
     p.add_argument("--preset", default="pathology")
-    p.add_argument("--steps", type=int, default=10, help="steps per level case")
+    p.add_argument("--steps", type=int, default=10, help="steps per level case; timed iterations in train mode")
+    p.add_argument("--batch", type=int, default=2, help="samples per iteration (train mode)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=0, help="CPU threads (0: default)")
     p.add_argument("--no-isolate", action="store_true", help="run CPU cases in this process")
@@ -270,10 +372,11 @@ def main(argv: list[str] | None = None) -> int:
     rows = run_bench(
         split(args.backends), [int(s) for s in split(args.sizes)], split(args.dtypes), mode=args.mode,
         dims=args.dims, preset_name=args.preset, steps=args.steps, device=args.device, threads=args.threads,
-        isolate=False if args.no_isolate else None,
+        isolate=False if args.no_isolate else None, batch=args.batch,
     )
-    print(f"# {machine_description(args.device)}, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
+    print(f"# {machine_description(args.device)}, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {machine_load()}")
     print(format_table(rows))
+    print("\n".join(ratio_lines(rows)))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)

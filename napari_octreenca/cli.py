@@ -169,7 +169,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         model = preset(args.preset, **changes)
     cfg = TrainConfig(
         iterations=args.iterations, batch_size=args.batch_size, crop=args.crop, level_patch=args.level_patch,
-        lr=args.lr, seed=args.seed, checkpoint_every=args.checkpoint_every,
+        lr=args.lr, seed=args.seed, checkpoint_every=args.checkpoint_every, fused_cpu=not args.autograd,
     )
     t0 = time.perf_counter()
 
@@ -268,6 +268,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--checkpoint-every", type=int, default=100)
     t.add_argument("--resume", default=None)
     t.add_argument("--device", default="cpu")
+    t.add_argument("--autograd", action="store_true",
+                   help="train with autograd through the reference step instead of the fused CPU step")
     t.add_argument("--log-every", type=int, default=50)
     t.add_argument("--out", required=True)
     t.set_defaults(func=cmd_train)

@@ -35,3 +35,17 @@ def test_cli_main_prints_table(capsys) -> None:
 def test_unknown_mode() -> None:
     with pytest.raises(ValueError):
         run_bench(["torch"], [8], mode="nope")
+
+
+def test_train_mode_rows_and_ratios() -> None:
+    """Training iterations of both steps side by side, the autograd step as the yardstick."""
+    from napari_octreenca.bench import ratio_lines
+
+    rows = run_bench(["autograd", "cpu-fused"], [12], mode="train", steps=1, isolate=False, batch=2)
+    assert [r["backend"] for r in rows] == ["autograd", "cpu-fused"]
+    for r in rows:
+        # pathology preset on 12x12: 5 levels 12, 6, 3, 2, 1 with 10/10/10/10/20 steps, batch 2
+        assert r["mode"] == "train" and r["cell_steps"] == 2 * (144 * 10 + 36 * 10 + 9 * 10 + 4 * 10 + 1 * 20)
+        assert r["seconds"] > 0
+    (line,) = ratio_lines(rows)
+    assert "cpu-fused vs autograd" in line and "x faster" in line

@@ -1,12 +1,15 @@
 """PyTorch backend: the reference step (``nca.step``) run slab by slab for inference.
 
 Slabs of the first spatial axis keep the 2C- and 64-channel intermediates alive for one slab at a
-time (two state buffers plus a slab of scratch).
+time (two state buffers plus a slab of scratch). A slab's rows are a view of the state where the
+halo lies inside (reflected rows only at the ends), the other axes are padded in one pass, and the
+fire mask and the update are applied in one ``addcmul``.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from ..nca.firemask import fire_mask_torch
 from ..nca.step import nca_delta, pad_reflect, reflect_index, step_differentiable
@@ -44,25 +47,44 @@ class TorchBackend(Backend):
         n0 = spatial[0]
         per_row = max(1, state.shape[0] * int(torch.tensor(spatial[1:]).prod().item()))
         rows = max(1, min(n0, SLAB_CELLS // per_row))
-        other_axes = range(3, state.dim())
         out = torch.empty_like(state)
         for step in range(run.steps):
             for a in range(0, n0, rows):
                 b = min(n0, a + rows)
-                idx = reflect_index(torch.arange(a - r, b + r, device=state.device), n0)
-                block = torch.cat([image.index_select(2, idx), state.index_select(2, idx)], dim=1)
-                dx = nca_delta(weights, pad_reflect(block, r, other_axes))
+                block = torch.cat([_slab_rows(image, a, b, r), _slab_rows(state, a, b, r)], dim=1)
+                dx = nca_delta(weights, _pad_other_axes(block, r))
                 if run.fire_rate < 1.0:
                     mask = fire_mask_torch(
                         (b - a,) + spatial[1:], (origin[0] + a,) + tuple(origin[1:]),
                         run.seed, run.level, step, run.fire_rate, state.device,
                     )
-                    dx.mul_(mask.to(dtype))
-                torch.add(state[:, :, a:b], dx, out=out[:, :, a:b])
+                    torch.addcmul(state[:, :, a:b], dx, mask.to(dtype), out=out[:, :, a:b])
+                else:
+                    torch.add(state[:, :, a:b], dx, out=out[:, :, a:b])
             state, out = out, state
             if callback is not None:
                 callback(step, state)
         return state
+
+
+def _slab_rows(x: torch.Tensor, a: int, b: int, r: int) -> torch.Tensor:
+    """Rows a - r .. b + r of the first spatial axis, reflected at its ends (a view inside)."""
+    n0 = x.shape[2]
+    if a - r >= 0 and b + r <= n0:
+        return x.narrow(2, a - r, b - a + 2 * r)
+    return x.index_select(2, reflect_index(torch.arange(a - r, b + r, device=x.device), n0))
+
+
+def _pad_other_axes(block: torch.Tensor, r: int) -> torch.Tensor:
+    """Reflect-pad every spatial axis but the first (already has its halo) by ``r``.
+
+    F.pad's reflect (no edge repeat, like ``reflect_index``) is one pass; it needs axes longer
+    than ``r``, so tiny axes take the index_select path.
+    """
+    other = block.shape[3:]
+    if all(n > r for n in other):
+        return F.pad(block, (r, r) * len(other) + (0, 0), mode="reflect")
+    return pad_reflect(block, r, range(3, block.dim()))
 
 
 def cast_weights(nca: BackboneNCA, dtype: torch.dtype, device: torch.device) -> BackboneNCA:

@@ -9,6 +9,7 @@ cell ``f`` times and crops to the finer level's exact size.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -84,13 +85,16 @@ class OctreeNCA(nn.Module):
         patch_size: tuple[int, ...] | None = None,
         generator: torch.Generator | None = None,
         fire_rate: float | None = None,
+        level_steps: "LevelSteps | None" = None,
     ) -> tuple[torch.Tensor, Patch]:
         """Differentiable forward pass over a batch ``(B, in, *spatial)`` of normalised images.
 
         With ``patch_size`` the two finest levels run only on a random patch (the published 3D
         training scheme): gradients still reach every coarser level through the crop. Returns
-        the finest logits and where they lie.
+        the finest logits and where they lie. ``level_steps`` runs each level's steps (default
+        :func:`reference_level_steps`; the fused CPU trainer passes its own, equal within rounding).
         """
+        level_steps = level_steps or reference_level_steps
         cfg = self.config
         fire_rate = cfg.fire_rate if fire_rate is None else fire_rate
         spatial = tuple(image.shape[2:])
@@ -117,17 +121,38 @@ class OctreeNCA(nn.Module):
                 state = _crop(state, origin, size)
                 in_patch = True
             img = _crop(pyramid[level], origin, tuple(state.shape[2:])) if in_patch else pyramid[level]
-            nca = self.levels[level]
-            for step in range(cfg.steps[level]):
-                mask = None
-                if fire_rate < 1.0:
-                    masks = [
-                        fire_mask_torch(tuple(state.shape[2:]), origin, s, level, step, fire_rate, state.device)
-                        for s in seeds
-                    ]
-                    mask = torch.stack(masks).unsqueeze(1).to(state.dtype)
-                state = step_differentiable(nca, img, state, mask)
+            state = level_steps(self.levels[level], img, state, level, cfg.steps[level], seeds, origin, fire_rate)
         return state[:, : cfg.output_channels], Patch(origin, tuple(state.shape[2:]))
+
+
+#: ``(nca, image, state, level, steps, seeds, origin, fire_rate) -> state``: a level's steps in training.
+LevelSteps = Callable[[BackboneNCA, torch.Tensor, torch.Tensor, int, int, Sequence[int], tuple[int, ...], float], torch.Tensor]
+
+
+def reference_level_steps(
+    nca: BackboneNCA,
+    img: torch.Tensor,
+    state: torch.Tensor,
+    level: int,
+    steps: int,
+    seeds: Sequence[int],
+    origin: tuple[int, ...],
+    fire_rate: float,
+) -> torch.Tensor:
+    """``steps`` differentiable reference steps (autograd through ``step_differentiable``).
+
+    Sample b fires with the hashed mask of seeds[b] at global ``origin``.
+    """
+    for step in range(steps):
+        mask = None
+        if fire_rate < 1.0:
+            masks = [
+                fire_mask_torch(tuple(state.shape[2:]), origin, s, level, step, fire_rate, state.device)
+                for s in seeds
+            ]
+            mask = torch.stack(masks).unsqueeze(1).to(state.dtype)
+        state = step_differentiable(nca, img, state, mask)
+    return state
 
 
 def upsample_raw(x: torch.Tensor, factor: tuple[int, ...]) -> torch.Tensor:

@@ -27,7 +27,7 @@ from ..nca.config import ModelConfig
 from ..nca.errors import Cancelled, ConfigError, InputError, ModelFileError, OctreeNCAError
 from .inference import is_cancelled
 from .inputs import prepare
-from ..nca.octree import OctreeNCA
+from ..nca.octree import LevelSteps, OctreeNCA
 
 
 class TrainingError(OctreeNCAError, RuntimeError):
@@ -65,6 +65,7 @@ class TrainConfig:
     seed: int = 0
     checkpoint_every: int = 0  # iterations; 0 = only at the end when a path is given
     grad_clip: float = 1.0
+    fused_cpu: bool = True  # on the CPU, the fused numba training step; False = autograd (reference)
 
     def to_dict(self) -> dict[str, Any]:
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items()}
@@ -272,6 +273,22 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
 # the loop
 
 
+def level_steps_for(model: OctreeNCA, cfg: TrainConfig, device: torch.device) -> tuple[LevelSteps | None, str]:
+    """How training runs each level's steps: (runner, name); runner None = autograd (reference).
+
+    The fused CPU step (``backends/cpu_train.py``) is used on the CPU unless ``cfg.fused_cpu`` is
+    off, numba is missing or a level does not fit the fused kernels.
+    """
+    if not cfg.fused_cpu or device.type != "cpu":
+        return None, "autograd"
+    from ..backends import cpu_train
+    from ..nca.packing import check_fusable
+
+    if not cpu_train.available() or not all(check_fusable(nca)[0] for nca in model.levels):
+        return None, "autograd"
+    return cpu_train.run_level_fused, "cpu-fused"
+
+
 def train(
     model: OctreeNCA | ModelConfig,
     pairs: Sequence[TrainPair],
@@ -332,6 +349,7 @@ def train(
         history = json.loads(meta["history"])
         seconds0 = float(meta["seconds"])
 
+    level_steps, step_name = level_steps_for(model, cfg, device)
     t0 = time.perf_counter()
 
     def _state(it: int) -> dict[str, Any]:
@@ -353,7 +371,7 @@ def train(
         img, tgt = img.to(device), tgt.to(device)
         seeds = [int(s) for s in rng.integers(0, 2**62, size=img.shape[0])]
         gen = torch.Generator().manual_seed(int(rng.integers(2**62)))
-        logits, patch = model.forward_train(img, seeds, patch_size=cfg.level_patch, generator=gen)
+        logits, patch = model.forward_train(img, seeds, patch_size=cfg.level_patch, generator=gen, level_steps=level_steps)
         tgt = tgt[(slice(None), slice(None)) + patch.slices()]
         loss = dice_bce_loss(logits, tgt, cfg.bce_weight, cfg.dice_weight, cfg.class_weights)
         if not math.isfinite(float(loss.detach())):
@@ -383,7 +401,8 @@ def train(
     total = seconds0 + time.perf_counter() - t0
     ema = ema.cpu().eval()
     prov = dict(mcfg.provenance)
-    prov.update({"train": cfg.to_dict(), "iterations": cfg.iterations, "train_seconds": round(total, 1)})
+    prov.update({"train": cfg.to_dict(), "iterations": cfg.iterations, "train_seconds": round(total, 1),
+                 "train_step": step_name})
     final = OctreeNCA(mcfg.replace(provenance=prov))
     final.load_state_dict(ema.state_dict())
     return TrainResult(final.eval(), history, total, cfg.iterations)

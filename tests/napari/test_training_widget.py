@@ -49,6 +49,7 @@ def test_training_widget_trains_saves_and_lists_model(viewer, qtbot, catalog, tm
     model = load_model(out)
     assert model.config.input_channels == 3 and model.config.output_channels == 1
     assert model.config.provenance["iterations"] == 4
+    assert model.config.provenance["train_step"] == "cpu-fused"  # the fast path on the CPU by default
     assert [h["iteration"] for h in w.history][-1] == 4
     assert all(np.isfinite(h["loss"]) for h in w.history)
     assert w.loss_axes.lines

@@ -1,0 +1,309 @@
+"""Fused CPU training: forward and backward through a level's NCA steps with numba kernels.
+
+:class:`FusedLevelSteps` is a ``torch.autograd.Function`` for one level run (``steps`` NCA steps
+of one level on a batch): the forward runs the fused inference step (``cpu_fused._fused_step``)
+and keeps every step's state; the backward walks the steps in reverse, recomputes the 64-wide
+hidden activations of the cells that fired (never stored) and back-propagates through fc1, the
+ReLU, fc0 and the reflect-padded depthwise perception. Cells that did not fire pass the gradient
+straight through, so the MLP's backward runs only for firing cells. The loss, optimizer, EMA and
+patch logic stay in torch (``run/training.py``); ``step.py`` stays the reference: the gradients
+equal autograd's within float rounding (tests/test_cpu_train.py).
+
+Per step the backward is two passes over rows: (1) per row, recompute the firing cells' MLP,
+accumulate the weight gradients, write ``grad_state = grad_out + d/d(centre)`` and the
+perception gradient ``G`` (zero where no cell fired); (2) per row, add the transposed,
+reflect-folded depthwise convolution of ``G``. Weight gradients are summed per fixed chunk of
+rows and the chunks are added in order, so results do not depend on the thread count.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from ..nca.firemask import MASK32, base_key, threshold
+from ..nca.weights import BackboneNCA
+from . import cpu_fused
+from .cpu_fused import _STEP_LOCK, numba
+
+if numba is not None:
+    from numba import njit, prange
+
+    from .cpu_fused import (
+        _FASTMATH, _TILE, _accumulate, _firing, _gather_tile, _load_rows, _perceive, _reflect,
+    )
+
+    #: Row chunks per backward pass (fixed: weight gradients are summed chunk by chunk in order).
+    _CHUNKS = 64
+
+    @njit(fastmath=_FASTMATH, cache=True, nogil=True, inline="always")
+    def _dot_rows(acc, a, b, kn):
+        """acc[r, i] += sum_k a[r, k] * b[i, k] (weight gradient of a tile, cells innermost)."""
+        for r in range(a.shape[0]):
+            ar = a[r]
+            for i in range(b.shape[0]):
+                bi = b[i]
+                s = np.float32(0.0)
+                for k in range(kn):
+                    s += ar[k] * bi[k]
+                acc[r, i] += s
+
+    @njit(parallel=True, fastmath=_FASTMATH, cache=True, nogil=True)
+    def _backward_mlp(img, state, gout, gin, gp, cw, cb, w0, b0, w1, w0t, w1t, dims, oz, oy, ox,
+                      keys, thresh, acc_cw, acc_cb, acc_w0, acc_b0, acc_w1):
+        """Pass 1 of one step's backward (see the module docstring).
+
+        img (B, IN, nz, ny, nx) and state (B, CU, ...) are the step's inputs, gout the gradient of
+        its output; writes gin (B, CU, ...) = gout + centre gradient and gp (B, C, ...) = the
+        perception gradient; adds weight gradients to acc_*[chunk].
+        """
+        nb, cin, nz, ny, nx = img.shape
+        cu = state.shape[1]
+        c_all = cin + cu
+        hidden = b0.shape[0]
+        rows = nb * nz * ny
+        taps = 9 if dims == 3 else 3
+        nchunks = acc_w0.shape[0]
+        per = (rows + nchunks - 1) // nchunks
+        for ch in prange(nchunks):
+            buf = np.empty((taps, c_all, nx + 2), np.float32)
+            idx = np.empty(nx, np.int64)
+            prow = np.empty((c_all, nx), np.float32)
+            xt = np.empty((2 * c_all, _TILE), np.float32)
+            ht = np.empty((hidden, _TILE), np.float32)
+            gd = np.empty((cu, _TILE), np.float32)
+            gh = np.empty((hidden, _TILE), np.float32)
+            gx = np.empty((2 * c_all, _TILE), np.float32)
+            a_cw, a_cb, a_w0, a_b0, a_w1 = acc_cw[ch], acc_cb[ch], acc_w0[ch], acc_b0[ch], acc_w1[ch]
+            for row in range(ch * per, min(rows, (ch + 1) * per)):
+                b = row // (nz * ny)
+                zy = row - b * nz * ny
+                z = zy // ny
+                y = zy - z * ny
+                for c in range(cu):
+                    gin[b, c, z, y, :] = gout[b, c, z, y, :]
+                for c in range(c_all):
+                    gp[b, c, z, y, :] = 0.0
+                nf = _firing(idx, keys[b], dims, oz + z, oy + y, ox, thresh)
+                if nf == 0:
+                    continue
+                _load_rows(img, state, buf, b, z, y, dims, False)
+                _perceive(buf, cw, cb, prow)
+                for k0 in range(0, nf, _TILE):
+                    kn = min(_TILE, nf - k0)
+                    _gather_tile(buf, prow, idx, k0, kn, xt)
+                    # Recompute the hidden layer: h = relu(fc0 x + b0).
+                    for j in range(hidden):
+                        hj = ht[j]
+                        for k in range(kn):
+                            hj[k] = b0[j]
+                    _accumulate(ht, w0, xt, kn)
+                    for j in range(hidden):
+                        hj = ht[j]
+                        for k in range(kn):
+                            if hj[k] < 0:
+                                hj[k] = 0.0
+                    for c in range(cu):
+                        src = gout[b, c, z, y]
+                        gdc = gd[c]
+                        for k in range(kn):
+                            gdc[k] = src[idx[k0 + k]]
+                    # fc1: dW1 += gd h^T; gh = W1^T gd, masked by the ReLU.
+                    _dot_rows(a_w1, gd, ht, kn)
+                    for j in range(hidden):
+                        ghj = gh[j]
+                        for k in range(kn):
+                            ghj[k] = 0.0
+                    _accumulate(gh, w1t, gd, kn)
+                    for j in range(hidden):
+                        ghj = gh[j]
+                        hj = ht[j]
+                        s = np.float32(0.0)
+                        for k in range(kn):
+                            if hj[k] <= 0:
+                                ghj[k] = 0.0
+                            s += ghj[k]
+                        a_b0[j] += s
+                    # fc0: dW0 += gh x^T; gx = W0^T gh.
+                    _dot_rows(a_w0, gh, xt, kn)
+                    for i in range(2 * c_all):
+                        gxi = gx[i]
+                        for k in range(kn):
+                            gxi[k] = 0.0
+                    _accumulate(gx, w0t, gh, kn)
+                    for c in range(cu):
+                        dst = gin[b, c, z, y]
+                        gxc = gx[cin + c]
+                        for k in range(kn):
+                            dst[idx[k0 + k]] += gxc[k]
+                    for c in range(c_all):
+                        dst = gp[b, c, z, y]
+                        gxc = gx[c_all + c]
+                        for k in range(kn):
+                            dst[idx[k0 + k]] = gxc[k]
+                # Perception weights: dcw[c, tap] += sum_x G[c, x] * (the tap's neighbour of x).
+                for c in range(c_all):
+                    g = gp[b, c, z, y]
+                    s = np.float32(0.0)
+                    for x in range(nx):
+                        s += g[x]
+                    a_cb[c] += s
+                    for t in range(taps):
+                        rowt = buf[t, c]
+                        for e in range(3):
+                            s = np.float32(0.0)
+                            for x in range(nx):
+                                s += g[x] * rowt[x + e]
+                            a_cw[c, 3 * t + e] += s
+
+    @njit(parallel=True, fastmath=_FASTMATH, cache=True, nogil=True)
+    def _backward_conv(gp, gin, cw, cin, inv_z, n_z, inv_y, n_y):
+        """Pass 2: gin[:, c - cin] += the transposed, reflect-folded depthwise conv of gp[:, c].
+
+        inv_y[y, m] = (source row q, tap index a) with reflect(q + a - 1) == y, n_y[y] of them
+        (the same for z; 2D passes one entry (0, 0)).
+        """
+        nb, c_all, nz, ny, nx = gp.shape
+        rows = nb * nz * ny
+        for row in prange(rows):
+            b = row // (nz * ny)
+            zy = row - b * nz * ny
+            z = zy // ny
+            y = zy - z * ny
+            tmp = np.empty(nx + 2, np.float32)
+            for c in range(cin, c_all):
+                tmp[:] = 0.0
+                for mz in range(n_z[z]):
+                    qz, az = inv_z[z, mz, 0], inv_z[z, mz, 1]
+                    for my in range(n_y[y]):
+                        qy, ay = inv_y[y, my, 0], inv_y[y, my, 1]
+                        t = az * 3 + ay
+                        g = gp[b, c, qz, qy]
+                        w_a = cw[c, 3 * t]
+                        w_b = cw[c, 3 * t + 1]
+                        w_c = cw[c, 3 * t + 2]
+                        # Cell q read padded positions q, q+1, q+2 (real x = q-1, q, q+1).
+                        for q in range(nx):
+                            tmp[q] += w_a * g[q]
+                        for q in range(nx):
+                            tmp[q + 1] += w_b * g[q]
+                        for q in range(nx):
+                            tmp[q + 2] += w_c * g[q]
+                dst = gin[b, c - cin, z, y]
+                for x in range(nx):
+                    dst[x] += tmp[x + 1]
+                dst[_reflect(-1, nx)] += tmp[0]
+                dst[_reflect(nx, nx)] += tmp[nx + 1]
+
+
+def _inverse_reflect(n: int) -> tuple[np.ndarray, np.ndarray]:
+    """For every row p of an axis of n: the (source row q, tap a) with reflect(q + a - 1) == p."""
+    inv = np.zeros((n, 6, 2), np.int64)  # at most 5 (n = 3: the middle row)
+    count = np.zeros(n, np.int64)
+    for q in range(n):
+        for a in range(3):
+            i = q + a - 1
+            p = 0 if n == 1 else (-i if i < 0 else (2 * n - 2 - i if i >= n else i))
+            inv[p, count[p]] = (q, a)
+            count[p] += 1
+    return inv, count
+
+
+def _weights(nca: BackboneNCA) -> tuple[np.ndarray, ...]:
+    """(cw, cb, w0, b0, w1, w0^T, w1^T) as contiguous float32 numpy arrays."""
+    c, h = nca.channels, nca.fc0.out_channels
+    cu = c - nca.input_channels
+    cw = nca.conv.weight.detach().float().reshape(c, -1).contiguous().numpy()
+    cb = nca.conv.bias.detach().float().contiguous().numpy()
+    w0 = nca.fc0.weight.detach().float().reshape(h, 2 * c).contiguous().numpy()
+    b0 = nca.fc0.bias.detach().float().contiguous().numpy()
+    w1 = nca.fc1.weight.detach().float().reshape(cu, h).contiguous().numpy()
+    return cw, cb, w0, b0, w1, np.ascontiguousarray(w0.T), np.ascontiguousarray(w1.T)
+
+
+def _as5d(a: np.ndarray, dims: int) -> np.ndarray:
+    """(B, C, *spatial) -> (B, C, nz, ny, nx) (2D gets nz = 1)."""
+    return a.reshape(a.shape[:2] + (1,) + a.shape[2:]) if dims == 2 else a
+
+
+class FusedLevelSteps(torch.autograd.Function):
+    """``steps`` NCA steps of one level (per-sample fire-mask seeds), differentiable, on the CPU."""
+
+    @staticmethod
+    def forward(ctx, image, state, conv_w, conv_b, fc0_w, fc0_b, fc1_w, nca, keys, thresh, origin):  # type: ignore[override]
+        dims = nca.spatial_dims
+        weights = _weights(nca)
+        cw, cb, w0, b0, w1 = weights[:5]
+        img = _as5d(image.detach().float().contiguous().numpy(), dims)
+        s0 = _as5d(state.detach().float().contiguous().numpy(), dims)
+        steps = keys.shape[0]
+        states = np.empty((steps + 1,) + s0.shape, np.float32)
+        states[0] = s0
+        oz, oy, ox = (0,) + tuple(origin) if dims == 2 else tuple(origin)
+        for t in range(steps):
+            with _STEP_LOCK:
+                cpu_fused._fused_step(img, states[t], states[t + 1], cw, cb, w0, b0, w1, dims, oz, oy, ox,
+                                      keys[t], np.uint64(thresh), False)
+        ctx.saved = (img, states, weights, dims, (oz, oy, ox), keys, thresh, nca)
+        ctx.param_shapes = [p.shape for p in (conv_w, conv_b, fc0_w, fc0_b, fc1_w)]
+        return torch.from_numpy(states[steps].reshape(state.shape).copy())
+
+    @staticmethod
+    def backward(ctx, grad_out):  # type: ignore[override]
+        img, states, weights, dims, (oz, oy, ox), keys, thresh, nca = ctx.saved
+        cw, cb, w0, b0, w1, w0t, w1t = weights
+        nb, cu, nz, ny, nx = states.shape[1:]
+        cin = img.shape[1]
+        c_all = cin + cu
+        rows = nb * nz * ny
+        nch = min(rows, _CHUNKS)
+        acc = [np.zeros((nch,) + a.shape, np.float32) for a in (cw, cb, w0, b0, w1)]
+        g = _as5d(grad_out.detach().float().contiguous().numpy(), dims).copy()
+        gin = np.empty_like(g)
+        gp = np.empty((nb, c_all, nz, ny, nx), np.float32)
+        inv_y, n_y = _inverse_reflect(ny)
+        if dims == 3:
+            inv_z, n_z = _inverse_reflect(nz)
+        else:
+            inv_z, n_z = np.zeros((1, 6, 2), np.int64), np.ones(1, np.int64)
+        with _STEP_LOCK:
+            for t in range(keys.shape[0] - 1, -1, -1):
+                _backward_mlp(img, states[t], g, gin, gp, cw, cb, w0, b0, w1, w0t, w1t, dims, oz, oy, ox,
+                              keys[t], np.uint64(thresh), *acc)
+                _backward_conv(gp, gin, cw, cin, inv_z, n_z, inv_y, n_y)
+                g, gin = gin, g
+        grads = [torch.from_numpy(a.sum(axis=0)).reshape(shape) for a, shape in zip(acc, ctx.param_shapes)]
+        grad_state = torch.from_numpy(g).reshape(grad_out.shape)
+        return (None, grad_state, *grads, None, None, None, None)
+
+
+def run_level_fused(
+    nca: BackboneNCA,
+    image: torch.Tensor,
+    state: torch.Tensor,
+    level: int,
+    steps: int,
+    seeds: Sequence[int],
+    origin: tuple[int, ...],
+    fire_rate: float,
+) -> torch.Tensor:
+    """``steps`` differentiable NCA steps of ``nca`` on a batch, sample b with fire-mask seed seeds[b].
+
+    Same signature as :func:`napari_octreenca.nca.octree.reference_level_steps`, which it replaces
+    in ``OctreeNCA.forward_train`` on the CPU.
+    """
+    thresh = threshold(fire_rate)  # 1.0 -> 2**24: every cell fires, as with no mask
+    keys = np.array(
+        [[base_key(s, level, t) & MASK32 for s in seeds] for t in range(steps)], dtype=np.uint64
+    ).reshape(steps, len(seeds))
+    return FusedLevelSteps.apply(
+        image, state, nca.conv.weight, nca.conv.bias, nca.fc0.weight, nca.fc0.bias, nca.fc1.weight,
+        nca, keys, thresh, tuple(origin),
+    )
+
+
+def available() -> bool:
+    """Whether the fused training kernels can run (numba importable)."""
+    return numba is not None

@@ -1,0 +1,125 @@
+"""Fused CPU training (numba forward + backward) against autograd through the reference step."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from napari_octreenca.nca.config import preset
+from napari_octreenca.nca.octree import OctreeNCA, reference_level_steps
+from napari_octreenca.nca.weights import BackboneNCA
+
+cpu_train = pytest.importorskip("napari_octreenca.backends.cpu_train")
+if not cpu_train.available():
+    pytest.skip("numba is not installed", allow_module_level=True)
+
+
+def _randomise(module: torch.nn.Module, seed: int, scale: float = 0.5) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(scale * torch.randn(p.shape, generator=gen) / max(1.0, p[0].numel() ** 0.5))
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Largest difference relative to the reference's largest magnitude."""
+    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-12)).item()
+
+
+def _grads(runner, nca, image, state, **kw) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor]:
+    nca.zero_grad(set_to_none=True)
+    state = state.clone().requires_grad_(True)
+    out = runner(nca, image, state, **kw)
+    # A loss that weighs every output cell and channel differently.
+    w = torch.linspace(-1.0, 2.0, out.numel()).reshape(out.shape)
+    (out * w).sum().backward()
+    return out.detach(), [p.grad.clone() for p in nca.parameters()], state.grad.clone()
+
+
+@pytest.mark.parametrize(
+    "shape", [(1, 1), (2, 5), (3, 3), (7, 9), (13, 6), (1, 2, 3), (2, 2, 2), (3, 3, 3), (4, 5, 3), (6, 1, 5)],
+    ids=lambda s: "x".join(map(str, s)),
+)
+@pytest.mark.parametrize("fire_rate", [0.5, 1.0])
+def test_level_gradients_equal_autograd(shape, fire_rate) -> None:
+    """Output and every gradient (weights and incoming state) within 1e-4 of autograd's."""
+    dims = len(shape)
+    nca = BackboneNCA(12, 24, 3, dims)
+    _randomise(nca, seed=sum(shape))
+    g = torch.Generator().manual_seed(7 + sum(shape))
+    image = torch.randn((2, 3) + shape, generator=g)
+    state = torch.randn((2, 9) + shape, generator=g)
+    kw = dict(level=2, steps=4, seeds=[5, 2**40 + 3], origin=tuple(range(3, 3 + dims)), fire_rate=fire_rate)
+    ref_out, ref_g, ref_s = _grads(reference_level_steps, nca, image, state, **kw)
+    out, grads, gs = _grads(cpu_train.run_level_fused, nca, image, state, **kw)
+    assert _rel(out, ref_out) < 1e-5
+    for name, a, b in zip([n for n, _ in nca.named_parameters()], grads, ref_g):
+        assert a.shape == b.shape
+        assert _rel(a, b) < 1e-4, name
+    assert _rel(gs, ref_s) < 1e-4
+
+
+@pytest.mark.parametrize("name,shape,patch", [
+    ("pathology", (40, 36), None),
+    ("radiology", (20, 18, 12), (8, 8, 6)),
+])
+def test_octree_gradients_equal_autograd(name, shape, patch) -> None:
+    """All levels through forward_train (3D with the patch scheme): same logits and gradients."""
+    cfg = preset(name, steps=(3, 3, 2, 2, 4))
+    model = OctreeNCA(cfg)
+    _randomise(model, seed=3)
+    image = torch.randn((2, cfg.input_channels) + shape, generator=torch.Generator().manual_seed(1))
+    results = []
+    for runner in (None, cpu_train.run_level_fused):
+        model.zero_grad(set_to_none=True)
+        gen = torch.Generator().manual_seed(9)
+        logits, where = model.forward_train(image, [11, 12], patch_size=patch, generator=gen, level_steps=runner)
+        (logits * torch.linspace(-1, 1, logits.numel()).reshape(logits.shape)).sum().backward()
+        results.append((logits.detach(), where, [p.grad.clone() for p in model.parameters()]))
+    (ref, ref_where, ref_g), (out, where, grads) = results
+    assert where == ref_where
+    assert _rel(out, ref) < 1e-5
+    for a, b in zip(grads, ref_g):
+        assert _rel(a, b) < 1e-4
+
+
+def _toy_pairs():
+    import numpy as np
+
+    from napari_octreenca.run.training import TrainPair
+
+    rng = np.random.default_rng(0)
+    pairs = []
+    for _ in range(2):
+        lab = np.zeros((24, 28), np.uint8)
+        y, x = rng.integers(3, 14, 2)
+        lab[y : y + 8, x : x + 9] = 1
+        img = np.stack([lab * 180 + 40, lab * 20 + 90, 200 - lab * 100], -1).astype(np.uint8)
+        pairs.append(TrainPair(img, lab, "YXC"))
+    return pairs
+
+
+def test_train_uses_the_fused_step_on_cpu_and_can_fall_back(monkeypatch) -> None:
+    """train() runs every level through the fused step on the CPU; fused_cpu=False is autograd."""
+    from napari_octreenca.run.training import TrainConfig, train
+
+    calls: list[int] = []
+    real = cpu_train.run_level_fused
+
+    def counting(*args, **kwargs):
+        calls.append(args[3])  # the level
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(cpu_train, "run_level_fused", counting)
+    cfg = preset("pathology", steps=(2, 2, 3), factors=((2, 2),) * 2)
+    tc = TrainConfig(iterations=2, batch_size=2, crop=(16, 16), seed=1)
+    fused = train(cfg, _toy_pairs(), tc)
+    assert sorted(set(calls)) == [0, 1, 2] and len(calls) == 2 * 3
+    assert fused.model.config.provenance["train_step"] == "cpu-fused"
+    calls.clear()
+    ref = train(cfg, _toy_pairs(), TrainConfig(**{**tc.__dict__, "fused_cpu": False}))
+    assert not calls and ref.model.config.provenance["train_step"] == "autograd"
+    # Same data, seeds and masks: the two paths train to the same weights (within rounding).
+    for a, b in zip(fused.model.parameters(), ref.model.parameters()):
+        assert _rel(a.detach(), b.detach()) < 1e-2
+    assert abs(fused.history[-1]["loss"] - ref.history[-1]["loss"]) < 1e-4
