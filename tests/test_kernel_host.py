@@ -304,7 +304,7 @@ def test_backend_launch_arguments_match_the_kernel_signature(emulation, dims, dt
 # -- kernel v2 (nca_step_v2.cu: tensor-core fc0/fc1, shared-memory tile) on the host ---------------
 
 
-@pytest.fixture(scope="module", params=CONFIGS, ids=lambda c: "C%d-in%d-H%d" % c)
+@pytest.fixture(scope="module", params=CONFIGS, ids=lambda c: f"C{c[0]}-in{c[1]}-H{c[2]}")
 def emulation_v2(request, tmp_path_factory) -> tuple[ctypes.CDLL, tuple[int, int, int]]:
     dll = _compile_emulation(tmp_path_factory.mktemp("emulation_v2"), *request.param)
     i64, u32, p = ctypes.c_longlong, ctypes.c_uint32, ctypes.c_void_p
@@ -429,8 +429,8 @@ def test_backend_v2_launch_arguments_match_the_kernel_signature(emulation, dims)
     sizes = (2,) + (((1,) + shape) if dims == 2 else shape) + (((0,) + run.origin) if dims == 2 else run.origin)
     words = torch.from_numpy(pack_v2(nca).view(np.int32))
     check_launch(nca, image, state, out)
-    params, keep = launch_args(image, state, out, sizes, key, thresh, ctypes.c_void_p(words.data_ptr()))
-    emulation.emu_launch_params(4 if dims == 2 else 5, 3, params)  # 3 blocks: grid-stride over the tiles
+    params, _keep = launch_args(image, state, out, sizes, key, thresh, ctypes.c_void_p(words.data_ptr()))
+    emulation.emu_launch_params(4 if dims == 2 else 5, 3, params)  # _keep holds the argument objects  # 3 blocks: grid-stride over the tiles
     assert not torch.isnan(out.float()).any()
     model = v2_model_step(nca, image, state, run, step=0).float()
     assert ((out.float() - model).abs() <= 2**-7 * model.abs() + 1e-6).all()
