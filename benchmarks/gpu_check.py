@@ -4,6 +4,11 @@
     python benchmarks/gpu_check.py --rehearse OUT     # the same script on the CPU, GPU parts skipped
     python benchmarks/gpu_check.py --prepare DIR      # here: save real test inputs to carry along
 
+On a lent GPU machine (its files travel as a copy of the checkout plus named ignored paths): first,
+here, ``.venv/bin/python benchmarks/gpu_check.py --prepare .cache/gpu-check-data`` (about 3.5 MB);
+then carry ``.cache/gpu-check-data`` and run ``bash benchmarks/gpu_check.sh "$OUT/gpu-check"`` with a
+limit of about 420 s (the check budgets itself 330 s); copy ``summary.md`` into RESULTS.md.
+
 Written for the GPU machine of issue 14 as it is: Python 3.12, a CUDA 13 build of torch,
 cuda-bindings and NVRTC 13, numpy, scipy, scikit-image, tifffile, safetensors, pytest, numba;
 no zarr, dask, nibabel, napari or Qt, no network, a few minutes. It installs nothing and needs
