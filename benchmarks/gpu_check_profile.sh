@@ -23,8 +23,8 @@ for kernel in v1 v2; do
   for i in "${!cases[@]}"; do
     name="nca_${kernel}_case$i"
     echo "== $name: ${cases[$i]}"
-    # The first launch of a case is the 8^dims warm-up: skip it, profile the next two.
-    OCTREENCA_CUDA_KERNEL=$kernel "$NCU" --kernel-name regex:'nca2?_step' --launch-skip 1 --launch-count 2 \
+    # The first 3 launches (steps) of a case are the 8^dims warm-up: skip them, profile the next two.
+    OCTREENCA_CUDA_KERNEL=$kernel "$NCU" --kernel-name regex:'nca2?_step' --launch-skip 3 --launch-count 2 \
       --set full --export "$OUT/$name" --force-overwrite \
       "$PY" -m napari_octreenca.bench --case "${cases[$i]}" > "$OUT/$name.log" 2>&1 || status=1
     tail -n 3 "$OUT/$name.log"
