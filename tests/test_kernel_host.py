@@ -304,7 +304,7 @@ def test_backend_launch_arguments_match_the_kernel_signature(emulation, dims, dt
 # -- kernel v2 (nca_step_v2.cu: tensor-core fc0/fc1, shared-memory tile) on the host ---------------
 
 
-@pytest.fixture(scope="module", params=CONFIGS, ids=lambda c: "C%d-in%d-H%d" % c)
+@pytest.fixture(scope="module", params=CONFIGS, ids=lambda c: f"C{c[0]}-in{c[1]}-H{c[2]}")
 def emulation_v2(request, tmp_path_factory) -> tuple[ctypes.CDLL, tuple[int, int, int]]:
     dll = _compile_emulation(tmp_path_factory.mktemp("emulation_v2"), *request.param)
     i64, u32, p = ctypes.c_longlong, ctypes.c_uint32, ctypes.c_void_p
@@ -429,8 +429,52 @@ def test_backend_v2_launch_arguments_match_the_kernel_signature(emulation, dims)
     sizes = (2,) + (((1,) + shape) if dims == 2 else shape) + (((0,) + run.origin) if dims == 2 else run.origin)
     words = torch.from_numpy(pack_v2(nca).view(np.int32))
     check_launch(nca, image, state, out)
-    params, keep = launch_args(image, state, out, sizes, key, thresh, ctypes.c_void_p(words.data_ptr()))
-    emulation.emu_launch_params(4 if dims == 2 else 5, 3, params)  # 3 blocks: grid-stride over the tiles
+    params, _keep = launch_args(image, state, out, sizes, key, thresh, ctypes.c_void_p(words.data_ptr()))
+    emulation.emu_launch_params(4 if dims == 2 else 5, 3, params)  # _keep holds the argument objects  # 3 blocks: grid-stride over the tiles
     assert not torch.isnan(out.float()).any()
     model = v2_model_step(nca, image, state, run, step=0).float()
     assert ((out.float() - model).abs() <= 2**-7 * model.abs() + 1e-6).all()
+
+
+@pytest.mark.parametrize("case", ["he_epidermis-ihc", "brain_mri-itk"])
+def test_v2_emulated_on_real_data_with_bundled_models(case, tmp_path) -> None:
+    """Kernel v2 (emulated) with a bundled model's real weights on a real image, after a few real steps.
+
+    2D: he_epidermis's finest level on a crop of scikit-image's immunohistochemistry section; 3D:
+    brain_mri's finest level on a crop of the ITK T1 MRI. The state comes from the torch path
+    (bf16), so its values are the ones a real run meets; one v2 step must equal its bf16 model.
+    """
+    from napari_octreenca.nca.registry import open_model
+    from napari_octreenca.run.inputs import prepare
+
+    name, _ = case.split("-")
+    model = open_model(name, "cpu")
+    cfg = model.config
+    if cfg.spatial_dims == 2:
+        skdata = pytest.importorskip("skimage.data")
+        raw = np.ascontiguousarray(skdata.immunohistochemistry()[200:224, 150:190])
+        x, _ = prepare(raw, cfg, "YXC")
+    else:
+        from helpers import ITK_DATA, need_file
+
+        nib = pytest.importorskip("nibabel")
+        path = need_file(ITK_DATA / "KmeansTest_T1UCharRaw.nii.gz", "apt-get install insighttoolkit5-examples")
+        vol = np.asarray(nib.load(str(path)).dataobj)[50:58, 60:69, 28:35]
+        x, _ = prepare(np.ascontiguousarray(vol), cfg, "ZYX")
+    nca = model.levels[0]
+    dll = _compile_emulation(tmp_path, nca.channels, nca.input_channels, nca.fc0.out_channels)
+    i64, u32, p = ctypes.c_longlong, ctypes.c_uint32, ctypes.c_void_p
+    fn = getattr(dll, f"emu_nca2_step_{cfg.spatial_dims}d_bf16")
+    fn.restype = None
+    fn.argtypes = [ctypes.c_uint, p, p, p, i64, i64, i64, i64, i64, i64, i64, u32, u32, p]
+    image = x.bfloat16()
+    state = torch.zeros((1, nca.channels - nca.input_channels) + tuple(x.shape[2:]), dtype=torch.bfloat16)
+    state = TorchBackend().run_level(nca, image, state, LevelRun(level=0, steps=6, seed=3, fire_rate=cfg.fire_rate))
+    assert state.float().abs().max().item() > 1e-3  # the model has moved the state
+    run = LevelRun(level=0, steps=1, seed=3, fire_rate=cfg.fire_rate)
+    out = v2_emulated_step(dll, nca, image, state, run, step=6)
+    model_out = v2_model_step(nca, image, state, run, step=6).float()
+    assert not torch.isnan(out.float()).any()
+    assert ((out.float() - model_out).abs() <= 2**-7 * model_out.abs() + 1e-6).all()
+    ref = torch_step(nca, image.float(), state.float(), run, step=6)
+    assert ((out.float() - ref).abs() / ref.abs().clamp_min(1.0)).max().item() < 5e-2
