@@ -18,6 +18,7 @@ from __future__ import annotations
 import errno
 import glob
 import hashlib
+import itertools
 import json
 import os
 import shutil
@@ -230,15 +231,23 @@ def _warnings_naming(src: Path) -> Iterator[None]:
 
 
 def _check_sample(im: ImageData, cfg: Any) -> None:
-    """Value checks for a tiled run, which never holds the whole input: on a strided sample of the
-    smallest pyramid level (about a million values)."""
+    """Value checks for a tiled run, which never holds the whole input: on a few windows of the
+    smallest pyramid level (at most 4 per axis, 256 cells wide), so a slide without a pyramid
+    costs a handful of chunk reads, not a second pass over the file."""
     from .inputs import check_float32_range, check_range
 
     lv = im.levels[-1] if im.levels else im.data
     spatial = [i for i, a in enumerate(im.axes) if a != "C"]
-    cells = int(np.prod([lv.shape[i] for i in spatial]))
-    step = max(1, int(np.ceil((cells / 1e6) ** (1 / len(spatial)))))
-    sample = to_numpy(lv[tuple(slice(None, None, step) if i in spatial else slice(None) for i in range(lv.ndim))])
+    per_axis: list[list[slice]] = []
+    for i in range(lv.ndim):
+        n = int(lv.shape[i])
+        if i not in spatial or n <= 256:
+            per_axis.append([slice(None)])
+            continue
+        starts = np.linspace(0, n - 256, 4 if len(spatial) == 2 else 3).astype(int)
+        per_axis.append([slice(int(a), int(a) + 256) for a in sorted(set(starts))])
+    windows = [to_numpy(lv[idx]) for idx in itertools.product(*per_axis)]
+    sample = np.concatenate([w.reshape(-1) for w in windows])
     if np.issubdtype(sample.dtype, np.floating) and not np.isfinite(sample).all():
         raise InputError("the input contains NaN or infinite values; fill or mask them first")
     check_float32_range(sample)
