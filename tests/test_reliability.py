@@ -144,6 +144,13 @@ def test_output_folder_equal_to_input_folder(tmp_path: Path, model_2d: Path, pic
     assert rc == 0, err
     assert not list(tmp_path.glob("*_labels_labels*"))
     assert digest(tmp_path / "p0_labels.png") == labels  # same model, same seed: same labels
+    other = tmp_path / "other"
+    other.mkdir()
+    save_png(other / "q.png", pictures[2])
+    for _ in range(2):  # an output folder inside the input folder: on the rerun, sub/ is not an input
+        rc, err = cli(capsys, *seg(model_2d, other, other / "sub"))
+        assert rc == 0, err
+    assert sorted(p.name for p in (other / "sub").iterdir()) == ["q_labels.png"]
 
 
 def test_unknown_output_suffix_is_an_error_not_a_folder(tmp_path: Path, model_2d: Path, pictures, capsys) -> None:

@@ -61,7 +61,8 @@ def expand_inputs(inputs: list[str], video_model: bool = False) -> list[Path]:
             if kind == "ome-zarr" or (kind == "frames" and video_model):
                 out.append(p)
             else:
-                members = sorted(f for f in p.iterdir() if _readable(f))
+                # Sub-folders of pictures (e.g. an earlier run's output folder) are not 2D inputs.
+                members = sorted(f for f in p.iterdir() if _readable(f) and _batch_member(f, video_model))
                 if not members:
                     raise InputError(f"the folder {p} holds no readable images")
                 out.extend(members)
@@ -70,6 +71,11 @@ def expand_inputs(inputs: list[str], video_model: bool = False) -> list[Path]:
         else:
             raise InputError(f"input {item!r} does not exist")
     return out
+
+
+def _batch_member(f: Path, video_model: bool) -> bool:
+    """A file, an OME-Zarr store, or (for video models) a folder of frames."""
+    return not f.is_dir() or video_model or file_kind(f) == "ome-zarr"
 
 
 def _is_image_dir(p: Path) -> bool:
@@ -173,7 +179,7 @@ def run_segment(inputs: list[str], output: str, model: str, *, device: str = "cp
             failures.append((src, exc))
             if progress is not None:
                 progress({"stage": "failed", "input": k + 1, "inputs": len(jobs), "path": str(src),
-                          "error": _one_line(exc)})
+                          "error": _one_line(exc) if src.name in _one_line(exc) else f"{src}: {_one_line(exc)}"})
             continue
         if progress is not None:
             progress({"stage": "written", "input": k + 1, "inputs": len(jobs), "path": str(dest), "tiled": tiled,
