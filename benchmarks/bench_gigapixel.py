@@ -235,7 +235,10 @@ def main() -> None:
     import shutil
 
     shutil.rmtree(out, ignore_errors=True)
-    shutil.rmtree(out.parent / (out.name + ".octreenca-work"), ignore_errors=True)
+    from napari_octreenca.run.pipeline import find_work_folders
+
+    for work in find_work_folders(out):  # <out>.octreenca-work-<run key>
+        shutil.rmtree(work, ignore_errors=True)
     n_out = -(-args.height // args.tile) * -(-args.width // args.tile)
     parts = []
     kill_after = None if args.kill_at is None else max(1, int(n_out * args.kill_at))

@@ -74,7 +74,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
 
     def progress(info: dict[str, Any]) -> None:
         if info.get("stage") == "failed" and not args.quiet:  # the batch goes on; the list comes at the end
-            print(f"  failed: {info['path']}: {info['error']}", file=sys.stderr, flush=True)
+            print(f"  failed: {info['error']}", file=sys.stderr, flush=True)
             return
         if args.quiet or time.perf_counter() - last[0] < 1.0:
             return
@@ -93,7 +93,8 @@ def cmd_segment(args: argparse.Namespace) -> int:
         for p in exc.written:
             print(p)
         for src, err in exc.failures:
-            print(f"octreenca: failed: {src}: {error_message(err)}", file=sys.stderr)
+            msg = error_message(err)
+            print(f"octreenca: failed: {msg if src.name in msg else f'{src}: {msg}'}", file=sys.stderr)
         raise
     for p in written:
         print(p)

@@ -116,6 +116,19 @@ def test_output_equal_to_input_is_refused(tmp_path: Path, model_3d: Path, capsys
     assert read_image(src).metadata["nifti_header"]["intent_code"] == 1002
 
 
+def test_ome_zarr_image_may_take_its_own_labels(tmp_path: Path, model_2d: Path, pictures, capsys) -> None:
+    """The one output that may be its input: labels go into the image's labels group, the image stays."""
+    from napari_octreenca.io.ome_zarr import write_ome_zarr_image
+
+    store = write_ome_zarr_image(tmp_path / "img.zarr", pictures[0], "YXC")
+    rc, err = cli(capsys, *seg(model_2d, store, store))
+    assert rc == 0, err
+    np.testing.assert_array_equal(np.asarray(read_image(store).data), pictures[0])
+    assert listed(store) == ["segmentation"]
+    expected = segment(random_model_from(model_2d), pictures[0], backend="torch").labels
+    np.testing.assert_array_equal(np.asarray(read_image(store / "labels" / "segmentation").data), expected)
+
+
 def test_output_folder_equal_to_input_folder(tmp_path: Path, model_2d: Path, pictures, capsys) -> None:
     for i, rgb in enumerate(pictures[:2]):
         save_png(tmp_path / f"p{i}.png", rgb)
@@ -131,6 +144,13 @@ def test_output_folder_equal_to_input_folder(tmp_path: Path, model_2d: Path, pic
     assert rc == 0, err
     assert not list(tmp_path.glob("*_labels_labels*"))
     assert digest(tmp_path / "p0_labels.png") == labels  # same model, same seed: same labels
+    other = tmp_path / "other"
+    other.mkdir()
+    save_png(other / "q.png", pictures[2])
+    for _ in range(2):  # an output folder inside the input folder: on the rerun, sub/ is not an input
+        rc, err = cli(capsys, *seg(model_2d, other, other / "sub"))
+        assert rc == 0, err
+    assert sorted(p.name for p in (other / "sub").iterdir()) == ["q_labels.png"]
 
 
 def test_unknown_output_suffix_is_an_error_not_a_folder(tmp_path: Path, model_2d: Path, pictures, capsys) -> None:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import errno
 import glob
 import hashlib
+import itertools
 import json
 import os
 import shutil
@@ -60,7 +61,8 @@ def expand_inputs(inputs: list[str], video_model: bool = False) -> list[Path]:
             if kind == "ome-zarr" or (kind == "frames" and video_model):
                 out.append(p)
             else:
-                members = sorted(f for f in p.iterdir() if _readable(f))
+                # Sub-folders of pictures (e.g. an earlier run's output folder) are not 2D inputs.
+                members = sorted(f for f in p.iterdir() if _readable(f) and _batch_member(f, video_model))
                 if not members:
                     raise InputError(f"the folder {p} holds no readable images")
                 out.extend(members)
@@ -69,6 +71,11 @@ def expand_inputs(inputs: list[str], video_model: bool = False) -> list[Path]:
         else:
             raise InputError(f"input {item!r} does not exist")
     return out
+
+
+def _batch_member(f: Path, video_model: bool) -> bool:
+    """A file, an OME-Zarr store, or (for video models) a folder of frames."""
+    return not f.is_dir() or video_model or file_kind(f) == "ome-zarr"
 
 
 def _is_image_dir(p: Path) -> bool:
@@ -166,7 +173,7 @@ def run_segment(inputs: list[str], output: str, model: str, *, device: str = "cp
             failures.append((src, exc))
             if progress is not None:
                 progress({"stage": "failed", "input": k + 1, "inputs": len(jobs), "path": str(src),
-                          "error": _one_line(exc)})
+                          "error": _one_line(exc) if src.name in _one_line(exc) else f"{src}: {_one_line(exc)}"})
             continue
         if progress is not None:
             progress({"stage": "written", "input": k + 1, "inputs": len(jobs), "path": str(dest), "tiled": tiled,
@@ -214,15 +221,23 @@ def _warnings_naming(src: Path) -> Iterator[None]:
 
 
 def _check_sample(im: ImageData, cfg: Any) -> None:
-    """Value checks for a tiled run, which never holds the whole input: on a strided sample of the
-    smallest pyramid level (about a million values)."""
+    """Value checks for a tiled run, which never holds the whole input: on a few windows of the
+    smallest pyramid level (at most 4 per axis, 256 cells wide), so a slide without a pyramid
+    costs a handful of chunk reads, not a second pass over the file."""
     from .inputs import check_float32_range, check_range
 
     lv = im.levels[-1] if im.levels else im.data
     spatial = [i for i, a in enumerate(im.axes) if a != "C"]
-    cells = int(np.prod([lv.shape[i] for i in spatial]))
-    step = max(1, int(np.ceil((cells / 1e6) ** (1 / len(spatial)))))
-    sample = to_numpy(lv[tuple(slice(None, None, step) if i in spatial else slice(None) for i in range(lv.ndim))])
+    per_axis: list[list[slice]] = []
+    for i in range(lv.ndim):
+        n = int(lv.shape[i])
+        if i not in spatial or n <= 256:
+            per_axis.append([slice(None)])
+            continue
+        starts = np.linspace(0, n - 256, 4 if len(spatial) == 2 else 3).astype(int)
+        per_axis.append([slice(int(a), int(a) + 256) for a in sorted(set(starts))])
+    windows = [to_numpy(lv[idx]) for idx in itertools.product(*per_axis)]
+    sample = np.concatenate([w.reshape(-1) for w in windows])
     if np.issubdtype(sample.dtype, np.floating) and not np.isfinite(sample).all():
         raise InputError("the input contains NaN or infinite values; fill or mask them first")
     check_float32_range(sample)
