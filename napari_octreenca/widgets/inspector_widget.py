@@ -4,27 +4,37 @@ Runs a model on an Image layer while an :class:`~napari_octreenca.run.recorder.N
 every level's hidden channels, the step-by-step evolution (logits and a PCA colour view of the
 hidden state, on the visible region or at reduced resolution so memory stays bounded) and the
 convergence per level. The memory the recording takes is shown before the run. In live mode the
-layers update while the NCA iterates (throttled). A convergence plot shows whether each level
-reached its fixed point; edit the steps per level and record again to try more test-time steps.
+layers update while the NCA iterates (throttled; the plot appends line data, it never rebuilds).
+The convergence view reads each level in plain words: whether its labels stopped changing, by
+which step, against the steps the model was trained with; edit the steps per level and record
+again to try more test-time steps. A new recording replaces the previous one's layers unless
+"keep previous results" is ticked.
 """
 
 from __future__ import annotations
 
 import math
+import time
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from magicgui.widgets import CheckBox, ComboBox, Container, Label, LineEdit, ProgressBar, PushButton, SpinBox
+from magicgui.widgets import CheckBox, ComboBox, LineEdit, ProgressBar, PushButton, SpinBox
 
 from ..run.inputs import plan_axes
-from ..run.recorder import Frame, NCARecorder, RecordPlan, plan_recording, recording_layers
+from ..run.recorder import (
+    Frame, LevelReading, NCARecorder, RecordPlan, expected_update, level_reading, plan_recording,
+    reading_window, recording_layers,
+)
 from ._devices import list_devices
 from ._layers import layer_input
 from ._models import CATALOG, follow_catalog
 from ._settings import plugin_setting
 from ._spacing import GridPlan, grid_plan, to_grid
 from ._workers import Job
-from .segment_widget import _config_of, _fixed_width, _level_scale, image_layer_choices
+from .qt_helpers import DockContainer, ElidedLabel, advanced_group, on_dock_closed
+from .shared import add_layers, free_prefix, image_layer_choices, remove_layers
+from .shared import config_of as _config_of
+from .shared import level_scale as _level_scale
 
 if TYPE_CHECKING:
     import napari
@@ -49,40 +59,127 @@ def visible_region(layer: Any) -> list[tuple[int, int]] | None:
 
 
 class ConvergencePlot:
-    """Mean absolute update per step, one small plot per level (matplotlib in a Qt canvas)."""
+    """The convergence of every level on one time line (coarsest level first, the order the NCA
+    runs them): the expected update per step (fire-rate adjusted, mean over a short window; log
+    scale, left) and the share of cells whose label changed (right), with the steps the model
+    was trained with marked. Built once per run by :meth:`setup`; :meth:`append` adds line data
+    and :meth:`refresh` redraws at most every ``min_interval`` seconds (a live run never
+    rebuilds the figure)."""
 
-    def __init__(self) -> None:
+    def __init__(self, min_interval: float = 0.5) -> None:
         from matplotlib.backends.backend_qtagg import FigureCanvasQTAgg
         from matplotlib.figure import Figure
 
-        self.figure = Figure(figsize=(4.5, 2.0), layout="constrained")
+        self.figure = Figure(figsize=(4.2, 1.9), layout="constrained")
         self.canvas = FigureCanvasQTAgg(self.figure)
-        self.canvas.setMinimumHeight(170)
+        self.canvas.setMinimumHeight(150)
+        self.min_interval = min_interval
+        self.builds = 0  # figure (re)builds: one per run
+        self.draws = 0
+        self._last_draw = -math.inf
+        self._dirty = False
         self.axes: list[Any] = []
+        self._update_lines: dict[int, Any] = {}
+        self._change_lines: dict[int, Any] = {}
+        self.update: dict[int, list[float]] = {}
+        self.changes: dict[int, list[float]] = {}
+        self._offsets: dict[int, int] = {}
+        self._steps: tuple[int, ...] = ()
+        self._trained: tuple[int, ...] = ()
+        self._fire_rate = 0.5
 
     @property
     def lines(self) -> list[Any]:
-        return [ln for ax in self.axes for ln in ax.lines]
+        return list(self._update_lines.values()) + list(self._change_lines.values())
 
-    def show(self, convergence: dict[int, list[float]], steps: tuple[int, ...]) -> None:
-        """One panel per level, coarsest first (the order the NCA runs them); log scale."""
+    def setup(self, steps: tuple[int, ...], trained: tuple[int, ...], fire_rate: float) -> None:
+        """Empty axes for a run with ``steps`` per level (finest first)."""
         self.figure.clear()
+        self.builds += 1
+        self._steps, self._trained, self._fire_rate = tuple(steps), tuple(trained), fire_rate
+        self.update, self.changes = {}, {}
+        ax = self.figure.add_subplot(111)
+        ax2 = ax.twinx()
+        self.axes = [ax, ax2]
         n = len(steps)
-        self.axes = list(np.atleast_1d(self.figure.subplots(1, n, sharey=True)))
-        for i, level in enumerate(range(n - 1, -1, -1)):
-            ax = self.axes[i]
-            ys = np.array([y if math.isfinite(y) and y > 0 else np.nan for y in convergence.get(level, [])])
-            if ys.size:
-                ax.plot(np.arange(1, ys.size + 1), ys, lw=1.2, color=f"C{level}")
-            ax.set_yscale("log")
-            ax.set_xlim(0.5, max(1, steps[level]) + 0.5)
-            ok = converged(convergence.get(level, []))
-            ax.set_title(f"L{level}" + (" ok" if ok else ""), fontsize=8)
-            ax.tick_params(labelsize=6)
-            ax.set_xlabel("step", fontsize=7)
+        x0 = 0
+        self._offsets = {}
+        for level in range(n - 1, -1, -1):
+            self._offsets[level] = x0
+            colour = f"C{level % 10}"
+            (self._update_lines[level],) = ax.plot([], [], lw=1.3, color=colour)
+            (self._change_lines[level],) = ax2.plot([], [], lw=0.9, ls=":", color=colour)
+            if level < len(trained) and trained[level] != steps[level] and 0 < trained[level]:
+                ax.axvline(x0 + trained[level] + 0.5, color=colour, lw=0.8, ls="--")
+            ax.text(x0 + max(1, steps[level]) / 2 + 0.5, 1.0, f"L{level}", transform=ax.get_xaxis_transform(),
+                    ha="center", va="bottom", fontsize=7, color=colour)
+            x0 += steps[level]
+            if level:
+                ax.axvline(x0 + 0.5, color="0.7", lw=0.6)
+        ax.set_xlim(0.5, max(1, x0) + 0.5)
+        ax.set_yscale("log")
+        ax.set_ylim(1e-4, 1.0)
+        ax2.set_ylim(0.0, 0.05)
+        ax.set_xlabel("step (coarsest level first; dashed: trained steps)", fontsize=7)
+        ax.set_ylabel("update", fontsize=7)
+        ax2.set_ylabel("labels changed", fontsize=7)
+        ax2.yaxis.set_major_formatter(_percent())
+        for a in self.axes:
+            a.tick_params(labelsize=6)
+        self._dirty = True
+        self.refresh(force=True)
+
+    def append(self, update: dict[int, list[float]], changes: dict[int, list[float]]) -> None:
+        """Add the values recorded since the last call (per level)."""
+        for level, values in update.items():
+            self.update.setdefault(level, []).extend(values)
+        for level, values in changes.items():
+            self.changes.setdefault(level, []).extend(values)
+        self._dirty = self._dirty or bool(update)
+
+    def show_all(self, update: dict[int, list[float]], changes: dict[int, list[float]]) -> None:
+        """Replace the curves with a finished recording's and draw now."""
+        self.update = {k: list(v) for k, v in update.items()}
+        self.changes = {k: list(v) for k, v in changes.items()}
+        self._dirty = True
+        self.refresh(force=True)
+
+    def refresh(self, force: bool = False) -> bool:
+        """Redraw if something changed and the last draw is ``min_interval`` old (or ``force``)."""
+        now = time.monotonic()
+        if not self._dirty or (not force and now - self._last_draw < self.min_interval):
+            return False
+        lo, hi, top = math.inf, 0.0, 0.0
+        for level, line in self._update_lines.items():
+            values = self.update.get(level, [])
+            y = expected_update(values, self._fire_rate, reading_window(self._level_steps(level)))
+            x = self._offsets.get(level, 0) + np.arange(1, y.size + 1)
+            line.set_data(x, y)
+            ch = np.asarray(self.changes.get(level, []), dtype=float)
+            self._change_lines[level].set_data(self._offsets.get(level, 0) + np.arange(1, ch.size + 1), ch)
+            finite = y[np.isfinite(y) & (y > 0)]
+            if finite.size:
+                lo, hi = min(lo, float(finite.min())), max(hi, float(finite.max()))
+            if np.isfinite(ch).any():
+                top = max(top, float(np.nanmax(ch)))
+        if self.axes and math.isfinite(lo):
+            self.axes[0].set_ylim(lo / 2, hi * 2)
         if self.axes:
-            self.axes[0].set_ylabel("mean |update|", fontsize=7)
+            self.axes[1].set_ylim(0.0, max(0.01, top * 1.1))
         self.canvas.draw_idle()
+        self.draws += 1
+        self._last_draw = now
+        self._dirty = False
+        return True
+
+    def _level_steps(self, level: int) -> int:
+        return self._steps[level] if level < len(self._steps) else 1
+
+
+def _percent() -> Any:
+    from matplotlib.ticker import PercentFormatter
+
+    return PercentFormatter(xmax=1.0, decimals=1)
 
 
 def converged(curve: list[float], ratio: float = 0.05) -> bool:
@@ -91,11 +188,11 @@ def converged(curve: list[float], ratio: float = 0.05) -> bool:
     return len(ys) >= 2 and ys[0] > 0 and ys[-1] <= ratio * ys[0]
 
 
-class InspectorWidget(Container):
+class InspectorWidget(DockContainer):
     """Record and show an OctreeNCA's hidden channels, evolution and convergence (dock widget)."""
 
     def __init__(self, napari_viewer: "napari.viewer.Viewer") -> None:
-        super().__init__(labels=True)
+        super().__init__()
         self.viewer = napari_viewer
         self.image = ComboBox(label="image", choices=lambda _w: image_layer_choices(self.viewer))
         self.model = ComboBox(label="model", choices=lambda _w: CATALOG.names())
@@ -107,23 +204,31 @@ class InspectorWidget(Container):
                               tooltip="finest level first; raise them to try more test-time steps")
         self.budget = SpinBox(label="memory budget (MB)", min=16, max=65536,
                               value=int(plugin_setting("record_budget_mb", 256)))
-        self.visible_only = CheckBox(text="evolution of the visible region only", value=False)
-        self.live = CheckBox(text="live: update layers while the NCA runs", value=True)
+        self.visible_only = CheckBox(text="visible region only", value=False,
+                                     tooltip="record the evolution of the part on screen, at full resolution")
+        self.live = CheckBox(text="live view", value=True, tooltip="update layers and plot while the NCA runs")
         self.interval = SpinBox(label="live interval (ms)", min=20, max=10000,
                                 value=int(plugin_setting("live_interval_ms", 250)))
-        self.memory = Label(label="recording", value="")
+        self.keep = CheckBox(text="keep previous results", value=False,
+                             tooltip="off: a new recording's layers replace the previous one's")
+        self.channel = SpinBox(label="hidden channel", min=0, max=0, value=0, enabled=False,
+                               tooltip="which hidden channel the 'L<n> hidden' layers show")
+        self.memory = ElidedLabel(label="recording", value="")
         self.run_button = PushButton(text="Run and record")
         self.cancel_button = PushButton(text="Cancel", enabled=False)
         self.bar = ProgressBar(label="steps", min=0, max=1, value=0)
-        self.status = Label(label="status", value="ready")
+        self.status = ElidedLabel(label="status", value="ready")
         self.plot = ConvergencePlot()
-        self.extend([self.image, self.model, self.device, self.seed, self.level, self.steps, self.budget, self.visible_only,
-                     self.live, self.interval, self.memory, self.run_button, self.cancel_button, self.bar,
-                     self.status])
-        self.native.layout().addWidget(self.plot.canvas)
-        _fixed_width(self.status, self.memory)
+        self.show_advanced, self.advanced = advanced_group([
+            self.seed, self.level, self.steps, self.budget, self.visible_only, self.interval, self.keep])
+        self.extend([self.image, self.model, self.device, self.live, self.memory, self.show_advanced,
+                     self.advanced, self.run_button, self.cancel_button, self.bar, self.status, self.channel])
+        self.body.layout().addWidget(self.plot.canvas)
         self.job: Job | None = None
         self.recording = None
+        self.readings: list[LevelReading] = []
+        self.result_layers: list[Any] = []
+        self._hidden: dict[int, np.ndarray] = {}  # level -> (channels, *shape), input axis order
         self.live_layers: dict[str, Any] = {}
         self._plan: RecordPlan | None = None
         self._chosen: tuple[Any, ...] = (None, None, 0)
@@ -133,6 +238,8 @@ class InspectorWidget(Container):
             w.changed.connect(self._update_memory)
         self.run_button.changed.connect(self.start)
         self.cancel_button.changed.connect(self.request_cancel)
+        self.channel.changed.connect(self._show_channel)
+        on_dock_closed(self, self.request_cancel)
         follow_catalog(self, self.model.reset_choices)
         ev = self.viewer.layers.events
         for e in (ev.inserted, ev.removed, ev.reordered):
@@ -239,7 +346,7 @@ class InspectorWidget(Container):
         scale, translate = grid.cell_geometry(_level_scale(src), src.translate)
         model_name, device, seed = self.model.value, self.device.value, self.seed.value
         live, interval = self.live.value, self.interval.value / 1000.0
-        prefix = f"{layer.name} NCA"
+        base = f"{layer.name} NCA"
         self.memory.value = plan.describe()
 
         def work(job: Job) -> Any:
@@ -259,28 +366,57 @@ class InspectorWidget(Container):
 
         def done(recording: Any) -> None:
             self._remove_live()
-            self.recording = recording
-            for data, kwargs, kind in recording_layers(recording, scale=scale, translate=translate,
-                                                       prefix=prefix):
-                self.viewer._add_layer_from_data(data, kwargs, kind)
-            # Show the last step: the slider then replays the automaton backwards from the result.
-            step_axis = self.viewer.dims.ndim - len(src.scale) - 1
-            if step_axis >= 0 and plan.record_evolution:
-                self.viewer.dims.set_point(step_axis, plan.total_steps - 1)
-            self.plot.show(recording.convergence, plan.steps)
-            flags = [f"L{lv} {'converged' if converged(c) else 'still changing'}"
-                     for lv, c in sorted(recording.convergence.items())]
-            self.status.value = "; ".join(flags)
+            self._show_recording(recording, scale, translate, base, len(src.scale))
 
         self.job = Job(work, on_done=done, on_finished=self._finished, on_cancelled=self._remove_live,
                        on_error=lambda exc: self._remove_live(), what="NCA recording")
-        self.job.relay.frame.connect(lambda f: self._on_frame(f, plan, scale, translate, prefix, live))
+        self.job.relay.frame.connect(lambda f: self._on_frame(f, plan, scale, translate, base, live))
         self.run_button.enabled = False
         self.cancel_button.enabled = True
         self.bar.max, self.bar.value = plan.total_steps, 0
         self.status.value = "running"
+        self.plot.setup(plan.steps, plan.config.steps, plan.config.fire_rate)
         self.job.start()
         return self.job
+
+    def _show_recording(self, recording: Any, scale: tuple[float, ...], translate: tuple[float, ...], base: str,
+                        n_spatial: int) -> None:
+        """Add the recording's layers (replacing the previous recording's unless kept), put the
+        sliders on the result (finest level, last step) and read the convergence."""
+        plan = recording.plan
+        self.recording = recording
+        self._hidden = recording.in_input_order().hidden
+        channels = max((h.shape[0] for h in self._hidden.values()), default=0)
+        self.channel.max = max(0, channels - 1)
+        self.channel.enabled = channels > 1
+        k = min(self.channel.value, self.channel.max)
+        at = remove_layers(self.viewer, [] if self.keep.value else self.result_layers)
+        probe = recording_layers(recording, scale=scale, translate=translate, prefix="", channel=k)
+        prefix = free_prefix(self.viewer, base, [kw["name"] for _, kw, _ in probe])
+        layers = [(d, {**kw, "name": prefix + kw["name"]}, t) for d, kw, t in probe]
+        self.result_layers = add_layers(self.viewer, layers, at=at)
+        if plan.record_evolution:
+            # The result: finest level, its last step; the sliders then replay the automaton.
+            level_axis = self.viewer.dims.ndim - n_spatial - 2
+            if level_axis >= 0:
+                self.viewer.dims.set_point(level_axis, 0)
+                self.viewer.dims.set_point(level_axis + 1, max(0, plan.steps[0] - 1))
+        self.plot.show_all(recording.convergence, recording.label_changes)
+        cfg = plan.config
+        self.readings = [level_reading(lv, recording.convergence.get(lv, []), recording.label_changes.get(lv, []),
+                                       cfg.steps[lv] if lv < len(cfg.steps) else 0, cfg.fire_rate)
+                         for lv in range(cfg.levels - 1, -1, -1)]
+        self.status.value = "; ".join(r.text for r in self.readings)
+
+    def _show_channel(self, *_: Any) -> None:
+        """Show hidden channel ``k`` in every level's hidden layer (no channel slider needed)."""
+        k = int(self.channel.value)
+        for layer in self.result_layers:
+            meta = (layer.metadata or {}).get("octreenca") or {}
+            h = self._hidden.get(meta.get("level", -1)) if meta.get("kind") == "hidden" else None
+            if h is not None and k < h.shape[0] and layer in self.viewer.layers:
+                layer.data = h[k]
+                layer.metadata = {**layer.metadata, "octreenca": {**meta, "channel": k}}
 
     def request_cancel(self, *_: Any) -> None:
         if self.job is not None and self.job.running:
@@ -290,9 +426,12 @@ class InspectorWidget(Container):
     def _on_frame(self, frame: Frame, plan: RecordPlan, cell_scale: tuple[float, ...],
                   cell_translate: tuple[float, ...], prefix: str, live: bool) -> None:
         self.bar.value = frame.done
-        self.status.value = f"level {frame.level} step {frame.step + 1} ({frame.done}/{frame.total})"
+        self.status.value = (f"level {frame.level} step {frame.step + 1} of {plan.steps[frame.level]} "
+                             f"({frame.done}/{frame.total})")
+        self.plot.append(frame.convergence, frame.label_changes)
         if not live or frame.rgb is None:
             return
+        self.plot.refresh()
         order = plan.order
         rgb = frame.rgb.transpose(*order, len(order))
         logits = frame.logits.transpose(0, *(1 + o for o in order))
@@ -310,9 +449,8 @@ class InspectorWidget(Container):
                 self.live_layers[key] = self.viewer.add_image(
                     data, name=f"{prefix} live {key}", scale=((1.0,) if data.ndim > len(scale) + (key == 'rgb') else ())
                     + scale, translate=((0.0,) if data.ndim > len(scale) + (key == 'rgb') else ()) + translate, **kw)
-            else:
+            elif layer.visible:  # an invisible layer gets the newest data when the run ends
                 layer.data = data
-        self.plot.show(frame.convergence, plan.steps)
 
     def _remove_live(self) -> None:
         for layer in self.live_layers.values():
