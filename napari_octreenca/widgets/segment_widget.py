@@ -22,7 +22,7 @@ from ._settings import plugin_setting
 from ._spacing import from_grid, grid_plan, to_grid
 from ._workers import Job, Throttle
 from .qt_helpers import DockContainer, ElidedLabel, advanced_group, on_dock_closed
-from .shared import add_layers, free_prefix, image_layer_choices
+from .shared import add_layers, free_prefix, image_layer_choices, remove_layers
 from .shared import config_of as _config_of
 from .shared import level_scale as _level_scale
 
@@ -182,15 +182,14 @@ class SegmentWidget(DockContainer):
 
         def done(result: tuple[Any, dict[str, Any]]) -> None:
             seg, record = result
-            keep = self.keep.value
-            replace = [] if keep else self.result_layers
+            at = remove_layers(self.viewer, [] if self.keep.value else self.result_layers)
             layers = output_layers(seg, src, record=record, probability=want_prob,
                                    uncertainty=want_unc and seg.spread is not None)
-            if keep:  # the kept run's layers keep their names; this run's say which run it is
-                names = [kw["name"].removeprefix(src.name) for _, kw, _ in layers]
-                prefix = free_prefix(self.viewer, src.name, names)
-                layers = [(d, {**kw, "name": prefix + kw["name"].removeprefix(src.name)}, k) for d, kw, k in layers]
-            self.result_layers = add_layers(self.viewer, layers, replace=replace)
+            # Kept runs' layers keep their names; this run's say which run it is (not napari's [1]).
+            ends = [kw["name"].removeprefix(src.name) for _, kw, _ in layers]
+            prefix = free_prefix(self.viewer, src.name, ends)
+            layers = [(d, {**kw, "name": prefix + end}, k) for (d, kw, k), end in zip(layers, ends)]
+            self.result_layers = add_layers(self.viewer, layers, at=at)
             self.status.value = f"done in {record['timings']['seconds']:.1f} s" + (
                 " (tiled)" if record.get("tiled") else "")
 

@@ -33,12 +33,15 @@ DEFAULT_OUTPUT = Path.home() / "octreenca_models" / "trained.safetensors"
 
 def next_free_path(path: Path) -> Path:
     """``path`` if no file is there, else ``<stem>-2<suffix>``, ``<stem>-3<suffix>``...: the
-    first free one."""
+    first free one (``trained-2`` is followed by ``trained-3``, not ``trained-2-2``)."""
+    import re
+
     path = Path(path)
     if not path.exists():
         return path
-    k = 2
-    while (candidate := path.with_name(f"{path.stem}-{k}{path.suffix}")).exists():
+    m = re.fullmatch(r"(.*?)-(\d+)", path.stem)
+    stem, k = (m.group(1), int(m.group(2)) + 1) if m else (path.stem, 2)
+    while (candidate := path.with_name(f"{stem}-{k}{path.suffix}")).exists():
         k += 1
     return candidate
 
