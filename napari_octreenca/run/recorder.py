@@ -532,7 +532,7 @@ def recording_layers(
     - ``<prefix> logits`` and ``<prefix> hidden RGB``: the evolution with a ``level`` axis and
       a ``step`` axis (the step within that level, so the sliders say which level a step
       belongs to); a level's last step repeats past its own steps. Several classes put a
-      ``class`` axis first. Lazy (dask) views of the recording: no copy.
+      ``class`` axis first. Views of the recording (:class:`LevelStepFrames`): no copy.
     """
     rec = recording.in_input_order()
     plan = rec.plan
@@ -576,7 +576,7 @@ def recording_layers(
             logits = logits[:, :, 0]
             lsc, ltr, labels = (1.0, 1.0) + sc, (0.0, 0.0) + tr, lead + spatial
         else:  # the class axis first, so the RGB layer's level/step axes line up with these
-            logits = logits.transpose(2, 0, 1, *range(3, 3 + nd))
+            logits = np.asarray(logits).transpose(2, 0, 1, *range(3, 3 + nd))
             lsc, ltr, labels = (1.0, 1.0, 1.0) + sc, (0.0, 0.0, 0.0) + tr, ("class",) + lead + spatial
         layers.append((
             logits,
@@ -588,19 +588,48 @@ def recording_layers(
         layers.append((
             _by_level_and_step(rec.rgb, index),
             {"name": f"{prefix} hidden RGB", "scale": (1.0, 1.0) + sc, "translate": (0.0, 0.0) + tr,
-             "axis_labels": lead + spatial, "rgb": True, "opacity": 0.8, "metadata": meta},
+             "axis_labels": lead + spatial, "rgb": True, "opacity": 0.8, "contrast_limits": (0, 255),
+             "metadata": meta},
             "image",
         ))
     return layers
 
 
-def _by_level_and_step(frames: np.ndarray, index: np.ndarray) -> Any:
-    """``frames[index]`` as a lazy dask array (levels, steps, ...): one chunk per frame, so the
-    repeated frames cost nothing and a slider move reads one frame."""
-    import dask.array as da
+class LevelStepFrames:
+    """``frames[index]`` without the copy: an array-like of shape ``index.shape + frame shape``
+    (level, step in level, ...) that reads recorded frames on indexing, so a level's repeated
+    last frame costs nothing and a slider move reads one frame. Enough of the numpy protocol
+    for napari (shape, dtype, ndim, indexing, ``__array__``)."""
 
-    lazy = da.from_array(frames, chunks=(1,) + frames.shape[1:])
-    return da.stack([lazy[row] for row in index])
+    def __init__(self, frames: np.ndarray, index: np.ndarray) -> None:
+        self.frames, self.index = frames, np.asarray(index, dtype=np.int64)
+        self.shape = tuple(self.index.shape) + tuple(frames.shape[1:])
+        self.dtype = frames.dtype
+        self.ndim = len(self.shape)
+        self.size = math.prod(self.shape)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, key: Any) -> Any:
+        k = key if isinstance(key, tuple) else (key,)
+        if any(x is Ellipsis or x is None for x in k) or len(k) > self.ndim:
+            return np.asarray(self)[key]
+        k = k + (slice(None),) * (self.ndim - len(k))
+        sub = self.index[k[:2]]
+        out = self.frames[sub]
+        return out[(slice(None),) * np.ndim(sub) + k[2:]]
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        out = self.frames[self.index]
+        return out if dtype is None else out.astype(dtype)
+
+    def transpose(self, *axes: int) -> np.ndarray:
+        return np.asarray(self).transpose(*axes)
+
+
+def _by_level_and_step(frames: np.ndarray, index: np.ndarray) -> LevelStepFrames:
+    return LevelStepFrames(frames, index)
 
 
 def _spatial_labels(plan: RecordPlan) -> tuple[str, ...]:
@@ -616,6 +645,6 @@ def _symmetric_limits(a: np.ndarray) -> tuple[float, float]:
 
 __all__ = [
     "DEFAULT_BUDGET", "RecordPlan", "plan_recording", "NCARecorder", "Recording", "Frame",
-    "recording_layers", "level_geometry", "LevelReading", "level_reading", "recording_readings",
+    "recording_layers", "level_geometry", "LevelStepFrames", "LevelReading", "level_reading", "recording_readings",
     "expected_update", "reading_window", "SETTLED_CHANGE", "NEARLY_SETTLED_CHANGE",
 ]

@@ -58,74 +58,54 @@ def visible_region(layer: Any) -> list[tuple[int, int]] | None:
     return [(int(a), int(b)) for a, b in zip(lo, hi)]
 
 
+#: Level colours (matplotlib's default cycle, so figures made from a recording match).
+_COLOURS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
+            "#bcbd22", "#17becf")
+
+
 class ConvergencePlot:
     """The convergence of every level on one time line (coarsest level first, the order the NCA
     runs them): the expected update per step (fire-rate adjusted, mean over a short window; log
-    scale, left) and the share of cells whose label changed (right), with the steps the model
-    was trained with marked. Built once per run by :meth:`setup`; :meth:`append` adds line data
-    and :meth:`refresh` redraws at most every ``min_interval`` seconds (a live run never
-    rebuilds the figure)."""
+    scale, solid, left axis) and the share of cells whose label changed (dotted, right axis),
+    with the steps the model was trained with marked (dashed).
+
+    Painted with QPainter in a few milliseconds (a matplotlib figure took 0.3-0.9 s per draw on
+    the 2-core dev machine, a GUI freeze each time). :meth:`setup` starts a run's plot once;
+    :meth:`append` adds data; :meth:`refresh` recomputes the curves and schedules a repaint at
+    most every ``min_interval`` seconds."""
 
     def __init__(self, min_interval: float = 0.5) -> None:
-        from matplotlib.backends.backend_qtagg import FigureCanvasQTAgg
-        from matplotlib.figure import Figure
-
-        self.figure = Figure(figsize=(4.2, 1.9), layout="constrained")
-        self.canvas = FigureCanvasQTAgg(self.figure)
-        self.canvas.setMinimumHeight(150)
+        self.canvas = _PlotCanvas(self)
         self.min_interval = min_interval
-        self.builds = 0  # figure (re)builds: one per run
-        self.draws = 0
+        self.builds = 0  # plot set-ups: one per run
+        self.draws = 0  # refreshes that scheduled a repaint
         self._last_draw = -math.inf
         self._dirty = False
-        self.axes: list[Any] = []
-        self._update_lines: dict[int, Any] = {}
-        self._change_lines: dict[int, Any] = {}
         self.update: dict[int, list[float]] = {}
         self.changes: dict[int, list[float]] = {}
-        self._offsets: dict[int, int] = {}
-        self._steps: tuple[int, ...] = ()
-        self._trained: tuple[int, ...] = ()
-        self._fire_rate = 0.5
+        self.curves: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}  # level -> x, update, changes
+        self.offsets: dict[int, int] = {}
+        self.steps: tuple[int, ...] = ()
+        self.trained: tuple[int, ...] = ()
+        self.fire_rate = 0.5
+        self.y_range = (1e-4, 1.0)
+        self.change_top = 0.01
 
-    @property
-    def lines(self) -> list[Any]:
-        return list(self._update_lines.values()) + list(self._change_lines.values())
+    def curve(self, level: int) -> tuple[np.ndarray, np.ndarray]:
+        """(x, expected update) of ``level`` as drawn."""
+        x, y, _ = self.curves.get(level, (np.zeros(0), np.zeros(0), np.zeros(0)))
+        return x, y
 
     def setup(self, steps: tuple[int, ...], trained: tuple[int, ...], fire_rate: float) -> None:
-        """Empty axes for a run with ``steps`` per level (finest first)."""
-        self.figure.clear()
+        """An empty plot for a run with ``steps`` per level (finest first)."""
         self.builds += 1
-        self._steps, self._trained, self._fire_rate = tuple(steps), tuple(trained), fire_rate
-        self.update, self.changes = {}, {}
-        ax = self.figure.add_subplot(111)
-        ax2 = ax.twinx()
-        self.axes = [ax, ax2]
-        n = len(steps)
+        self.steps, self.trained, self.fire_rate = tuple(steps), tuple(trained), fire_rate
+        self.update, self.changes, self.curves = {}, {}, {}
         x0 = 0
-        self._offsets = {}
-        for level in range(n - 1, -1, -1):
-            self._offsets[level] = x0
-            colour = f"C{level % 10}"
-            (self._update_lines[level],) = ax.plot([], [], lw=1.3, color=colour)
-            (self._change_lines[level],) = ax2.plot([], [], lw=0.9, ls=":", color=colour)
-            if level < len(trained) and trained[level] != steps[level] and 0 < trained[level]:
-                ax.axvline(x0 + trained[level] + 0.5, color=colour, lw=0.8, ls="--")
-            ax.text(x0 + max(1, steps[level]) / 2 + 0.5, 1.0, f"L{level}", transform=ax.get_xaxis_transform(),
-                    ha="center", va="bottom", fontsize=7, color=colour)
+        self.offsets = {}
+        for level in range(len(steps) - 1, -1, -1):
+            self.offsets[level] = x0
             x0 += steps[level]
-            if level:
-                ax.axvline(x0 + 0.5, color="0.7", lw=0.6)
-        ax.set_xlim(0.5, max(1, x0) + 0.5)
-        ax.set_yscale("log")
-        ax.set_ylim(1e-4, 1.0)
-        ax2.set_ylim(0.0, 0.05)
-        ax.set_xlabel("step (coarsest level first; dashed: trained steps)", fontsize=7)
-        ax.set_ylabel("update", fontsize=7)
-        ax2.set_ylabel("labels changed", fontsize=7)
-        ax2.yaxis.set_major_formatter(_percent())
-        for a in self.axes:
-            a.tick_params(labelsize=6)
         self._dirty = True
         self.refresh(force=True)
 
@@ -138,48 +118,125 @@ class ConvergencePlot:
         self._dirty = self._dirty or bool(update)
 
     def show_all(self, update: dict[int, list[float]], changes: dict[int, list[float]]) -> None:
-        """Replace the curves with a finished recording's and draw now."""
+        """Replace the curves with a finished recording's and repaint now."""
         self.update = {k: list(v) for k, v in update.items()}
         self.changes = {k: list(v) for k, v in changes.items()}
         self._dirty = True
         self.refresh(force=True)
 
     def refresh(self, force: bool = False) -> bool:
-        """Redraw if something changed and the last draw is ``min_interval`` old (or ``force``)."""
+        """Recompute the curves and repaint if something changed and the last repaint is
+        ``min_interval`` old (or ``force``)."""
         now = time.monotonic()
         if not self._dirty or (not force and now - self._last_draw < self.min_interval):
             return False
         lo, hi, top = math.inf, 0.0, 0.0
-        for level, line in self._update_lines.items():
-            values = self.update.get(level, [])
-            y = expected_update(values, self._fire_rate, reading_window(self._level_steps(level)))
-            x = self._offsets.get(level, 0) + np.arange(1, y.size + 1)
-            line.set_data(x, y)
+        for level in self.offsets:
+            n = self.steps[level] if level < len(self.steps) else 1
+            y = expected_update(self.update.get(level, []), self.fire_rate, reading_window(n))
             ch = np.asarray(self.changes.get(level, []), dtype=float)
-            self._change_lines[level].set_data(self._offsets.get(level, 0) + np.arange(1, ch.size + 1), ch)
+            x = self.offsets[level] + np.arange(1, y.size + 1, dtype=float)
+            self.curves[level] = (x, y, ch[: y.size])
             finite = y[np.isfinite(y) & (y > 0)]
             if finite.size:
                 lo, hi = min(lo, float(finite.min())), max(hi, float(finite.max()))
             if np.isfinite(ch).any():
                 top = max(top, float(np.nanmax(ch)))
-        if self.axes and math.isfinite(lo):
-            self.axes[0].set_ylim(lo / 2, hi * 2)
-        if self.axes:
-            self.axes[1].set_ylim(0.0, max(0.01, top * 1.1))
-        self.canvas.draw_idle()
+        if math.isfinite(lo):
+            self.y_range = (lo / 2, hi * 2)
+        self.change_top = max(0.01, top * 1.1)
+        self.canvas.update()  # a repaint when Qt next paints: never inside this call
         self.draws += 1
         self._last_draw = now
         self._dirty = False
         return True
 
-    def _level_steps(self, level: int) -> int:
-        return self._steps[level] if level < len(self._steps) else 1
+
+def _plot_canvas_class() -> Any:
+    """The QWidget class that paints a :class:`ConvergencePlot` (Qt imported on first use)."""
+    from qtpy.QtCore import QPointF, QRectF, Qt
+    from qtpy.QtGui import QColor, QFont, QPainter, QPen, QPolygonF
+    from qtpy.QtWidgets import QSizePolicy, QWidget
+
+    class PlotCanvas(QWidget):
+        def __init__(self, plot: ConvergencePlot) -> None:
+            super().__init__()
+            self.plot = plot
+            self.setMinimumHeight(130)
+            self.setSizePolicy(QSizePolicy.Policy.Expanding, QSizePolicy.Policy.Fixed)
+            self.setToolTip("solid: expected update per step (log, left); dotted: cells whose label changed "
+                            "(right); dashed: the steps the model was trained with")
+
+        def sizeHint(self) -> Any:  # noqa: N802 (Qt's name)
+            from qtpy.QtCore import QSize
+
+            return QSize(320, 150)
+
+        def paintEvent(self, event: Any) -> None:  # noqa: N802 (Qt's name)
+            p = self.plot
+            painter = QPainter(self)
+            painter.setRenderHint(QPainter.RenderHint.Antialiasing)
+            font = QFont(painter.font())
+            font.setPointSizeF(7.0)
+            painter.setFont(font)
+            fg = self.palette().windowText().color()
+            w, h = self.width(), self.height()
+            box = QRectF(46, 14, max(10, w - 46 - 40), max(10, h - 14 - 20))
+            painter.setPen(QPen(fg, 1))
+            painter.drawRect(box)
+            total = max(1, sum(p.steps))
+            lo, hi = p.y_range
+            llo, lhi = math.log10(lo), math.log10(hi)
+
+            def px(x: float) -> float:
+                return box.left() + (x - 0.5) / total * box.width()
+
+            def py(y: float) -> float:
+                return box.bottom() - (math.log10(y) - llo) / max(1e-9, lhi - llo) * box.height()
+
+            def pc(c: float) -> float:
+                return box.bottom() - c / p.change_top * box.height()
+
+            for level, x0 in p.offsets.items():
+                colour = QColor(_COLOURS[level % len(_COLOURS)])
+                n = p.steps[level]
+                painter.setPen(QPen(colour, 1))
+                painter.drawText(QRectF(px(x0 + 0.5), 0, max(1.0, px(x0 + n + 0.5) - px(x0 + 0.5)), 13),
+                                 int(Qt.AlignmentFlag.AlignCenter), f"L{level}")
+                if x0 > 0:
+                    painter.setPen(QPen(QColor(150, 150, 150), 1))
+                    painter.drawLine(QPointF(px(x0 + 0.5), box.top()), QPointF(px(x0 + 0.5), box.bottom()))
+                t = p.trained[level] if level < len(p.trained) else 0
+                if 0 < t != n:
+                    painter.setPen(QPen(colour, 1, Qt.PenStyle.DashLine))
+                    painter.drawLine(QPointF(px(x0 + t + 0.5), box.top()), QPointF(px(x0 + t + 0.5), box.bottom()))
+                x, y, ch = p.curves.get(level, (np.zeros(0), np.zeros(0), np.zeros(0)))
+                pts = [QPointF(px(a), py(b)) for a, b in zip(x, y) if math.isfinite(b) and b > 0]
+                painter.setPen(QPen(colour, 1.5))
+                if len(pts) > 1:
+                    painter.drawPolyline(QPolygonF(pts))
+                elif pts:
+                    painter.drawEllipse(pts[0], 1.5, 1.5)
+                cpts = [QPointF(px(a), pc(c)) for a, c in zip(x, ch) if math.isfinite(c)]
+                painter.setPen(QPen(colour, 1, Qt.PenStyle.DotLine))
+                if len(cpts) > 1:
+                    painter.drawPolyline(QPolygonF(cpts))
+            painter.setPen(QPen(fg, 1))
+            left = Qt.AlignmentFlag.AlignRight | Qt.AlignmentFlag.AlignVCenter
+            right = Qt.AlignmentFlag.AlignLeft | Qt.AlignmentFlag.AlignVCenter
+            painter.drawText(QRectF(0, box.top() - 6, 43, 12), int(left), f"{hi:.0e}")
+            painter.drawText(QRectF(0, box.bottom() - 6, 43, 12), int(left), f"{lo:.0e}")
+            painter.drawText(QRectF(box.right() + 3, box.top() - 6, 40, 12), int(right), f"{p.change_top:.1%}")
+            painter.drawText(QRectF(box.right() + 3, box.bottom() - 6, 40, 12), int(right), "0%")
+            painter.drawText(QRectF(box.left(), box.bottom() + 2, box.width(), 14), int(Qt.AlignmentFlag.AlignCenter),
+                             f"step 1-{total}, coarsest level first")
+            painter.end()
+
+    return PlotCanvas
 
 
-def _percent() -> Any:
-    from matplotlib.ticker import PercentFormatter
-
-    return PercentFormatter(xmax=1.0, decimals=1)
+def _PlotCanvas(plot: ConvergencePlot) -> Any:  # noqa: N802 (a class factory)
+    return _plot_canvas_class()(plot)
 
 
 def converged(curve: list[float], ratio: float = 0.05) -> bool:
@@ -230,6 +287,8 @@ class InspectorWidget(DockContainer):
         self.result_layers: list[Any] = []
         self._hidden: dict[int, np.ndarray] = {}  # level -> (channels, *shape), input axis order
         self.live_layers: dict[str, Any] = {}
+        self._frame_shown = -math.inf
+        self._frame_gap = 0.0
         self._plan: RecordPlan | None = None
         self._chosen: tuple[Any, ...] = (None, None, 0)
         for w in (self.image, self.model, self.level):
@@ -375,6 +434,14 @@ class InspectorWidget(DockContainer):
         self.cancel_button.enabled = True
         self.bar.max, self.bar.value = plan.total_steps, 0
         self.status.value = "running"
+        if live and plan.record_evolution:
+            # The live layers exist before the run starts: adding a layer is napari's slowest
+            # step (0.3-0.8 s on the dev machine) and must not freeze the GUI mid-run.
+            eshape = plan.evolution_shape
+            self._show_live(np.zeros(eshape + (3,), np.uint8),
+                            np.zeros((plan.config.output_channels,) + eshape, np.float32),
+                            plan, scale, translate, base)
+        self._frame_shown, self._frame_gap = -math.inf, 0.0
         self.plot.setup(plan.steps, plan.config.steps, plan.config.fire_rate)
         self.job.start()
         return self.job
@@ -425,16 +492,33 @@ class InspectorWidget(DockContainer):
 
     def _on_frame(self, frame: Frame, plan: RecordPlan, cell_scale: tuple[float, ...],
                   cell_translate: tuple[float, ...], prefix: str, live: bool) -> None:
+        self.plot.append(frame.convergence, frame.label_changes)  # data only: cheap
+        # Every widget repaint makes Qt recompose the window around the (software) OpenGL
+        # canvas: show a frame only when the GUI work of the last one (its repaints included)
+        # took at most a fifth of the time since, so the GUI stays responsive and the run
+        # keeps its CPU. Frames in between only extend the plot's data.
+        now = time.monotonic()
+        if now - self._frame_shown < self._frame_gap and frame.done < frame.total:
+            return
+        self._frame_shown = now
+        started = time.perf_counter()
         self.bar.value = frame.done
         self.status.value = (f"level {frame.level} step {frame.step + 1} of {plan.steps[frame.level]} "
                              f"({frame.done}/{frame.total})")
-        self.plot.append(frame.convergence, frame.label_changes)
+        from qtpy.QtCore import QTimer
+
+        QTimer.singleShot(0, lambda: self._frame_cost(started, live))
         if not live or frame.rgb is None:
             return
         self.plot.refresh()
+        self._show_live(frame.rgb, frame.logits, plan, cell_scale, cell_translate, prefix)
+
+    def _show_live(self, rgb: np.ndarray, logits: np.ndarray, plan: RecordPlan, cell_scale: tuple[float, ...],
+                   cell_translate: tuple[float, ...], prefix: str) -> None:
+        """Put a frame (network axis order) into the live layers, adding them the first time."""
         order = plan.order
-        rgb = frame.rgb.transpose(*order, len(order))
-        logits = frame.logits.transpose(0, *(1 + o for o in order))
+        rgb = rgb.transpose(*order, len(order))
+        logits = logits.transpose(0, *(1 + o for o in order))
         es = plan.evolution_stride
         start = [plan.region[o][0] for o in order]
         scale = tuple(s * es for s in cell_scale)
@@ -451,6 +535,11 @@ class InspectorWidget(DockContainer):
                     + scale, translate=((0.0,) if data.ndim > len(scale) + (key == 'rgb') else ()) + translate, **kw)
             elif layer.visible:  # an invisible layer gets the newest data when the run ends
                 layer.data = data
+
+    def _frame_cost(self, started: float, live: bool) -> None:
+        """Space the next shown frame by five times what this one cost the GUI thread."""
+        interval = self.interval.value / 1000.0 if live else 0.25
+        self._frame_gap = max(interval, 5.0 * (time.perf_counter() - started))
 
     def _remove_live(self) -> None:
         for layer in self.live_layers.values():
