@@ -16,10 +16,13 @@ from typing import Any
 
 import numpy as np
 
+from .io.formats import plugin_suffixes
+
 LayerData = tuple[Any, dict[str, Any], str]
 
-#: File endings the reader takes (lower case); ``.zarr`` folders are OME-Zarr.
-SUFFIXES = (".nii", ".nii.gz", ".svs", ".tif", ".tiff", ".ome.tif", ".ome.tiff", ".zarr", ".ome.zarr", ".mp4", ".avi")
+#: File endings the reader takes (lower case; ``.zarr`` folders are OME-Zarr): the table in
+#: ``io/formats.py``, which ``napari.yaml``'s ``filename_patterns`` repeat (a test checks).
+SUFFIXES = plugin_suffixes()
 
 
 def _accepts(path: str) -> bool:
@@ -37,6 +40,30 @@ def get_reader(path: str | list[str]) -> Callable[[str | list[str]], list[LayerD
     except ImportError:
         return None
     return read_layers
+
+
+PLUGIN = "napari-octreenca"
+
+
+def prefer_plugin_reader() -> list[str]:
+    """Make this plugin napari's preferred reader for its file patterns that have no preference
+    yet (napari's own reader also claims them, so napari would ask which reader to use on every
+    drag and drop). A choice the user made is never changed; returns the patterns set.
+
+    Called when one of the plugin's docks or samples is first used; the same as choosing this
+    reader once in napari's "choose reader" dialog with "remember this choice" ticked
+    (Preferences > Plugins > File extension readers undoes it).
+    """
+    try:
+        from napari.settings import get_settings
+    except ImportError:
+        return []
+    settings = get_settings().plugins
+    current = dict(settings.extension2reader)
+    new = [p for p in (["*" + s for s in SUFFIXES]) if p not in current]
+    if new:
+        settings.extension2reader = {**current, **{p: PLUGIN for p in new}}
+    return new
 
 
 def read_layers(path: str | list[str]) -> list[LayerData]:
@@ -266,5 +293,5 @@ def write_labels_zarr(path: str, data: Any, attributes: dict[str, Any]) -> list[
     return _write(path, data, attributes)
 
 
-__all__ = ["get_reader", "read_layers", "image_data_to_layer", "write_labels_nifti", "write_labels_tiff",
+__all__ = ["get_reader", "read_layers", "prefer_plugin_reader", "image_data_to_layer", "write_labels_nifti", "write_labels_tiff",
            "write_labels_zarr"]

@@ -19,6 +19,9 @@ class DockContainer(Container):
     def __init__(self) -> None:
         super().__init__(scrollable=True, labels=True)
         self.root_native_widget.setMinimumHeight(120)
+        from ..napari_io import prefer_plugin_reader
+
+        prefer_plugin_reader()  # first use of the plugin: drag and drop opens our formats unasked
 
     @property
     def native(self) -> Any:  # the scroll area: what napari puts into the dock
