@@ -167,12 +167,12 @@ def _plot_canvas_class() -> Any:
             self.setToolTip("solid: expected update per step (log, left); dotted: cells whose label changed "
                             "(right); dashed: the steps the model was trained with")
 
-        def sizeHint(self) -> Any:  # noqa: N802 (Qt's name)
+        def sizeHint(self) -> Any:
             from qtpy.QtCore import QSize
 
             return QSize(320, 150)
 
-        def paintEvent(self, event: Any) -> None:  # noqa: N802 (Qt's name)
+        def paintEvent(self, event: Any) -> None:
             p = self.plot
             painter = QPainter(self)
             painter.setRenderHint(QPainter.RenderHint.Antialiasing)
@@ -235,14 +235,8 @@ def _plot_canvas_class() -> Any:
     return PlotCanvas
 
 
-def _PlotCanvas(plot: ConvergencePlot) -> Any:  # noqa: N802 (a class factory)
+def _PlotCanvas(plot: ConvergencePlot) -> Any:
     return _plot_canvas_class()(plot)
-
-
-def converged(curve: list[float], ratio: float = 0.05) -> bool:
-    """Whether a level's update shrank to ``ratio`` of its first step (near a fixed point)."""
-    ys = [y for y in curve if math.isfinite(y)]
-    return len(ys) >= 2 and ys[0] > 0 and ys[-1] <= ratio * ys[0]
 
 
 class InspectorWidget(DockContainer):
@@ -554,4 +548,4 @@ class InspectorWidget(DockContainer):
             self.status.value = "cancelled"
 
 
-__all__ = ["InspectorWidget", "ConvergencePlot", "visible_region", "converged"]
+__all__ = ["InspectorWidget", "ConvergencePlot", "visible_region"]

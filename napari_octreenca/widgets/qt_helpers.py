@@ -40,7 +40,7 @@ class _Filter(QObject):
         super().__init__()
         self._on_event = on_event
 
-    def eventFilter(self, obj: Any, event: Any) -> bool:  # noqa: N802 (Qt's name)
+    def eventFilter(self, obj: Any, event: Any) -> bool:
         self._on_event(event)
         return False
 
