@@ -70,15 +70,11 @@ def main(argv: list[str] | None = None) -> int:
     insp = InspectorWidget(viewer)
     insp_dock = viewer.window.add_dock_widget(insp, name="NCA inspector", area="right", tabify=False)
     if args.docks:
-        from qtpy.QtCore import Qt
-
         train = TrainingWidget(viewer)
         train_dock = viewer.window.add_dock_widget(train, name="Train", area="right", tabify=False)
         train.image.value = skin
         train.labels.value = viewer.layers["epidermis (reference)"]
-        # Share the screen's height: each dock scrolls to what does not fit.
-        viewer.window._qt_window.resizeDocks([seg_dock, insp_dock, train_dock], [230, 300, 190],
-                                             Qt.Orientation.Vertical)
+        docks = [seg_dock, insp_dock, train_dock]
     insp.image.value = skin
     insp.model.value = model
     _wait(app, insp.start(), 900)
@@ -101,6 +97,16 @@ def main(argv: list[str] | None = None) -> int:
     viewer.dims.set_point(level_axis, 0)
     viewer.dims.set_point(level_axis + 1, max(0, steps[0] // 2 - 1))
     viewer.reset_view()
+    # Share the screen's height (napari gives the spare height to the first dock): each dock
+    # scrolls what does not fit.
+    for _ in range(10):
+        app.processEvents()
+    from qtpy.QtCore import Qt
+
+    if args.docks:
+        viewer.window._qt_window.resizeDocks(docks, [250, 300, 170], Qt.Orientation.Vertical)
+    else:
+        viewer.window._qt_window.resizeDocks([seg_dock, insp_dock], [300, h - 300], Qt.Orientation.Vertical)
     for _ in range(30):
         app.processEvents()
         time.sleep(0.02)

@@ -298,6 +298,7 @@ class InspectorWidget(DockContainer):
         for e in (ev.inserted, ev.removed, ev.reordered):
             e.connect(self._layers_changed)
         self._layers_changed()
+        self.end_layout()
 
     # -- planning -------------------------------------------------------------------------------
     def _layers_changed(self, *_: Any) -> None:

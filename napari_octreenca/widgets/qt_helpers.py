@@ -32,6 +32,22 @@ class DockContainer(Container):
         """The QWidget inside the scroll area that holds the layout."""
         return self._widget._mgui_get_native_widget()
 
+    def end_layout(self) -> None:
+        """Call after the last widget: spare height goes below the controls instead of spreading
+        them apart (the scroll area stretches its widget to the dock's height)."""
+        from qtpy.QtWidgets import QComboBox
+
+        self.body.layout().addStretch(1)
+        # Combo boxes as wide as their longest item ("cuda:0 NVIDIA ... (80.0 GB free of ...)")
+        # would make the dock wider than the screen allows; they shrink and elide instead.
+        for combo in self.body.findChildren(QComboBox):
+            combo.setSizeAdjustPolicy(QComboBox.SizeAdjustPolicy.AdjustToMinimumContentsLengthWithIcon)
+            combo.setMinimumContentsLength(8)
+        scroll = self.root_native_widget
+        width = self.body.minimumSizeHint().width()
+        scrollbar = max(scroll.verticalScrollBar().sizeHint().width(), 16)
+        scroll.setMinimumWidth(width + scrollbar + 2 * scroll.frameWidth() + 4)
+
 
 class _Filter(QObject):
     """Calls ``on_event(event)`` for the events of one widget."""

@@ -95,6 +95,7 @@ class SegmentWidget(DockContainer):
         if default_model in CATALOG.names():
             self.model.value = default_model
         self._update_plan()
+        self.end_layout()
 
     # -- choices --------------------------------------------------------------------------------
     def _layers_changed(self, *_: Any) -> None:

@@ -146,6 +146,7 @@ class TrainingWidget(DockContainer):
         for e in (ev.inserted, ev.removed, ev.reordered):
             e.connect(self._layers_changed)
         self._layers_changed()
+        self.end_layout()
 
     # -- choices ----------------------------------------------------------------------------------
     @staticmethod

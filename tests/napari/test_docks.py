@@ -39,6 +39,9 @@ def test_three_docks_fit_a_laptop_screen(make_napari_viewer, qtbot, rgb_image):
         assert not w.advanced.visible and not w.show_advanced.value  # advanced settings folded away
         # Small enough that the three share the screen's height...
         assert w.native.minimumSizeHint().height() <= 200
+        # ...nothing cut off at the right (no horizontal scrolling in a dock)...
+        assert w.body.width() <= w.native.viewport().width(), (type(w).__name__, w.body.width())
+        assert w.native.minimumWidth() <= 420, w.native.minimumWidth()
         # ...and the main button can be scrolled to and clicked.
         w.native.ensureWidgetVisible(w.run_button.native)
         QApplication.processEvents()
