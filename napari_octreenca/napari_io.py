@@ -16,10 +16,13 @@ from typing import Any
 
 import numpy as np
 
+from .io.formats import plugin_suffixes
+
 LayerData = tuple[Any, dict[str, Any], str]
 
-#: File endings the reader takes (lower case); ``.zarr`` folders are OME-Zarr.
-SUFFIXES = (".nii", ".nii.gz", ".svs", ".tif", ".tiff", ".ome.tif", ".ome.tiff", ".zarr", ".ome.zarr", ".mp4", ".avi")
+#: File endings the reader takes (lower case; ``.zarr`` folders are OME-Zarr): the table in
+#: ``io/formats.py``, which ``napari.yaml``'s ``filename_patterns`` repeat (a test checks).
+SUFFIXES = plugin_suffixes()
 
 
 def _accepts(path: str) -> bool:
@@ -37,6 +40,30 @@ def get_reader(path: str | list[str]) -> Callable[[str | list[str]], list[LayerD
     except ImportError:
         return None
     return read_layers
+
+
+PLUGIN = "napari-octreenca"
+
+
+def prefer_plugin_reader() -> list[str]:
+    """Make this plugin napari's preferred reader for its file patterns that have no preference
+    yet (napari's own reader also claims them, so napari would ask which reader to use on every
+    drag and drop). A choice the user made is never changed; returns the patterns set.
+
+    Called when one of the plugin's docks or samples is first used; the same as choosing this
+    reader once in napari's "choose reader" dialog with "remember this choice" ticked
+    (Preferences > Plugins > File extension readers undoes it).
+    """
+    try:
+        from napari.settings import get_settings
+    except ImportError:
+        return []
+    settings = get_settings().plugins
+    current = dict(settings.extension2reader)
+    new = [p for p in (["*" + s for s in SUFFIXES]) if p not in current]
+    if new:
+        settings.extension2reader = {**current, **{p: PLUGIN for p in new}}
+    return new
 
 
 def read_layers(path: str | list[str]) -> list[LayerData]:
@@ -68,8 +95,9 @@ def image_data_to_layer(img: Any, path: str = "") -> LayerData:
     levels = list(getattr(img, "levels", None) or [img.data])
     axes = str(getattr(img, "axes", "") or "")
     kind = str(getattr(img, "kind", "image") or "image")
-    if "image-label" in (getattr(img, "metadata", None) or {}):
-        kind = "labels"  # an OME-Zarr labels image
+    saved = _saved_labels(img)
+    if "image-label" in (getattr(img, "metadata", None) or {}) or saved is not None:
+        kind = "labels"  # an OME-Zarr labels image, or labels this plugin wrote
     first = levels[0]
     if not axes:
         axes = "YXC" if first.ndim == 3 and first.shape[-1] in (3, 4) else "ZYX"[-first.ndim:]
@@ -78,6 +106,13 @@ def image_data_to_layer(img: Any, path: str = "") -> LayerData:
     translate = _spatial(getattr(img, "translate", None), axes, n_spatial, 0.0)
     meta_in = dict(getattr(img, "metadata", None) or {})
     affine = getattr(img, "affine", None)
+    file_kind = str(getattr(img, "kind", "") or "")
+    if saved is not None and saved.get("affine") is not None:
+        # A TIFF this plugin wrote: its description holds the layer's world placement.
+        world = np.asarray(saved["affine"], dtype=float)
+        if world.shape == (n_spatial + 1, n_spatial + 1):
+            scale, translate, affine = _split_affine(world)
+            file_kind = "layer"
     rgb = axes.endswith("C") and int(first.shape[-1]) in (3, 4) and kind != "labels"
     kwargs: dict[str, Any] = {"name": Path(path.rstrip("/\\")).name.split(".")[0] or "image"}
     channel_axis = None
@@ -85,7 +120,7 @@ def image_data_to_layer(img: Any, path: str = "") -> LayerData:
         channel_axis = axes.index("C")
     affine_arr = None
     if affine is not None:
-        affine_arr = _data_order_affine(np.asarray(affine, dtype=float), kind, n_spatial)
+        affine_arr = _data_order_affine(np.asarray(affine, dtype=float), file_kind, n_spatial)
         lin = affine_arr[:-1, :-1]
         diag = np.abs(np.diag(lin))
         off = np.abs(lin - np.diag(np.diag(lin))).max(axis=1)
@@ -118,7 +153,56 @@ def image_data_to_layer(img: Any, path: str = "") -> LayerData:
     if layer_type == "labels":
         kwargs.pop("channel_axis", None)
         kwargs.pop("rgb", None)
+        names = list((saved or {}).get("classes") or [])
+        if names:
+            kwargs["features"] = {"index": list(range(len(names) + 1)), "class": ["background", *names]}
+            kwargs["metadata"]["octreenca"]["class_names"] = names
     return (data, kwargs, layer_type)
+
+
+#: NIfTI intent code of a label image (``NIFTI_INTENT_LABEL``), which the label writer sets.
+NIFTI_INTENT_LABEL = 1002
+
+
+def _saved_labels(img: Any) -> dict[str, Any] | None:
+    """What this plugin's label writers left in a file, or None when it is not such labels:
+    a TIFF's JSON description (classes, world affine), or a NIfTI with the label intent."""
+    import json
+
+    meta = getattr(img, "metadata", None) or {}
+    kind = getattr(img, "kind", "")
+    if kind == "tiff":
+        desc = str(meta.get("description") or "")
+        if not desc.startswith("{"):
+            return None
+        try:
+            info = json.loads(desc)
+        except ValueError:
+            return None
+        return info if isinstance(info, dict) and info.get("octreenca") == "labels" else None
+    if kind == "nifti":
+        header = meta.get("nifti_header")
+        try:
+            intent = int(header["intent_code"]) if header is not None else 0
+        except (KeyError, TypeError, ValueError):
+            return None
+        if intent != NIFTI_INTENT_LABEL:
+            return None
+        descrip = header["descrip"].tobytes().split(b"\0")[0].decode("latin-1") if hasattr(
+            header["descrip"], "tobytes") else ""
+        names = [p.split("=", 1)[1] for p in descrip.removeprefix("labels: ").split(",") if "=" in p] \
+            if descrip.startswith("labels: ") else []
+        return {"classes": names}
+    return None
+
+
+def _split_affine(world: np.ndarray) -> tuple[tuple[float, ...], tuple[float, ...], np.ndarray | None]:
+    """Scale and offset of a diagonal world affine (no affine left), else the affine itself."""
+    n = world.shape[0] - 1
+    lin = world[:n, :n]
+    if np.allclose(lin, np.diag(np.diag(lin))):
+        return tuple(float(v) for v in np.diag(lin)), tuple(float(v) for v in world[:n, n]), None
+    return (1.0,) * n, (0.0,) * n, world
 
 
 def _data_order_affine(affine: np.ndarray, kind: str, n_spatial: int) -> np.ndarray:
@@ -153,10 +237,27 @@ def _class_names(meta: dict[str, Any]) -> list[str] | None:
 
 
 def _labels_array(data: Any) -> Any:
-    """The finest level of a (possibly multiscale) labels layer's data."""
-    if isinstance(data, (list, tuple)):
+    """The finest level of a (possibly multiscale) labels layer's data: napari hands a writer a
+    ``MultiScaleData`` (a Sequence of levels, not a list) for a multiscale layer."""
+    if isinstance(data, Sequence):
         return data[0]
     return data
+
+
+def _layer_geometry(labels: Any, attributes: dict[str, Any]) -> Any:
+    """An ``ImageData`` with the layer's own scale, offset and affine, for labels whose source
+    image is not a file this plugin read: the writers store this geometry in the file."""
+    from .io.image import ImageData
+
+    n = labels.ndim
+    scale = tuple(float(s) for s in (attributes.get("scale") or (1.0,) * n))[-n:]
+    translate = tuple(float(t) for t in (attributes.get("translate") or (0.0,) * n))[-n:]
+    affine = attributes.get("affine")
+    affine = None if affine is None else np.asarray(getattr(affine, "affine_matrix", affine), dtype=float)
+    if affine is not None and np.allclose(affine, np.eye(affine.shape[0])):
+        affine = None
+    axes = "TZYX"[-n:] if n <= 4 else "ZYX"
+    return ImageData(labels, [labels], axes, scale, translate, affine, {}, "layer")
 
 
 def _write(path: str, data: Any, attributes: dict[str, Any]) -> list[str]:
@@ -164,12 +265,14 @@ def _write(path: str, data: Any, attributes: dict[str, Any]) -> list[str]:
 
     meta = attributes.get("metadata") or {}
     source = _source_of(meta)
-    like = None
+    labels = _labels_array(data)
     if source is not None:
         from .io.readers import read_image
 
         like = read_image(source)  # lazy: only the geometry and header are read
-    out = write_labels(path, _labels_array(data), like=like, class_names=_class_names(meta))
+    else:
+        like = _layer_geometry(labels, attributes)
+    out = write_labels(path, labels, like=like, class_names=_class_names(meta))
     if isinstance(out, (list, tuple)):
         return [str(p) for p in out]
     return [str(out if out is not None else path)]
@@ -190,5 +293,5 @@ def write_labels_zarr(path: str, data: Any, attributes: dict[str, Any]) -> list[
     return _write(path, data, attributes)
 
 
-__all__ = ["get_reader", "read_layers", "image_data_to_layer", "write_labels_nifti", "write_labels_tiff",
+__all__ = ["get_reader", "read_layers", "prefer_plugin_reader", "image_data_to_layer", "write_labels_nifti", "write_labels_tiff",
            "write_labels_zarr"]

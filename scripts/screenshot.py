@@ -1,9 +1,14 @@
-"""Make docs/screenshot.png: the plugin in a real napari window with a segmented sample and the
-NCA inspector open.
+"""Make the plugin's screenshots in a real napari window: a segmented sample, the NCA inspector.
 
-Run under an X server (headless: ``xvfb-run -a python scripts/screenshot.py``). It opens the H&E
-skin sample (File > Open Sample), segments it with the bundled ``he_epidermis`` model through the
-Segment widget, records the run with the NCA inspector, and saves the whole window.
+Run under an X server of the screen size wanted, e.g.::
+
+    xvfb-run -a -s "-screen 0 1600x1000x24" python scripts/screenshot.py              # docs/screenshot.png
+    xvfb-run -a -s "-screen 0 1366x768x24" python scripts/screenshot.py --docks \
+        --size 1366x768 --out docs/docks-1366x768.png                                 # the three docks
+
+It opens the H&E skin sample (File > Open Sample), segments it with the bundled ``he_epidermis``
+model through the Segment widget, records the run with the NCA inspector (``--docks`` also
+docks the Train widget: all three on a laptop screen), and saves the whole window.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=str(REPO / "docs" / "screenshot.png"))
     parser.add_argument("--model", default="he_epidermis", help="bundled model name or model file")
     parser.add_argument("--size", default="1600x1000", help="window size WxH")
+    parser.add_argument("--docks", action="store_true", help="dock Segment, inspector and Train together")
     args = parser.parse_args(argv)
 
     import napari
@@ -42,6 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     from napari_octreenca.widgets._models import CATALOG
     from napari_octreenca.widgets.inspector_widget import InspectorWidget
     from napari_octreenca.widgets.segment_widget import SegmentWidget
+    from napari_octreenca.widgets.training_widget import TrainingWidget
 
     model = args.model
     if model not in CATALOG.names():
@@ -54,14 +61,20 @@ def main(argv: list[str] | None = None) -> int:
     skin = viewer.layers["H&E skin"]
 
     seg = SegmentWidget(viewer)
-    viewer.window.add_dock_widget(seg, name="OctreeNCA segment", area="right")
+    seg_dock = viewer.window.add_dock_widget(seg, name="OctreeNCA segment", area="right")
     seg.image.value = skin
     seg.model.value = model
     seg.runs.value = 1
     _wait(app, seg.start(), 900)
 
     insp = InspectorWidget(viewer)
-    viewer.window.add_dock_widget(insp, name="NCA inspector", area="right", tabify=False)
+    insp_dock = viewer.window.add_dock_widget(insp, name="NCA inspector", area="right", tabify=False)
+    if args.docks:
+        train = TrainingWidget(viewer)
+        train_dock = viewer.window.add_dock_widget(train, name="Train", area="right", tabify=False)
+        train.image.value = skin
+        train.labels.value = viewer.layers["epidermis (reference)"]
+        docks = [seg_dock, insp_dock, train_dock]
     insp.image.value = skin
     insp.model.value = model
     _wait(app, insp.start(), 900)
@@ -71,18 +84,29 @@ def main(argv: list[str] | None = None) -> int:
     labels = viewer.layers["H&E skin labels"]
     labels.contour = 3
     labels.opacity = 0.9
-    rgb = viewer.layers["H&E skin NCA evolution hidden RGB"]
+    rgb = viewer.layers["H&E skin NCA hidden RGB"]
     rgb.opacity = 0.4
     for name in ("epidermis (reference)",):
         if name in viewer.layers:
             viewer.layers[name].visible = False
     viewer.layers.move(viewer.layers.index(labels), len(viewer.layers) - 1)
     viewer.layers.selection.active = rgb
-    step_axis = viewer.dims.ndim - 3
-    levels = rgb.metadata["octreenca"]["step_levels"]
-    finest = [i for i, lv in enumerate(levels) if lv == 0]
-    viewer.dims.set_point(step_axis, finest[len(finest) // 2] if finest else len(levels) - 1)
+    # The level and step sliders: finest level, half-way through its steps.
+    level_axis = viewer.dims.ndim - 4
+    steps = rgb.metadata["octreenca"]["steps"]
+    viewer.dims.set_point(level_axis, 0)
+    viewer.dims.set_point(level_axis + 1, max(0, steps[0] // 2 - 1))
     viewer.reset_view()
+    # Share the screen's height (napari gives the spare height to the first dock): each dock
+    # scrolls what does not fit.
+    for _ in range(10):
+        app.processEvents()
+    from qtpy.QtCore import Qt
+
+    if args.docks:
+        viewer.window._qt_window.resizeDocks(docks, [250, 300, 170], Qt.Orientation.Vertical)
+    else:
+        viewer.window._qt_window.resizeDocks([seg_dock, insp_dock], [300, h - 300], Qt.Orientation.Vertical)
     for _ in range(30):
         app.processEvents()
         time.sleep(0.02)

@@ -22,13 +22,14 @@ from typing import Any
 import numpy as np
 
 from ..nca.errors import InputError
+from . import formats
 from .image import ImageData, level_factor, to_numpy
 
 #: Files at most this large are read into memory at once; larger ones stay lazy.
 EAGER_BYTES = 256 << 20
 FRAME_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
-VIDEO_SUFFIXES = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v")
-TIFF_SUFFIXES = (".tif", ".tiff", ".svs", ".ndpi", ".scn", ".btf", ".tf8", ".qptiff")
+VIDEO_SUFFIXES = formats.suffixes("video")
+TIFF_SUFFIXES = formats.suffixes("tiff")
 #: TIFF series that are not the image (slide label, macro photo, thumbnail).
 _SKIP_SERIES = ("label", "macro", "thumbnail", "overview")
 

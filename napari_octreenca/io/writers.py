@@ -75,12 +75,11 @@ def _write_nifti(path: Path, labels: Any, like: ImageData | None, names: tuple[s
         img.set_qform(like.affine, code=int(header["qform_code"]) or 1)
         img.set_sform(like.affine, code=int(header["sform_code"]) or 1)
     else:
-        # Without a NIfTI source: (Z)YX -> (i, j, k) = (X, Y, Z), spacing from like.scale.
+        # Without a NIfTI source: (Z)YX -> (i, j, k) = (X, Y, Z), geometry from like.
         data = data.transpose(tuple(range(data.ndim - 1, -1, -1)))
         aff = np.eye(4)
         if like is not None:
-            sp = like.scale[-data.ndim:][::-1]
-            aff[np.arange(len(sp)), np.arange(len(sp))] = sp
+            aff = _ijk_affine(like, data.ndim)
         img = nib.Nifti1Image(data, aff)
     img.set_data_dtype(data.dtype)
     img.header["scl_slope"], img.header["scl_inter"] = 1.0, 0.0
@@ -88,6 +87,27 @@ def _write_nifti(path: Path, labels: Any, like: ImageData | None, names: tuple[s
     if names:
         img.header["descrip"] = ("labels: " + ",".join(f"{i + 1}={n}" for i, n in enumerate(names)))[:79].encode()
     return atomic_write(path, lambda tmp: nib.save(img, str(tmp)), suffix=suffix)
+
+
+def _world_affine(like: ImageData, n: int) -> np.ndarray:
+    """(n + 1) x (n + 1) map from (Z)YX data indices to world: scale and offset, then the
+    layer's own affine when it has one (how napari places a layer)."""
+    m = np.eye(n + 1)
+    m[np.arange(n), np.arange(n)] = [float(s) for s in like.scale[-n:]]
+    m[:n, n] = [float(t) for t in like.translate[-n:]]
+    if like.affine is not None and like.kind != "nifti" and np.shape(like.affine) == (n + 1, n + 1):
+        m = np.asarray(like.affine, dtype=float) @ m
+    return m
+
+
+def _ijk_affine(like: ImageData, n: int) -> np.ndarray:
+    """The NIfTI 4x4 affine over (i, j, k) = (X, Y, Z) of labels with (Z)YX data axes."""
+    m = _world_affine(like, n)
+    rev = list(range(n - 1, -1, -1)) + [n]
+    m = m[np.ix_(rev, rev)]
+    out = np.eye(4)
+    out[:n, :n], out[:n, 3] = m[:n, :n], m[:n, n]
+    return out
 
 
 def _tiles(labels: Any, tile: int) -> Any:
@@ -104,7 +124,13 @@ def _write_tiff(path: Path, labels: Any, like: ImageData | None, names: tuple[st
     import tifffile
 
     dtype = _label_dtype(labels)
-    desc = json.dumps({"octreenca": "labels", "classes": list(names)})
+    meta: dict[str, Any] = {"octreenca": "labels", "classes": list(names)}
+    if like is not None:
+        # The layer geometry travels in the description (the resolution tags carry no offset):
+        # the plugin's reader places the labels where they were.
+        m = _world_affine(like, labels.ndim)
+        meta["affine"] = m.tolist()
+    desc = json.dumps(meta)
     res = None
     if like is not None and len(like.scale) >= 2:
         sy, sx = like.scale[-2], like.scale[-1]
@@ -146,7 +172,7 @@ def write_labels_zarr(path: Path, labels: Any, like: ImageData | None, names: tu
     writer = LabelsWriter(path, axes, tuple(labels.shape), _label_dtype(labels), tile, name=name,
                           scale=like.scale if like is not None else None,
                           translate=like.translate if like is not None else None, class_names=names,
-                          source=None if like is None else str(like.metadata.get("path")))
+                          source=None if like is None or not like.metadata.get("path") else str(like.metadata["path"]))
     counts = [-(-n // t) for n, t in zip(labels.shape, tile)]
     for idx in np.ndindex(*counts):
         start = tuple(i * t for i, t in zip(idx, tile))

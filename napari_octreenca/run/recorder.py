@@ -8,7 +8,8 @@ view of the engine's buffer, and it keeps bounded copies of:
 - the step-by-step evolution over all levels' steps on a common display grid (the visible region
   and/or a reduced resolution): the logits and an RGB view of the hidden state (first three
   principal components),
-- the convergence of every level: mean absolute update of the state per step.
+- the convergence of every level: mean absolute update of the state per step, and the share of
+  cells whose label changed in that step (what a user sees change).
 
 :func:`plan_recording` decides the strides from a memory budget *before* the run, so a user sees
 what the recording will cost. :func:`recording_layers` turns a finished recording into napari
@@ -196,7 +197,8 @@ class Frame:
     total: int
     logits: np.ndarray  # (classes, *evolution_shape) float32
     rgb: np.ndarray  # (*evolution_shape, 3) uint8
-    convergence: dict[int, list[float]]
+    convergence: dict[int, list[float]]  # the newest values only since the previous frame
+    label_changes: dict[int, list[float]] = field(default_factory=dict)  # likewise
 
 
 @dataclass
@@ -210,6 +212,22 @@ class Recording:
     convergence: dict[int, list[float]] = field(default_factory=dict)  # level -> per step
     step_levels: list[int] = field(default_factory=list)  # level of every recorded step
     steps_recorded: int = 0
+    #: level -> per step: share of the sampled cells whose label changed in that step.
+    label_changes: dict[int, list[float]] = field(default_factory=dict)
+
+    def level_step_index(self) -> np.ndarray:
+        """(levels, most steps of a level) -> index of the recorded frame; a level's last frame
+        repeats past its own steps, and a level without steps shows the level before it."""
+        levels = self.plan.config.levels
+        steps = [[t for t, lv in enumerate(self.step_levels) if lv == level] for level in range(levels)]
+        width = max(1, max(len(s) for s in steps))
+        out = np.zeros((levels, width), np.int64)
+        prev = 0
+        for level in range(levels - 1, -1, -1):  # the order the NCA runs them: coarsest first
+            own = steps[level] or [prev]
+            out[level] = own + [own[-1]] * (width - len(own))
+            prev = own[-1]
+        return out
 
     def in_input_order(self) -> "Recording":
         """A copy with every spatial axis in the input's order."""
@@ -220,7 +238,8 @@ class Recording:
         hidden = {lv: h.transpose(0, *(1 + i for i in o)) for lv, h in self.hidden.items()}
         logits = None if self.logits is None else self.logits.transpose(0, 1, *(2 + i for i in o))
         rgb = None if self.rgb is None else self.rgb.transpose(0, *(1 + i for i in o), k + 1)
-        return Recording(self.plan, hidden, logits, rgb, self.convergence, self.step_levels, self.steps_recorded)
+        return Recording(self.plan, hidden, logits, rgb, self.convergence, self.step_levels, self.steps_recorded,
+                         self.label_changes)
 
 
 class _PCAColour:
@@ -279,6 +298,8 @@ class NCARecorder:
             self.recording.rgb = np.zeros((plan.total_steps,) + eshape + (3,), np.uint8)
         self._colour = _PCAColour()
         self._prev: torch.Tensor | None = None  # convergence sample of the previous step
+        self._prev_labels: torch.Tensor | None = None  # labels of that sample
+        self._sent: dict[int, int] = {}  # per level: convergence values already in a frame
         self._index_cache: dict[int, list[torch.Tensor]] = {}
 
     # -- sampling grids ---------------------------------------------------------------------
@@ -327,13 +348,21 @@ class NCARecorder:
         level, step = info.level, info.step
         if step == 0 and self._prev is None and level == cfg.levels - 1:
             self._prev = torch.zeros_like(self._convergence_sample(state, level))
+            self._prev_labels = self._prev[: cfg.output_channels] > 0  # zero logits: no labels yet
         sample = self._convergence_sample(state, level)
         if self._prev is not None and self._prev.shape == sample.shape:
             delta = float((sample - self._prev).abs().mean())
         else:
             delta = float("nan")  # a level with 0 steps sat in between: no reference
         rec.convergence.setdefault(level, []).append(delta)
+        labels = sample[: cfg.output_channels] > 0  # the class masks the logits give
+        if self._prev_labels is not None and self._prev_labels.shape == labels.shape:
+            changed = float((labels != self._prev_labels).any(dim=0).float().mean())
+        else:
+            changed = float("nan")  # first step of a level: no labels on its grid before
+        rec.label_changes.setdefault(level, []).append(changed)
         self._prev = sample
+        self._prev_labels = labels
         t = info.done - 1  # global step index within the run
         frame_needed = self.on_frame is not None
         if p.record_evolution and rec.logits is not None and rec.rgb is not None and t < p.total_steps:
@@ -352,13 +381,121 @@ class NCARecorder:
                 sl = (slice(cfg.output_channels, None),) + (slice(None, None, s),) * (state.dim() - 1)
                 rec.hidden[level] = state[sl].float().cpu().numpy().copy()
             self._prev = self._coarse_to_next(state, level)
+            self._prev_labels = None if self._prev is None else self._prev[: cfg.output_channels] > 0
         if frame_needed and rec.logits is not None and rec.rgb is not None:
             now = time.monotonic()
             if last or now - self._last_emit >= self.throttle:
                 self._last_emit = now
                 assert self.on_frame is not None
                 self.on_frame(Frame(level, step, info.done, info.total, rec.logits[t].copy(), rec.rgb[t].copy(),
-                                    {k: list(v) for k, v in rec.convergence.items()}))
+                                    *self._news()))
+
+    def _news(self) -> tuple[dict[int, list[float]], dict[int, list[float]]]:
+        """Convergence values recorded since the previous frame (a live plot appends them)."""
+        conv, changes = {}, {}
+        for level, values in self.recording.convergence.items():
+            k = self._sent.get(level, 0)
+            if k < len(values):
+                conv[level] = list(values[k:])
+                changes[level] = list(self.recording.label_changes.get(level, [])[k:])
+                self._sent[level] = len(values)
+        return conv, changes
+
+
+#: A level's labels count as settled once at most this share of cells changes per step...
+SETTLED_CHANGE = 0.001
+#: ...and as nearly settled (a few boundary cells flip back and forth, as random firing makes
+#: them) up to this share.
+NEARLY_SETTLED_CHANGE = 0.01
+
+
+@dataclass(frozen=True)
+class LevelReading:
+    """What a level's convergence curves say, in numbers and in plain words."""
+
+    level: int
+    steps: int  # steps run
+    trained_steps: int  # steps the model was trained with at this level
+    update_ratio: float  # expected update over the last window / over the first window
+    change_end: float  # share of cells whose label changed per step, last window
+    settled_at: int | None  # first step after which labels stayed (None: never)
+    verdict: str  # "settled", "nearly settled", "settling", "changing" or "no steps"
+
+    @property
+    def text(self) -> str:
+        """One plain sentence, e.g. "L0: labels settled by step 6 of 20 (trained for 20); the
+        state still moves (update 80% of its start)"."""
+        if self.verdict == "no steps":
+            return f"L{self.level}: no steps run"
+        run = f"of {self.steps} (trained for {self.trained_steps})"
+        if self.verdict == "settled":
+            head = f"L{self.level}: labels settled by step {self.settled_at} {run}"
+        elif self.verdict == "nearly settled":
+            head = (f"L{self.level}: labels nearly settled, {self.change_end:.1%} of cells (boundary) still flip "
+                    f"per step {run}")
+        elif self.verdict == "settling":
+            head = f"L{self.level}: labels settling, {self.change_end:.1%} of cells change per step at step {self.steps} {run}"
+        else:
+            head = f"L{self.level}: labels still changing, {self.change_end:.1%} of cells per step at step {self.steps} {run}"
+        if not math.isfinite(self.update_ratio):
+            return head
+        moves = "the hidden state is at rest" if self.update_ratio < 0.05 else "the hidden state keeps moving"
+        return f"{head}; {moves} (update {self.update_ratio:.0%} of its start)"
+
+
+def expected_update(update: Sequence[float], fire_rate: float, window: int) -> np.ndarray:
+    """Fire-rate adjusted update (what a cell changes when it fires: the recorded mean update
+    counts the cells that did not fire as zero), averaged over a trailing ``window`` of steps."""
+    u = np.asarray([v if math.isfinite(v) else np.nan for v in update], dtype=float) / max(fire_rate, 1e-6)
+    out = np.full(u.shape, np.nan)
+    for i in range(u.size):
+        part = u[max(0, i - window + 1): i + 1]
+        if np.isfinite(part).any():
+            out[i] = float(np.nanmean(part))
+    return out
+
+
+def reading_window(steps: int) -> int:
+    """Steps averaged for a reading: a fifth of the level's steps, 1 to 5."""
+    return max(1, min(5, steps // 5))
+
+
+def level_reading(level: int, update: Sequence[float], changes: Sequence[float], trained_steps: int,
+                  fire_rate: float) -> LevelReading:
+    """Read a level's curves: did its labels stop changing, and by which step."""
+    n = len(update)
+    if n == 0:
+        return LevelReading(level, 0, trained_steps, float("nan"), float("nan"), None, "no steps")
+    w = reading_window(n)
+    exp = expected_update(update, fire_rate, 1)
+    first, last = exp[np.isfinite(exp)][:w], exp[np.isfinite(exp)][-w:]
+    ratio = float(last.mean() / first.mean()) if first.size and first.mean() > 0 else float("nan")
+    ch = np.asarray([c if math.isfinite(c) else np.nan for c in changes], dtype=float)
+    finite = ch[np.isfinite(ch)]
+    end = float(finite[-w:].mean()) if finite.size else 0.0
+    start = float(finite[:w].mean()) if finite.size else 0.0
+    settled_at = None
+    above = np.nonzero(np.nan_to_num(ch, nan=0.0) > SETTLED_CHANGE)[0]
+    if end <= SETTLED_CHANGE:
+        settled_at = 1 if above.size == 0 else int(above[-1]) + 2  # the step after the last change
+        settled_at = min(settled_at, n)
+        verdict = "settled"
+    elif end <= NEARLY_SETTLED_CHANGE and end <= 1.5 * start:
+        verdict = "nearly settled"
+    elif end < 0.5 * start:
+        verdict = "settling"
+    else:
+        verdict = "changing"
+    return LevelReading(level, n, trained_steps, ratio, end, settled_at, verdict)
+
+
+def recording_readings(recording: Recording) -> list[LevelReading]:
+    """The reading of every level, in the order the NCA runs them (coarsest first)."""
+    cfg = recording.plan.config
+    trained = list(cfg.steps)
+    return [level_reading(level, recording.convergence.get(level, []), recording.label_changes.get(level, []),
+                          trained[level] if level < len(trained) else 0, cfg.fire_rate)
+            for level in range(cfg.levels - 1, -1, -1)]
 
 
 def level_geometry(
@@ -385,73 +522,114 @@ def recording_layers(
     scale: Sequence[float] | None = None,
     translate: Sequence[float] | None = None,
     prefix: str = "NCA",
+    channel: int = 0,
 ) -> list[LayerData]:
     """napari layer-data tuples of a finished recording, at the input's geometry.
 
-    - one Image per level: ``(hidden channels, 1, *level shape)``; the channel axis has its own
-      slider and the singleton axis spans every step of the evolution so the layer shows at any
-      step position;
-    - ``evolution logits``: ``(total steps, *grid)`` (one class) or ``(total steps, classes, *grid)``;
-    - ``evolution hidden RGB``: ``(total steps, *grid, 3)``.
-    Names start with ``prefix`` and the level (``NCA L2 hidden``), coarsest level first.
+    - ``<prefix> L<n> hidden``, one per level (coarsest first): hidden ``channel`` of that level's
+      final state, spatial axes only (napari shows it at every level/step position; the
+      inspector's channel box swaps the channel: no channel slider);
+    - ``<prefix> logits`` and ``<prefix> hidden RGB``: the evolution with a ``level`` axis and
+      a ``step`` axis (the step within that level, so the sliders say which level a step
+      belongs to); a level's last step repeats past its own steps. Several classes put a
+      ``class`` axis first. Views of the recording (:class:`LevelStepFrames`): no copy.
     """
     rec = recording.in_input_order()
     plan = rec.plan
     nd = len(plan.spatial_shape)
     scale = tuple(scale) if scale is not None else (1.0,) * nd
     translate = tuple(translate) if translate is not None else (0.0,) * nd
-    total = plan.total_steps
     layers: list[LayerData] = []
-    step_scale, step_translate = float(max(1, total)), (max(1, total) - 1) / 2.0
+    spatial = _spatial_labels(plan)
     for level in sorted(rec.hidden, reverse=True):
         h = rec.hidden[level]
         sc, tr = level_geometry(plan, level, scale, translate, plan.hidden_strides[level])
-        data = h[:, None]
+        k = min(max(0, channel), max(0, h.shape[0] - 1))
         layers.append((
-            data,
+            h[k] if h.shape[0] else np.zeros(h.shape[1:], np.float32),
             {
                 "name": f"{prefix} L{level} hidden",
-                "scale": (1.0, step_scale) + sc,
-                "translate": (0.0, step_translate) + tr,
-                "axis_labels": ("channel", "step") + _spatial_labels(plan),
+                "scale": sc,
+                "translate": tr,
+                "axis_labels": spatial,
                 "colormap": "twilight_shifted",
                 "contrast_limits": _symmetric_limits(h),
                 "visible": False,  # one click away; shown together they would hide the image
                 "metadata": {"octreenca": {"kind": "hidden", "level": level, "channels": int(h.shape[0]),
-                                           "stride": plan.hidden_strides[level]}},
+                                           "channel": k, "stride": plan.hidden_strides[level]}},
             },
             "image",
         ))
     if rec.logits is not None and rec.rgb is not None:
         es = plan.evolution_stride
-        order = plan.order
-        start_in = [plan.region[i][0] for i in order]
+        start_in = [plan.region[i][0] for i in plan.order]
         sc = tuple(float(s) * es for s in scale)
         tr = tuple(float(t) + a * float(s) for t, a, s in zip(translate, start_in, scale))
+        index = rec.level_step_index()
         meta = {"octreenca": {"kind": "evolution", "step_levels": list(rec.step_levels), "stride": es,
-                               "convergence": {int(k): v for k, v in rec.convergence.items()}}}
-        logits = rec.logits
-        if logits.shape[1] == 1:
-            logits = logits[:, 0]
-            lsc, ltr, labels = (1.0,) + sc, (0.0,) + tr, ("step",) + _spatial_labels(plan)
-        else:
-            lsc, ltr = (1.0, 1.0) + sc, (0.0, 0.0) + tr
-            labels = ("step", "class") + _spatial_labels(plan)
+                               "steps": list(plan.steps), "trained_steps": list(plan.config.steps),
+                               "convergence": {int(k): v for k, v in rec.convergence.items()},
+                               "label_changes": {int(k): v for k, v in rec.label_changes.items()}}}
+        logits = _by_level_and_step(rec.logits, index)  # (levels, steps, classes, *grid)
+        lead = ("level", "step")
+        if rec.logits.shape[1] == 1:
+            logits = logits[:, :, 0]
+            lsc, ltr, labels = (1.0, 1.0) + sc, (0.0, 0.0) + tr, lead + spatial
+        else:  # the class axis first, so the RGB layer's level/step axes line up with these
+            logits = np.asarray(logits).transpose(2, 0, 1, *range(3, 3 + nd))
+            lsc, ltr, labels = (1.0, 1.0, 1.0) + sc, (0.0, 0.0, 0.0) + tr, ("class",) + lead + spatial
         layers.append((
             logits,
-            {"name": f"{prefix} evolution logits", "scale": lsc, "translate": ltr, "axis_labels": labels,
-             "colormap": "magma", "contrast_limits": _symmetric_limits(logits), "visible": False,
+            {"name": f"{prefix} logits", "scale": lsc, "translate": ltr, "axis_labels": labels,
+             "colormap": "magma", "contrast_limits": _symmetric_limits(rec.logits), "visible": False,
              "metadata": meta},
             "image",
         ))
         layers.append((
-            rec.rgb,
-            {"name": f"{prefix} evolution hidden RGB", "scale": (1.0,) + sc, "translate": (0.0,) + tr,
-             "axis_labels": ("step",) + _spatial_labels(plan), "rgb": True, "opacity": 0.8,
+            _by_level_and_step(rec.rgb, index),
+            {"name": f"{prefix} hidden RGB", "scale": (1.0, 1.0) + sc, "translate": (0.0, 0.0) + tr,
+             "axis_labels": lead + spatial, "rgb": True, "opacity": 0.8, "contrast_limits": (0, 255),
              "metadata": meta},
             "image",
         ))
     return layers
+
+
+class LevelStepFrames:
+    """``frames[index]`` without the copy: an array-like of shape ``index.shape + frame shape``
+    (level, step in level, ...) that reads recorded frames on indexing, so a level's repeated
+    last frame costs nothing and a slider move reads one frame. Enough of the numpy protocol
+    for napari (shape, dtype, ndim, indexing, ``__array__``)."""
+
+    def __init__(self, frames: np.ndarray, index: np.ndarray) -> None:
+        self.frames, self.index = frames, np.asarray(index, dtype=np.int64)
+        self.shape = tuple(self.index.shape) + tuple(frames.shape[1:])
+        self.dtype = frames.dtype
+        self.ndim = len(self.shape)
+        self.size = math.prod(self.shape)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, key: Any) -> Any:
+        k = key if isinstance(key, tuple) else (key,)
+        if any(x is Ellipsis or x is None for x in k) or len(k) > self.ndim:
+            return np.asarray(self)[key]
+        k = k + (slice(None),) * (self.ndim - len(k))
+        sub = self.index[k[:2]]
+        out = self.frames[sub]
+        return out[(slice(None),) * np.ndim(sub) + k[2:]]
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        out = self.frames[self.index]
+        return out if dtype is None else out.astype(dtype)
+
+    def transpose(self, *axes: int) -> np.ndarray:
+        return np.asarray(self).transpose(*axes)
+
+
+def _by_level_and_step(frames: np.ndarray, index: np.ndarray) -> LevelStepFrames:
+    return LevelStepFrames(frames, index)
 
 
 def _spatial_labels(plan: RecordPlan) -> tuple[str, ...]:
@@ -467,5 +645,6 @@ def _symmetric_limits(a: np.ndarray) -> tuple[float, float]:
 
 __all__ = [
     "DEFAULT_BUDGET", "RecordPlan", "plan_recording", "NCARecorder", "Recording", "Frame",
-    "recording_layers", "level_geometry",
+    "recording_layers", "level_geometry", "LevelStepFrames", "LevelReading", "level_reading", "recording_readings",
+    "expected_update", "reading_window", "SETTLED_CHANGE", "NEARLY_SETTLED_CHANGE",
 ]

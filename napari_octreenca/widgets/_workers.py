@@ -68,13 +68,19 @@ class Job:
         self.what = what
         self.started = time.monotonic()
         self.finished_at: float | None = None
+        self.returned_at: float | None = None  # when ``fn`` returned, before the GUI adds results
         self.cancelled = False
         self.error: BaseException | None = None
         self._on_done, self._on_finished = on_done, on_finished
         self._on_cancelled, self._on_error = on_cancelled, on_error
         # superqt's worker (napari's own re-raises or reports every error, a cancel included):
         # here errors are handled once, below, and a cancel is not an error.
-        self.worker = create_worker(fn, self, _start_thread=False, _ignore_errors=True)
+        def run(job: "Job") -> Any:
+            result = fn(job)
+            job.returned_at = time.monotonic()
+            return result
+
+        self.worker = create_worker(run, self, _start_thread=False, _ignore_errors=True)
         self.worker.returned.connect(self._returned)
         self.worker.errored.connect(self._errored)
         self.worker.finished.connect(self._finished)

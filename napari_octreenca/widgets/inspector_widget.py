@@ -4,28 +4,37 @@ Runs a model on an Image layer while an :class:`~napari_octreenca.run.recorder.N
 every level's hidden channels, the step-by-step evolution (logits and a PCA colour view of the
 hidden state, on the visible region or at reduced resolution so memory stays bounded) and the
 convergence per level. The memory the recording takes is shown before the run. In live mode the
-layers update while the NCA iterates (throttled). A convergence plot shows whether each level
-reached its fixed point; edit the steps per level and record again to try more test-time steps.
+layers update while the NCA iterates (throttled; the plot appends line data, it never rebuilds).
+The convergence view reads each level in plain words: whether its labels stopped changing, by
+which step, against the steps the model was trained with; edit the steps per level and record
+again to try more test-time steps. A new recording replaces the previous one's layers unless
+"keep previous results" is ticked.
 """
 
 from __future__ import annotations
 
 import math
+import time
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from magicgui.widgets import CheckBox, ComboBox, Container, Label, LineEdit, ProgressBar, PushButton, SpinBox
+from magicgui.widgets import CheckBox, ComboBox, LineEdit, ProgressBar, PushButton, SpinBox
 
 from ..run.inputs import plan_axes
-from ..run.planner import Grid, RunOptions, RunPlan, plan_run
 from ..run.execute import execute
-from ..run.recorder import Frame, NCARecorder, RecordPlan, plan_recording, recording_layers
+from ..run.planner import Grid, RunOptions, RunPlan, plan_run
+from ..run.recorder import (
+    Frame, LevelReading, NCARecorder, RecordPlan, expected_update, level_reading, plan_recording,
+    reading_window, recording_layers,
+)
 from ._devices import list_devices
 from ._layers import layer_input, output_layers
 from ._models import CATALOG, follow_catalog
 from ._settings import plugin_setting
 from ._workers import Job
-from .segment_widget import _config_of, _fixed_width, image_layer_choices
+from .qt_helpers import DockContainer, ElidedLabel, advanced_group, on_dock_closed
+from .shared import add_layers, free_prefix, image_layer_choices, remove_layers
+from .shared import config_of as _config_of
 
 if TYPE_CHECKING:
     import napari
@@ -49,54 +58,192 @@ def visible_region(layer: Any) -> list[tuple[int, int]] | None:
     return [(int(a), int(b)) for a, b in zip(lo, hi)]
 
 
+#: Level colours (matplotlib's default cycle, so figures made from a recording match).
+_COLOURS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
+            "#bcbd22", "#17becf")
+
+
 class ConvergencePlot:
-    """Mean absolute update per step, one small plot per level (matplotlib in a Qt canvas)."""
+    """The convergence of every level on one time line (coarsest level first, the order the NCA
+    runs them): the expected update per step (fire-rate adjusted, mean over a short window; log
+    scale, solid, left axis) and the share of cells whose label changed (dotted, right axis),
+    with the steps the model was trained with marked (dashed).
 
-    def __init__(self) -> None:
-        from matplotlib.backends.backend_qtagg import FigureCanvasQTAgg
-        from matplotlib.figure import Figure
+    Painted with QPainter in a few milliseconds (a matplotlib figure took 0.3-0.9 s per draw on
+    the 2-core dev machine, a GUI freeze each time). :meth:`setup` starts a run's plot once;
+    :meth:`append` adds data; :meth:`refresh` recomputes the curves and schedules a repaint at
+    most every ``min_interval`` seconds."""
 
-        self.figure = Figure(figsize=(4.5, 2.0), layout="constrained")
-        self.canvas = FigureCanvasQTAgg(self.figure)
-        self.canvas.setMinimumHeight(170)
-        self.axes: list[Any] = []
+    def __init__(self, min_interval: float = 0.5) -> None:
+        self.canvas = _PlotCanvas(self)
+        self.min_interval = min_interval
+        self.builds = 0  # plot set-ups: one per run
+        self.draws = 0  # refreshes that scheduled a repaint
+        self._last_draw = -math.inf
+        self._dirty = False
+        self.update: dict[int, list[float]] = {}
+        self.changes: dict[int, list[float]] = {}
+        self.curves: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}  # level -> x, update, changes
+        self.offsets: dict[int, int] = {}
+        self.steps: tuple[int, ...] = ()
+        self.trained: tuple[int, ...] = ()
+        self.fire_rate = 0.5
+        self.y_range = (1e-4, 1.0)
+        self.change_top = 0.01
 
-    @property
-    def lines(self) -> list[Any]:
-        return [ln for ax in self.axes for ln in ax.lines]
+    def curve(self, level: int) -> tuple[np.ndarray, np.ndarray]:
+        """(x, expected update) of ``level`` as drawn."""
+        x, y, _ = self.curves.get(level, (np.zeros(0), np.zeros(0), np.zeros(0)))
+        return x, y
 
-    def show(self, convergence: dict[int, list[float]], steps: tuple[int, ...]) -> None:
-        """One panel per level, coarsest first (the order the NCA runs them); log scale."""
-        self.figure.clear()
-        n = len(steps)
-        self.axes = list(np.atleast_1d(self.figure.subplots(1, n, sharey=True)))
-        for i, level in enumerate(range(n - 1, -1, -1)):
-            ax = self.axes[i]
-            ys = np.array([y if math.isfinite(y) and y > 0 else np.nan for y in convergence.get(level, [])])
-            if ys.size:
-                ax.plot(np.arange(1, ys.size + 1), ys, lw=1.2, color=f"C{level}")
-            ax.set_yscale("log")
-            ax.set_xlim(0.5, max(1, steps[level]) + 0.5)
-            ok = converged(convergence.get(level, []))
-            ax.set_title(f"L{level}" + (" ok" if ok else ""), fontsize=8)
-            ax.tick_params(labelsize=6)
-            ax.set_xlabel("step", fontsize=7)
-        if self.axes:
-            self.axes[0].set_ylabel("mean |update|", fontsize=7)
-        self.canvas.draw_idle()
+    def setup(self, steps: tuple[int, ...], trained: tuple[int, ...], fire_rate: float) -> None:
+        """An empty plot for a run with ``steps`` per level (finest first)."""
+        self.builds += 1
+        self.steps, self.trained, self.fire_rate = tuple(steps), tuple(trained), fire_rate
+        self.update, self.changes, self.curves = {}, {}, {}
+        x0 = 0
+        self.offsets = {}
+        for level in range(len(steps) - 1, -1, -1):
+            self.offsets[level] = x0
+            x0 += steps[level]
+        self._dirty = True
+        self.refresh(force=True)
+
+    def append(self, update: dict[int, list[float]], changes: dict[int, list[float]]) -> None:
+        """Add the values recorded since the last call (per level)."""
+        for level, values in update.items():
+            self.update.setdefault(level, []).extend(values)
+        for level, values in changes.items():
+            self.changes.setdefault(level, []).extend(values)
+        self._dirty = self._dirty or bool(update)
+
+    def show_all(self, update: dict[int, list[float]], changes: dict[int, list[float]]) -> None:
+        """Replace the curves with a finished recording's and repaint now."""
+        self.update = {k: list(v) for k, v in update.items()}
+        self.changes = {k: list(v) for k, v in changes.items()}
+        self._dirty = True
+        self.refresh(force=True)
+
+    def refresh(self, force: bool = False) -> bool:
+        """Recompute the curves and repaint if something changed and the last repaint is
+        ``min_interval`` old (or ``force``)."""
+        now = time.monotonic()
+        if not self._dirty or (not force and now - self._last_draw < self.min_interval):
+            return False
+        lo, hi, top = math.inf, 0.0, 0.0
+        for level in self.offsets:
+            n = self.steps[level] if level < len(self.steps) else 1
+            y = expected_update(self.update.get(level, []), self.fire_rate, reading_window(n))
+            ch = np.asarray(self.changes.get(level, []), dtype=float)
+            x = self.offsets[level] + np.arange(1, y.size + 1, dtype=float)
+            self.curves[level] = (x, y, ch[: y.size])
+            finite = y[np.isfinite(y) & (y > 0)]
+            if finite.size:
+                lo, hi = min(lo, float(finite.min())), max(hi, float(finite.max()))
+            if np.isfinite(ch).any():
+                top = max(top, float(np.nanmax(ch)))
+        if math.isfinite(lo):
+            self.y_range = (lo / 2, hi * 2)
+        self.change_top = max(0.01, top * 1.1)
+        self.canvas.update()  # a repaint when Qt next paints: never inside this call
+        self.draws += 1
+        self._last_draw = now
+        self._dirty = False
+        return True
 
 
-def converged(curve: list[float], ratio: float = 0.05) -> bool:
-    """Whether a level's update shrank to ``ratio`` of its first step (near a fixed point)."""
-    ys = [y for y in curve if math.isfinite(y)]
-    return len(ys) >= 2 and ys[0] > 0 and ys[-1] <= ratio * ys[0]
+def _plot_canvas_class() -> Any:
+    """The QWidget class that paints a :class:`ConvergencePlot` (Qt imported on first use)."""
+    from qtpy.QtCore import QPointF, QRectF, Qt
+    from qtpy.QtGui import QColor, QFont, QPainter, QPen, QPolygonF
+    from qtpy.QtWidgets import QSizePolicy, QWidget
+
+    class PlotCanvas(QWidget):
+        def __init__(self, plot: ConvergencePlot) -> None:
+            super().__init__()
+            self.plot = plot
+            self.setMinimumHeight(130)
+            self.setSizePolicy(QSizePolicy.Policy.Expanding, QSizePolicy.Policy.Fixed)
+            self.setToolTip("solid: expected update per step (log, left); dotted: cells whose label changed "
+                            "(right); dashed: the steps the model was trained with")
+
+        def sizeHint(self) -> Any:
+            from qtpy.QtCore import QSize
+
+            return QSize(320, 150)
+
+        def paintEvent(self, event: Any) -> None:
+            p = self.plot
+            painter = QPainter(self)
+            painter.setRenderHint(QPainter.RenderHint.Antialiasing)
+            font = QFont(painter.font())
+            font.setPointSizeF(7.0)
+            painter.setFont(font)
+            fg = self.palette().windowText().color()
+            w, h = self.width(), self.height()
+            box = QRectF(46, 14, max(10, w - 46 - 40), max(10, h - 14 - 20))
+            painter.setPen(QPen(fg, 1))
+            painter.drawRect(box)
+            total = max(1, sum(p.steps))
+            lo, hi = p.y_range
+            llo, lhi = math.log10(lo), math.log10(hi)
+
+            def px(x: float) -> float:
+                return box.left() + (x - 0.5) / total * box.width()
+
+            def py(y: float) -> float:
+                return box.bottom() - (math.log10(y) - llo) / max(1e-9, lhi - llo) * box.height()
+
+            def pc(c: float) -> float:
+                return box.bottom() - c / p.change_top * box.height()
+
+            for level, x0 in p.offsets.items():
+                colour = QColor(_COLOURS[level % len(_COLOURS)])
+                n = p.steps[level]
+                painter.setPen(QPen(colour, 1))
+                painter.drawText(QRectF(px(x0 + 0.5), 0, max(1.0, px(x0 + n + 0.5) - px(x0 + 0.5)), 13),
+                                 int(Qt.AlignmentFlag.AlignCenter), f"L{level}")
+                if x0 > 0:
+                    painter.setPen(QPen(QColor(150, 150, 150), 1))
+                    painter.drawLine(QPointF(px(x0 + 0.5), box.top()), QPointF(px(x0 + 0.5), box.bottom()))
+                t = p.trained[level] if level < len(p.trained) else 0
+                if 0 < t != n:
+                    painter.setPen(QPen(colour, 1, Qt.PenStyle.DashLine))
+                    painter.drawLine(QPointF(px(x0 + t + 0.5), box.top()), QPointF(px(x0 + t + 0.5), box.bottom()))
+                x, y, ch = p.curves.get(level, (np.zeros(0), np.zeros(0), np.zeros(0)))
+                pts = [QPointF(px(a), py(b)) for a, b in zip(x, y) if math.isfinite(b) and b > 0]
+                painter.setPen(QPen(colour, 1.5))
+                if len(pts) > 1:
+                    painter.drawPolyline(QPolygonF(pts))
+                elif pts:
+                    painter.drawEllipse(pts[0], 1.5, 1.5)
+                cpts = [QPointF(px(a), pc(c)) for a, c in zip(x, ch) if math.isfinite(c)]
+                painter.setPen(QPen(colour, 1, Qt.PenStyle.DotLine))
+                if len(cpts) > 1:
+                    painter.drawPolyline(QPolygonF(cpts))
+            painter.setPen(QPen(fg, 1))
+            left = Qt.AlignmentFlag.AlignRight | Qt.AlignmentFlag.AlignVCenter
+            right = Qt.AlignmentFlag.AlignLeft | Qt.AlignmentFlag.AlignVCenter
+            painter.drawText(QRectF(0, box.top() - 6, 43, 12), int(left), f"{hi:.0e}")
+            painter.drawText(QRectF(0, box.bottom() - 6, 43, 12), int(left), f"{lo:.0e}")
+            painter.drawText(QRectF(box.right() + 3, box.top() - 6, 40, 12), int(right), f"{p.change_top:.1%}")
+            painter.drawText(QRectF(box.right() + 3, box.bottom() - 6, 40, 12), int(right), "0%")
+            painter.drawText(QRectF(box.left(), box.bottom() + 2, box.width(), 14), int(Qt.AlignmentFlag.AlignCenter),
+                             f"step 1-{total}, coarsest level first")
+            painter.end()
+
+    return PlotCanvas
 
 
-class InspectorWidget(Container):
+def _PlotCanvas(plot: ConvergencePlot) -> Any:
+    return _plot_canvas_class()(plot)
+
+
+class InspectorWidget(DockContainer):
     """Record and show an OctreeNCA's hidden channels, evolution and convergence (dock widget)."""
 
     def __init__(self, napari_viewer: "napari.viewer.Viewer") -> None:
-        super().__init__(labels=True)
+        super().__init__()
         self.viewer = napari_viewer
         self.image = ComboBox(label="image", choices=lambda _w: image_layer_choices(self.viewer))
         self.model = ComboBox(label="model", choices=lambda _w: CATALOG.names())
@@ -108,25 +255,36 @@ class InspectorWidget(Container):
                               tooltip="finest level first; raise them to try more test-time steps")
         self.budget = SpinBox(label="memory budget (MB)", min=16, max=65536,
                               value=int(plugin_setting("record_budget_mb", 256)))
-        self.visible_only = CheckBox(text="evolution of the visible region only", value=False)
-        self.live = CheckBox(text="live: update layers while the NCA runs", value=True)
+        self.visible_only = CheckBox(text="visible region only", value=False,
+                                     tooltip="record the evolution of the part on screen, at full resolution")
+        self.live = CheckBox(text="live view", value=True, tooltip="update layers and plot while the NCA runs")
         self.interval = SpinBox(label="live interval (ms)", min=20, max=10000,
                                 value=int(plugin_setting("live_interval_ms", 250)))
-        self.memory = Label(label="recording", value="")
+        self.keep = CheckBox(text="keep previous results", value=False,
+                             tooltip="off: a new recording's layers replace the previous one's")
+        self.channel = SpinBox(label="hidden channel", min=0, max=0, value=0, enabled=False,
+                               tooltip="which hidden channel the 'L<n> hidden' layers show")
+        self.memory = ElidedLabel(label="recording", value="")
         self.run_button = PushButton(text="Run and record")
         self.cancel_button = PushButton(text="Cancel", enabled=False)
         self.bar = ProgressBar(label="steps", min=0, max=1, value=0)
-        self.status = Label(label="status", value="ready")
+        self.status = ElidedLabel(label="status", value="ready")
         self.plot = ConvergencePlot()
-        self.extend([self.image, self.model, self.device, self.seed, self.level, self.steps, self.budget, self.visible_only,
-                     self.live, self.interval, self.memory, self.run_button, self.cancel_button, self.bar,
-                     self.status])
-        self.native.layout().addWidget(self.plot.canvas)
-        _fixed_width(self.status, self.memory)
+        self.show_advanced, self.advanced = advanced_group([
+            self.seed, self.level, self.steps, self.budget, self.visible_only, self.interval, self.keep])
+        self.extend([self.image, self.model, self.device, self.live, self.memory, self.show_advanced,
+                     self.advanced, self.run_button, self.cancel_button, self.bar, self.status, self.channel])
+        self.body.layout().addWidget(self.plot.canvas)
         self.job: Job | None = None
         self.recording = None
+        self.readings: list[LevelReading] = []
+        self.result_layers: list[Any] = []
+        self._hidden: dict[int, np.ndarray] = {}  # level -> (channels, *shape), input axis order
         self.live_layers: dict[str, Any] = {}
+        self._frame_shown = -math.inf
+        self._frame_gap = 0.0
         self._plan: RecordPlan | None = None
+        self._grid: Grid | None = None  # where the last run ran (RAS+ for NIfTI: shown in file order)
         self._chosen: tuple[Any, ...] = (None, None, 0)
         for w in (self.image, self.model, self.level):
             w.changed.connect(self._reset_steps)
@@ -134,11 +292,14 @@ class InspectorWidget(Container):
             w.changed.connect(self._update_memory)
         self.run_button.changed.connect(self.start)
         self.cancel_button.changed.connect(self.request_cancel)
+        self.channel.changed.connect(self._show_channel)
+        on_dock_closed(self, self.request_cancel)
         follow_catalog(self, self.model.reset_choices)
         ev = self.viewer.layers.events
         for e in (ev.inserted, ev.removed, ev.reordered):
             e.connect(self._layers_changed)
         self._layers_changed()
+        self.end_layout()
 
     # -- planning -------------------------------------------------------------------------------
     def _layers_changed(self, *_: Any) -> None:
@@ -234,13 +395,13 @@ class InspectorWidget(Container):
         layer = self.image.value
         src = layer_input(layer, self.level.value)
         run_plan = self._run_plan(plan.config, src, list(plan.steps))
-        grid = run_plan.grid
+        grid = self._grid = run_plan.grid
         scale, translate = grid.cell_geometry(src.level_scale, src.translate)
         if grid.affine is not None:  # recorded on the RAS+ grid: geometry in that axis order
             scale, translate = _to_grid_order(grid, scale), _to_grid_order(grid, translate)
         model_name, device = self.model.value, self.device.value
         live, interval = self.live.value, self.interval.value / 1000.0
-        prefix = f"{layer.name} NCA"
+        base = f"{layer.name} NCA"
         self.memory.value = plan.describe()
 
         def work(job: Job) -> Any:
@@ -257,32 +418,70 @@ class InspectorWidget(Container):
         def done(result: Any) -> None:
             recording, seg = result
             self._remove_live()
-            self.recording, self.segmentation = recording, seg
-            for data, kwargs, kind in recording_layers(recording, scale=scale, translate=translate,
-                                                       prefix=prefix):
-                data, kwargs = _to_file_order(grid, data, kwargs)
-                self.viewer._add_layer_from_data(data, kwargs, kind)
-            for data, kwargs, kind in output_layers(seg, src, record={"engine": dict(seg.record)}):
-                kwargs["name"] = f"{prefix} labels"
-                self.viewer._add_layer_from_data(data, kwargs, kind)
-            # Show the last step: the slider then replays the automaton backwards from the result.
-            step_axis = self.viewer.dims.ndim - len(src.scale) - 1
-            if step_axis >= 0 and plan.record_evolution:
-                self.viewer.dims.set_point(step_axis, plan.total_steps - 1)
-            self.plot.show(recording.convergence, plan.steps)
-            flags = [f"L{lv} {'converged' if converged(c) else 'still changing'}"
-                     for lv, c in sorted(recording.convergence.items())]
-            self.status.value = "; ".join(flags)
+            self.segmentation = seg
+            labels = [(d, {**kw, "name": " labels"}, kind) for d, kw, kind in
+                      output_layers(seg, src, record={"engine": dict(seg.record)})]
+            self._show_recording(recording, scale, translate, base, len(src.scale), grid, labels)
 
         self.job = Job(work, on_done=done, on_finished=self._finished, on_cancelled=self._remove_live,
                        on_error=lambda exc: self._remove_live(), what="NCA recording")
-        self.job.relay.frame.connect(lambda f: self._on_frame(f, plan, scale, translate, prefix, live))
+        self.job.relay.frame.connect(lambda f: self._on_frame(f, plan, scale, translate, base, live))
         self.run_button.enabled = False
         self.cancel_button.enabled = True
         self.bar.max, self.bar.value = plan.total_steps, 0
         self.status.value = "running"
+        if live and plan.record_evolution:
+            # The live layers exist before the run starts: adding a layer is napari's slowest
+            # step (0.3-0.8 s on the dev machine) and must not freeze the GUI mid-run.
+            eshape = plan.evolution_shape
+            self._show_live(np.zeros(eshape + (3,), np.uint8),
+                            np.zeros((plan.config.output_channels,) + eshape, np.float32),
+                            plan, scale, translate, base)
+        self._frame_shown, self._frame_gap = -math.inf, 0.0
+        self.plot.setup(plan.steps, plan.config.steps, plan.config.fire_rate)
         self.job.start()
         return self.job
+
+    def _show_recording(self, recording: Any, scale: tuple[float, ...], translate: tuple[float, ...], base: str,
+                        n_spatial: int, grid: Grid, extra: list[Any]) -> None:
+        """Add the recording's layers (replacing the previous recording's unless kept), put the
+        sliders on the result (finest level, last step) and read the convergence."""
+        plan = recording.plan
+        self.recording = recording
+        self._hidden = recording.in_input_order().hidden
+        channels = max((h.shape[0] for h in self._hidden.values()), default=0)
+        self.channel.max = max(0, channels - 1)
+        self.channel.enabled = channels > 1
+        k = min(self.channel.value, self.channel.max)
+        at = remove_layers(self.viewer, [] if self.keep.value else self.result_layers)
+        # Recorded on the planner's grid (RAS+ for a NIfTI volume): shown in the file's axis order.
+        probe = [(*_to_file_order(grid, d, kw), kind) for d, kw, kind in
+                 recording_layers(recording, scale=scale, translate=translate, prefix="", channel=k)] + extra
+        prefix = free_prefix(self.viewer, base, [kw["name"] for _, kw, _ in probe])
+        layers = [(d, {**kw, "name": prefix + kw["name"]}, t) for d, kw, t in probe]
+        self.result_layers = add_layers(self.viewer, layers, at=at)
+        if plan.record_evolution:
+            # The result: finest level, its last step; the sliders then replay the automaton.
+            level_axis = self.viewer.dims.ndim - n_spatial - 2
+            if level_axis >= 0:
+                self.viewer.dims.set_point(level_axis, 0)
+                self.viewer.dims.set_point(level_axis + 1, max(0, plan.steps[0] - 1))
+        self.plot.show_all(recording.convergence, recording.label_changes)
+        cfg = plan.config
+        self.readings = [level_reading(lv, recording.convergence.get(lv, []), recording.label_changes.get(lv, []),
+                                       cfg.steps[lv] if lv < len(cfg.steps) else 0, cfg.fire_rate)
+                         for lv in range(cfg.levels - 1, -1, -1)]
+        self.status.value = "; ".join(r.text for r in self.readings)
+
+    def _show_channel(self, *_: Any) -> None:
+        """Show hidden channel ``k`` in every level's hidden layer (no channel slider needed)."""
+        k = int(self.channel.value)
+        for layer in self.result_layers:
+            meta = (layer.metadata or {}).get("octreenca") or {}
+            h = self._hidden.get(meta.get("level", -1)) if meta.get("kind") == "hidden" else None
+            if h is not None and k < h.shape[0] and layer in self.viewer.layers:
+                layer.data = self._grid.to_input_orientation(h[k]) if self._grid is not None else h[k]
+                layer.metadata = {**layer.metadata, "octreenca": {**meta, "channel": k}}
 
     def request_cancel(self, *_: Any) -> None:
         if self.job is not None and self.job.running:
@@ -291,17 +490,41 @@ class InspectorWidget(Container):
 
     def _on_frame(self, frame: Frame, plan: RecordPlan, cell_scale: tuple[float, ...],
                   cell_translate: tuple[float, ...], prefix: str, live: bool) -> None:
+        self.plot.append(frame.convergence, frame.label_changes)  # data only: cheap
+        # Every widget repaint makes Qt recompose the window around the (software) OpenGL
+        # canvas: show a frame only when the GUI work of the last one (its repaints included)
+        # took at most a fifth of the time since, so the GUI stays responsive and the run
+        # keeps its CPU. Frames in between only extend the plot's data.
+        now = time.monotonic()
+        if now - self._frame_shown < self._frame_gap and frame.done < frame.total:
+            return
+        self._frame_shown = now
+        started = time.perf_counter()
         self.bar.value = frame.done
-        self.status.value = f"level {frame.level} step {frame.step + 1} ({frame.done}/{frame.total})"
+        self.status.value = (f"level {frame.level} step {frame.step + 1} of {plan.steps[frame.level]} "
+                             f"({frame.done}/{frame.total})")
+        from qtpy.QtCore import QTimer
+
+        QTimer.singleShot(0, lambda: self._frame_cost(started, live))
         if not live or frame.rgb is None:
             return
+        self.plot.refresh()
+        self._show_live(frame.rgb, frame.logits, plan, cell_scale, cell_translate, prefix)
+
+    def _show_live(self, rgb: np.ndarray, logits: np.ndarray, plan: RecordPlan, cell_scale: tuple[float, ...],
+                   cell_translate: tuple[float, ...], prefix: str) -> None:
+        """Put a frame (network axis order) into the live layers, adding them the first time."""
         order = plan.order
-        rgb = frame.rgb.transpose(*order, len(order))
-        logits = frame.logits.transpose(0, *(1 + o for o in order))
+        rgb = rgb.transpose(*order, len(order))
+        logits = logits.transpose(0, *(1 + o for o in order))
         es = plan.evolution_stride
         start = [plan.region[o][0] for o in order]
         scale = tuple(s * es for s in cell_scale)
         translate = tuple(t + a * s for t, a, s in zip(cell_translate, start, cell_scale))
+        if self._grid is not None and self._grid.affine is not None:  # RAS+ grid -> the file's order
+            rgb, kw_rgb = _to_file_order(self._grid, rgb, {"rgb": True, "scale": scale, "translate": translate})
+            logits, _ = _to_file_order(self._grid, logits, {})
+            scale, translate = kw_rgb["scale"], kw_rgb["translate"]
         for key, data, kw in (
             ("rgb", rgb, {"rgb": True, "opacity": 0.8}),
             ("logits", logits[0] if logits.shape[0] == 1 else logits,
@@ -312,9 +535,13 @@ class InspectorWidget(Container):
                 self.live_layers[key] = self.viewer.add_image(
                     data, name=f"{prefix} live {key}", scale=((1.0,) if data.ndim > len(scale) + (key == 'rgb') else ())
                     + scale, translate=((0.0,) if data.ndim > len(scale) + (key == 'rgb') else ()) + translate, **kw)
-            else:
+            elif layer.visible:  # an invisible layer gets the newest data when the run ends
                 layer.data = data
-        self.plot.show(frame.convergence, plan.steps)
+
+    def _frame_cost(self, started: float, live: bool) -> None:
+        """Space the next shown frame by five times what this one cost the GUI thread."""
+        interval = self.interval.value / 1000.0 if live else 0.25
+        self._frame_gap = max(interval, 5.0 * (time.perf_counter() - started))
 
     def _remove_live(self) -> None:
         for layer in self.live_layers.values():
@@ -367,4 +594,4 @@ def _to_file_order(grid: Grid, data: Any, kwargs: dict[str, Any]) -> tuple[Any, 
     return arr, kw
 
 
-__all__ = ["InspectorWidget", "ConvergencePlot", "visible_region", "converged"]
+__all__ = ["InspectorWidget", "ConvergencePlot", "visible_region"]

@@ -12,7 +12,7 @@ import time
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
-from magicgui.widgets import CheckBox, ComboBox, Container, FileEdit, Label, ProgressBar, PushButton, SpinBox
+from magicgui.widgets import CheckBox, ComboBox, FileEdit, ProgressBar, PushButton, SpinBox
 
 from ..run.inference import StepInfo
 from ..run.planner import RunOptions, plan_run
@@ -22,23 +22,24 @@ from ._layers import layer_input, output_layers
 from ._models import CATALOG, follow_catalog
 from ._settings import plugin_setting
 from ._workers import Job, Throttle
+from .qt_helpers import DockContainer, ElidedLabel, advanced_group, on_dock_closed
+from .shared import add_layers, free_prefix, image_layer_choices, remove_layers
+from .shared import config_of as _config_of
 
 if TYPE_CHECKING:
     import napari
 
 
-def image_layer_choices(viewer: Any) -> list[tuple[str, Any]]:
-    """(name, layer) of every Image layer of ``viewer``."""
-    from napari.layers import Image
+class SegmentWidget(DockContainer):
+    """Segment an Image layer with an OctreeNCA model (dock widget).
 
-    return [(ly.name, ly) for ly in viewer.layers if isinstance(ly, Image)]
-
-
-class SegmentWidget(Container):
-    """Segment an Image layer with an OctreeNCA model (dock widget)."""
+    A few main controls (image, model, device, Segment/Cancel, progress); precision, seed,
+    ensemble runs, output layers, pyramid level and tiling are folded under "advanced settings".
+    A new run's layers replace the previous run's unless "keep previous results" is ticked.
+    """
 
     def __init__(self, napari_viewer: "napari.viewer.Viewer") -> None:
-        super().__init__(labels=True)
+        super().__init__()
         self.viewer = napari_viewer
         self.image = ComboBox(label="image", choices=lambda _w: image_layer_choices(self.viewer))
         self.model = ComboBox(label="model", choices=lambda _w: CATALOG.names())
@@ -51,21 +52,27 @@ class SegmentWidget(Container):
         self.level = SpinBox(label="pyramid level", min=0, max=0, value=0,
                              tooltip="multiscale inputs: which resolution level to segment (0 = finest)")
         self.tiling = ComboBox(label="tiling", choices=["auto", "whole", "tiled"], value="auto")
-        self.plan = Label(label="memory", value="")
+        self.plan = ElidedLabel(label="memory", value="")
         self.probability = CheckBox(text="probability layer", value=bool(plugin_setting("probability", False)))
-        self.uncertainty = CheckBox(text="uncertainty layer (ensemble spread)", value=True)
+        self.uncertainty = CheckBox(text="uncertainty layer", value=False, enabled=False,
+                                    tooltip="the spread of the ensemble runs (needs 2 or more runs)")
+        self.keep = CheckBox(text="keep previous results", value=False,
+                             tooltip="off: a new run's layers replace the previous run's")
         self.run_button = PushButton(text="Segment")
         self.cancel_button = PushButton(text="Cancel", enabled=False)
         self.bar_level = ProgressBar(label="level", min=0, max=1, value=0)
         self.bar_step = ProgressBar(label="step", min=0, max=1, value=0)
         self.bar_tile = ProgressBar(label="tile", min=0, max=1, value=0, visible=False)
-        self.status = Label(label="status", value="ready")
+        self.status = ElidedLabel(label="status", value="ready")
+        self.show_advanced, self.advanced = advanced_group([
+            self.model_file, self.precision, self.seed, self.runs, self.uncertainty, self.probability,
+            self.level, self.tiling, self.keep,
+        ])
         self.extend([
-            self.image, self.model, self.model_file, self.device, self.precision, self.seed, self.runs,
-            self.level, self.tiling, self.plan, self.probability, self.uncertainty, self.run_button,
+            self.image, self.model, self.device, self.plan, self.show_advanced, self.advanced, self.run_button,
             self.cancel_button, self.bar_level, self.bar_step, self.bar_tile, self.status,
         ])
-        _fixed_width(self.status, self.plan)
+        self.result_layers: list[Any] = []
         self.job: Job | None = None
         self.last_error: BaseException | None = None
         self.notices: list[str] = []
@@ -74,8 +81,11 @@ class SegmentWidget(Container):
         self.image.changed.connect(self._suggest_model)
         for w in (self.image, self.model, self.device, self.precision, self.runs, self.level, self.tiling):
             w.changed.connect(self._update_plan)
+        self.runs.changed.connect(self._runs_changed)
+        self._runs_changed()
         self.run_button.changed.connect(self.start)
         self.cancel_button.changed.connect(self.request_cancel)
+        on_dock_closed(self, self.request_cancel)
         follow_catalog(self, self._models_changed)
         events = self.viewer.layers.events
         for ev in (events.inserted, events.removed, events.reordered):
@@ -85,6 +95,7 @@ class SegmentWidget(Container):
         if default_model in CATALOG.names():
             self.model.value = default_model
         self._update_plan()
+        self.end_layout()
 
     # -- choices --------------------------------------------------------------------------------
     def _layers_changed(self, *_: Any) -> None:
@@ -93,6 +104,12 @@ class SegmentWidget(Container):
 
     def _models_changed(self) -> None:
         self.model.reset_choices()
+
+    def _runs_changed(self, *_: Any) -> None:
+        """An uncertainty layer is the spread of an ensemble: offered (and ticked) from 2 runs."""
+        many = self.runs.value > 1
+        self.uncertainty.enabled = many
+        self.uncertainty.value = many
 
     def _suggest_model(self, *_: Any) -> None:
         """Sample data names its bundled model in the layer metadata: pre-select it."""
@@ -164,9 +181,14 @@ class SegmentWidget(Container):
 
         def done(result: tuple[Any, dict[str, Any]]) -> None:
             seg, record = result
-            for data, kwargs, kind in output_layers(seg, src, record=record, probability=want_prob,
-                                                    uncertainty=want_unc and seg.spread is not None):
-                self.viewer._add_layer_from_data(data, kwargs, kind)
+            at = remove_layers(self.viewer, [] if self.keep.value else self.result_layers)
+            layers = output_layers(seg, src, record=record, probability=want_prob,
+                                   uncertainty=want_unc and seg.spread is not None)
+            # Kept runs' layers keep their names; this run's say which run it is (not napari's [1]).
+            ends = [kw["name"].removeprefix(src.name) for _, kw, _ in layers]
+            prefix = free_prefix(self.viewer, src.name, ends)
+            layers = [(d, {**kw, "name": prefix + end}, k) for (d, kw, k), end in zip(layers, ends)]
+            self.result_layers = add_layers(self.viewer, layers, at=at)
             self.status.value = f"done in {record['timings']['seconds']:.1f} s" + (
                 " (tiled)" if record.get("tiled") else "")
 
@@ -211,24 +233,6 @@ class SegmentWidget(Container):
     def _finished(self) -> None:
         self.run_button.enabled = True
         self.cancel_button.enabled = False
-
-
-def _fixed_width(*labels: Label) -> None:
-    """Labels whose text changes while a run goes on must not resize the dock: a resize redraws
-    the canvas, which under software OpenGL takes the CPU the run needs."""
-    from qtpy.QtWidgets import QSizePolicy
-
-    for label in labels:
-        native = label.native
-        native.setSizePolicy(QSizePolicy.Policy.Ignored, QSizePolicy.Policy.Fixed)
-        native.setMinimumWidth(240)
-        native.setWordWrap(False)
-
-
-def _config_of(name: str) -> Any:
-    from ..nca.modelfile import read_config
-
-    return read_config(CATALOG.path(name))
 
 
 def _run(job: Job, src: Any, settings: dict[str, Any]) -> tuple[Any, dict[str, Any]]:

@@ -13,26 +13,37 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from magicgui.widgets import (
-    ComboBox, Container, FileEdit, FloatSpinBox, Label, ProgressBar, PushButton, SpinBox,
-)
+from magicgui.widgets import ComboBox, FileEdit, FloatSpinBox, ProgressBar, PushButton, SpinBox
 
 from ..nca.config import PRESETS, ModelConfig, preset
 from ._devices import list_devices
 from ._models import CATALOG, follow_catalog
 from ._workers import Job, Throttle
-from .segment_widget import _fixed_width, image_layer_choices
+from .qt_helpers import DockContainer, ElidedLabel, advanced_group, on_dock_closed
+from .shared import image_layer_choices, labels_layer_choices
 
 if TYPE_CHECKING:
     import napari
 
 PRESET_PREFIX = "preset: "
+#: Where a trained model goes unless the user picks a file: ``trained.safetensors``, then
+#: ``trained-2.safetensors``... (never overwritten without asking).
+DEFAULT_OUTPUT = Path.home() / "octreenca_models" / "trained.safetensors"
 
 
-def labels_layer_choices(viewer: Any) -> list[tuple[str, Any]]:
-    from napari.layers import Labels
+def next_free_path(path: Path) -> Path:
+    """``path`` if no file is there, else ``<stem>-2<suffix>``, ``<stem>-3<suffix>``...: the
+    first free one (``trained-2`` is followed by ``trained-3``, not ``trained-2-2``)."""
+    import re
 
-    return [(ly.name, ly) for ly in viewer.layers if isinstance(ly, Labels)]
+    path = Path(path)
+    if not path.exists():
+        return path
+    m = re.fullmatch(r"(.*?)-(\d+)", path.stem)
+    stem, k = (m.group(1), int(m.group(2)) + 1) if m else (path.stem, 2)
+    while (candidate := path.with_name(f"{stem}-{k}{path.suffix}")).exists():
+        k += 1
+    return candidate
 
 
 def layer_axes(layer: Any) -> str:
@@ -73,17 +84,21 @@ def crop_for(config: ModelConfig, edge: int, depth: int) -> tuple[int, ...]:
     return tuple(edge if a in "YX" else depth for a in config.axes)
 
 
-class TrainingWidget(Container):
-    """Train an OctreeNCA model from layers (dock widget)."""
+class TrainingWidget(DockContainer):
+    """Train an OctreeNCA model from layers (dock widget).
+
+    Main controls: image, labels, start model, iterations, output file, Train/Pause/Cancel;
+    pairs, device, batch, crops, learning rate and the preview are folded under "advanced".
+    """
 
     def __init__(self, napari_viewer: "napari.viewer.Viewer") -> None:
-        super().__init__(labels=True)
+        super().__init__()
         self.viewer = napari_viewer
         self.image = ComboBox(label="image", choices=lambda _w: image_layer_choices(self.viewer))
         self.labels = ComboBox(label="labels", choices=lambda _w: labels_layer_choices(self.viewer))
         self.add_pair = PushButton(text="Add pair")
         self.clear_pairs = PushButton(text="Clear pairs")
-        self.pairs_label = Label(label="pairs", value="none (the image/labels above are used)")
+        self.pairs_label = ElidedLabel(label="pairs", value="none (the image/labels above are used)")
         self.start_from = ComboBox(label="start from", choices=lambda _w: self._start_choices())
         self.device = ComboBox(label="device", choices=[(d.label, d.id) for d in list_devices()])
         self.iterations = SpinBox(label="iterations", min=1, max=1_000_000, value=300)
@@ -95,16 +110,17 @@ class TrainingWidget(Container):
                                      tooltip="3D/video: index on the first axis; 2D: unused")
         self.preview_every = SpinBox(label="preview every", min=1, max=10000, value=25)
         self.output = FileEdit(label="save as", mode="w", filter="*.safetensors",
-                               value=str(Path.home() / "octreenca_models" / "trained.safetensors"))
+                               value=str(next_free_path(DEFAULT_OUTPUT)))
         self.run_button = PushButton(text="Train")
         self.pause_button = PushButton(text="Pause", enabled=False)
         self.cancel_button = PushButton(text="Cancel", enabled=False)
         self.bar = ProgressBar(label="iterations", min=0, max=1, value=0)
-        self.status = Label(label="status", value="ready")
-        self.extend([self.image, self.labels, self.add_pair, self.clear_pairs, self.pairs_label, self.start_from,
-                     self.device, self.iterations, self.batch, self.crop, self.depth, self.lr, self.preview_slice,
-                     self.preview_every, self.output, self.run_button, self.pause_button, self.cancel_button,
-                     self.bar, self.status])
+        self.status = ElidedLabel(label="status", value="ready")
+        self.show_advanced, self.advanced = advanced_group([
+            self.add_pair, self.clear_pairs, self.pairs_label, self.device, self.batch, self.crop, self.depth,
+            self.lr, self.preview_slice, self.preview_every])
+        self.extend([self.image, self.labels, self.start_from, self.iterations, self.output, self.show_advanced,
+                     self.advanced, self.run_button, self.pause_button, self.cancel_button, self.bar, self.status])
         from matplotlib.backends.backend_qtagg import FigureCanvasQTAgg
         from matplotlib.figure import Figure
 
@@ -112,8 +128,7 @@ class TrainingWidget(Container):
         self.canvas = FigureCanvasQTAgg(self.figure)
         self.canvas.setMinimumHeight(160)
         self.loss_axes = self.figure.add_subplot(111)
-        self.native.layout().addWidget(self.canvas)
-        _fixed_width(self.status, self.pairs_label)
+        self.body.layout().addWidget(self.canvas)
         self.pairs: list[tuple[Any, Any]] = []
         self.history: list[dict[str, float]] = []
         self.job: Job | None = None
@@ -125,11 +140,13 @@ class TrainingWidget(Container):
         self.run_button.changed.connect(self.start)
         self.pause_button.changed.connect(self.toggle_pause)
         self.cancel_button.changed.connect(self.request_cancel)
+        on_dock_closed(self, self.request_cancel)
         follow_catalog(self, self.start_from.reset_choices)
         ev = self.viewer.layers.events
         for e in (ev.inserted, ev.removed, ev.reordered):
             e.connect(self._layers_changed)
         self._layers_changed()
+        self.end_layout()
 
     # -- choices ----------------------------------------------------------------------------------
     @staticmethod
@@ -151,8 +168,12 @@ class TrainingWidget(Container):
         axes = layer_axes(layer)
         shape = layer.data.shape if not layer.multiscale else layer.data[0].shape
         spatial = [n for n, a in zip(shape, axes) if a != "C"]
-        self.preview_slice.max = max(0, spatial[0] - 1) if len(spatial) == 3 else 0
+        volume = len(spatial) == 3
+        self.preview_slice.max = max(0, spatial[0] - 1) if volume else 0
         self.preview_slice.value = self.preview_slice.max // 2
+        # Z/T fields mean nothing for a 2D image: hide them.
+        self.depth.visible = volume
+        self.preview_slice.visible = volume
         want = {2: "pathology", 3: "surgery" if "T" in axes else "radiology"}.get(len(spatial))
         if want and self.start_from.value and str(self.start_from.value).startswith(PRESET_PREFIX):
             self.start_from.value = PRESET_PREFIX + want
@@ -217,12 +238,20 @@ class TrainingWidget(Container):
         out = Path(str(self.output.value))
         if out.suffix != ".safetensors":
             out = out.with_suffix(".safetensors")
+        if out.exists():  # never overwrite a model without asking: the next free name
+            out = next_free_path(out)
+            self.output.value = str(out)
         device = self.device.value
         iterations, every = self.iterations.value, self.preview_every.value
         crop_edge, depth, lr, batch = self.crop.value, self.depth.value, self.lr.value, self.batch.value
         preview_src = pairs[0][0]
-        preview_index = self.preview_slice.value
         preview_data, preview_axes = tpairs[0].image, tpairs[0].axes
+        centre = labelled_centre(tpairs[0].labels)
+        preview_index = self.preview_slice.value
+        if centre is not None and tpairs[0].labels.ndim == 3 and not tpairs[0].labels[
+                min(preview_index, tpairs[0].labels.shape[0] - 1)].any():
+            preview_index = centre[0]  # the chosen slice holds no labels: preview where they are
+            self.preview_slice.value = preview_index
         self.history = []
         self.saved = None
 
@@ -238,7 +267,7 @@ class TrainingWidget(Container):
             def on_progress(p: Any) -> None:
                 preview = None
                 if p.model is not None and (p.iteration % every == 0 or p.iteration == p.iterations):
-                    preview = _preview(p.model, preview_data, preview_axes, preview_index, crop_edge)
+                    preview = _preview(p.model, preview_data, preview_axes, preview_index, crop_edge, centre)
                 if preview is not None or throttle(force=p.iteration == p.iterations):
                     job.relay.progress.emit({"iteration": p.iteration, "iterations": p.iterations, "loss": p.loss,
                                              "dice": p.dice, "seconds": p.seconds, "preview": preview})
@@ -252,6 +281,8 @@ class TrainingWidget(Container):
             path, result = res
             self.saved = Path(path)
             name = CATALOG.add(path)
+            if Path(str(self.output.value)) == self.saved:  # the next training must not overwrite it
+                self.output.value = str(next_free_path(self.saved))
             last = result.history[-1] if result.history else {}
             self.status.value = (f"saved {path.name} as model {name!r} (loss {last.get('loss', float('nan')):.3f}, "
                                  f"{result.seconds:.0f} s)")
@@ -321,11 +352,33 @@ class TrainingWidget(Container):
         self.cancel_button.enabled = False
         if self.job is not None and self.job.cancelled:
             self.status.value = "cancelled (no model saved)"
+            self._remove_preview()
+
+    def _remove_preview(self) -> None:
+        """A cancelled training leaves no preview of a model that does not exist."""
+        if self.preview_layer is not None and self.preview_layer in self.viewer.layers:
+            self.viewer.layers.remove(self.preview_layer)
+        self.preview_layer = None
 
 
-def _preview(model: Any, image: np.ndarray, axes: str | None, index: int, edge: int) -> tuple[np.ndarray, tuple[int, ...]] | None:
-    """Labels of the current model on a window of the first pair: for 2D a centred crop, for 3D
-    and video a slab around slice ``index`` (kept small so previews stay quick)."""
+def labelled_centre(labels: np.ndarray) -> tuple[int, ...] | None:
+    """A labelled cell near the middle of the labels (the one nearest their centroid), or None
+    when nothing is labelled: where a preview shows whether the model finds the structure."""
+    coords = np.argwhere(np.asarray(labels) > 0)
+    if coords.size == 0:
+        return None
+    if len(coords) > 200_000:  # enough to find the middle
+        coords = coords[:: len(coords) // 200_000]
+    mid = coords.mean(axis=0)
+    best = coords[np.argmin(((coords - mid) ** 2).sum(axis=1))]
+    return tuple(int(c) for c in best)
+
+
+def _preview(model: Any, image: np.ndarray, axes: str | None, index: int, edge: int,
+             centre: tuple[int, ...] | None = None) -> tuple[np.ndarray, tuple[int, ...]] | None:
+    """Labels of the current model on a window of the first pair: for 2D a crop around
+    ``centre`` (a labelled cell; the image centre without one), for 3D and video a slab around
+    slice ``index`` (kept small so previews stay quick)."""
     from ..run.inference import segment
 
     axes = axes or ("YXC" if image.ndim == 3 and image.shape[-1] == 3 else "ZYX"[-image.ndim:])
@@ -339,7 +392,8 @@ def _preview(model: Any, image: np.ndarray, axes: str | None, index: int, edge: 
             a = max(0, min(n - 1, index) - 4)
             b = min(n, a + 9)
         else:
-            a = max(0, n // 2 - win // 2)
+            c = centre[k] if centre is not None else n // 2
+            a = max(0, min(n - win, c - win // 2))
             b = min(n, a + win)
         slc[i] = slice(a, b)
         offset.append(a)
@@ -355,4 +409,5 @@ def _preview(model: Any, image: np.ndarray, axes: str | None, index: int, edge: 
     return labels, tuple(offset)
 
 
-__all__ = ["TrainingWidget", "start_config", "crop_for", "layer_axes"]
+__all__ = ["TrainingWidget", "start_config", "crop_for", "layer_axes", "labelled_centre", "next_free_path",
+           "DEFAULT_OUTPUT"]

@@ -41,8 +41,10 @@ def test_layer_geometry_and_outputs():
     np.testing.assert_array_equal(np.asarray(data[0])[::2, ::2], labels)
     assert kw["scale"] == (0.5, 0.25) and kw["translate"] == (3.0, 4.0)
     assert list(kw["features"]["class"]) == ["background", "tumour"]
+    from napari.layers import Layer
+
     for d, k, t in out:
-        viewer._add_layer_from_data(d, k, t)
+        viewer.add_layer(Layer.create(d, k, t))
     assert viewer.layers["s labels"].metadata["octreenca"]["record"] == {"x": 1}
 
 

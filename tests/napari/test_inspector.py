@@ -140,25 +140,95 @@ def test_level_geometry_centres_coarse_cells():
 
 
 def test_recording_layers_in_a_viewer_model(model2d, image2d):
+    """Level and step sliders (the step slider belongs to the level slider's level), hidden
+    layers without a channel axis, lazy padded frames."""
     napari = pytest.importorskip("napari")
+    from napari.layers import Layer
+
     plan, rec, _ = _record(model2d, image2d)
     viewer = napari.components.ViewerModel()
     viewer.add_image(image2d, rgb=True, name="img", scale=(0.5, 0.5))
     for data, kwargs, kind in recording_layers(rec, scale=(0.5, 0.5), translate=(0.0, 0.0), prefix="NCA"):
-        viewer._add_layer_from_data(data, kwargs, kind)
+        viewer.add_layer(Layer.create(data, kwargs, kind))
     names = [ly.name for ly in viewer.layers]
-    assert names[1:] == [f"NCA L{lv} hidden" for lv in (3, 2, 1, 0)] + ["NCA evolution logits",
-                                                                        "NCA evolution hidden RGB"]
-    assert viewer.dims.axis_labels[:2] == ("channel", "step")
-    assert viewer.dims.nsteps[1] == 13
-    # The hidden layers show at every step of the slider (their singleton axis spans all steps).
-    viewer.dims.set_point(1, 12)
+    assert names[1:] == [f"NCA L{lv} hidden" for lv in (3, 2, 1, 0)] + ["NCA logits", "NCA hidden RGB"]
+    assert viewer.dims.axis_labels[:2] == ("level", "step")
+    assert "channel" not in viewer.dims.axis_labels
+    assert viewer.dims.nsteps[:2] == (4, 4)  # 4 levels; the longest level (L3) has 4 steps
+    logits = viewer.layers["NCA logits"]
+    # Level 3 runs first (frames 0-3), then L2 (4-6), L1 (7-9), L0 (10-12).
+    np.testing.assert_array_equal(np.asarray(logits.data[3, 0]), rec.logits[0, 0])
+    np.testing.assert_array_equal(np.asarray(logits.data[0, 2]), rec.logits[12, 0])
+    np.testing.assert_array_equal(np.asarray(logits.data[2, 3]), rec.logits[6, 0])  # L2's last step repeats
+    # The hidden layers show at every level/step position: spatial axes only.
     hidden0 = viewer.layers["NCA L0 hidden"]
+    assert hidden0.data.shape == image2d.shape[:2]
+    np.testing.assert_array_equal(hidden0.data, rec.hidden[0][0])
+    viewer.dims.set_point(0, 2)
     hidden0.visible = True
     hidden0.refresh()
     assert hidden0._slice.image.view.shape == image2d.shape[:2]
     # Coarsest level covers the same world extent as the image.
     l3 = viewer.layers["NCA L3 hidden"]
-    np.testing.assert_allclose(l3.extent.world[1][2:] - l3.extent.world[0][2:],
+    np.testing.assert_allclose(l3.extent.world[1] - l3.extent.world[0],
                                viewer.layers["img"].extent.world[1] - viewer.layers["img"].extent.world[0],
                                atol=8 * 0.5)
+
+
+def test_label_changes_are_recorded_per_step(model2d, image2d):
+    """The share of cells whose label flips is measured against the previous step's labels."""
+    plan, rec, seg = _record(model2d, image2d)
+    assert {lv: len(v) for lv, v in rec.label_changes.items()} == {3: 4, 2: 3, 1: 3, 0: 3}
+    assert all(0.0 <= v <= 1.0 for vals in rec.label_changes.values() for v in vals if math.isfinite(v))
+    # The first step of the first level compares with "no labels yet" (zero logits).
+    first = rec.logits[0, 0][:: plan.convergence_strides[3] * 8, :: plan.convergence_strides[3] * 8]
+    assert math.isfinite(rec.label_changes[3][0])
+
+
+def test_readings_in_plain_words():
+    """Synthetic curves for each verdict: a reading says what the labels did, in words."""
+    from napari_octreenca.run.recorder import level_reading
+
+    steady = [0.1] * 20
+    settled = level_reading(0, steady, [0.05, 0.02, 0.004] + [0.0] * 17, 20, 0.5)
+    assert settled.verdict == "settled" and settled.settled_at == 4
+    assert settled.text.startswith("L0: labels settled by step 4 of 20 (trained for 20)")
+    assert "keeps moving" in settled.text  # the update did not shrink: the state is not at rest
+    flicker = level_reading(1, steady, [0.003] * 10, 10, 0.5)
+    assert flicker.verdict == "nearly settled" and "0.3% of cells" in flicker.text
+    falling = level_reading(2, [1.0, 0.5, 0.2, 0.1, 0.05], [0.3, 0.2, 0.1, 0.06, 0.03], 5, 0.5)
+    assert falling.verdict == "settling"
+    changing = level_reading(3, steady, [0.2] * 10, 10, 0.5)
+    assert changing.verdict == "changing" and "still changing" in changing.text
+    rest = level_reading(0, [1.0, 0.1, 0.01, 0.001, 0.0001], [0.0] * 5, 5, 0.5)
+    assert "at rest" in rest.text
+    assert level_reading(0, [], [], 10, 0.5).verdict == "no steps"
+
+
+def test_expected_update_is_fire_rate_adjusted_and_windowed():
+    from napari_octreenca.run.recorder import expected_update
+
+    np.testing.assert_allclose(expected_update([0.1, 0.3, float("nan"), 0.5], 0.5, 2), [0.2, 0.4, 0.6, 1.0])
+
+
+def test_bundled_model_reading_on_real_h_and_e():
+    """The bundled epidermis model on the real H&E section: its labels settle (a reading of
+    "still changing" for every level would send users looking for a broken model)."""
+    from napari_octreenca import open_model
+    from napari_octreenca.data_sources import skin_sample
+    from napari_octreenca.run.recorder import recording_readings
+
+    try:
+        img, _ = skin_sample()
+    except FileNotFoundError as exc:
+        pytest.skip(str(exc))
+    model = open_model("he_epidermis")
+    crop = np.ascontiguousarray(img[200:328, 300:428])
+    plan = plan_recording(model.config, crop.shape[:2], record_evolution=False, record_hidden=False)
+    rec = NCARecorder(plan)
+    segment(model, crop, callback=rec, steps=list(plan.steps))
+    readings = recording_readings(rec.recording)
+    assert [r.level for r in readings] == [4, 3, 2, 1, 0]
+    assert [r.trained_steps for r in readings] == [20, 10, 10, 10, 10], [r.text for r in readings]
+    assert readings[-1].verdict in ("settled", "nearly settled"), [r.text for r in readings]
+    assert sum(r.verdict == "changing" for r in readings) < len(readings)

@@ -40,27 +40,35 @@ def test_inspector_layers_for_every_level_and_step_axis(viewer, qtbot, catalog, 
     shapes = cfg.level_shapes(rgb_image.shape[:2])
     for level in range(cfg.levels):
         layer = viewer.layers[f"he NCA L{level} hidden"]
-        assert layer.data.shape == (cfg.hidden_channels, 1) + shapes[level]
+        assert layer.data.shape == shapes[level]  # one hidden channel at a time: no channel axis
         f = 2**level
-        assert tuple(layer.scale[2:]) == (0.25 * f, 0.25 * f)
-        assert tuple(layer.translate[2:]) == ((f - 1) / 2 * 0.25,) * 2
-    evo = viewer.layers["he NCA evolution hidden RGB"]
-    logits = viewer.layers["he NCA evolution logits"]
-    assert evo.data.shape == (15,) + rgb_image.shape[:2] + (3,)
-    assert logits.data.shape == (15,) + rgb_image.shape[:2]
-    step_axis = viewer.dims.ndim - 3
-    assert viewer.dims.axis_labels[step_axis] == "step"
-    assert viewer.dims.nsteps[step_axis] == 15
-    assert viewer.dims.point[step_axis] == 14
-    # The last evolution frame is the model's result: its logits give the segment labels.
+        assert tuple(layer.scale) == (0.25 * f, 0.25 * f)
+        assert tuple(layer.translate) == ((f - 1) / 2 * 0.25,) * 2
+    evo = viewer.layers["he NCA hidden RGB"]
+    logits = viewer.layers["he NCA logits"]
+    assert evo.data.shape == (4, 6) + rgb_image.shape[:2] + (3,)  # (level, step in level, Y, X, RGB)
+    assert logits.data.shape == (4, 6) + rgb_image.shape[:2]
+    assert viewer.dims.axis_labels[:2] == ("level", "step") and "channel" not in viewer.dims.axis_labels
+    assert viewer.dims.nsteps[:2] == (4, 6)
+    assert viewer.dims.point[:2] == (0, 2)  # the result: finest level, its last step
+    # The shown evolution frame is the model's result: its logits give the segment labels.
     from napari_octreenca import labels_from_logits, load_model, segment
 
     ref = segment(load_model(model_file_2d), rgb_image, steps=[3, 3, 3, 6])
-    np.testing.assert_allclose(logits.data[-1], ref.logits[0], atol=1e-5)
-    np.testing.assert_array_equal(labels_from_logits(logits.data[-1][None]), ref.labels)
+    final = np.asarray(logits.data[0, 2])
+    np.testing.assert_allclose(final, ref.logits[0], atol=1e-5)
+    np.testing.assert_array_equal(labels_from_logits(final[None]), ref.labels)
     conv = evo.metadata["octreenca"]["convergence"]
     assert [len(conv[lv]) for lv in range(cfg.levels)] == [3, 3, 3, 6]
-    assert len(w.plot.axes) == cfg.levels and all(ax.lines for ax in w.plot.axes)  # a curve per level
+    # The plot was set up once and got every level's curve by appending data.
+    assert w.plot.builds == 1
+    assert [len(w.plot.curve(lv)[0]) for lv in range(cfg.levels)] == [3, 3, 3, 6]
+    assert w.plot.curve(3)[0].tolist() == [1.0, 2.0, 3.0, 4.0, 5.0, 6.0]  # coarsest level first on the time line
+    assert w.plot.curve(0)[0].tolist() == [13.0, 14.0, 15.0]
+    # A plain-words reading per level, coarsest first.
+    assert [r.level for r in w.readings] == [3, 2, 1, 0]
+    assert w.status.value.startswith("L3: labels ") and "(trained for 4)" in w.status.value
+    assert w.status.native.toolTip() == w.status.value  # the whole text, however narrow the dock
 
 
 def test_inspector_cancel_leaves_no_layer(viewer, qtbot, catalog, model_file_slow, rgb_image):
@@ -93,11 +101,11 @@ def test_inspector_on_a_pyramid_level(viewer, qtbot, catalog, model_file_2d, rgb
     job = w.start()
     _wait(qtbot, job)
     assert job.error is None, job.error
-    rgb = viewer.layers["pyr NCA evolution hidden RGB"]
-    assert rgb.data.shape[1:3] == levels[1].shape[:2]
-    assert tuple(rgb.scale[1:]) == (1.0, 1.0)  # level-1 pixels are 2 x 0.5
+    rgb = viewer.layers["pyr NCA hidden RGB"]
+    assert rgb.data.shape[2:4] == levels[1].shape[:2]
+    assert tuple(rgb.scale[2:]) == (1.0, 1.0)  # level-1 pixels are 2 x 0.5
     l0 = viewer.layers["pyr NCA L0 hidden"]
-    assert l0.data.shape[2:] == levels[1].shape[:2]
+    assert l0.data.shape == levels[1].shape[:2]
 
 
 def test_inspector_records_the_visible_region(make_napari_viewer, qtbot, catalog, model_file_2d, rgb_image):
@@ -125,13 +133,13 @@ def test_inspector_records_the_visible_region(make_napari_viewer, qtbot, catalog
     job = w.start()
     _wait(qtbot, job)
     assert job.error is None, job.error
-    logits = viewer.layers["he NCA evolution logits"]
-    assert logits.data.shape[1:] == (y1 - y0, x1 - x0)
-    assert tuple(logits.translate[1:]) == (float(y0), float(x0))
+    logits = viewer.layers["he NCA logits"]
+    assert logits.data.shape[2:] == (y1 - y0, x1 - x0)
+    assert tuple(logits.translate[2:]) == (float(y0), float(x0))
     from napari_octreenca import load_model, segment
 
     ref = segment(load_model(model_file_2d), rgb_image)
-    np.testing.assert_allclose(logits.data[-1], ref.logits[0, y0:y1, x0:x1], atol=1e-5)
+    np.testing.assert_allclose(np.asarray(logits.data[0, 2]), ref.logits[0, y0:y1, x0:x1], atol=1e-5)
 
 
 def test_inspector_runs_exactly_what_segment_runs_on_the_brain_sample(viewer, qtbot, catalog):
@@ -171,7 +179,72 @@ def test_inspector_runs_exactly_what_segment_runs_on_the_brain_sample(viewer, qt
     assert segment_labels.any()
     np.testing.assert_array_equal(inspector_labels, segment_labels)
     # The recording is shown in the file's axis order, on the image's grid extent.
-    evo = viewer.layers["brain MRI (T1) NCA evolution logits"]
+    evo = viewer.layers["brain MRI (T1) NCA logits"]
     extent = np.asarray(evo.extent.world)[:, -3:]
     img_extent = np.asarray(mri.extent.world)[:, -3:]
     np.testing.assert_allclose(extent, img_extent, atol=max(mri.scale) * 3.5)
+
+
+def test_second_run_replaces_its_layers_unless_kept(viewer, qtbot, catalog, model_file_2d, rgb_image):
+    """No ``[1]`` suffixes: a new recording replaces the last one's layers; kept ones stay and
+    the new run's names say which run they are."""
+    from napari_octreenca.widgets.inspector_widget import InspectorWidget
+
+    name = catalog.add(model_file_2d)
+    viewer.add_image(rgb_image, rgb=True, name="he")
+    w = InspectorWidget(viewer)
+    w.model.value = name
+    w.live.value = False
+    _wait(qtbot, w.start())
+    first = [ly.name for ly in viewer.layers]
+    assert len(first) == 1 + 4 + 2 + 1  # image; 4 hidden levels, logits, hidden RGB; the labels
+    _wait(qtbot, w.start())
+    assert [ly.name for ly in viewer.layers] == first
+    assert not any("[" in ly.name for ly in viewer.layers)
+    w.keep.value = True
+    _wait(qtbot, w.start())
+    names = [ly.name for ly in viewer.layers]
+    assert len(names) == 1 + 2 * 7 and set(first) <= set(names)
+    assert "he NCA #2 logits" in names and "he NCA #2 L0 hidden" in names
+    assert not any("[" in n for n in names)
+
+
+def test_hidden_channel_box_switches_every_level(viewer, qtbot, catalog, model_file_2d, rgb_image):
+    from napari_octreenca.widgets.inspector_widget import InspectorWidget
+
+    name = catalog.add(model_file_2d)
+    viewer.add_image(rgb_image, rgb=True, name="he")
+    w = InspectorWidget(viewer)
+    w.model.value = name
+    w.live.value = False
+    assert not w.channel.enabled  # nothing recorded yet
+    _wait(qtbot, w.start())
+    hidden = w.recording.in_input_order().hidden
+    assert w.channel.enabled and w.channel.max == hidden[0].shape[0] - 1
+    w.channel.value = 5
+    for level in range(4):
+        layer = viewer.layers[f"he NCA L{level} hidden"]
+        np.testing.assert_array_equal(layer.data, hidden[level][5])
+        assert layer.metadata["octreenca"]["channel"] == 5
+
+
+def test_live_run_appends_to_the_plot(viewer, qtbot, catalog, model_file_slow, rgb_image):
+    """Live mode: throttled redraws of line data on one figure (no rebuild per frame)."""
+    from napari_octreenca.widgets.inspector_widget import InspectorWidget
+
+    name = catalog.add(model_file_slow)
+    viewer.add_image(rgb_image[:48, :48], rgb=True, name="he")
+    w = InspectorWidget(viewer)
+    w.model.value = name
+    w.steps.value = "60, 60"
+    w.interval.value = 20
+    w.plot.min_interval = 0.2
+    job = w.start()
+    assert "he NCA live rgb" in viewer.layers  # added before the run, never mid-run
+    qtbot.waitUntil(lambda: len(w.plot.update.get(1, [])) >= 5, timeout=60000)
+    _wait(qtbot, job)
+    assert job.error is None, job.error
+    assert w.plot.builds == 1  # set up once, curves extended while it ran
+    frames = w.bar.value
+    assert frames == 120
+    assert 2 <= w.plot.draws < 120 / 2  # throttled: far fewer draws than steps

@@ -142,3 +142,23 @@ def test_write_ome_zarr_round_trip(tmp_path: Path):
     assert kind == "labels"
     first = data[0] if isinstance(data, list) else data
     np.testing.assert_array_equal(np.asarray(first), labels)
+
+
+def test_reader_patterns_come_from_the_format_table():
+    """napari.yaml's filename_patterns are the table in io/formats.py (regenerate the block with
+    ``python -m napari_octreenca.io.formats``), and the reader claims exactly those."""
+    import yaml
+
+    from napari_octreenca.io import readers
+    from napari_octreenca.io.formats import napari_patterns, suffixes
+    from napari_octreenca.napari_io import SUFFIXES
+    from napari_octreenca.resources import PACKAGE_DIR
+
+    manifest = yaml.safe_load((PACKAGE_DIR / "napari.yaml").read_text())
+    (reader,) = manifest["contributions"]["readers"]
+    assert reader["filename_patterns"] == napari_patterns()
+    assert ["*" + s for s in SUFFIXES] == napari_patterns()
+    assert readers.TIFF_SUFFIXES == suffixes("tiff") and readers.VIDEO_SUFFIXES == suffixes("video")
+    for pattern in napari_patterns():
+        assert get_reader("/data/x" + pattern[1:]) is not None, pattern
+        assert readers.file_kind("/data/x" + pattern[1:]) in ("nifti", "tiff", "ome-zarr", "video")

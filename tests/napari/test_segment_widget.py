@@ -271,3 +271,29 @@ def test_open_sample_then_segment_with_its_bundled_model(viewer, qtbot, sample, 
     ref = np.asarray(viewer.layers[reference].data) > 0
     dice = 2 * (got & ref).sum() / (got.sum() + ref.sum())
     assert dice >= min_dice
+
+
+def test_second_segment_run_replaces_its_layers_unless_kept(viewer, qtbot, catalog, model_file_2d, rgb_image):
+    """Results replace the previous run's layers (no ``[1]``); kept runs stay, the next run's
+    names say which run they are."""
+    from napari_octreenca.widgets.segment_widget import SegmentWidget
+
+    name = catalog.add(model_file_2d)
+    viewer.add_image(rgb_image, rgb=True, name="he")
+    w = SegmentWidget(viewer)
+    w.model.value = name
+    w.probability.value = True
+    _wait(qtbot, w.start())
+    first = [ly.name for ly in viewer.layers]
+    assert first == ["he", "he labels", "he probability foreground"]
+    viewer.layers["he labels"].opacity = 0.3
+    w.seed.value = 5
+    _wait(qtbot, w.start())
+    assert [ly.name for ly in viewer.layers] == first
+    assert viewer.layers["he labels"].metadata["octreenca"]["record"]["seed"] == 5
+    w.keep.value = True
+    _wait(qtbot, w.start())
+    assert [ly.name for ly in viewer.layers] == first + ["he #2 labels", "he #2 probability foreground"]
+    w.keep.value = False  # replaces the last run's (#2) layers, not the kept ones
+    _wait(qtbot, w.start())
+    assert [ly.name for ly in viewer.layers] == first + ["he #2 labels", "he #2 probability foreground"]

@@ -117,3 +117,91 @@ def test_training_3d_from_a_loaded_model(viewer, qtbot, catalog, tmp_path: Path,
     preview = viewer.layers["training preview"]
     assert preview.data.shape == (1, 32, 40)
     assert preview.translate[0] == 5 * 2.0  # slice 5 at z-spacing 2
+
+
+def _skin(viewer):
+    from napari_octreenca.data_sources import skin_sample
+
+    try:
+        img, mask = skin_sample()
+    except FileNotFoundError as exc:
+        pytest.skip(str(exc))
+    viewer.add_image(img, rgb=True, name="skin")
+    viewer.add_labels(mask, name="epidermis")
+    return img, mask
+
+
+def test_preview_sits_on_the_labels(viewer, qtbot, catalog, tmp_path: Path):
+    """On the skin sample the epidermis is nowhere near the image centre: the preview window
+    must hold labels (a fixed centre crop would preview only dermis)."""
+    from napari_octreenca.widgets.training_widget import PRESET_PREFIX, TrainingWidget, labelled_centre
+
+    img, mask = _skin(viewer)
+    w = TrainingWidget(viewer)
+    w.start_from.value = PRESET_PREFIX + "pathology"
+    w.iterations.value = 2
+    w.batch.value = 1
+    w.crop.value = 32
+    w.preview_every.value = 2
+    w.output.value = str(tmp_path / "m.safetensors")
+    _wait(qtbot, w.start(), 120)
+    preview = viewer.layers["training preview"]
+    y0, x0 = (int(t) for t in preview.translate)
+    h, wd = preview.data.shape
+    assert mask[y0:y0 + h, x0:x0 + wd].mean() > 0.1  # the window holds epidermis
+    c = labelled_centre(mask)
+    assert mask[c] == 1 and y0 <= c[0] < y0 + h and x0 <= c[1] < x0 + wd
+
+
+def test_cancel_removes_the_preview(viewer, qtbot, catalog, tmp_path: Path, rgb_image):
+    from napari_octreenca.widgets.training_widget import PRESET_PREFIX, TrainingWidget
+
+    viewer.add_image(rgb_image, rgb=True, name="he")
+    viewer.add_labels((rgb_image.mean(-1) < 160).astype(np.uint8), name="dark")
+    w = TrainingWidget(viewer)
+    w.start_from.value = PRESET_PREFIX + "pathology"
+    w.iterations.value = 10_000
+    w.crop.value = 32
+    w.batch.value = 1
+    w.preview_every.value = 1
+    w.output.value = str(tmp_path / "never.safetensors")
+    job = w.start()
+    qtbot.waitUntil(lambda: "training preview" in viewer.layers, timeout=60000)
+    w.request_cancel()
+    _wait(qtbot, job, 60)
+    assert job.cancelled and "training preview" not in viewer.layers
+
+
+def test_output_file_is_never_silently_overwritten(viewer, qtbot, catalog, tmp_path: Path, rgb_image):
+    from napari_octreenca.widgets.training_widget import PRESET_PREFIX, TrainingWidget, next_free_path
+
+    viewer.add_image(rgb_image, rgb=True, name="he")
+    viewer.add_labels((rgb_image.mean(-1) < 160).astype(np.uint8), name="dark")
+    first = tmp_path / "trained.safetensors"
+    first.write_bytes(b"someone's model")
+    assert next_free_path(first) == tmp_path / "trained-2.safetensors"
+    w = TrainingWidget(viewer)
+    w.start_from.value = PRESET_PREFIX + "pathology"
+    w.iterations.value = 1
+    w.batch.value = 1
+    w.crop.value = 32
+    w.output.value = str(first)
+    _wait(qtbot, w.start(), 120)
+    assert first.read_bytes() == b"someone's model"
+    assert w.saved == tmp_path / "trained-2.safetensors" and w.saved.exists()
+    assert str(w.output.value) == str(tmp_path / "trained-3.safetensors")  # the next training's name
+
+
+def test_2d_images_hide_the_z_and_t_fields(viewer, rgb_image):
+    from napari_octreenca.data_sources import synthetic_video
+    from napari_octreenca.widgets.training_widget import TrainingWidget
+
+    video, _ = synthetic_video(frames=6, size=(32, 40))
+    volume = viewer.add_image(video[..., 2], name="volume")
+    he = viewer.add_image(rgb_image, rgb=True, name="he")
+    w = TrainingWidget(viewer)
+    w.show_advanced.value = True
+    w.image.value = he
+    assert w.depth.native.isHidden() and w.preview_slice.native.isHidden()
+    w.image.value = volume
+    assert not w.depth.native.isHidden() and not w.preview_slice.native.isHidden()

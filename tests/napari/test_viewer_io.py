@@ -64,3 +64,24 @@ def test_defaults_come_from_napari_plugin_settings(plugin_settings, npe2pm):
     settings.defaults.record_budget_mb = 64
     assert plugin_setting("runs", 1) == 3
     assert plugin_setting("record_budget_mb", 256) == 64
+
+
+def test_drag_and_drop_needs_no_reader_choice_after_first_use(viewer, itk_brain):
+    """napari's own reader claims .nii.gz too, so napari asks which reader to use; opening one of
+    the plugin's docks makes it the preferred reader for its patterns (a user's choice stays)."""
+    from napari.errors import MultipleReaderError
+    from napari.settings import get_settings
+
+    from napari_octreenca.widgets.segment_widget import SegmentWidget
+
+    settings = get_settings().plugins
+    settings.extension2reader = {"*.tif": "napari"}  # the user chose napari's reader for .tif
+    # plugin=None is what File > Open and drag and drop do (the API's default is napari's own
+    # reader): without a preference napari must ask which reader to use.
+    with pytest.raises(MultipleReaderError):
+        viewer.open(str(itk_brain[0]), plugin=None)
+    SegmentWidget(viewer)
+    assert settings.extension2reader["*.nii.gz"] == "napari-octreenca"
+    assert settings.extension2reader["*.tif"] == "napari"  # never overridden
+    layer, = viewer.open(str(itk_brain[0]), plugin=None)
+    assert layer.metadata["octreenca"]["axes"] == "ZYX"  # read by this plugin, no question asked

@@ -1,0 +1,94 @@
+"""The three docks on a 1366x768 laptop screen: they scroll, fold advanced settings away, elide
+long status lines (whole text in the tooltip), and a closed dock stops its run."""
+
+from __future__ import annotations
+
+import pytest
+
+pytest.importorskip("napari")
+pytest.importorskip("pytestqt")
+
+pytestmark = pytest.mark.napari
+
+from napari_helpers import wait as _wait  # noqa: E402
+
+
+def _docks(viewer):
+    from napari_octreenca.widgets.inspector_widget import InspectorWidget
+    from napari_octreenca.widgets.segment_widget import SegmentWidget
+    from napari_octreenca.widgets.training_widget import TrainingWidget
+
+    widgets = [SegmentWidget(viewer), InspectorWidget(viewer), TrainingWidget(viewer)]
+    docks = [viewer.window.add_dock_widget(w, name=type(w).__name__, area="right") for w in widgets]
+    return widgets, docks
+
+
+def test_three_docks_fit_a_laptop_screen(make_napari_viewer, qtbot, rgb_image):
+    from qtpy.QtWidgets import QApplication, QScrollArea
+
+    viewer = make_napari_viewer(show=True)
+    viewer.add_image(rgb_image, rgb=True, name="he")
+    window = viewer.window._qt_window
+    window.resize(1366, 768)
+    widgets, docks = _docks(viewer)
+    QApplication.processEvents()
+    qtbot.wait(200)
+    assert window.height() <= 768 and window.width() <= 1366, (window.width(), window.height())
+    for w, dock in zip(widgets, docks):
+        assert isinstance(w.native, QScrollArea)  # napari docks the scroll area
+        assert not w.advanced.visible and not w.show_advanced.value  # advanced settings folded away
+        # Small enough that the three share the screen's height...
+        assert w.native.minimumSizeHint().height() <= 200
+        # ...nothing cut off at the right (no horizontal scrolling in a dock)...
+        assert w.body.width() <= w.native.viewport().width(), (type(w).__name__, w.body.width())
+        assert w.native.minimumWidth() <= 420, w.native.minimumWidth()
+        # ...and the main button can be scrolled to and clicked.
+        w.native.ensureWidgetVisible(w.run_button.native)
+        QApplication.processEvents()
+        assert not w.run_button.native.visibleRegion().isEmpty(), type(w).__name__
+    # The folded main controls of the segment dock alone fit under a title bar on 768 px.
+    seg = widgets[0]
+    assert seg.body.sizeHint().height() <= 420, seg.body.sizeHint().height()
+    seg.show_advanced.value = True
+    assert seg.advanced.visible
+
+
+def test_long_status_lines_elide_with_a_tooltip(viewer):
+    from napari_octreenca.widgets.segment_widget import SegmentWidget
+
+    w = SegmentWidget(viewer)
+    viewer.window.add_dock_widget(w)
+    text = "tiled: 64 tiles of 1024 cells, about 1.2 GB each on cuda:0 (whole image would need 80.0 GB)"
+    w.status.native.resize(120, 20)
+    w.status.value = text
+    assert w.status.value == text and w.status.native.toolTip() == text
+    assert w.status.shown_text.endswith("…") and len(w.status.shown_text) < len(text)
+    assert w.status.native.sizeHint().width() <= 200 or w.status.native.minimumSizeHint().width() <= 100
+
+
+def test_uncertainty_only_with_an_ensemble(viewer):
+    from napari_octreenca.widgets.segment_widget import SegmentWidget
+
+    w = SegmentWidget(viewer)
+    w.runs.value = 1
+    assert not w.uncertainty.enabled and not w.uncertainty.value
+    w.runs.value = 3
+    assert w.uncertainty.enabled and w.uncertainty.value
+    w.runs.value = 1
+    assert not w.uncertainty.enabled and not w.uncertainty.value
+
+
+def test_closing_the_segment_dock_cancels_its_run(viewer, qtbot, catalog, model_file_slow, rgb_image):
+    from napari_octreenca.widgets.segment_widget import SegmentWidget
+
+    name = catalog.add(model_file_slow)
+    viewer.add_image(rgb_image, rgb=True, name="he")
+    w = SegmentWidget(viewer)
+    dock = viewer.window.add_dock_widget(w, name="Segment")
+    w.model.value = name
+    job = w.start()
+    qtbot.waitUntil(lambda: w.bar_step.value > 1, timeout=60000)
+    viewer.window.remove_dock_widget(dock)  # what the dock's close button does
+    _wait(qtbot, job, 30)
+    assert job.cancelled
+    assert [ly.name for ly in viewer.layers] == ["he"]
