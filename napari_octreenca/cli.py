@@ -14,6 +14,8 @@ from typing import Any
 
 EXIT_ERROR = 2
 EXIT_INTERRUPT = 130
+#: Keys of ``nca.config.ORIGINAL_NORMALIZATIONS``, spelled out so that ``--help`` does not import torch.
+ORIGINAL_NORMALIZATION_NAMES = ("imagenet", "percentile", "unit", "none")
 
 
 def _ints(text: str) -> tuple[int, ...]:
@@ -82,7 +84,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
     written = run_segment(
         inputs, output, args.model, device=args.device, dtype=args.dtype, backend=args.backend,
         seed=args.seed, runs=args.runs, tile=args.tile, scheduler=args.scheduler, progress=progress,
-        use_pyramid=args.use_pyramid,
+        use_pyramid=args.use_pyramid, normalization=args.normalization, fire_rate=args.fire_rate,
     )
     for p in written:
         print(p)
@@ -162,9 +164,15 @@ def cmd_import(args: argparse.Namespace) -> int:
         changes["output_channels"] = args.classes
     if args.steps:
         changes["steps"] = args.steps
+    if args.normalization:
+        changes["normalization"] = args.normalization
+    if args.fire_rate is not None:
+        changes["fire_rate"] = args.fire_rate
     model = import_original(args.checkpoint, args.preset, **changes)
     save_model(model, args.out)
-    print(f"imported {args.checkpoint} -> {args.out} ({model.parameter_count():,} parameters)")
+    cfg = model.config
+    print(f"imported {args.checkpoint} -> {args.out} ({model.parameter_count():,} parameters, "
+          f"normalisation {cfg.normalization.mode}, fire rate {cfg.fire_rate})")
     return 0
 
 
@@ -178,6 +186,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
     return int(run_demo(args.out, device=args.device, quick=args.quick) or 0)
+
+
+def _run_setting_args(parser: argparse.ArgumentParser, what: str) -> None:
+    """``--normalization`` and ``--fire-rate``: the published code's input normalisation and fire rate."""
+    parser.add_argument("--normalization", default=None, choices=ORIGINAL_NORMALIZATION_NAMES,
+                        help="input normalisation of the published code: imagenet (its 2D RGB data: /255, "
+                             f"ImageNet mean/std), percentile (its 3D MRI: 0.5-99.5 %% -> 0-1), unit, none ({what})")
+    parser.add_argument("--fire-rate", type=float, default=None,
+                        help=f"probability that a cell updates per step; 1 = deterministic ({what})")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -196,6 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--scheduler", default=None, help="dask.distributed scheduler address")
     s.add_argument("--use-pyramid", action="store_true",
                    help="read octree levels from the file's pyramid where shapes fit (faster, not bitwise equal)")
+    _run_setting_args(s, "instead of the model's own")
     s.add_argument("--quiet", action="store_true")
     s.set_defaults(func=cmd_segment)
 
@@ -232,6 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--preset", default="pathology", choices=["pathology", "radiology", "surgery"])
     m.add_argument("--classes", type=int, default=None)
     m.add_argument("--steps", type=_ints, default=None)
+    _run_setting_args(m, "stored in the converted model; default: the preset's")
     m.set_defaults(func=cmd_import)
 
     b = sub.add_parser("bench", help="benchmark the backends (cell-steps/s, seconds, peak memory)")

@@ -18,12 +18,13 @@ from typing import Any
 import torch
 
 from ..fileutil import atomic_write
-from .config import FORMAT_VERSION, ModelConfig, preset
+from .config import FORMAT_VERSION, ORIGINAL_NORMALIZATIONS, ModelConfig, Normalization, preset
 from .errors import ConfigError, ModelFileError
 from .octree import OctreeNCA
 
 FORMAT_NAME = "octreenca"
 SUPPORTED_VERSIONS = {1}
+
 
 
 def save_model(model: OctreeNCA, path: str | os.PathLike[str], extra: dict[str, Any] | None = None) -> Path:
@@ -123,6 +124,35 @@ def read_extra(path: str | os.PathLike[str]) -> dict[str, Any]:
     return json.loads(meta["extra"]) if "extra" in meta else {}
 
 
+def original_normalization(name: str | Normalization) -> Normalization:
+    """A normalisation of the published code by name (see ``ORIGINAL_NORMALIZATIONS``), or as given."""
+    if isinstance(name, Normalization):
+        return name
+    try:
+        return ORIGINAL_NORMALIZATIONS[name]
+    except KeyError:
+        raise ModelFileError(
+            f"unknown normalisation {name!r}; choose one of {', '.join(ORIGINAL_NORMALIZATIONS)}"
+        ) from None
+
+
+def with_run_settings(
+    model: OctreeNCA, normalization: str | Normalization | None = None, fire_rate: float | None = None
+) -> OctreeNCA:
+    """``model`` with its config's input normalisation and/or fire rate replaced (for one run)."""
+    changes: dict[str, Any] = {}
+    if normalization is not None:
+        changes["normalization"] = original_normalization(normalization)
+    if fire_rate is not None:
+        changes["fire_rate"] = float(fire_rate)
+    if changes:
+        try:
+            model.config = model.config.replace(**changes)
+        except ConfigError as exc:
+            raise ModelFileError(f"cannot run the model with {changes}: {exc}") from None
+    return model
+
+
 def import_original(
     path: str | os.PathLike[str],
     base: str | ModelConfig = "pathology",
@@ -132,10 +162,14 @@ def import_original(
 
     The checkpoint's keys are ``backbone_ncas.{level}.conv.weight`` etc. (level 0 = finest). The
     architecture (channels, hidden size, input channels, dimensionality, levels) is read from the
-    tensor shapes; factors, steps and normalisation come from ``base`` (a preset or a config)
-    and ``changes``. Image resizing is set to ``nearest`` as in the original code.
+    tensor shapes; factors, steps, fire rate and normalisation come from ``base`` (a preset or a
+    config) and ``changes``; ``normalization`` may be a name of ``ORIGINAL_NORMALIZATIONS``
+    (e.g. ``"imagenet"`` for the original 2D RGB datasets). Image resizing is set to ``nearest``
+    as in the original code.
     """
     path = Path(path)
+    if "normalization" in changes:
+        changes["normalization"] = original_normalization(changes["normalization"])
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as exc:

@@ -21,6 +21,7 @@ import numpy as np
 
 from ..nca.errors import InputError
 from .inference import segment
+from ..nca.modelfile import with_run_settings
 from ..nca.registry import open_model
 from .resample import model_grid_shape, model_spacing_in_input_order, segment_at_model_spacing
 from ..io.readers import FRAME_SUFFIXES, ImageData, file_kind, read_image, to_numpy
@@ -103,15 +104,18 @@ def whole_bytes(cells: int, model: Any) -> int:
 def run_segment(inputs: list[str], output: str, model: str, *, device: str = "cpu", dtype: str = "float32",
                 backend: str = "auto", seed: int = 0, runs: int = 1, tile: int | None = None,
                 scheduler: str | None = None, progress: Progress = None, memory_budget: int | None = None,
-                keep_work: bool = False, use_pyramid: bool = False) -> list[Path]:
+                keep_work: bool = False, use_pyramid: bool = False, normalization: str | None = None,
+                fire_rate: float | None = None) -> list[Path]:
     """Segment every input and write labels; returns the output paths (see ``octreenca segment``).
 
     ``output`` is a file for one input (its extension picks the format), else a folder that gets
     ``<name>_labels.<ext>`` per input. Rerunning after an interruption resumes tiled inputs from
     their work folders. ``use_pyramid`` lets tiled runs read octree level images from the
     file's own pyramid where the shapes fit (faster; not bitwise equal to a whole run).
+    ``normalization`` (a name of ``nca.modelfile.ORIGINAL_NORMALIZATIONS``) and ``fire_rate``
+    replace the model's own for this run.
     """
-    net = open_model(model, device)
+    net = with_run_settings(open_model(model, device), normalization, fire_rate)
     cfg = net.config
     paths = expand_inputs(list(inputs), video_model="T" in cfg.axes)
     if not paths:
