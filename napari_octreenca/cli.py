@@ -75,6 +75,9 @@ def cmd_segment(args: argparse.Namespace) -> int:
     last = [0.0]
 
     def progress(info: dict[str, Any]) -> None:
+        if info.get("stage") == "quality":
+            _print_quality(info)
+            return
         if args.quiet or time.perf_counter() - last[0] < 1.0:
             return
         last[0] = time.perf_counter()
@@ -91,6 +94,17 @@ def cmd_segment(args: argparse.Namespace) -> int:
     if not args.quiet:
         print(f"done: {len(written)} output(s) in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
     return 0
+
+
+def _print_quality(info: dict[str, Any]) -> None:
+    """One line per output: the quality estimate and its verdict (stderr, like the progress)."""
+    q = info.get("quality")
+    if not q:
+        print(f"quality: {info['path']}: {info['verdict']}", file=sys.stderr, flush=True)
+        return
+    labels = ", ".join(f"{k} {v:.4f}" for k, v in q["per_label"].items())
+    flag = "FLAGGED" if q["flagged"] else "ok"
+    print(f"quality: {info['path']}: {flag}; per label: {labels}; {q['verdict']}", file=sys.stderr, flush=True)
 
 
 def _read(path: str) -> tuple[Any, str]:
@@ -203,12 +217,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("segment", help="segment images (files, folders or globs) with a model")
     s.add_argument("paths", nargs="+", metavar="INPUT... OUTPUT")
-    s.add_argument("--model", required=True, help="bundled model name or model file")
+    s.add_argument("--model", required=True,
+                   help="bundled model name, model file, or a classical baseline (otsu-brain, otsu-epidermis)")
     s.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     s.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     s.add_argument("--backend", default="auto", choices=["auto", "torch", "cpu-fused", "cuda"])
     s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--runs", type=int, default=1, help="ensemble size (median logits + spread map)")
+    s.add_argument("--runs", type=int, default=None,
+                   help="ensemble size (median logits + spread map + quality estimate); default 3 for inputs "
+                        "segmented whole, 1 for tiled ones")
     s.add_argument("--tile", type=int, default=None, help="force tiled inference with this tile size")
     s.add_argument("--scheduler", default=None, help="dask.distributed scheduler address")
     s.add_argument("--use-pyramid", action="store_true",

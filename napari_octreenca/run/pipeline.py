@@ -22,6 +22,7 @@ import numpy as np
 from ..nca.errors import InputError
 from .inference import segment
 from ..nca.modelfile import with_run_settings
+from .quality import DEFAULT_RUNS as QUALITY_RUNS
 from ..nca.registry import open_model
 from .resample import model_grid_shape, model_spacing_in_input_order, segment_at_model_spacing
 from ..io.readers import FRAME_SUFFIXES, ImageData, file_kind, read_image, to_numpy
@@ -102,7 +103,7 @@ def whole_bytes(cells: int, model: Any) -> int:
 
 
 def run_segment(inputs: list[str], output: str, model: str, *, device: str = "cpu", dtype: str = "float32",
-                backend: str = "auto", seed: int = 0, runs: int = 1, tile: int | None = None,
+                backend: str = "auto", seed: int = 0, runs: int | None = None, tile: int | None = None,
                 scheduler: str | None = None, progress: Progress = None, memory_budget: int | None = None,
                 keep_work: bool = False, use_pyramid: bool = False, normalization: str | None = None,
                 fire_rate: float | None = None) -> list[Path]:
@@ -113,8 +114,15 @@ def run_segment(inputs: list[str], output: str, model: str, *, device: str = "cp
     their work folders. ``use_pyramid`` lets tiled runs read octree level images from the
     file's own pyramid where the shapes fit (faster; not bitwise equal to a whole run).
     ``normalization`` (a name of ``nca.modelfile.ORIGINAL_NORMALIZATIONS``) and ``fire_rate``
-    replace the model's own for this run.
+    replace the model's own for this run. ``runs`` defaults to ``run.quality.DEFAULT_RUNS`` for
+    inputs segmented whole (so that every result gets a quality estimate, reported to ``progress``
+    as stage ``quality`` and stored in the output's metadata) and to 1 for tiled inputs.
+    ``model`` may also name a classical baseline (``baselines.BASELINE_MODELS``, e.g. ``otsu-brain``).
     """
+    from ..baselines import BASELINE_MODELS
+
+    if model in BASELINE_MODELS:
+        return _run_baseline(inputs, output, model, progress)
     net = with_run_settings(open_model(model, device), normalization, fire_rate)
     cfg = net.config
     paths = expand_inputs(list(inputs), video_model="T" in cfg.axes)
@@ -142,16 +150,41 @@ def run_segment(inputs: list[str], output: str, model: str, *, device: str = "cp
         tiled = cfg.spacing is None and (tile is not None or scheduler is not None or whole_bytes(cells, net) > budget)
         t0 = time.perf_counter()
         if tiled:
-            _segment_tiled(net, im, src, dest, device=device, dtype=dtype, backend=backend, seed=seed, runs=runs,
-                           tile=tile, scheduler=scheduler, progress=progress, keep_work=keep_work,
+            _segment_tiled(net, im, src, dest, device=device, dtype=dtype, backend=backend, seed=seed,
+                           runs=runs or 1, tile=tile, scheduler=scheduler, progress=progress, keep_work=keep_work,
                            use_pyramid=use_pyramid)
         else:
-            seg = _segment_whole(net, im, device=device, dtype=dtype, backend=backend, seed=seed, runs=runs,
-                                 callback=_step_progress(progress))
-            write_labels(dest, seg.labels, like=im, class_names=cfg.class_names)
+            seg = _segment_whole(net, im, device=device, dtype=dtype, backend=backend, seed=seed,
+                                 runs=runs or QUALITY_RUNS, callback=_step_progress(progress))
+            meta = {"model": cfg.name, "seeds": list(seg.seeds), "quality": seg.quality}
+            write_labels(dest, seg.labels, like=im, class_names=cfg.class_names, metadata=meta)
+            if progress is not None:
+                progress({"stage": "quality", "path": str(dest), "quality": seg.quality, "verdict": seg.verdict})
         if progress is not None:
             progress({"stage": "written", "input": k + 1, "inputs": len(paths), "path": str(dest), "tiled": tiled,
                       "seconds": time.perf_counter() - t0})
+        results.append(dest)
+    return results
+
+
+def _run_baseline(inputs: list[str], output: str, name: str, progress: Progress) -> list[Path]:
+    """``run_segment`` for a classical baseline: the same inputs and outputs, no NCA."""
+    from ..baselines import BASELINE_MODELS, run_baseline
+
+    kind = BASELINE_MODELS[name]
+    paths = expand_inputs(list(inputs))
+    out = Path(output)
+    single = len(paths) == 1 and _has_output_suffix(out)
+    if not single:
+        out.mkdir(parents=True, exist_ok=True)
+    results = []
+    for k, src in enumerate(paths):
+        dest = out if single else out / default_output_name(src)
+        im = read_image(src)
+        labels = run_baseline(name, to_numpy(im.data), im.axes, im.scale)
+        write_labels(dest, labels, like=im, class_names=(kind["class"],), metadata={"model": name, "quality": None})
+        if progress is not None:
+            progress({"stage": "written", "input": k + 1, "inputs": len(paths), "path": str(dest), "tiled": False})
         results.append(dest)
     return results
 

@@ -59,12 +59,14 @@ class SegmentWidget(Container):
         self.bar_step = ProgressBar(label="step", min=0, max=1, value=0)
         self.bar_tile = ProgressBar(label="tile", min=0, max=1, value=0, visible=False)
         self.status = Label(label="status", value="ready")
+        self.quality = Label(label="quality", value="", tooltip="how far to trust the result: the spread "
+                             "between the ensemble runs (needs 2 or more runs), calibrated per model")
         self.extend([
             self.image, self.model, self.model_file, self.device, self.precision, self.seed, self.runs,
             self.level, self.tiling, self.plan, self.probability, self.uncertainty, self.run_button,
-            self.cancel_button, self.bar_level, self.bar_step, self.bar_tile, self.status,
+            self.cancel_button, self.bar_level, self.bar_step, self.bar_tile, self.status, self.quality,
         ])
-        _fixed_width(self.status, self.plan)
+        _fixed_width(self.status, self.plan, self.quality)
         self.job: Job | None = None
         self.last_error: BaseException | None = None
         self.notices: list[str] = []
@@ -170,6 +172,7 @@ class SegmentWidget(Container):
                 self.viewer._add_layer_from_data(data, kwargs, kind)
             self.status.value = f"done in {record['timings']['seconds']:.1f} s" + (
                 " (tiled)" if record.get("tiled") else "")
+            self.quality.value = seg.verdict
 
         self.job = Job(work, on_done=done, on_finished=self._finished, on_cancelled=self._cancelled,
                        on_error=self._errored, what="segmentation")
@@ -310,6 +313,7 @@ def _run(job: Job, src: Any, settings: dict[str, Any]) -> tuple[Any, dict[str, A
         "model": settings["model"], "model_file": settings["model_file"], "model_config": model.config.name,
         "settings": settings, "seed": settings["seed"], "seeds": list(seg.seeds), "engine": dict(seg.record),
         "tiled": bool(seg.record.get("tiled", False)), "retried_tiled_after_oom": retried,
+        "quality": seg.quality, "verdict": seg.verdict,
         "plan": choice.text, "class_names": list(seg.class_names),
         "timings": {"started": started, "load_s": round(load_s, 3), "segment_s": round(seg.seconds, 3),
                     "seconds": round(seconds, 3)},
