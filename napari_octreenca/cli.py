@@ -223,9 +223,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     s.add_argument("--backend", default="auto", choices=["auto", "torch", "cpu-fused", "cuda"])
     s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--runs", type=int, default=None,
-                   help="ensemble size (median logits + spread map + quality estimate); default 3 for inputs "
-                        "segmented whole, 1 for tiled ones")
+    s.add_argument("--runs", type=int, default=3,
+                   help="ensemble size: median logits + quality estimate (2 or more runs); "
+                        "--runs 1 is fastest for very large inputs")
     s.add_argument("--tile", type=int, default=None, help="force tiled inference with this tile size")
     s.add_argument("--scheduler", default=None, help="dask.distributed scheduler address")
     s.add_argument("--use-pyramid", action="store_true",

@@ -22,7 +22,6 @@ import numpy as np
 from ..nca.errors import InputError
 from .inference import segment
 from ..nca.modelfile import with_run_settings
-from .quality import DEFAULT_RUNS as QUALITY_RUNS
 from ..nca.registry import open_model
 from .resample import model_grid_shape, model_spacing_in_input_order, segment_at_model_spacing
 from ..io.readers import FRAME_SUFFIXES, ImageData, file_kind, read_image, to_numpy
@@ -103,7 +102,7 @@ def whole_bytes(cells: int, model: Any) -> int:
 
 
 def run_segment(inputs: list[str], output: str, model: str, *, device: str = "cpu", dtype: str = "float32",
-                backend: str = "auto", seed: int = 0, runs: int | None = None, tile: int | None = None,
+                backend: str = "auto", seed: int = 0, runs: int = 1, tile: int | None = None,
                 scheduler: str | None = None, progress: Progress = None, memory_budget: int | None = None,
                 keep_work: bool = False, use_pyramid: bool = False, normalization: str | None = None,
                 fire_rate: float | None = None) -> list[Path]:
@@ -114,10 +113,9 @@ def run_segment(inputs: list[str], output: str, model: str, *, device: str = "cp
     their work folders. ``use_pyramid`` lets tiled runs read octree level images from the
     file's own pyramid where the shapes fit (faster; not bitwise equal to a whole run).
     ``normalization`` (a name of ``nca.modelfile.ORIGINAL_NORMALIZATIONS``) and ``fire_rate``
-    replace the model's own for this run. ``runs`` defaults to ``run.quality.DEFAULT_RUNS`` for
-    inputs segmented whole (so that every result gets a quality estimate, reported to ``progress``
-    as stage ``quality`` and stored in the output's metadata) and to 1 for tiled inputs.
-    ``model`` may also name a classical baseline (``baselines.BASELINE_MODELS``, e.g. ``otsu-brain``).
+    replace the model's own for this run. With ``runs >= 2`` inputs segmented whole get a quality
+    estimate (``run.quality``), reported to ``progress`` as stage ``quality`` and stored in the
+    output's metadata (``octreenca segment`` runs 3 by default). ``model`` may also name a classical baseline (``baselines.BASELINE_MODELS``, e.g. ``otsu-brain``).
     """
     from ..baselines import BASELINE_MODELS
 
@@ -151,15 +149,17 @@ def run_segment(inputs: list[str], output: str, model: str, *, device: str = "cp
         t0 = time.perf_counter()
         if tiled:
             _segment_tiled(net, im, src, dest, device=device, dtype=dtype, backend=backend, seed=seed,
-                           runs=runs or 1, tile=tile, scheduler=scheduler, progress=progress, keep_work=keep_work,
+                           runs=runs, tile=tile, scheduler=scheduler, progress=progress, keep_work=keep_work,
                            use_pyramid=use_pyramid)
         else:
-            seg = _segment_whole(net, im, device=device, dtype=dtype, backend=backend, seed=seed,
-                                 runs=runs or QUALITY_RUNS, callback=_step_progress(progress))
+            seg = _segment_whole(net, im, device=device, dtype=dtype, backend=backend, seed=seed, runs=runs,
+                                 callback=_step_progress(progress))
             meta = {"model": cfg.name, "seeds": list(seg.seeds), "quality": seg.quality}
             write_labels(dest, seg.labels, like=im, class_names=cfg.class_names, metadata=meta)
-            if progress is not None:
-                progress({"stage": "quality", "path": str(dest), "quality": seg.quality, "verdict": seg.verdict})
+        if progress is not None:
+            verdict = "not estimated for tiled runs (yet)" if tiled else seg.verdict
+            progress({"stage": "quality", "path": str(dest), "quality": None if tiled else seg.quality,
+                      "verdict": verdict})
         if progress is not None:
             progress({"stage": "written", "input": k + 1, "inputs": len(paths), "path": str(dest), "tiled": tiled,
                       "seconds": time.perf_counter() - t0})
