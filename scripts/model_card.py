@@ -118,8 +118,11 @@ def _quality_section(cfg: Any) -> list[str]:
              f"threshold is the {q['rule']}, measured on these inputs (none used for training or model selection; "
              "`python scripts/calibrate_quality.py` reproduces them):", "",
              "| group | input | score |", "|---|---|---|"]
+    empty = set(q.get("nothing_segmented", []))
     for group, cases in q["calibrated_on"].items():
-        lines += [f"| {group} | {name} | {v:.4f} |" for name, v in cases.items()]
+        lines += [f"| {group} | {name} | {v:.4f}" + (" (nothing segmented: flagged as such)" if name in empty else "")
+                  + " |" for name, v in cases.items()]
+    lines += ["", "Groups: good and failing set the threshold; measured inputs are shown for information."]
     return lines + [""]
 
 
