@@ -122,7 +122,10 @@ def _quality_section(cfg: Any) -> list[str]:
     for group, cases in q["calibrated_on"].items():
         lines += [f"| {group} | {name} | {v:.4f}" + (" (nothing segmented: flagged as such)" if name in empty else "")
                   + " |" for name, v in cases.items()]
-    lines += ["", "Groups: good and failing set the threshold; measured inputs are shown for information."]
+    lines += ["", "Groups: good and failing set the threshold; measured inputs are shown for information.",
+              "", f"A label covering more than {q.get('max_fraction', 0.9):.0%} of the image is flagged as implausible as "
+              "well (the spread cannot see a model that labels everything and is sure of it), and so is a result "
+              "with nothing segmented."]
     return lines + [""]
 
 

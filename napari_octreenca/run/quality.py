@@ -12,6 +12,12 @@ spread by the segmented volume instead; measured here, that rewards the typical 
 modality - labelling almost everything, confidently - with a *low* score: the H&E model on a
 laparoscopy frame scored 0.016 per segmented pixel against 0.034 on held-out skin, but 0.013 per
 image pixel against 0.004.) The image's score is the largest over the labels.
+
+The spread cannot see a model that is wrong and sure of it. One such failure is common enough to
+check as well: on another modality the bundled models tend to label (almost) the whole image, with
+little spread (the H&E model on MRI slices: 99-100 % labelled, score 0.006-0.009). A label that
+covers more than ``max_fraction`` of the image (default :data:`DEFAULT_MAX_FRACTION`) is flagged
+too: none of the bundled tasks looks like that.
 A model file may carry a ``quality`` entry in its provenance: the
 ``threshold`` above which results are flagged, measured on held-out data of good and failing
 segmentations (``calibrated_on`` says which); other models use :data:`DEFAULT_THRESHOLD`.
@@ -27,6 +33,8 @@ import numpy as np
 
 #: Threshold for models without their own calibration (set from the bundled models' calibrations).
 DEFAULT_THRESHOLD = 0.01
+#: Largest share of the image one label may cover before the result is flagged as implausible.
+DEFAULT_MAX_FRACTION = 0.9
 #: Fewest runs the estimate needs, and how many the command line uses by default.
 MIN_RUNS = 2
 DEFAULT_RUNS = 3
@@ -39,6 +47,8 @@ class Quality:
     score: float  # the image's score (largest over the labels)
     per_label: dict[str, float]  # score per class name
     segmented: bool  # False: no voxel got any label
+    coverage: dict[str, float]  # share of the image each label covers (median of the runs)
+    max_fraction: float
     threshold: float
     calibrated: bool  # False: the default threshold, not one measured for this model
     runs: int
@@ -59,17 +69,24 @@ def label_scores(run_logits: Sequence[Any], class_names: Sequence[str]) -> dict[
     return {name: float(spread[k].mean()) for k, name in enumerate(class_names)}
 
 
-def labels_present(run_logits: Sequence[Any]) -> bool:
-    """Whether the runs' median labels any voxel with any class (logit > 0)."""
+def coverage(run_logits: Sequence[Any], class_names: Sequence[str]) -> dict[str, float]:
+    """Share of the image each class covers in the runs' median labels (arg-max of logits > 0)."""
     import torch
 
     stack = torch.stack([torch.as_tensor(r, dtype=torch.float32) for r in run_logits])
-    return bool((stack.median(dim=0).values > 0).any())
+    best, idx = stack.median(dim=0).values.max(dim=0)
+    n = best.numel()
+    return {name: float(((best > 0) & (idx == k)).sum()) / n for k, name in enumerate(class_names)}
 
 
-def _verdict(score: float, threshold: float, calibrated: bool, worst: str, segmented: bool) -> tuple[bool, str]:
+def _verdict(score: float, threshold: float, calibrated: bool, worst: str, segmented: bool,
+             cover: dict[str, float], max_fraction: float) -> tuple[bool, str]:
     if not segmented:
         return True, "nothing was segmented: the model found none of its classes here (wrong model or input?)"
+    widest = max(cover, key=lambda k: cover[k])
+    if cover[widest] > max_fraction:
+        return True, (f"implausible: {widest} covers {cover[widest]:.0%} of the image; the input is probably not "
+                      "what the model was trained on (another modality or stain?)")
     note = "" if calibrated else " (threshold not calibrated for this model)"
     if score > threshold:
         return True, (f"unreliable: the stochastic runs disagree ({worst}: score {score:.4f} > {threshold:.4f}); "
@@ -83,12 +100,14 @@ def assess(run_logits: Sequence[Any], class_names: Sequence[str], calibration: d
         raise ValueError(f"the quality estimate needs at least {MIN_RUNS} runs, got {len(run_logits)}")
     per = label_scores(run_logits, class_names)
     worst = max(per, key=lambda k: per[k])
-    segmented = labels_present(run_logits)
+    cover = coverage(run_logits, class_names)
+    segmented = any(v > 0 for v in cover.values())
     calibrated = bool(calibration and "threshold" in calibration)
     threshold = float(calibration["threshold"]) if calibrated else DEFAULT_THRESHOLD  # type: ignore[index]
-    flagged, verdict = _verdict(per[worst], threshold, calibrated, worst, segmented)
-    return Quality(score=per[worst], per_label=per, segmented=segmented, threshold=threshold, calibrated=calibrated,
-                   runs=len(run_logits), flagged=flagged, verdict=verdict)
+    max_fraction = float((calibration or {}).get("max_fraction", DEFAULT_MAX_FRACTION))
+    flagged, verdict = _verdict(per[worst], threshold, calibrated, worst, segmented, cover, max_fraction)
+    return Quality(score=per[worst], per_label=per, segmented=segmented, coverage=cover, max_fraction=max_fraction,
+                   threshold=threshold, calibrated=calibrated, runs=len(run_logits), flagged=flagged, verdict=verdict)
 
 
 def model_calibration(config: Any) -> dict[str, Any] | None:
@@ -106,5 +125,5 @@ def calibrate_threshold(good: Sequence[float], bad: Sequence[float]) -> float:
     return float(np.sqrt(hi_good * lo_bad))
 
 
-__all__ = ["Quality", "assess", "label_scores", "labels_present", "model_calibration", "calibrate_threshold", "DEFAULT_THRESHOLD",
+__all__ = ["Quality", "assess", "label_scores", "coverage", "DEFAULT_MAX_FRACTION", "model_calibration", "calibrate_threshold", "DEFAULT_THRESHOLD",
            "DEFAULT_RUNS", "MIN_RUNS"]
