@@ -111,7 +111,12 @@ def _quality_section(cfg: Any) -> list[str]:
     """The calibration of the quality estimate (``run.quality``), from the model's provenance."""
     q = (cfg.provenance or {}).get("quality")
     if not q:
-        return ["## Quality estimate", "", "Not calibrated for this model: the default threshold applies.", ""]
+        from napari_octreenca.run.quality import DEFAULT_MAX_FRACTION, DEFAULT_THRESHOLD
+
+        return ["## Quality estimate", "",
+                f"Not calibrated for this model: the default threshold {DEFAULT_THRESHOLD} applies (set from the "
+                f"calibrated models; the verdict says it is not calibrated), and a label covering more than "
+                f"{DEFAULT_MAX_FRACTION:.0%} of the image is flagged as implausible.", ""]
     lines = ["## Quality estimate", "",
              f"Every segmentation with 2 or more runs gets a score: {q['metric']} ({q['runs']} runs, seeds from "
              f"{q['seeds_from']}). Results scoring above **{q['threshold']}** are flagged as unreliable. The "
