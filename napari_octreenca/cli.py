@@ -41,6 +41,10 @@ def _describe(cfg: Any, source: str) -> str:
     if cfg.spacing:
         lines.append(f"spacing:      {list(cfg.spacing)} (inputs are resampled to it)")
     lines.append(f"parameters:   {cfg.parameter_count():,}")
+    quality = (cfg.provenance or {}).get("quality")
+    if quality:
+        lines.append(f"quality:      flagged above {quality['threshold']} (spread between {quality['runs']} runs; "
+                     "calibrated on held-out inputs, see the model card)")
     return "\n".join(lines)
 
 

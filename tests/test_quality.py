@@ -129,3 +129,8 @@ def test_labels_metadata_round_trip(tmp_path: Path, suffix: str) -> None:
     assert read_labels_metadata(path) == meta
     plain = write_labels(tmp_path / f"plain{suffix}", labels, class_names=("fg",))
     assert read_labels_metadata(plain) == {}
+
+
+def test_cli_info_shows_the_calibration(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["info", "he_epidermis"]) == 0
+    assert "quality:      flagged above 0.01279" in capsys.readouterr().out
