@@ -165,7 +165,8 @@ def import_original(
     tensor shapes; factors, steps, fire rate and normalisation come from ``base`` (a preset or a
     config) and ``changes``; ``normalization`` may be a name of ``ORIGINAL_NORMALIZATIONS``
     (e.g. ``"imagenet"`` for the original 2D RGB datasets). Image resizing is set to ``nearest``
-    as in the original code.
+    as in the original code, and 3D models see volumes in the original's nibabel ``(i, j, k)``
+    order (``axes="XYZ"``; pass ``axes=`` to change it).
     """
     path = Path(path)
     if "normalization" in changes:
@@ -208,8 +209,10 @@ def import_original(
         kernel_size=kernel, factors=factors, steps=steps, resize="nearest",
         provenance={"imported_from": path.name, "source": "published OctreeNCA code"},
     )
+    # The published code runs 3D volumes in nibabel's (i, j, k) array order, which this package's
+    # readers call (X, Y, Z); 2D images in (row, column) = (Y, X) order.
+    params["axes"] = "YX" if spatial_dims == 2 else "XYZ"
     if spatial_dims != cfg.spatial_dims:
-        params["axes"] = "YX" if spatial_dims == 2 else "ZYX"
         if len(factors[0]) != spatial_dims:
             params["factors"] = tuple((2,) * spatial_dims for _ in range(n_levels - 1))
     params.update(changes)
