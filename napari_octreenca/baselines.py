@@ -11,8 +11,15 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
+
+#: Baselines that ``octreenca segment --model NAME`` and :func:`run_baseline` run by name.
+BASELINE_MODELS: dict[str, dict[str, Any]] = {
+    "otsu-brain": {"class": "brain", "input": "3D T1 head MRI (Z, Y, X), any spacing"},
+    "otsu-epidermis": {"class": "epidermis", "input": "2D H&E RGB image (Y, X, 3)"},
+}
 
 
 def _ellipsoid(radius_mm: float, spacing: Sequence[float]) -> np.ndarray:
@@ -77,4 +84,26 @@ def prior_video_mask(train_masks: Sequence[np.ndarray], shape: tuple[int, int], 
     return np.repeat((mean > best)[None], frames, axis=0)
 
 
-__all__ = ["otsu_brain_mask", "otsu_epidermis_mask", "prior_video_mask"]
+def run_baseline(name: str, image: Any, axes: str, scale: Sequence[float] | None = None) -> np.ndarray:
+    """Labels (uint8, 1 = the baseline's class) of ``image`` with the baseline ``name``.
+
+    ``axes`` names the image's axes (``ZYX`` for MRI, ``YXC`` for RGB); ``scale`` is the voxel
+    size per spatial axis (mm for MRI; used by ``otsu-brain``'s morphology).
+    """
+    from .nca.errors import InputError
+
+    if name not in BASELINE_MODELS:
+        raise InputError(f"unknown baseline {name!r}; choose one of {', '.join(BASELINE_MODELS)}")
+    arr = np.asarray(image)
+    axes = axes.upper()
+    if name == "otsu-brain":
+        if axes != "ZYX" or arr.ndim != 3:
+            raise InputError(f"otsu-brain needs a 3D (Z, Y, X) volume, got axes {axes!r}")
+        spacing = tuple(scale) if scale is not None else (1.0, 1.0, 1.0)
+        return otsu_brain_mask(arr, spacing).astype(np.uint8)
+    if axes != "YXC" or arr.ndim != 3 or arr.shape[-1] < 3:
+        raise InputError(f"otsu-epidermis needs an RGB (Y, X, 3) image, got axes {axes!r} and shape {arr.shape}")
+    return otsu_epidermis_mask(arr).astype(np.uint8)
+
+
+__all__ = ["BASELINE_MODELS", "run_baseline", "otsu_brain_mask", "otsu_epidermis_mask", "prior_video_mask"]

@@ -41,6 +41,7 @@ import torch
 
 from .backends import Backend, LevelRun, get_backend
 from .nca.config import ModelConfig, preset
+from .nca.weights import BackboneNCA
 from .nca.octree import OctreeNCA
 
 MODES = ("level", "pipeline", "train")

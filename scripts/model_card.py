@@ -85,6 +85,9 @@ def render(name: str, cfg: Any, extra: dict[str, Any]) -> str:
               + ", ".join(f"{k} {_fmt(v)}" for k, v in b.items() if k != "method") + ".", ""]
     if extra.get("target"):
         lines += [f"Target: {extra['target']}" + (f" **Status: {extra['target_status']}.**" if extra.get("target_status") else ""), ""]
+    if extra.get("recommendation"):
+        lines += [f"**Recommended:** {extra['recommendation']}", ""]
+    lines += _quality_section(cfg)
     lines += ["## Reproduce", "",
               "```", extra["train_command"], "```", "",
               f"- Seed: {extra['seed']}; iterations: {extra.get('iterations', '-')}.",
@@ -102,6 +105,33 @@ def render(name: str, cfg: Any, extra: dict[str, Any]) -> str:
     if extra.get("notes"):
         lines += ["## Notes: what was tried", ""] + [f"- {s}" for s in extra["notes"]] + [""]
     return "\n".join(lines)
+
+
+def _quality_section(cfg: Any) -> list[str]:
+    """The calibration of the quality estimate (``run.quality``), from the model's provenance."""
+    q = (cfg.provenance or {}).get("quality")
+    if not q:
+        from napari_octreenca.run.quality import DEFAULT_MAX_FRACTION, DEFAULT_THRESHOLD
+
+        return ["## Quality estimate", "",
+                f"Not calibrated for this model: the default threshold {DEFAULT_THRESHOLD} applies (set from the "
+                f"calibrated models; the verdict says it is not calibrated), and a label covering more than "
+                f"{DEFAULT_MAX_FRACTION:.0%} of the image is flagged as implausible.", ""]
+    lines = ["## Quality estimate", "",
+             f"Every segmentation with 2 or more runs gets a score: {q['metric']} ({q['runs']} runs, seeds from "
+             f"{q['seeds_from']}). Results scoring above **{q['threshold']}** are flagged as unreliable. The "
+             f"threshold is the {q['rule']}, measured on these inputs (none used for training or model selection; "
+             "`python scripts/calibrate_quality.py` reproduces them):", "",
+             "| group | input | score |", "|---|---|---|"]
+    empty = set(q.get("nothing_segmented", []))
+    for group, cases in q["calibrated_on"].items():
+        lines += [f"| {group} | {name} | {v:.4f}" + (" (nothing segmented: flagged as such)" if name in empty else "")
+                  + " |" for name, v in cases.items()]
+    lines += ["", "Groups: good and failing set the threshold; measured inputs are shown for information.",
+              "", f"A label covering more than {q.get('max_fraction', 0.9):.0%} of the image is flagged as implausible as "
+              "well (the spread cannot see a model that labels everything and is sure of it), and so is a result "
+              "with nothing segmented."]
+    return lines + [""]
 
 
 def main() -> None:

@@ -55,7 +55,7 @@ def test_cli_folder_and_glob(tmp_path: Path, path_model, shared_data: Path) -> N
     (src / "notes.txt").write_text("not an image")  # ignored
     env = dict(os.environ, OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "napari_octreenca.cli", "segment", str(src), str(tmp_path / "out"),
-           "--model", str(mpath), "--backend", "torch", "--quiet"]
+           "--model", str(mpath), "--backend", "torch", "--runs", "1", "--quiet"]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     outs = sorted((tmp_path / "out").iterdir())

@@ -12,7 +12,8 @@ import pytest
 from helpers import ITK_DATA, MRICRON, need_file
 from napari_octreenca.nca.errors import InputError
 from napari_octreenca.io import readers
-from napari_octreenca.io.readers import level_factor, read_image
+from napari_octreenca.io.image import level_factor
+from napari_octreenca.io.readers import read_image
 from napari_octreenca.io.writers import write_labels
 
 

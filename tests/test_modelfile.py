@@ -143,3 +143,96 @@ def test_loading_a_pth_as_model_says_import(tmp_path: Path) -> None:
     p.write_bytes(b"0")
     with pytest.raises(ModelFileError, match="octreenca import"):
         load_model(p)
+
+
+def test_cli_normalization_names_match_the_library() -> None:
+    from napari_octreenca.cli import ORIGINAL_NORMALIZATION_NAMES
+    from napari_octreenca.nca.config import ORIGINAL_NORMALIZATIONS
+
+    assert set(ORIGINAL_NORMALIZATION_NAMES) == set(ORIGINAL_NORMALIZATIONS)
+
+
+def _original_labels(orig: OriginalOctreeNCA, rgb: np.ndarray, steps: list[int], levels: int) -> np.ndarray:
+    """The published code's segmentation of an RGB uint8 image: its PESO input normalisation
+    (/255, ImageNet mean/std), deterministic fire rate, logits > 0."""
+    x = (rgb / 255.0 - np.array([0.485, 0.456, 0.406])) / np.array([0.229, 0.224, 0.225])
+    t = torch.from_numpy(x.transpose(2, 0, 1)[None].astype(np.float32))
+    res = [rgb.shape[:2]]
+    for _ in range(levels - 1):
+        res.append(tuple(s // 2 for s in res[-1]))
+    logits = orig(t, res, steps, fire_rate=1.0)[0, 0].numpy()
+    return logits
+
+
+def test_imported_checkpoint_reproduces_original_segmentation_from_cli(tmp_path: Path) -> None:
+    from skimage.io import imread, imsave
+
+    levels = 4
+    orig = _original(2, levels, 3, 1, seed=7)
+    ckpt = tmp_path / "orig.pth"
+    torch.save({"model": orig.state_dict()}, ckpt)
+    rgb = np.random.default_rng(5).integers(0, 256, (64, 48, 3), dtype=np.uint8)
+    rgb[16:40, 8:30] //= 3  # a darker block so that both classes occur
+    imsave(tmp_path / "img.png", rgb, check_contrast=False)
+    steps = [3, 3, 3, 6]
+    logits = _original_labels(orig, rgb, steps, levels)
+    expected = (logits > 0).astype(np.uint8)
+    sure = np.abs(logits) > 1e-4  # voxels whose sign a 1e-6 rounding difference cannot flip
+    assert 0.05 < expected.mean() < 0.95
+
+    conv = tmp_path / "converted.safetensors"
+    assert main(["import", str(ckpt), str(conv), "--preset", "pathology", "--steps", "3,3,3,6",
+                 "--normalization", "imagenet", "--fire-rate", "1"]) == 0
+    cfg = read_config(conv)
+    assert cfg.fire_rate == 1.0 and cfg.normalization.mean == (0.485, 0.456, 0.406)
+    assert main(["segment", str(tmp_path / "img.png"), str(tmp_path / "out.png"), "--model", str(conv), "--quiet"]) == 0
+    got = imread(tmp_path / "out.png")
+    np.testing.assert_array_equal(got[sure], expected[sure])
+
+    # A checkpoint imported with the preset's settings gets them per run from `segment`.
+    plain = tmp_path / "plain.safetensors"
+    assert main(["import", str(ckpt), str(plain), "--preset", "pathology", "--steps", "3,3,3,6"]) == 0
+    assert main(["segment", str(tmp_path / "img.png"), str(tmp_path / "out2.png"), "--model", str(plain),
+                 "--normalization", "imagenet", "--fire-rate", "1", "--quiet"]) == 0
+    np.testing.assert_array_equal(imread(tmp_path / "out2.png")[sure], expected[sure])
+    # ... and without them the result differs: the flags matter.
+    assert main(["segment", str(tmp_path / "img.png"), str(tmp_path / "out3.png"), "--model", str(plain), "--quiet"]) == 0
+    assert (imread(tmp_path / "out3.png")[sure] != expected[sure]).any()
+
+
+def test_unknown_normalization_is_one_line_error(tmp_path: Path) -> None:
+    from napari_octreenca.nca.modelfile import original_normalization
+
+    with pytest.raises(ModelFileError, match="unknown normalisation 'zz'"):
+        original_normalization("zz")
+
+
+def test_imported_3d_checkpoint_reproduces_original_on_a_nifti_from_cli(tmp_path: Path) -> None:
+    """The published code reads NIfTI volumes with nibabel, (i, j, k) order, and maps the 0.5/99.5
+    percentiles to 0/1; `import --normalization percentile` and the imported axes reproduce that."""
+    import nibabel as nib
+
+    levels = 3
+    orig = _original(3, levels, 1, 1, seed=4)
+    ckpt = tmp_path / "orig3d.pth"
+    torch.save({"model": orig.state_dict()}, ckpt)
+    rng = np.random.default_rng(1)
+    vol = rng.gamma(2.0, 30.0, (32, 24, 16)).astype(np.float32)  # nibabel (i, j, k)
+    vol[8:20, 6:18, 4:12] *= 3
+    nib.save(nib.Nifti1Image(vol, np.eye(4)), tmp_path / "vol.nii.gz")
+    lo, hi = np.percentile(vol, [0.5, 99.5])
+    x = torch.from_numpy(np.clip((vol - lo) / (hi - lo), 0, 1))[None, None]
+    res = [vol.shape]
+    for _ in range(levels - 1):
+        res.append(tuple(s // 2 for s in res[-1]))
+    logits = orig(x, res, [3, 3, 6], fire_rate=1.0)[0, 0].numpy()
+    expected, sure = (logits > 0).astype(np.uint8), np.abs(logits) > 1e-4
+    assert 0.05 < expected.mean() < 0.95
+    conv = tmp_path / "conv3d.safetensors"
+    assert main(["import", str(ckpt), str(conv), "--preset", "radiology", "--steps", "3,3,6",
+                 "--normalization", "percentile", "--fire-rate", "1"]) == 0
+    assert read_config(conv).axes == "XYZ"
+    assert main(["segment", str(tmp_path / "vol.nii.gz"), str(tmp_path / "seg.nii.gz"), "--model", str(conv),
+                 "--quiet"]) == 0
+    got = np.asarray(nib.load(tmp_path / "seg.nii.gz").dataobj)
+    np.testing.assert_array_equal(got[sure], expected[sure])

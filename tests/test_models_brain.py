@@ -36,3 +36,27 @@ def test_brain_held_out_dice_matches_card(itk_brain) -> None:
     close_to_card(hard_dice(otsu_brain_mask(img, spacing), truth), extra["baseline"]["dice"], 1e-3)
     # Most of the volume is not brain: the model must not label everything (or nothing).
     assert 0.05 < float(np.mean(res.labels == 1)) < 0.3
+
+
+def test_brain_skull_stripped_figure_matches_card(itk_brain) -> None:
+    """The card's second held-out figure: the same subject, skull-stripped (the model fails; Otsu does not)."""
+    model, extra = check_file_and_card("brain_mri", "radiology")
+    img, spacing = load_nifti_zyx(itk_brain[0])
+    truth = load_nifti_zyx(itk_brain[1])[0] > 0
+    stripped = img * truth
+    res = segment_at_model_spacing(model, stripped, spacing, axes="ZYX")
+    figures = extra["held_out_metrics_skull_stripped"]
+    close_to_card(hard_dice(res.labels == 1, truth), figures["dice"])
+    close_to_card(hard_dice(otsu_brain_mask(stripped, spacing), truth), figures["baseline_otsu_dice"], 1e-3)
+    assert "otsu-brain" in extra["recommendation"]
+
+
+def test_brain_quality_passes_the_head_scan_and_flags_another_contrast(itk_brain) -> None:
+    """Calibrated by scripts/calibrate_quality.py; the inverted contrast stands for a T2-like scan."""
+    model, _ = check_file_and_card("brain_mri", "radiology")
+    img, spacing = load_nifti_zyx(itk_brain[0])
+    good = segment_at_model_spacing(model, img, spacing, axes="ZYX", runs=3)
+    assert good.quality["calibrated"] and not good.quality["flagged"], good.verdict
+    inverted = np.where(img > 10, 255 - img, 0).astype(np.float32)
+    bad = segment_at_model_spacing(model, inverted, spacing, axes="ZYX", runs=3)
+    assert bad.quality["flagged"] and bad.verdict.startswith("unreliable"), bad.verdict

@@ -97,7 +97,7 @@ def one_line_error(err: str, *words: str) -> str:
 
 
 def seg(model: Path, *argv: str) -> list[str]:
-    return ["segment", *argv, "--model", str(model), "--backend", "torch", "--quiet"]
+    return ["segment", *argv, "--model", str(model), "--backend", "torch", "--runs", "1", "--quiet"]
 
 
 # -- finding 2: outputs that would destroy inputs -----------------------------------------------------

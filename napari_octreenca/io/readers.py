@@ -23,7 +23,7 @@ import numpy as np
 
 from ..nca.errors import InputError
 from . import formats
-from .image import ImageData, level_factor, to_numpy
+from .image import ImageData, to_numpy
 
 #: Files at most this large are read into memory at once; larger ones stay lazy.
 EAGER_BYTES = 256 << 20

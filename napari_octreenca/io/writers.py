@@ -8,6 +8,10 @@
   store; listed in ``labels`` only once complete.
 - ``.png``: 2D labels as an 8/16-bit PNG.
 
+``metadata`` (a JSON-able dict, e.g. the run's quality estimate) is stored with the labels under the key
+``octreenca``: a NIfTI header extension (comment, JSON), the TIFF description's JSON, a PNG text
+chunk, the OME-Zarr labels group's attributes; :func:`read_labels_metadata` reads it back.
+
 Files are written to a temporary name beside the target and renamed at the end: a crash leaves
 the old file or none, never a half-written one. Labels may be numpy, dask or zarr arrays; large
 ones are written chunk by chunk.
@@ -45,8 +49,10 @@ def _label_dtype(labels: Any) -> np.dtype:
 
 
 def write_labels(path: str | Path, labels: Any, like: ImageData | None = None,
-                 class_names: Sequence[str] | None = None) -> Path:
-    """Write ``labels`` (spatial axes of ``like``, e.g. ZYX or YX) to ``path``; returns the path."""
+                 class_names: Sequence[str] | None = None, metadata: dict[str, Any] | None = None) -> Path:
+    """Write ``labels`` (spatial axes of ``like``, e.g. ZYX or YX) to ``path``; returns the path.
+
+    ``metadata`` is stored with the labels (see the module docstring)."""
     path = Path(path)
     suffix = output_suffix(path)
     names = tuple(class_names or ())
@@ -54,16 +60,56 @@ def write_labels(path: str | Path, labels: Any, like: ImageData | None = None,
         want = tuple(like.shape[i] for i, a in enumerate(like.axes) if a != "C")
         if tuple(labels.shape) != want:
             raise InputError(f"labels of shape {tuple(labels.shape)} do not match the image's spatial shape {want}")
+    meta = json.loads(json.dumps(metadata)) if metadata else None  # fail early on non-JSON values
     if suffix in (".nii", ".nii.gz"):
-        return _write_nifti(path, labels, like, names, suffix)
+        return _write_nifti(path, labels, like, names, suffix, meta)
     if suffix in (".tif", ".tiff"):
-        return _write_tiff(path, labels, like, names)
+        return _write_tiff(path, labels, like, names, meta)
     if suffix == ".png":
-        return _write_png(path, labels)
-    return write_labels_zarr(path, labels, like, names)
+        return _write_png(path, labels, meta)
+    out = write_labels_zarr(path, labels, like, names)
+    if meta:
+        import zarr
+
+        g = zarr.open_group(str(Path(path) / "labels" / "segmentation"), mode="a")
+        g.attrs["octreenca"] = {**dict(g.attrs.get("octreenca", {})), **meta}
+    return out
 
 
-def _write_nifti(path: Path, labels: Any, like: ImageData | None, names: tuple[str, ...], suffix: str) -> Path:
+def read_labels_metadata(path: str | Path) -> dict[str, Any]:
+    """The ``metadata`` a labels file was written with (empty if none)."""
+    path = Path(path)
+    suffix = output_suffix(path)
+    if suffix in (".nii", ".nii.gz"):
+        import nibabel as nib
+
+        for ext in nib.load(str(path)).header.extensions:
+            content = ext.get_content()
+            if isinstance(content, bytes) and content.startswith(b'{"octreenca"'):
+                return json.loads(content)["octreenca"]
+        return {}
+    if suffix in (".tif", ".tiff"):
+        import tifffile
+
+        with tifffile.TiffFile(path) as tf:
+            desc = tf.pages[0].description
+        return dict(json.loads(desc).get("metadata", {})) if desc.startswith("{") else {}
+    if suffix == ".png":
+        from PIL import Image
+
+        with Image.open(path) as im:
+            text = im.info.get("octreenca")
+        return json.loads(text) if text else {}
+    import zarr
+
+    attrs = dict(zarr.open_group(str(path / "labels" / "segmentation"), mode="r").attrs.get("octreenca", {}))
+    attrs.pop("source", None)
+    attrs.pop("complete", None)
+    return attrs
+
+
+def _write_nifti(path: Path, labels: Any, like: ImageData | None, names: tuple[str, ...], suffix: str,
+                 meta: dict[str, Any] | None = None) -> Path:
     import nibabel as nib
 
     data = to_numpy(labels).astype(_label_dtype(labels), copy=False)
@@ -86,6 +132,9 @@ def _write_nifti(path: Path, labels: Any, like: ImageData | None, names: tuple[s
     img.header["intent_code"] = 1002  # NIFTI_INTENT_LABEL
     if names:
         img.header["descrip"] = ("labels: " + ",".join(f"{i + 1}={n}" for i, n in enumerate(names)))[:79].encode()
+    if meta:
+        text = json.dumps({"octreenca": meta}).encode()
+        img.header.extensions.append(nib.nifti1.Nifti1Extension("comment", text))
     return atomic_write(path, lambda tmp: nib.save(img, str(tmp)), suffix=suffix)
 
 
@@ -120,17 +169,19 @@ def _tiles(labels: Any, tile: int) -> Any:
             yield out
 
 
-def _write_tiff(path: Path, labels: Any, like: ImageData | None, names: tuple[str, ...]) -> Path:
+def _write_tiff(path: Path, labels: Any, like: ImageData | None, names: tuple[str, ...],
+                meta: dict[str, Any] | None = None) -> Path:
     import tifffile
 
     dtype = _label_dtype(labels)
-    meta: dict[str, Any] = {"octreenca": "labels", "classes": list(names)}
+    info: dict[str, Any] = {"octreenca": "labels", "classes": list(names)}
     if like is not None:
         # The layer geometry travels in the description (the resolution tags carry no offset):
         # the plugin's reader places the labels where they were.
-        m = _world_affine(like, labels.ndim)
-        meta["affine"] = m.tolist()
-    desc = json.dumps(meta)
+        info["affine"] = _world_affine(like, labels.ndim).tolist()
+    if meta:
+        info["metadata"] = meta
+    desc = json.dumps(info)
     res = None
     if like is not None and len(like.scale) >= 2:
         sy, sx = like.scale[-2], like.scale[-1]
@@ -150,14 +201,18 @@ def _write_tiff(path: Path, labels: Any, like: ImageData | None, names: tuple[st
     return atomic_write(path, write, suffix=path.suffix)
 
 
-def _write_png(path: Path, labels: Any) -> Path:
+def _write_png(path: Path, labels: Any, meta: dict[str, Any] | None = None) -> Path:
     from PIL import Image
+    from PIL.PngImagePlugin import PngInfo
 
     data = to_numpy(labels)
     if data.ndim != 2:
         raise InputError(f"PNG labels must be 2D, got shape {data.shape}; use .tif or .zarr")
     data = data.astype(_label_dtype(data))
-    return atomic_write(path, lambda tmp: Image.fromarray(data).save(tmp, format="PNG"), suffix=".png")
+    info = PngInfo()
+    if meta:
+        info.add_text("octreenca", json.dumps(meta))
+    return atomic_write(path, lambda tmp: Image.fromarray(data).save(tmp, format="PNG", pnginfo=info), suffix=".png")
 
 
 def write_labels_zarr(path: Path, labels: Any, like: ImageData | None, names: tuple[str, ...],
@@ -182,4 +237,4 @@ def write_labels_zarr(path: Path, labels: Any, like: ImageData | None, names: tu
     return path
 
 
-__all__ = ["write_labels", "write_labels_zarr", "output_suffix", "OUTPUT_SUFFIXES"]
+__all__ = ["write_labels", "write_labels_zarr", "read_labels_metadata", "output_suffix", "OUTPUT_SUFFIXES"]

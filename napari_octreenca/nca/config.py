@@ -109,6 +109,19 @@ class Normalization:
             raise ConfigError(f"bad normalization entry: {exc}") from None
 
 
+#: The input normalisations of the published OctreeNCA code, by name (``octreenca import
+#: --normalization``). ``imagenet``: its 2D RGB datasets (e.g. PESO) divide by 255 and standardise
+#: with the ImageNet channel statistics. ``percentile``: its 3D NIfTI datasets map the 0.5/99.5
+#: percentiles to 0/1 and clip (its z-score step in between is affine, so it cancels out).
+#: ``unit``: divide by 255 only. ``none``: the values as they are.
+ORIGINAL_NORMALIZATIONS: dict[str, Normalization] = {
+    "imagenet": Normalization(mode="fixed", scale=1 / 255, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)),
+    "percentile": Normalization(mode="percentile", low=0.5, high=99.5),
+    "unit": Normalization(mode="fixed", scale=1 / 255, mean=(0.0,), std=(1.0,)),
+    "none": Normalization(mode="none"),
+}
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """Architecture and inference settings of an OctreeNCA model.

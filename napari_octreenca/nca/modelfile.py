@@ -19,13 +19,14 @@ from typing import Any
 import torch
 
 from ..fileutil import atomic_write
-from .config import FORMAT_VERSION, ModelConfig, preset
+from .config import FORMAT_VERSION, ORIGINAL_NORMALIZATIONS, ModelConfig, Normalization, preset
 from .device import check_device
 from .errors import ConfigError, ModelFileError
 from .octree import OctreeNCA
 
 FORMAT_NAME = "octreenca"
 SUPPORTED_VERSIONS = {1}
+
 
 
 def save_model(model: OctreeNCA, path: str | os.PathLike[str], extra: dict[str, Any] | None = None) -> Path:
@@ -138,6 +139,35 @@ def read_extra(path: str | os.PathLike[str]) -> dict[str, Any]:
     return json.loads(meta["extra"]) if "extra" in meta else {}
 
 
+def original_normalization(name: str | Normalization) -> Normalization:
+    """A normalisation of the published code by name (see ``ORIGINAL_NORMALIZATIONS``), or as given."""
+    if isinstance(name, Normalization):
+        return name
+    try:
+        return ORIGINAL_NORMALIZATIONS[name]
+    except KeyError:
+        raise ModelFileError(
+            f"unknown normalisation {name!r}; choose one of {', '.join(ORIGINAL_NORMALIZATIONS)}"
+        ) from None
+
+
+def with_run_settings(
+    model: OctreeNCA, normalization: str | Normalization | None = None, fire_rate: float | None = None
+) -> OctreeNCA:
+    """``model`` with its config's input normalisation and/or fire rate replaced (for one run)."""
+    changes: dict[str, Any] = {}
+    if normalization is not None:
+        changes["normalization"] = original_normalization(normalization)
+    if fire_rate is not None:
+        changes["fire_rate"] = float(fire_rate)
+    if changes:
+        try:
+            model.config = model.config.replace(**changes)
+        except ConfigError as exc:
+            raise ModelFileError(f"cannot run the model with {changes}: {exc}") from None
+    return model
+
+
 def import_original(
     path: str | os.PathLike[str],
     base: str | ModelConfig = "pathology",
@@ -147,10 +177,15 @@ def import_original(
 
     The checkpoint's keys are ``backbone_ncas.{level}.conv.weight`` etc. (level 0 = finest). The
     architecture (channels, hidden size, input channels, dimensionality, levels) is read from the
-    tensor shapes; factors, steps and normalisation come from ``base`` (a preset or a config)
-    and ``changes``. Image resizing is set to ``nearest`` as in the original code.
+    tensor shapes; factors, steps, fire rate and normalisation come from ``base`` (a preset or a
+    config) and ``changes``; ``normalization`` may be a name of ``ORIGINAL_NORMALIZATIONS``
+    (e.g. ``"imagenet"`` for the original 2D RGB datasets). Image resizing is set to ``nearest``
+    as in the original code, and 3D models see volumes in the original's nibabel ``(i, j, k)``
+    order (``axes="XYZ"``; pass ``axes=`` to change it).
     """
     path = Path(path)
+    if "normalization" in changes:
+        changes["normalization"] = original_normalization(changes["normalization"])
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as exc:
@@ -189,8 +224,10 @@ def import_original(
         kernel_size=kernel, factors=factors, steps=steps, resize="nearest",
         provenance={"imported_from": path.name, "source": "published OctreeNCA code"},
     )
+    # The published code runs 3D volumes in nibabel's (i, j, k) array order, which this package's
+    # readers call (X, Y, Z); 2D images in (row, column) = (Y, X) order.
+    params["axes"] = "YX" if spatial_dims == 2 else "XYZ"
     if spatial_dims != cfg.spatial_dims:
-        params["axes"] = "YX" if spatial_dims == 2 else "ZYX"
         if len(factors[0]) != spatial_dims:
             params["factors"] = tuple((2,) * spatial_dims for _ in range(n_levels - 1))
     params.update(changes)

@@ -144,6 +144,17 @@ class Segmentation:
     def probabilities(self) -> np.ndarray:
         return 1.0 / (1.0 + np.exp(-np.asarray(self.logits)))
 
+    @property
+    def quality(self) -> dict[str, Any] | None:
+        """The quality estimate (``run.quality.Quality.to_dict()``) of an ensemble run, else None."""
+        return self.record.get("quality")
+
+    @property
+    def verdict(self) -> str:
+        """Plain words on how far to trust this result (needs ``runs >= 2``)."""
+        q = self.quality
+        return q["verdict"] if q else "not estimated: run with runs >= 2 to get a quality estimate"
+
 
 def labels_from_logits(logits: np.ndarray | torch.Tensor) -> np.ndarray:
     """Arg-max over classes whose logit is > 0; 0 where none is (one sigmoid per class)."""
@@ -201,6 +212,7 @@ def segment(
         outs.append(out[0].cpu())
     steps_used = list(steps) if steps is not None else model.config.steps_for(tuple(x.shape[2:]))
     del x
+    quality = _quality(outs, model.config)
     logits, spread = combine_runs(outs)
     order = plan.to_input_order()
     logits = logits.permute(0, *(o + 1 for o in order)).contiguous()
@@ -217,6 +229,8 @@ def segment(
         "steps": steps_used,
         "input_axes": plan.input_axes,
     }
+    if quality is not None:
+        record["quality"] = quality
     return Segmentation(
         labels=labels_from_logits(logits),
         logits=logits.numpy(),
@@ -227,6 +241,15 @@ def segment(
         seconds=time.perf_counter() - t0,
         record=record,
     )
+
+
+def _quality(outs: list[torch.Tensor], config: Any) -> dict[str, Any] | None:
+    """The NCA quality estimate of an ensemble (``run.quality``), on the model's grid; None for one run."""
+    from .quality import MIN_RUNS, assess, model_calibration
+
+    if len(outs) < MIN_RUNS:
+        return None
+    return assess(outs, config.class_names, model_calibration(config)).to_dict()
 
 
 def combine_runs(outs: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -26,6 +26,7 @@ import time
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,7 @@ import numpy as np
 from ..fileutil import output_lock
 from ..nca.config import check_seed
 from ..nca.errors import Cancelled, InputError, OctreeNCAError, OctreeNCAWarning
+from ..nca.modelfile import with_run_settings
 from ..nca.registry import open_model
 from .execute import execute
 from .planner import InputGeometry, RunOptions, RunPlan, plan_run
@@ -43,6 +45,8 @@ from ..io.writers import OUTPUT_SUFFIXES, output_suffix, write_labels
 Progress = Callable[[dict[str, Any]], Any] | None
 #: Default memory budget for a whole-image run (bytes); above it the run is tiled.
 WHOLE_BUDGET = 3 << 30
+#: Ensemble size when none is asked for (inputs that run whole; tiled ones run once).
+DEFAULT_RUNS = 3
 WORK_SUFFIX = ".octreenca-work"
 
 
@@ -129,10 +133,11 @@ def default_output_name(src: Path, im: ImageData | None = None) -> str:
 
 
 def run_segment(inputs: list[str], output: str, model: str, *, device: str = "cpu", dtype: str = "float32",
-                backend: str = "auto", seed: int = 0, runs: int = 1, tile: int | None = None,
+                backend: str = "auto", seed: int = 0, runs: int | None = 1, tile: int | None = None,
                 scheduler: str | None = None, progress: Progress = None, memory_budget: int | None = None,
                 keep_work: bool = False, use_pyramid: bool = False, overwrite: bool = False, wait: bool = False,
-                keep_going: bool | None = None) -> list[Path]:
+                keep_going: bool | None = None, normalization: str | None = None,
+                fire_rate: float | None = None) -> list[Path]:
     """Segment every input and write labels; returns the output paths (see ``octreenca segment``).
 
     ``output`` is a file for one input (its extension picks the format), else a folder that gets
@@ -142,17 +147,27 @@ def run_segment(inputs: list[str], output: str, model: str, *, device: str = "cp
     An output that is an input is refused unless ``overwrite``; an output another run is
     writing fails at once unless ``wait``. ``keep_going`` (default: on when an input is a
     folder or a glob) goes on after a failed input and raises :class:`BatchError` at the end.
+    ``normalization`` (a name of ``nca.modelfile.ORIGINAL_NORMALIZATIONS``) and ``fire_rate``
+    replace the model's own for this run. With ``runs >= 2`` inputs segmented whole get a quality
+    estimate (``run.quality``), reported to ``progress`` as stage ``quality`` and stored in the
+    output's metadata (``octreenca segment`` runs 3 by default). ``model`` may also name a classical baseline (``baselines.BASELINE_MODELS``, e.g. ``otsu-brain``).
     """
-    net = open_model(model, device)
+    from ..baselines import BASELINE_MODELS
+
+    if model in BASELINE_MODELS:
+        return _run_baseline(inputs, output, model, progress)
+    net = with_run_settings(open_model(model, device), normalization, fire_rate)
     cfg = net.config
-    check_seed(seed, runs)
+    check_seed(seed, runs or DEFAULT_RUNS)
     paths = expand_inputs(list(inputs), video_model="T" in cfg.axes)
     if not paths:
         raise InputError("no inputs given")
     if keep_going is None:
         keep_going = any(_is_batch_item(item, video_model="T" in cfg.axes) for item in inputs)
     jobs = plan_outputs(paths, Path(output), overwrite=overwrite)
-    options = RunOptions(device=device, dtype=dtype, backend=backend, seed=seed, runs=runs, tile=tile,
+    # runs=None: an ensemble of 3 (median + quality estimate) where the input runs whole, one run
+    # where it runs tile by tile (3x the time and no estimate there yet).
+    options = RunOptions(device=device, dtype=dtype, backend=backend, seed=seed, runs=runs or DEFAULT_RUNS, tile=tile,
                          scheduler=scheduler, memory_budget=memory_budget if memory_budget is not None else _budget())
     results: list[Path] = []
     failures: list[tuple[Path, BaseException]] = []
@@ -163,7 +178,7 @@ def run_segment(inputs: list[str], output: str, model: str, *, device: str = "cp
         try:
             with output_lock(dest, wait=wait), _warnings_naming(src):
                 tiled = _segment_file(net, src, dest, options, progress=progress, keep_work=keep_work,
-                                      use_pyramid=use_pyramid)
+                                      use_pyramid=use_pyramid, single_run_if_tiled=runs is None)
         except (KeyboardInterrupt, Cancelled):
             raise
         except Exception as exc:
@@ -185,11 +200,13 @@ def run_segment(inputs: list[str], output: str, model: str, *, device: str = "cp
 
 
 def _segment_file(net: Any, src: Path, dest: Path, options: RunOptions, *, progress: Progress, keep_work: bool,
-                  use_pyramid: bool) -> bool:
+                  use_pyramid: bool, single_run_if_tiled: bool = False) -> bool:
     """Segment one input into ``dest`` (the caller holds its lock); returns whether it ran tiled."""
     cfg = net.config
     im = read_image(src)
     plan = plan_run(cfg, InputGeometry.of(im), options)
+    if plan.tiled and single_run_if_tiled and options.runs > 1:
+        plan = plan_run(cfg, InputGeometry.of(im), replace(options, runs=1))
     try:
         if plan.tiled:
             _check_sample(im, cfg)
@@ -197,9 +214,14 @@ def _segment_file(net: Any, src: Path, dest: Path, options: RunOptions, *, progr
         else:
             seg = execute(net, plan, im.data, callback=_step_progress(progress))
             _prepare_output(dest, resuming=False)
-            write_labels(dest, seg.labels, like=im, class_names=cfg.class_names)
+            meta = {"model": cfg.name, "seeds": list(seg.seeds), "quality": seg.quality}
+            write_labels(dest, seg.labels, like=im, class_names=cfg.class_names, metadata=meta)
     except MemoryError:
         raise OutOfMemory(_memory_advice(src, plan.tiled, options.tile)) from None
+    if progress is not None:
+        verdict = "not estimated for tiled runs (yet)" if plan.tiled else seg.verdict
+        progress({"stage": "quality", "path": str(dest), "quality": None if plan.tiled else seg.quality,
+                  "verdict": verdict})
     return plan.tiled
 
 
@@ -349,6 +371,28 @@ def _prepare_output(dest: Path, resuming: bool) -> None:
     """Before writing: an OME-Zarr output loses its "complete" listing first (and old labels when fresh)."""
     if output_suffix(dest) == ".zarr" and not resuming:
         _drop_old_labels(dest)
+
+
+def _run_baseline(inputs: list[str], output: str, name: str, progress: Progress) -> list[Path]:
+    """``run_segment`` for a classical baseline: the same inputs and outputs, no NCA."""
+    from ..baselines import BASELINE_MODELS, run_baseline
+
+    kind = BASELINE_MODELS[name]
+    paths = expand_inputs(list(inputs))
+    out = Path(output)
+    single = len(paths) == 1 and _has_output_suffix(out)
+    if not single:
+        out.mkdir(parents=True, exist_ok=True)
+    results = []
+    for k, src in enumerate(paths):
+        dest = out if single else out / default_output_name(src)
+        im = read_image(src)
+        labels = run_baseline(name, to_numpy(im.data), im.axes, im.scale)
+        write_labels(dest, labels, like=im, class_names=(kind["class"],), metadata={"model": name, "quality": None})
+        if progress is not None:
+            progress({"stage": "written", "input": k + 1, "inputs": len(paths), "path": str(dest), "tiled": False})
+        results.append(dest)
+    return results
 
 
 def _has_output_suffix(p: Path) -> bool:

@@ -64,13 +64,16 @@ class SegmentWidget(DockContainer):
         self.bar_step = ProgressBar(label="step", min=0, max=1, value=0)
         self.bar_tile = ProgressBar(label="tile", min=0, max=1, value=0, visible=False)
         self.status = ElidedLabel(label="status", value="ready")
+        self.quality = ElidedLabel(label="quality", value="")
+        self.quality.tooltip = ("how far to trust the result: the spread between the ensemble runs (needs 2 or "
+                                "more runs), calibrated per model")
         self.show_advanced, self.advanced = advanced_group([
             self.model_file, self.precision, self.seed, self.runs, self.uncertainty, self.probability,
             self.level, self.tiling, self.keep,
         ])
         self.extend([
             self.image, self.model, self.device, self.plan, self.show_advanced, self.advanced, self.run_button,
-            self.cancel_button, self.bar_level, self.bar_step, self.bar_tile, self.status,
+            self.cancel_button, self.bar_level, self.bar_step, self.bar_tile, self.status, self.quality,
         ])
         self.result_layers: list[Any] = []
         self.job: Job | None = None
@@ -191,6 +194,7 @@ class SegmentWidget(DockContainer):
             self.result_layers = add_layers(self.viewer, layers, at=at)
             self.status.value = f"done in {record['timings']['seconds']:.1f} s" + (
                 " (tiled)" if record.get("tiled") else "")
+            self.quality.value = seg.verdict
 
         self.job = Job(work, on_done=done, on_finished=self._finished, on_cancelled=self._cancelled,
                        on_error=self._errored, what="segmentation")
@@ -265,6 +269,7 @@ def _run(job: Job, src: Any, settings: dict[str, Any]) -> tuple[Any, dict[str, A
         "model": settings["model"], "model_file": settings["model_file"], "model_config": model.config.name,
         "settings": settings, "seed": settings["seed"], "seeds": list(seg.seeds), "engine": dict(seg.record),
         "tiled": bool(seg.record.get("tiled", False)), "retried_tiled_after_oom": retried,
+        "quality": seg.quality, "verdict": seg.verdict,
         "plan": plan.text, "class_names": list(seg.class_names),
         "timings": {"started": started, "load_s": round(load_s, 3), "segment_s": round(seg.seconds, 3),
                     "seconds": round(seconds, 3)},
