@@ -141,6 +141,9 @@ def image_data_to_layer(img: Any, path: str = "") -> LayerData:
         kwargs["translate"] = (0.0,) * n_spatial
     if len(levels) > 1:
         kwargs["multiscale"] = True
+    if channel_axis is None:  # named sliders ("z", "t"; not "-3") and units where the file says
+        kwargs["axis_labels"] = tuple(a.lower() for a in axes if a != "C")
+        kwargs["units"] = _units(img, axes, file_kind)
     if rgb:
         kwargs["rgb"] = True
     kwargs["metadata"] = {**meta_in, "octreenca": {
@@ -158,6 +161,29 @@ def image_data_to_layer(img: Any, path: str = "") -> LayerData:
             kwargs["features"] = {"index": list(range(len(names) + 1)), "class": ["background", *names]}
             kwargs["metadata"]["octreenca"]["class_names"] = names
     return (data, kwargs, layer_type)
+
+
+_NIFTI_UNITS = {"meter": "meter", "mm": "millimeter", "micron": "micrometer", "sec": "second",
+                "msec": "millisecond", "usec": "microsecond"}
+
+
+def _units(img: Any, axes: str, file_kind: str) -> tuple[str, ...]:
+    """A unit per spatial axis: NIfTI's own (``xyzt_units``), micrometres for a slide or TIFF with
+    a pixel size, seconds for video time; else pixels."""
+    meta = getattr(img, "metadata", None) or {}
+    space, time_unit = "pixel", "pixel"
+    if file_kind == "nifti" and meta.get("nifti_header") is not None:
+        try:
+            xyz, t = meta["nifti_header"].get_xyzt_units()
+        except (AttributeError, KeyError, ValueError):
+            xyz, t = "unknown", "unknown"
+        space = _NIFTI_UNITS.get(str(xyz), "millimeter")  # NIfTI's default unit is mm
+        time_unit = _NIFTI_UNITS.get(str(t), "second")
+    elif file_kind == "tiff" and any(abs(float(v) - 1.0) > 1e-9 for v in (getattr(img, "scale", None) or ())):
+        space = "micrometer"
+    elif file_kind == "video":
+        time_unit = "second"
+    return tuple(time_unit if a == "T" else space for a in axes if a != "C")
 
 
 #: NIfTI intent code of a label image (``NIFTI_INTENT_LABEL``), which the label writer sets.

@@ -5,6 +5,7 @@ Run under an X server of the screen size wanted, e.g.::
     xvfb-run -a -s "-screen 0 1600x1000x24" python scripts/screenshot.py              # docs/screenshot.png
     xvfb-run -a -s "-screen 0 1366x768x24" python scripts/screenshot.py --docks \
         --size 1366x768 --out docs/docks-1366x768.png                                 # the three docks
+    xvfb-run -a -s "-screen 0 1600x1000x24" python scripts/screenshot.py --gif docs/nca-evolution.gif
 
 It opens the H&E skin sample (File > Open Sample), segments it with the bundled ``he_epidermis``
 model through the Segment widget, records the run with the NCA inspector (``--docks`` also
@@ -40,6 +41,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default="he_epidermis", help="bundled model name or model file")
     parser.add_argument("--size", default="1600x1000", help="window size WxH")
     parser.add_argument("--docks", action="store_true", help="dock Segment, inspector and Train together")
+    parser.add_argument("--gif", default=None,
+                        help="also write an animated GIF of the recorded NCA evolution (canvas only)")
     args = parser.parse_args(argv)
 
     import napari
@@ -113,6 +116,8 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     viewer.screenshot(str(out), canvas_only=False, flash=False)
+    if args.gif:
+        _evolution_gif(viewer, app, rgb, level_axis, Path(args.gif))
     # 256 colours without dithering: a third of the bytes, no visible difference for a GUI shot.
     from PIL import Image
 
@@ -121,6 +126,31 @@ def main(argv: list[str] | None = None) -> int:
     print(f"saved {out}")
     viewer.close()
     return 0
+
+
+def _evolution_gif(viewer, app, rgb, level_axis: int, path: Path, width: int = 300) -> None:
+    """The hidden state (PCA colours) level by level, coarsest first, a few steps of each: the
+    canvas at each slider position, as an animated GIF."""
+    import numpy as np
+    from PIL import Image
+
+    steps = rgb.metadata["octreenca"]["steps"]
+    rgb.opacity = 1.0  # the hidden state itself, not blended with the section
+    frames = []
+    for level in range(len(steps) - 1, -1, -1):
+        n = max(1, steps[level])
+        for step in sorted({0, n // 2, n - 1}):
+            viewer.dims.set_point(level_axis, level)
+            viewer.dims.set_point(level_axis + 1, step)
+            for _ in range(5):
+                app.processEvents()
+            shot = np.asarray(viewer.screenshot(canvas_only=True, flash=False))[..., :3]
+            img = Image.fromarray(shot)
+            img = img.resize((width, int(img.height * width / img.width)), Image.Resampling.LANCZOS)
+            frames.append(img.quantize(colors=64, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    frames[0].save(path, save_all=True, append_images=frames[1:], duration=350, loop=0, optimize=True)
+    print(f"saved {path} ({len(frames)} frames)")
 
 
 if __name__ == "__main__":

@@ -59,6 +59,8 @@ def test_nifti_drag_and_drop(itk_brain):
     import nibabel as nib
 
     np.testing.assert_allclose(meta["affine"], nib.load(str(itk_brain[0])).affine)
+    assert kwargs["axis_labels"] == ("z", "y", "x")  # named sliders, not "-3"
+    assert kwargs["units"] == ("millimeter",) * 3
 
 
 def test_whole_slide_svs():
@@ -73,6 +75,7 @@ def test_whole_slide_svs():
     assert kind == "image" and kwargs["rgb"] and shape[-1] == 3
     assert kwargs["metadata"]["octreenca"]["axes"] == "YXC"
     assert kwargs["scale"][0] == pytest.approx(0.499)  # microns per pixel from the Aperio header
+    assert kwargs["units"] == ("micrometer", "micrometer")
 
 
 def test_ome_zarr_multiscale(tmp_path: Path):
@@ -98,6 +101,7 @@ def test_video(tmp_path: Path):
     assert data.shape == (6, 32, 48, 3) and kwargs["rgb"]
     assert kwargs["metadata"]["octreenca"]["axes"] == "TYXC"
     assert kwargs["scale"][0] == pytest.approx(0.1)
+    assert kwargs["axis_labels"] == ("t", "y", "x") and kwargs["units"] == ("second", "pixel", "pixel")
 
 
 def _labels_layer(labels, source=None, names=("brain",)):
