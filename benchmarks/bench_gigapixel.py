@@ -102,20 +102,38 @@ def generate_slide(path: Path, height: int, width: int, seed: int = 0, strip: in
         for y0 in range(0, height, strip):
             y1 = min(height, y0 + strip)
             rows = r.rows(y0, y1)
-            lv1[y0 // 4: -(-y1 // 4)] = rows[::4, ::4]
+            lv1[y0 // 4 : -(-y1 // 4)] = rows[::4, ::4]
             for x0 in range(0, width, tile):
                 t = np.zeros((tile, tile, 3), np.uint8)
-                block = rows[:, x0: x0 + tile]
+                block = rows[:, x0 : x0 + tile]
                 t[: block.shape[0], : block.shape[1]] = block
                 yield t
 
     tmp = path.with_name(path.name + ".part.tif")
     with tifffile.TiffWriter(tmp, bigtiff=True) as tif:
         meta = {"axes": "YXS", "PhysicalSizeX": 0.48, "PhysicalSizeY": 0.48}
-        tif.write(tiles(), shape=(height, width, 3), dtype=np.uint8, tile=(tile, tile), subifds=2,
-                  photometric="rgb", compression="jpeg", compressionargs={"level": 90}, metadata=meta)
-        tif.write(lv1, subfiletype=1, tile=(tile, tile), photometric="rgb", compression="jpeg", compressionargs={"level": 90})
-        tif.write(lv1[::4, ::4], subfiletype=1, tile=(tile, tile), photometric="rgb", compression="jpeg", compressionargs={"level": 90})
+        tif.write(
+            tiles(),
+            shape=(height, width, 3),
+            dtype=np.uint8,
+            tile=(tile, tile),
+            subifds=2,
+            photometric="rgb",
+            compression="jpeg",
+            compressionargs={"level": 90},
+            metadata=meta,
+        )
+        tif.write(
+            lv1, subfiletype=1, tile=(tile, tile), photometric="rgb", compression="jpeg", compressionargs={"level": 90}
+        )
+        tif.write(
+            lv1[::4, ::4],
+            subfiletype=1,
+            tile=(tile, tile),
+            photometric="rgb",
+            compression="jpeg",
+            compressionargs={"level": 90},
+        )
     os.replace(tmp, path)
     return path
 
@@ -164,8 +182,12 @@ def _hwm_kb(pid: int) -> int:
 
 def run_child(slide: Path, out: Path, model: Path, tile: int, backend: str, kill_after: int | None) -> dict:
     env = dict(os.environ)
-    proc = subprocess.Popen([sys.executable, "-c", CHILD, str(slide), str(out), str(model), str(tile), backend],
-                            stdout=subprocess.PIPE, text=True, env=env)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", CHILD, str(slide), str(out), str(model), str(tile), backend],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
     peak = [0]
 
     def watch() -> None:
@@ -212,7 +234,7 @@ def checksum(out: Path) -> str:
     h = hashlib.sha256()
     step = 2048
     for y in range(0, arr.shape[0], step):
-        h.update(np.ascontiguousarray(arr[y: y + step]).tobytes())
+        h.update(np.ascontiguousarray(arr[y : y + step]).tobytes())
     return h.hexdigest()
 
 
@@ -246,11 +268,15 @@ def main() -> None:
     if parts[-1]["killed"]:
         parts.append(run_child(slide, out, model, args.tile, args.backend, None))
     result = {
-        "size": [args.height, args.width], "megapixels": args.height * args.width / 1e6, "tile": args.tile,
-        "generate_seconds": round(gen_s, 1), "parts": parts,
+        "size": [args.height, args.width],
+        "megapixels": args.height * args.width / 1e6,
+        "tile": args.tile,
+        "generate_seconds": round(gen_s, 1),
+        "parts": parts,
         "seconds": round(sum(p["seconds"] for p in parts), 1),
         "peak_rss_gb": round(max(p["peak_rss_gb"] for p in parts), 3),
-        "output_tiles": n_out, "checksum": checksum(out) if parts[-1]["returncode"] == 0 else None,
+        "output_tiles": n_out,
+        "checksum": checksum(out) if parts[-1]["returncode"] == 0 else None,
     }
     result["mp_per_s"] = round(result["megapixels"] / result["seconds"], 3)
     if len(parts) == 2:

@@ -115,11 +115,15 @@ def main() -> None:
     mem = plan.memory()
     print(f"image {args.size}x{args.size} RGB, torch threads {torch.get_num_threads()}")
     print(f"one NCA step (finest level): {step_s * 1000:.1f} ms")
-    print(f"cancel latency over {args.repeats} runs: median {statistics.median(latencies) * 1000:.0f} ms, "
-          f"max {max(latencies) * 1000:.0f} ms; all cancelled: {all(steps_done)}")
+    print(
+        f"cancel latency over {args.repeats} runs: median {statistics.median(latencies) * 1000:.0f} ms, "
+        f"max {max(latencies) * 1000:.0f} ms; all cancelled: {all(steps_done)}"
+    )
     print(f"GUI: longest gap between 10 ms timer ticks during a 5 s run: {worst_gap * 1000:.0f} ms")
-    print(f"inspector recording plan for a 40000x30000 slide (budget {DEFAULT_BUDGET / 2**20:.0f} MB): "
-          f"{mem['total'] / 2**20:.0f} MB; {plan.describe()}")
+    print(
+        f"inspector recording plan for a 40000x30000 slide (budget {DEFAULT_BUDGET / 2**20:.0f} MB): "
+        f"{mem['total'] / 2**20:.0f} MB; {plan.describe()}"
+    )
     if args.inspector:
         bench_inspector(args.crop)
 
@@ -134,7 +138,7 @@ def bench_inspector(crop: int) -> None:
     from napari_octreenca.widgets.inspector_widget import InspectorWidget
 
     img, _ = skin_sample()
-    image = np.ascontiguousarray(img[200:200 + crop, 300:300 + crop])
+    image = np.ascontiguousarray(img[200 : 200 + crop, 300 : 300 + crop])
     viewer = napari.Viewer(show=True)
     viewer.window._qt_window.resize(1366, 768)
     viewer.add_image(image, rgb=True, name="he")
@@ -181,18 +185,23 @@ def bench_inspector(crop: int) -> None:
         after = [g for t, g in gaps if t > returned]
         worst = max(during) if during else float("nan")
         results[live].append((seconds, worst, w.plot.draws - draws0))
-        print(f"inspector {'live    ' if live else 'not live'}: run {seconds:.1f} s, longest GUI gap during the "
-              f"run {worst * 1000:.0f} ms ({len(during)} ticks), plot refreshes {w.plot.draws - draws0}; "
-              f"Run button {click_s * 1000:.0f} ms; adding the result layers: longest gap "
-              f"{(max(after) if after else 0) * 1000:.0f} ms; GUI thread CPU {gui_cpu:.1f} s", flush=True)
+        print(
+            f"inspector {'live    ' if live else 'not live'}: run {seconds:.1f} s, longest GUI gap during the "
+            f"run {worst * 1000:.0f} ms ({len(during)} ticks), plot refreshes {w.plot.draws - draws0}; "
+            f"Run button {click_s * 1000:.0f} ms; adding the result layers: longest gap "
+            f"{(max(after) if after else 0) * 1000:.0f} ms; GUI thread CPU {gui_cpu:.1f} s",
+            flush=True,
+        )
         app.processEvents()
     steps, interval = w.steps.value, w.interval.value
     viewer.close()
     mean = {k: statistics.mean(r[0] for r in v) for k, v in results.items()}
     worst = max(r[1] for r in results[True])
-    print(f"inspector on a {crop}x{crop} H&E crop, he_epidermis, steps {steps}, live interval "
-          f"{interval} ms: live/non-live time ratio {mean[True] / mean[False]:.2f} "
-          f"({mean[True]:.1f} s / {mean[False]:.1f} s); longest GUI gap during a live run {worst * 1000:.0f} ms")
+    print(
+        f"inspector on a {crop}x{crop} H&E crop, he_epidermis, steps {steps}, live interval "
+        f"{interval} ms: live/non-live time ratio {mean[True] / mean[False]:.2f} "
+        f"({mean[True]:.1f} s / {mean[False]:.1f} s); longest GUI gap during a live run {worst * 1000:.0f} ms"
+    )
 
 
 if __name__ == "__main__":

@@ -128,12 +128,19 @@ def section_environment(check: Check) -> None:
     }
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
-        info.update(gpu=props.name, capability=f"{props.major}.{props.minor}", sms=props.multi_processor_count,
-                    memory_gib=round(props.total_memory / 2**30, 1))
+        info.update(
+            gpu=props.name,
+            capability=f"{props.major}.{props.minor}",
+            sms=props.multi_processor_count,
+            memory_gib=round(props.total_memory / 2**30, 1),
+        )
         try:
             info["driver"] = subprocess.run(
                 ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                capture_output=True, text=True, timeout=20, check=False,
+                capture_output=True,
+                text=True,
+                timeout=20,
+                check=False,
             ).stdout.strip()
         except (OSError, subprocess.SubprocessError):
             info["driver"] = "unknown (no nvidia-smi)"
@@ -160,11 +167,28 @@ def section_environment(check: Check) -> None:
 def section_tests(check: Check) -> None:
     check.say("## tests (pytest tests/gpu tests/test_cuda_compile.py)")
     timeout = max(30.0, min(240.0, check.left() - 120.0))
-    env = dict(os.environ, OCTREENCA_REQUIRE_NVRTC="1", PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env = dict(
+        os.environ, OCTREENCA_REQUIRE_NVRTC="1", PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")
+    )
     if not check.rehearse:
         env["OCTREENCA_REQUIRE_GPU"] = "1"
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:pytestqt", "-p", "no:xvfb",
-           "-W", "ignore", f"--junitxml={check.out / 'pytest.xml'}", "tests/gpu", "tests/test_cuda_compile.py"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pytest",
+        "-q",
+        "-p",
+        "no:cacheprovider",
+        "-p",
+        "no:pytestqt",
+        "-p",
+        "no:xvfb",
+        "-W",
+        "ignore",
+        f"--junitxml={check.out / 'pytest.xml'}",
+        "tests/gpu",
+        "tests/test_cuda_compile.py",
+    ]
     check.say(f"  command: {' '.join(cmd[1:])} (timeout {timeout:.0f} s)")
     t0 = time.perf_counter()
     try:
@@ -181,9 +205,17 @@ def section_tests(check: Check) -> None:
     for ln in tail:
         check.say(f"  | {ln}")
     ok = rc == 0
-    check.figure(Figure("tests", "GPU parity + NVRTC compile tests", counts.get("failed", 0) + counts.get("errors", 0),
-                        "failed", "0 failed", "PASS" if ok else "FALL SHORT",
-                        f"{counts.get('passed', 0)} passed, {counts.get('skipped', 0)} skipped"))
+    check.figure(
+        Figure(
+            "tests",
+            "GPU parity + NVRTC compile tests",
+            counts.get("failed", 0) + counts.get("errors", 0),
+            "failed",
+            "0 failed",
+            "PASS" if ok else "FALL SHORT",
+            f"{counts.get('passed', 0)} passed, {counts.get('skipped', 0)} skipped",
+        )
+    )
     if not ok:
         check.failed.append(f"tests: pytest exit status {rc}")
     if check.rehearse:
@@ -234,8 +266,14 @@ def _isolated(case: Any, timeout: float) -> dict[str, Any]:
     """``octreenca bench --case`` in a fresh process, killed after ``timeout`` seconds (a hung kernel)."""
     env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     try:
-        proc = subprocess.run([sys.executable, "-m", "napari_octreenca.bench", "--case", json.dumps(case.__dict__)],
-                              capture_output=True, text=True, env=env, timeout=max(10.0, timeout), check=False)
+        proc = subprocess.run(
+            [sys.executable, "-m", "napari_octreenca.bench", "--case", json.dumps(case.__dict__)],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=max(10.0, timeout),
+            check=False,
+        )
     except subprocess.TimeoutExpired:
         raise RuntimeError(f"timed out after {timeout:.0f} s") from None
     rows = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
@@ -248,14 +286,32 @@ def _isolated(case: Any, timeout: float) -> dict[str, Any]:
 def section_levels(check: Check) -> None:
     check.say("## one level: 8192^2 (pathology network) and 256^3 (radiology network)")
     if check.rehearse:
-        check.say("  rehearsal: GPU benchmark skipped (no GPU; kernels v1 and v2 on the GPU only); the same code "
-                  "runs on the CPU at 256^2 and 24^3")
+        check.say(
+            "  rehearsal: GPU benchmark skipped (no GPU; kernels v1 and v2 on the GPU only); the same code "
+            "runs on the CPU at 256^2 and 24^3"
+        )
         for dims, size, preset_name, steps in ((2, 256, "pathology", 4), (3, 24, "radiology", 2)):
             for dtype in ("float32", "bfloat16"):
-                row = _bench(check, backend="cpu-fused", size=size, dtype=dtype, dims=dims, preset=preset_name,
-                             steps=steps, device="cpu")
-                check.figure(Figure("level", f"{dims}D {size}^{dims} {dtype} (cpu-fused)", row["cell_steps_per_s"],
-                                    "cell-steps/s", "GPU only", "SKIPPED (rehearsal on the CPU: not comparable)"))
+                row = _bench(
+                    check,
+                    backend="cpu-fused",
+                    size=size,
+                    dtype=dtype,
+                    dims=dims,
+                    preset=preset_name,
+                    steps=steps,
+                    device="cpu",
+                )
+                check.figure(
+                    Figure(
+                        "level",
+                        f"{dims}D {size}^{dims} {dtype} (cpu-fused)",
+                        row["cell_steps_per_s"],
+                        "cell-steps/s",
+                        "GPU only",
+                        "SKIPPED (rehearsal on the CPU: not comparable)",
+                    )
+                )
         return
     cases = [
         (2, 8192, "pathology", 20, "bfloat16", "v2", LEVEL_2D_TARGET),
@@ -271,8 +327,17 @@ def section_levels(check: Check) -> None:
             check.skip("level", name, "-", "time budget spent")
             continue
         try:
-            row = _bench(check, kernel, backend="cuda", size=size, dtype=dtype, dims=dims, preset=preset_name,
-                         steps=steps, device="cuda")
+            row = _bench(
+                check,
+                kernel,
+                backend="cuda",
+                size=size,
+                dtype=dtype,
+                dims=dims,
+                preset=preset_name,
+                steps=steps,
+                device="cuda",
+            )
         except Exception as exc:  # noqa: BLE001 (one failed case must not cost the others)
             check.failed.append(f"level {name}: {exc}")
             check.skip("level", name, "-", f"error: {exc}")
@@ -290,8 +355,16 @@ def section_pipeline(check: Check) -> None:
     if check.rehearse:
         check.say("  rehearsal: GPU pipeline skipped (no GPU); the same code runs on the CPU at 384^2")
         row = _bench(check, backend="cpu-fused", size=384, dtype="bfloat16", mode="pipeline", device="cpu")
-        check.figure(Figure("pipeline", "384^2 bf16 seconds (cpu-fused)", row["seconds"], "s", "GPU only",
-                            "SKIPPED (rehearsal on the CPU: not comparable)"))
+        check.figure(
+            Figure(
+                "pipeline",
+                "384^2 bf16 seconds (cpu-fused)",
+                row["seconds"],
+                "s",
+                "GPU only",
+                "SKIPPED (rehearsal on the CPU: not comparable)",
+            )
+        )
         return
     for dtype, kernel in (("bfloat16", "v2"), ("bfloat16", "v1"), ("float32", "v1")):
         name = f"{PIPELINE_SIZE}^2 {dtype} kernel {kernel}"
@@ -299,21 +372,44 @@ def section_pipeline(check: Check) -> None:
             check.skip("pipeline", name, "-", "time budget spent")
             continue
         try:
-            row = _bench(check, kernel, backend="cuda", size=PIPELINE_SIZE, dtype=dtype, mode="pipeline",
-                         device="cuda")
+            row = _bench(check, kernel, backend="cuda", size=PIPELINE_SIZE, dtype=dtype, mode="pipeline", device="cuda")
         except Exception as exc:  # noqa: BLE001 (one failed case must not cost the others)
             check.failed.append(f"pipeline {name}: {exc}")
             check.skip("pipeline", name, "-", f"error: {exc}")
             continue
         if dtype == "bfloat16":
-            check.figure(Figure("pipeline", f"{name} seconds", row["seconds"], "s", f"<= {PIPELINE_SECONDS_TARGET}",
-                                verdict(row["seconds"], PIPELINE_SECONDS_TARGET, higher_is_better=False)))
-            check.figure(Figure("pipeline", f"{name} peak device bytes/pixel", row["bytes_per_pixel"], "B/px",
-                                f"<= {PIPELINE_BYTES_TARGET:g}",
-                                verdict(row["bytes_per_pixel"], PIPELINE_BYTES_TARGET, higher_is_better=False)))
+            check.figure(
+                Figure(
+                    "pipeline",
+                    f"{name} seconds",
+                    row["seconds"],
+                    "s",
+                    f"<= {PIPELINE_SECONDS_TARGET}",
+                    verdict(row["seconds"], PIPELINE_SECONDS_TARGET, higher_is_better=False),
+                )
+            )
+            check.figure(
+                Figure(
+                    "pipeline",
+                    f"{name} peak device bytes/pixel",
+                    row["bytes_per_pixel"],
+                    "B/px",
+                    f"<= {PIPELINE_BYTES_TARGET:g}",
+                    verdict(row["bytes_per_pixel"], PIPELINE_BYTES_TARGET, higher_is_better=False),
+                )
+            )
         else:
-            check.figure(Figure("pipeline", f"{name} seconds", row["seconds"], "s", "none (fp32: informative)", "INFO",
-                                f"{row['bytes_per_pixel']:.1f} B/px"))
+            check.figure(
+                Figure(
+                    "pipeline",
+                    f"{name} seconds",
+                    row["seconds"],
+                    "s",
+                    "none (fp32: informative)",
+                    "INFO",
+                    f"{row['bytes_per_pixel']:.1f} B/px",
+                )
+            )
 
 
 # -- 5. bf16 against fp32 on real images ----------------------------------------------------------
@@ -336,8 +432,14 @@ def real_cases(data: Path | None) -> tuple[list[RealCase], list[str]]:
     try:
         from skimage import data as skdata
 
-        cases.append(RealCase("scikit-image immunohistochemistry 512x512 RGB", "he_epidermis",
-                              np.ascontiguousarray(skdata.immunohistochemistry()), {"axes": "YXC"}))
+        cases.append(
+            RealCase(
+                "scikit-image immunohistochemistry 512x512 RGB",
+                "he_epidermis",
+                np.ascontiguousarray(skdata.immunohistochemistry()),
+                {"axes": "YXC"},
+            )
+        )
     except Exception as exc:  # noqa: BLE001 (scikit-image missing or without its bundled images)
         missing.append(f"scikit-image's immunohistochemistry image: {exc}")
     prepared = {
@@ -368,8 +470,10 @@ def section_dice(check: Check, data: Path | None) -> None:
     device = "cpu" if check.rehearse else "cuda"
     fused = "cpu-fused" if check.rehearse else "cuda"
     if check.rehearse:
-        check.say("  rehearsal: the fused CPU backend stands in for the GPU; the Dice figures are real CPU figures "
-                  "(kernel v2 is GPU-only: skipped here)")
+        check.say(
+            "  rehearsal: the fused CPU backend stands in for the GPU; the Dice figures are real CPU figures "
+            "(kernel v2 is GPU-only: skipped here)"
+        )
     cases, missing = real_cases(data)
     for line in missing:
         check.say(f"  not available: {line}")
@@ -383,8 +487,9 @@ def section_dice(check: Check, data: Path | None) -> None:
         for dtype, kernel in runs:
             torch.manual_seed(0)
             with cuda_kernel(kernel):
-                res = segment_at_model_spacing(model, case.image, device=device, dtype=dtype, backend=fused, seed=0,
-                                               **case.kwargs)
+                res = segment_at_model_spacing(
+                    model, case.image, device=device, dtype=dtype, backend=fused, seed=0, **case.kwargs
+                )
             labels[dtype, kernel] = res.labels
         fp32 = labels["float32", "v1"]
         for dtype, kernel in runs[1:]:
@@ -392,8 +497,10 @@ def section_dice(check: Check, data: Path | None) -> None:
             which = f"{fused} kernel {kernel}" if fused == "cuda" else fused
             note = f"model {case.model}, {which}, foreground {float((fp32 > 0).mean()):.3f}"
             if case.truth is not None:
-                note += (f", Dice vs reference mask fp32 {hard_dice(fp32, case.truth):.4f}"
-                         f" / bf16 {hard_dice(labels[dtype, kernel], case.truth):.4f}")
+                note += (
+                    f", Dice vs reference mask fp32 {hard_dice(fp32, case.truth):.4f}"
+                    f" / bf16 {hard_dice(labels[dtype, kernel], case.truth):.4f}"
+                )
             label = f"Dice(bf16, fp32) {case.name}" + (f" [kernel {kernel}]" if fused == "cuda" else "")
             check.figure(Figure("dice", label, agree, "", f">= {DICE_TARGET}", verdict(agree, DICE_TARGET), note))
 
@@ -443,9 +550,11 @@ def write_report(check: Check) -> None:
     head = [
         f"### GPU check{' (rehearsal on the CPU)' if check.rehearse else ''} ({stamp})",
         "",
-        (f"Machine: {machine}, driver {env.get('driver', '-')}; torch {env.get('torch')} (CUDA {env.get('torch_cuda')}); "
-         f"NVRTC {env.get('nvrtc')}; Python {env.get('python')}. "
-         f"Command: `python benchmarks/gpu_check.py{' --rehearse' if check.rehearse else ''} OUT`."),
+        (
+            f"Machine: {machine}, driver {env.get('driver', '-')}; torch {env.get('torch')} (CUDA {env.get('torch_cuda')}); "
+            f"NVRTC {env.get('nvrtc')}; Python {env.get('python')}. "
+            f"Command: `python benchmarks/gpu_check.py{' --rehearse' if check.rehearse else ''} OUT`."
+        ),
         "",
         "| section | figure | value | target | verdict | note |",
         "|---|---|---|---|---|---|",
@@ -455,11 +564,22 @@ def write_report(check: Check) -> None:
         f"{f.verdict} | {f.note} |"
         for f in check.figures
     ]
-    tail = ["", (f"Failures: {'; '.join(check.failed) if check.failed else 'none'}. "
-                 f"Total {time.perf_counter() - check.t0:.0f} s."), ""]
+    tail = [
+        "",
+        (
+            f"Failures: {'; '.join(check.failed) if check.failed else 'none'}. "
+            f"Total {time.perf_counter() - check.t0:.0f} s."
+        ),
+        "",
+    ]
     (check.out / "summary.md").write_text("\n".join(head + rows + tail))
-    payload = {"rehearse": check.rehearse, "figures": [asdict(f) for f in check.figures], "failed": check.failed,
-               "info": check.info, "seconds": round(time.perf_counter() - check.t0, 1)}
+    payload = {
+        "rehearse": check.rehearse,
+        "figures": [asdict(f) for f in check.figures],
+        "failed": check.failed,
+        "info": check.info,
+        "seconds": round(time.perf_counter() - check.t0, 1),
+    }
     (check.out / "results.json").write_text(json.dumps(payload, indent=1, default=str))
 
 
@@ -483,8 +603,10 @@ def run(check: Check, data: Path | None) -> int:
             (check.out / f"{name}-traceback.txt").write_text(traceback.format_exc())
         write_report(check)  # after every section: a killed run still leaves what it measured
     check.say("")
-    check.say(f"gpu_check: {'FAILED: ' + '; '.join(check.failed) if check.failed else 'no failures'}; "
-              f"report in {check.out / 'summary.md'}")
+    check.say(
+        f"gpu_check: {'FAILED: ' + '; '.join(check.failed) if check.failed else 'no failures'}; "
+        f"report in {check.out / 'summary.md'}"
+    )
     return 1 if check.failed else 0
 
 
@@ -493,8 +615,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("out", type=Path, help="folder for everything the check writes (created)")
     p.add_argument("--rehearse", action="store_true", help="run on the CPU, GPU parts skipped")
     p.add_argument("--prepare", action="store_true", help="only save the real inputs to OUT (needs the data packages)")
-    p.add_argument("--data", type=Path, default=REPO / ".cache" / "gpu-check-data",
-                   help="prepared real inputs (default: .cache/gpu-check-data)")
+    p.add_argument(
+        "--data",
+        type=Path,
+        default=REPO / ".cache" / "gpu-check-data",
+        help="prepared real inputs (default: .cache/gpu-check-data)",
+    )
     p.add_argument("--budget-s", type=float, default=330.0, help="time budget of the whole check in seconds")
     args = p.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)

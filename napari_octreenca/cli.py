@@ -37,14 +37,18 @@ def _describe(cfg: Any, source: str) -> str:
         f"classes:      {', '.join(cfg.class_names)}",
     ]
     if cfg.train_size:
-        lines.append(f"train size:   {list(cfg.train_size)} (coarsest steps scale above it: {cfg.scale_coarsest_steps})")
+        lines.append(
+            f"train size:   {list(cfg.train_size)} (coarsest steps scale above it: {cfg.scale_coarsest_steps})"
+        )
     if cfg.spacing:
         lines.append(f"spacing:      {list(cfg.spacing)} (inputs are resampled to it)")
     lines.append(f"parameters:   {cfg.parameter_count():,}")
     quality = (cfg.provenance or {}).get("quality")
     if quality:
-        lines.append(f"quality:      flagged above {quality['threshold']} (spread between {quality['runs']} runs; "
-                     "calibrated on held-out inputs, see the model card)")
+        lines.append(
+            f"quality:      flagged above {quality['threshold']} (spread between {quality['runs']} runs; "
+            "calibrated on held-out inputs, see the model card)"
+        )
     return "\n".join(lines)
 
 
@@ -93,10 +97,23 @@ def cmd_segment(args: argparse.Namespace) -> int:
     _check_seed_arg(args.seed, args.runs or 3)
     try:
         written = run_segment(
-            inputs, output, args.model, device=args.device, dtype=args.dtype, backend=args.backend,
-            seed=args.seed, runs=args.runs, tile=args.tile, scheduler=args.scheduler, progress=progress,
-            use_pyramid=args.use_pyramid, overwrite=args.overwrite, wait=args.wait, keep_going=args.keep_going,
-            normalization=args.normalization, fire_rate=args.fire_rate,
+            inputs,
+            output,
+            args.model,
+            device=args.device,
+            dtype=args.dtype,
+            backend=args.backend,
+            seed=args.seed,
+            runs=args.runs,
+            tile=args.tile,
+            scheduler=args.scheduler,
+            progress=progress,
+            use_pyramid=args.use_pyramid,
+            overwrite=args.overwrite,
+            wait=args.wait,
+            keep_going=args.keep_going,
+            normalization=args.normalization,
+            fire_rate=args.fire_rate,
         )
     except BatchError as exc:
         for p in exc.written:
@@ -189,22 +206,35 @@ def cmd_train(args: argparse.Namespace) -> int:
             changes["name"] = args.name
         model = preset(args.preset, **changes)
     cfg = TrainConfig(
-        iterations=args.iterations, batch_size=args.batch_size, crop=args.crop, level_patch=args.level_patch,
-        lr=args.lr, seed=args.seed, checkpoint_every=args.checkpoint_every, fused_cpu=not args.autograd,
+        iterations=args.iterations,
+        batch_size=args.batch_size,
+        crop=args.crop,
+        level_patch=args.level_patch,
+        lr=args.lr,
+        seed=args.seed,
+        checkpoint_every=args.checkpoint_every,
+        fused_cpu=not args.autograd,
     )
     t0 = time.perf_counter()
 
     def progress(p: Any) -> None:
         if p.iteration % max(1, args.log_every) == 0 or p.iteration == p.iterations:
-            print(f"iter {p.iteration}/{p.iterations}  loss {p.loss:.4f}  dice {p.dice:.3f}  lr {p.lr:.2e}  {p.seconds:.0f}s", file=sys.stderr, flush=True)
+            print(
+                f"iter {p.iteration}/{p.iterations}  loss {p.loss:.4f}  dice {p.dice:.3f}  lr {p.lr:.2e}  {p.seconds:.0f}s",
+                file=sys.stderr,
+                flush=True,
+            )
 
-    result = train(model, pairs, cfg, callback=progress, checkpoint=args.checkpoint, resume=args.resume, device=args.device)
+    result = train(
+        model, pairs, cfg, callback=progress, checkpoint=args.checkpoint, resume=args.resume, device=args.device
+    )
     scores = evaluate(result.model, pairs)
     final = result.model
     lo, hi, dtype_name = input_range_of([p.image for p in pairs])
     # The training images' raw range: inputs far outside it get a warning when segmenting.
-    final.config = final.config.replace(provenance={**final.config.provenance, "train_dice": scores},
-                                        input_range=(lo, hi), input_dtype=dtype_name)
+    final.config = final.config.replace(
+        provenance={**final.config.provenance, "train_dice": scores}, input_range=(lo, hi), input_dtype=dtype_name
+    )
     save_model(final, args.out)
     print(f"saved {args.out}  (train Dice {scores['mean']:.3f}, {time.perf_counter() - t0:.0f} s)")
     return 0
@@ -228,8 +258,10 @@ def cmd_import(args: argparse.Namespace) -> int:
     model = import_original(args.checkpoint, args.preset, **changes)
     save_model(model, args.out)
     cfg = model.config
-    print(f"imported {args.checkpoint} -> {args.out} ({model.parameter_count():,} parameters, "
-          f"normalisation {cfg.normalization.mode}, fire rate {cfg.fire_rate})")
+    print(
+        f"imported {args.checkpoint} -> {args.out} ({model.parameter_count():,} parameters, "
+        f"normalisation {cfg.normalization.mode}, fire rate {cfg.fire_rate})"
+    )
     return 0
 
 
@@ -249,11 +281,19 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def _run_setting_args(parser: argparse.ArgumentParser, what: str) -> None:
     """``--normalization`` and ``--fire-rate``: the published code's input normalisation and fire rate."""
-    parser.add_argument("--normalization", default=None, choices=ORIGINAL_NORMALIZATION_NAMES,
-                        help="input normalisation of the published code: imagenet (its 2D RGB data: /255, "
-                             f"ImageNet mean/std), percentile (its 3D MRI: 0.5-99.5 %% -> 0-1), unit, none ({what})")
-    parser.add_argument("--fire-rate", type=float, default=None,
-                        help=f"probability that a cell updates per step; 1 = deterministic ({what})")
+    parser.add_argument(
+        "--normalization",
+        default=None,
+        choices=ORIGINAL_NORMALIZATION_NAMES,
+        help="input normalisation of the published code: imagenet (its 2D RGB data: /255, "
+        f"ImageNet mean/std), percentile (its 3D MRI: 0.5-99.5 %% -> 0-1), unit, none ({what})",
+    )
+    parser.add_argument(
+        "--fire-rate",
+        type=float,
+        default=None,
+        help=f"probability that a cell updates per step; 1 = deterministic ({what})",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -261,31 +301,51 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     # ... also after the sub-command (SUPPRESS: absent there, the top-level value stays)
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
-                        help="show the full traceback of an error")
+    common.add_argument(
+        "--debug", action="store_true", default=argparse.SUPPRESS, help="show the full traceback of an error"
+    )
     sub = p.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("segment", parents=[common], help="segment images (files, folders or globs) with a model")
     s.add_argument("paths", nargs="+", metavar="INPUT... OUTPUT")
-    s.add_argument("--model", required=True,
-                   help="bundled model name, model file, or a classical baseline (otsu-brain, otsu-epidermis)")
+    s.add_argument(
+        "--model",
+        required=True,
+        help="bundled model name, model file, or a classical baseline (otsu-brain, otsu-epidermis)",
+    )
     s.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     s.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     s.add_argument("--backend", default="auto", choices=["auto", "torch", "cpu-fused", "cuda"])
     s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--runs", type=int, default=None,
-                   help="ensemble size: median logits + quality estimate (2 or more runs); default 3 for "
-                        "inputs run whole, 1 for inputs run tile by tile (no estimate there yet)")
+    s.add_argument(
+        "--runs",
+        type=int,
+        default=None,
+        help="ensemble size: median logits + quality estimate (2 or more runs); default 3 for "
+        "inputs run whole, 1 for inputs run tile by tile (no estimate there yet)",
+    )
     s.add_argument("--tile", type=int, default=None, help="force tiled inference with this tile size")
     s.add_argument("--scheduler", default=None, help="dask.distributed scheduler address")
-    s.add_argument("--use-pyramid", action="store_true",
-                   help="read octree levels from the file's pyramid where shapes fit (faster, not bitwise equal)")
-    s.add_argument("--overwrite", action="store_true",
-                   help="allow an output that is an input (the input is replaced) or earlier results among the inputs")
-    s.add_argument("--wait", action="store_true", help="wait for another run writing the same output instead of failing")
-    s.add_argument("--keep-going", action=argparse.BooleanOptionalAction, default=None,
-                   help="go on after a failed input, list the failures at the end, exit non-zero "
-                        "(default: on for folders and globs)")
+    s.add_argument(
+        "--use-pyramid",
+        action="store_true",
+        help="read octree levels from the file's pyramid where shapes fit (faster, not bitwise equal)",
+    )
+    s.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="allow an output that is an input (the input is replaced) or earlier results among the inputs",
+    )
+    s.add_argument(
+        "--wait", action="store_true", help="wait for another run writing the same output instead of failing"
+    )
+    s.add_argument(
+        "--keep-going",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="go on after a failed input, list the failures at the end, exit non-zero "
+        "(default: on for folders and globs)",
+    )
     _run_setting_args(s, "instead of the model's own")
     s.add_argument("--quiet", action="store_true")
     s.set_defaults(func=cmd_segment)
@@ -308,8 +368,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--checkpoint-every", type=int, default=100)
     t.add_argument("--resume", default=None)
     t.add_argument("--device", default="cpu")
-    t.add_argument("--autograd", action="store_true",
-                   help="train with autograd through the reference step instead of the fused CPU step")
+    t.add_argument(
+        "--autograd",
+        action="store_true",
+        help="train with autograd through the reference step instead of the fused CPU step",
+    )
     t.add_argument("--log-every", type=int, default=50)
     t.add_argument("--out", required=True)
     t.set_defaults(func=cmd_train)
@@ -370,8 +433,14 @@ def main(argv: list[str] | None = None) -> int:
             return EXIT_ERROR
 
 
-def _one_line_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
-                      file: Any = None, line: str | None = None) -> None:
+def _one_line_warning(
+    message: Warning | str,
+    category: type[Warning],
+    filename: str,
+    lineno: int,
+    file: Any = None,
+    line: str | None = None,
+) -> None:
     text = str(message).strip().splitlines()
     print(f"octreenca: warning: {text[0] if text else category.__name__}", file=sys.stderr, flush=True)
 

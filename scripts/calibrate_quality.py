@@ -34,7 +34,11 @@ import numpy as np
 import torch
 
 from napari_octreenca.data_sources import (
-    ITK_DATA, MRICRON, cmu_epidermis_region, load_nifti_zyx, skin_sample,
+    ITK_DATA,
+    MRICRON,
+    cmu_epidermis_region,
+    load_nifti_zyx,
+    skin_sample,
 )
 from napari_octreenca.nca.modelfile import load_model, read_extra, save_model
 from napari_octreenca.run.quality import DEFAULT_RUNS, calibrate_threshold
@@ -48,6 +52,7 @@ def _skin_right(rows: slice = slice(None)) -> Case:
     def load() -> tuple[np.ndarray, tuple[float, ...], str]:
         img, _ = skin_sample()
         return np.ascontiguousarray(img[rows, 853:]), (1.0, 1.0), "YXC"
+
     return load
 
 
@@ -76,6 +81,7 @@ def _itk(stripped: bool = False, inverted: bool = False) -> Case:
         if inverted:
             img = np.where(img > 10, 255 - img, 0).astype(np.float32)
         return img, sp, "ZYX"
+
     return load
 
 
@@ -91,17 +97,27 @@ def _skin_stack() -> tuple[np.ndarray, tuple[float, ...], str]:
 
 CASES: dict[str, dict[str, dict[str, Case]]] = {
     "he_epidermis": {
-        "good": {"skin.tif right third": _skin_right(), "skin.tif right third, upper half": _skin_right(slice(0, 480)),
-                 "skin.tif right third, lower half": _skin_right(slice(480, None))},
-        "failing": {"cmu_small_region.svs annotated region": _cmu, "Colin27 MRI slice as RGB": _mri_slice_rgb,
-                    "DAVIS 2016 blackswan frame 0": _davis_frame},
+        "good": {
+            "skin.tif right third": _skin_right(),
+            "skin.tif right third, upper half": _skin_right(slice(0, 480)),
+            "skin.tif right third, lower half": _skin_right(slice(480, None)),
+        },
+        "failing": {
+            "cmu_small_region.svs annotated region": _cmu,
+            "Colin27 MRI slice as RGB": _mri_slice_rgb,
+            "DAVIS 2016 blackswan frame 0": _davis_frame,
+        },
     },
     "brain_mri": {
         "good": {"ITK subject, head": _itk()},
-        "failing": {"ITK subject, inverted contrast (T2-like)": _itk(inverted=True),
-                    "H&E skin section stacked as a volume": _skin_stack},
-        "measured": {"ITK subject, skull-stripped (Dice about 0.5: a confident failure)": _itk(stripped=True),
-                     "Colin27 ch2, 1 mm whole head (training subject)": _colin},
+        "failing": {
+            "ITK subject, inverted contrast (T2-like)": _itk(inverted=True),
+            "H&E skin section stacked as a volume": _skin_stack,
+        },
+        "measured": {
+            "ITK subject, skull-stripped (Dice about 0.5: a confident failure)": _itk(stripped=True),
+            "Colin27 ch2, 1 mm whole head (training subject)": _colin,
+        },
     },
 }
 
@@ -137,9 +153,15 @@ def main() -> None:
     print(f"threshold {threshold}", flush=True)
     if args.dry_run:
         return
-    entry = {"threshold": threshold, "metric": "mean over voxels of the std of sigmoid(logit) between runs",
-             "runs": args.runs, "seeds_from": 0, "calibrated_on": scores, "nothing_segmented": empty,
-             "rule": "geometric mean of the largest good and the smallest failing score"}
+    entry = {
+        "threshold": threshold,
+        "metric": "mean over voxels of the std of sigmoid(logit) between runs",
+        "runs": args.runs,
+        "seeds_from": 0,
+        "calibrated_on": scores,
+        "nothing_segmented": empty,
+        "rule": "geometric mean of the largest good and the smallest failing score",
+    }
     prov = dict(model.config.provenance, quality=entry)
     model.config = model.config.replace(provenance=prov)
     save_model(model, args.model, extra=read_extra(args.model))

@@ -20,6 +20,7 @@ from napari_octreenca.nca.modelfile import load_model, read_extra, save_model
 
 MODELS = Path(__file__).resolve().parents[1] / "models"
 
+
 def _load_notes(name: str) -> dict[str, Any]:
     p = Path(__file__).with_name(f"card_notes_{name}.json")
     return json.loads(p.read_text()) if p.exists() else {}
@@ -43,23 +44,33 @@ def _fmt(v: Any) -> str:
 def render(name: str, cfg: Any, extra: dict[str, Any]) -> str:
     """The Markdown card of one model."""
     lines = [f"# `{name}`: {extra['task']}", ""]
-    lines += ["**Not for clinical use.** A research and demonstration model; it has not been validated "
-              "for diagnosis or treatment and must not be used for either.", ""]
+    lines += [
+        "**Not for clinical use.** A research and demonstration model; it has not been validated "
+        "for diagnosis or treatment and must not be used for either.",
+        "",
+    ]
     lines += ["## What it is", ""]
-    lines += [f"- Architecture: OctreeNCA, {cfg.spatial_dims}D, axes `{cfg.axes}`, {cfg.levels} levels, "
-              f"factors {[list(f) for f in cfg.factors]}, steps {list(cfg.steps)}, {cfg.channels} channels "
-              f"({cfg.input_channels} image + {cfg.output_channels} logits + {cfg.hidden_channels} hidden), "
-              f"hidden size {cfg.hidden}, fire rate {cfg.fire_rate}; {cfg.parameter_count():,} parameters.",
-              f"- Classes: {', '.join(cfg.class_names)}.",
-              f"- Fixed spacing: `{list(cfg.spacing)}` (axes `{cfg.axes}`); inputs are resampled to it and the "
-              "logits back to the input grid.",
-              f"- Normalisation: `{cfg.normalization.mode}`.",
-              f"- Intended use: {extra.get('intended_use', extra['task'])}.", ""]
-    lines += ["## Data and licence", "",
-              f"- Training: {extra['training_data']}.",
-              f"- Held out (never used for training or model selection): {extra['held_out_data']}.",
-              f"- Licence of the data: {extra.get('data_licence', 'see the sources above')}.",
-              "- The weights are the project's own work and ship with it; the data do not.", ""]
+    lines += [
+        f"- Architecture: OctreeNCA, {cfg.spatial_dims}D, axes `{cfg.axes}`, {cfg.levels} levels, "
+        f"factors {[list(f) for f in cfg.factors]}, steps {list(cfg.steps)}, {cfg.channels} channels "
+        f"({cfg.input_channels} image + {cfg.output_channels} logits + {cfg.hidden_channels} hidden), "
+        f"hidden size {cfg.hidden}, fire rate {cfg.fire_rate}; {cfg.parameter_count():,} parameters.",
+        f"- Classes: {', '.join(cfg.class_names)}.",
+        f"- Fixed spacing: `{list(cfg.spacing)}` (axes `{cfg.axes}`); inputs are resampled to it and the "
+        "logits back to the input grid.",
+        f"- Normalisation: `{cfg.normalization.mode}`.",
+        f"- Intended use: {extra.get('intended_use', extra['task'])}.",
+        "",
+    ]
+    lines += [
+        "## Data and licence",
+        "",
+        f"- Training: {extra['training_data']}.",
+        f"- Held out (never used for training or model selection): {extra['held_out_data']}.",
+        f"- Licence of the data: {extra.get('data_licence', 'see the sources above')}.",
+        "- The weights are the project's own work and ship with it; the data do not.",
+        "",
+    ]
     lines += ["## Preprocessing", "", f"{extra['preprocessing']}.", ""]
     if "input_orientation" in extra:
         lines += [f"Input orientation: {extra['input_orientation']}.", ""]
@@ -69,37 +80,62 @@ def render(name: str, cfg: Any, extra: dict[str, Any]) -> str:
     lines += [f"| {k} | {_fmt(v)} |" for k, v in m.items()]
     lines += [""]
     if "per_sequence" in extra["held_out_metrics"]:
-        lines += ["| held-out sequence | J (mean IoU) | consecutive-frame IoU, prediction | same, ground truth | "
-                  "baseline J (spatial prior) |", "|---|---|---|---|---|"]
+        lines += [
+            "| held-out sequence | J (mean IoU) | consecutive-frame IoU, prediction | same, ground truth | "
+            "baseline J (spatial prior) |",
+            "|---|---|---|---|---|",
+        ]
         for seq, v in extra["held_out_metrics"]["per_sequence"].items():
-            lines += [f"| {seq} | {_fmt(v['J'])} | {_fmt(v['consecutive_iou_pred'])} | "
-                      f"{_fmt(v['consecutive_iou_truth'])} | {_fmt(v.get('baseline_prior_J', '-'))} |"]
+            lines += [
+                f"| {seq} | {_fmt(v['J'])} | {_fmt(v['consecutive_iou_pred'])} | "
+                f"{_fmt(v['consecutive_iou_truth'])} | {_fmt(v.get('baseline_prior_J', '-'))} |"
+            ]
         lines += [""]
     if "clip" in extra["held_out_metrics"]:
         c = extra["held_out_metrics"]["clip"]
-        lines += [f"Short-clip figure (checked by the unit test): the first {c['frames']} frames of {c['sequence']} "
-                  f"segmented on their own: J {_fmt(c['J'])}, consecutive-frame IoU {_fmt(c['consecutive_iou_pred'])} "
-                  f"(ground truth {_fmt(c['consecutive_iou_truth'])}).", ""]
+        lines += [
+            f"Short-clip figure (checked by the unit test): the first {c['frames']} frames of {c['sequence']} "
+            f"segmented on their own: J {_fmt(c['J'])}, consecutive-frame IoU {_fmt(c['consecutive_iou_pred'])} "
+            f"(ground truth {_fmt(c['consecutive_iou_truth'])}).",
+            "",
+        ]
     b = extra["baseline"]
-    lines += [f"Baseline on the same held-out data: {b['method']}: "
-              + ", ".join(f"{k} {_fmt(v)}" for k, v in b.items() if k != "method") + ".", ""]
+    lines += [
+        f"Baseline on the same held-out data: {b['method']}: "
+        + ", ".join(f"{k} {_fmt(v)}" for k, v in b.items() if k != "method")
+        + ".",
+        "",
+    ]
     if extra.get("target"):
-        lines += [f"Target: {extra['target']}" + (f" **Status: {extra['target_status']}.**" if extra.get("target_status") else ""), ""]
+        lines += [
+            f"Target: {extra['target']}"
+            + (f" **Status: {extra['target_status']}.**" if extra.get("target_status") else ""),
+            "",
+        ]
     if extra.get("recommendation"):
         lines += [f"**Recommended:** {extra['recommendation']}", ""]
     lines += _quality_section(cfg)
-    lines += ["## Reproduce", "",
-              "```", extra["train_command"], "```", "",
-              f"- Seed: {extra['seed']}; iterations: {extra.get('iterations', '-')}.",
-              f"- Wall time: {extra['train_wall_seconds']:.0f} s end to end (training, evaluation) on the "
-              f"{extra['train_machine']}.",
-              f"- Segment from Python: `{extra['segment_call']}` "
-              "(`napari_octreenca.run.resample`).", ""]
+    lines += [
+        "## Reproduce",
+        "",
+        "```",
+        extra["train_command"],
+        "```",
+        "",
+        f"- Seed: {extra['seed']}; iterations: {extra.get('iterations', '-')}.",
+        f"- Wall time: {extra['train_wall_seconds']:.0f} s end to end (training, evaluation) on the "
+        f"{extra['train_machine']}.",
+        f"- Segment from Python: `{extra['segment_call']}` (`napari_octreenca.run.resample`).",
+        "",
+    ]
     if extra.get("cli"):
         lines += [f"- From the command line: `{extra['cli']}`", ""]
-    lines += ["The test `tests/test_models_" + {"brain_mri": "brain", "he_epidermis": "epidermis",
-                                                 "davis_video": "davis"}.get(name, name)
-              + ".py` reloads this file and checks the held-out figure where the data is installed.", ""]
+    lines += [
+        "The test `tests/test_models_"
+        + {"brain_mri": "brain", "he_epidermis": "epidermis", "davis_video": "davis"}.get(name, name)
+        + ".py` reloads this file and checks the held-out figure where the data is installed.",
+        "",
+    ]
     lines += ["## Known failure modes and limits", ""]
     lines += [f"- {s}" for s in extra.get("known_failure_modes", [])] + [""]
     if extra.get("notes"):
@@ -113,24 +149,39 @@ def _quality_section(cfg: Any) -> list[str]:
     if not q:
         from napari_octreenca.run.quality import DEFAULT_MAX_FRACTION, DEFAULT_THRESHOLD
 
-        return ["## Quality estimate", "",
-                f"Not calibrated for this model: the default threshold {DEFAULT_THRESHOLD} applies (set from the "
-                f"calibrated models; the verdict says it is not calibrated), and a label covering more than "
-                f"{DEFAULT_MAX_FRACTION:.0%} of the image is flagged as implausible.", ""]
-    lines = ["## Quality estimate", "",
-             f"Every segmentation with 2 or more runs gets a score: {q['metric']} ({q['runs']} runs, seeds from "
-             f"{q['seeds_from']}). Results scoring above **{q['threshold']}** are flagged as unreliable. The "
-             f"threshold is the {q['rule']}, measured on these inputs (none used for training or model selection; "
-             "`python scripts/calibrate_quality.py` reproduces them):", "",
-             "| group | input | score |", "|---|---|---|"]
+        return [
+            "## Quality estimate",
+            "",
+            f"Not calibrated for this model: the default threshold {DEFAULT_THRESHOLD} applies (set from the "
+            f"calibrated models; the verdict says it is not calibrated), and a label covering more than "
+            f"{DEFAULT_MAX_FRACTION:.0%} of the image is flagged as implausible.",
+            "",
+        ]
+    lines = [
+        "## Quality estimate",
+        "",
+        f"Every segmentation with 2 or more runs gets a score: {q['metric']} ({q['runs']} runs, seeds from "
+        f"{q['seeds_from']}). Results scoring above **{q['threshold']}** are flagged as unreliable. The "
+        f"threshold is the {q['rule']}, measured on these inputs (none used for training or model selection; "
+        "`python scripts/calibrate_quality.py` reproduces them):",
+        "",
+        "| group | input | score |",
+        "|---|---|---|",
+    ]
     empty = set(q.get("nothing_segmented", []))
     for group, cases in q["calibrated_on"].items():
-        lines += [f"| {group} | {name} | {v:.4f}" + (" (nothing segmented: flagged as such)" if name in empty else "")
-                  + " |" for name, v in cases.items()]
-    lines += ["", "Groups: good and failing set the threshold; measured inputs are shown for information.",
-              "", f"A label covering more than {q.get('max_fraction', 0.9):.0%} of the image is flagged as implausible as "
-              "well (the spread cannot see a model that labels everything and is sure of it), and so is a result "
-              "with nothing segmented."]
+        lines += [
+            f"| {group} | {name} | {v:.4f}" + (" (nothing segmented: flagged as such)" if name in empty else "") + " |"
+            for name, v in cases.items()
+        ]
+    lines += [
+        "",
+        "Groups: good and failing set the threshold; measured inputs are shown for information.",
+        "",
+        f"A label covering more than {q.get('max_fraction', 0.9):.0%} of the image is flagged as implausible as "
+        "well (the spread cannot see a model that labels everything and is sure of it), and so is a result "
+        "with nothing segmented.",
+    ]
     return lines + [""]
 
 

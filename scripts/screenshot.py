@@ -41,8 +41,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default="he_epidermis", help="bundled model name or model file")
     parser.add_argument("--size", default="1600x1000", help="window size WxH")
     parser.add_argument("--docks", action="store_true", help="dock Segment, inspector and Train together")
-    parser.add_argument("--gif", default=None,
-                        help="also write an animated GIF of the recorded NCA evolution (canvas only)")
+    parser.add_argument(
+        "--gif", default=None, help="also write an animated GIF of the recorded NCA evolution (canvas only)"
+    )
     args = parser.parse_args(argv)
 
     import napari

@@ -22,13 +22,13 @@ import time
 
 import numpy as np
 import torch
+from _budget import print_progress, train_with_budget
 
 from napari_octreenca.baselines import otsu_brain_mask
 from napari_octreenca.data_sources import ITK_DATA, MRICRON, load_nifti_zyx
 from napari_octreenca.nca.config import Normalization, preset
 from napari_octreenca.nca.modelfile import save_model
 from napari_octreenca.run.resample import segment_at_model_spacing
-from _budget import print_progress, train_with_budget
 from napari_octreenca.run.training import TrainConfig, TrainPair, hard_dice
 
 SPACING = (3.0, 3.0, 3.0)
@@ -46,7 +46,9 @@ def _rotation(angles: np.ndarray) -> np.ndarray:
     return rz @ ry @ rx
 
 
-def augmented_copies(img: np.ndarray, mask: np.ndarray, spacing: tuple[float, ...], n: int, seed: int) -> list[TrainPair]:
+def augmented_copies(
+    img: np.ndarray, mask: np.ndarray, spacing: tuple[float, ...], n: int, seed: int
+) -> list[TrainPair]:
     """``n`` randomly transformed copies of a 1 mm volume on the 3 mm training grid (copy 0 = plain)."""
     from scipy import ndimage
 
@@ -69,7 +71,9 @@ def augmented_copies(img: np.ndarray, mask: np.ndarray, spacing: tuple[float, ..
         matrix = np.diag(1 / sp) @ mat @ np.diag(out_sp)
         offset = (centre_in - mat @ (centre_out + shift)) / sp
         im = ndimage.affine_transform(smooth, matrix, offset, output_shape=GRID, order=1, mode="constant", cval=0.0)
-        ms = ndimage.affine_transform(mask.astype(np.float32), matrix, offset, output_shape=GRID, order=1, mode="constant")
+        ms = ndimage.affine_transform(
+            mask.astype(np.float32), matrix, offset, output_shape=GRID, order=1, mode="constant"
+        )
         if k:
             im = np.clip(im, 0, None)
             hi = float(np.percentile(im, 99.5)) or 1.0
@@ -142,12 +146,23 @@ def main() -> None:
         normalization=Normalization(mode="percentile", low=0.5, high=99.5),
     )
     tcfg = TrainConfig(
-        iterations=args.iterations, batch_size=args.batch, level_patch=(32, 32, 32), lr=1.6e-3,
-        lr_gamma=0.997, seed=args.seed, checkpoint_every=25, foreground_fraction=0.5,
+        iterations=args.iterations,
+        batch_size=args.batch,
+        level_patch=(32, 32, 32),
+        lr=1.6e-3,
+        lr_gamma=0.997,
+        seed=args.seed,
+        checkpoint_every=25,
+        foreground_fraction=0.5,
     )
 
     model, done, train_seconds = train_with_budget(
-        cfg, pairs, tcfg, callback=print_progress, checkpoint=args.checkpoint, resume=args.resume,
+        cfg,
+        pairs,
+        tcfg,
+        callback=print_progress,
+        checkpoint=args.checkpoint,
+        resume=args.resume,
         max_minutes=args.max_minutes,
     )
     metrics = evaluate_held_out(model)
@@ -159,18 +174,20 @@ def main() -> None:
         "not_for_clinical_use": True,
         "training_data": "Colin27 T1 (ch2.nii.gz) with brain mask ch2bet.nii.gz > 0, Debian mricron-data",
         "held_out_data": "ITK KmeansTest_T1UCharRaw.nii.gz, mask KmeansTest_T1RawSkullStrip.nii.gz > 0 "
-                         "(Debian insighttoolkit5-examples), 128x128x62 at 2x2x3 mm",
+        "(Debian insighttoolkit5-examples), 128x128x62 at 2x2x3 mm",
         "preprocessing": "reorient to RAS+ (ZYX array), resample to 3 mm isotropic, percentile normalisation "
-                         "(0.5-99.5 -> 0-1); logits resampled back linearly to the input grid",
+        "(0.5-99.5 -> 0-1); logits resampled back linearly to the input grid",
         "input_orientation": "RAS+ as (Z, Y, X) = (inferior->superior, posterior->anterior, left->right)",
         "held_out_metrics": {"dice": metrics["dice"]},
         "metrics": {"held_out_dice": metrics["dice"], "baseline_otsu_dice": metrics["baseline_otsu_dice"]},
-        "baseline": {"method": "Otsu threshold + largest component + opening/closing + hole filling",
-                     "dice": metrics["baseline_otsu_dice"]},
+        "baseline": {
+            "method": "Otsu threshold + largest component + opening/closing + hole filling",
+            "dice": metrics["baseline_otsu_dice"],
+        },
         "seed": args.seed,
         "iterations": done,
         "train_command": f"python scripts/train_brain.py --iterations {done} --batch {args.batch} "
-                         f"--copies {args.copies} --seed {args.seed}",
+        f"--copies {args.copies} --seed {args.seed}",
         "train_wall_seconds": round(wall, 0),
         "train_loop_seconds": round(train_seconds, 0),
         "train_machine": f"2-core CPU dev machine shared with other jobs, 1 torch thread ({platform.machine()})",

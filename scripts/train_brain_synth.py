@@ -31,9 +31,9 @@ import time
 
 import numpy as np
 import torch
-
 from _budget import print_progress, train_with_budget
-from train_brain import GRID, SPACING, augmented_copies, _rotation
+from train_brain import GRID, SPACING, _rotation, augmented_copies
+
 from napari_octreenca.baselines import otsu_brain_mask
 from napari_octreenca.data_sources import ITK_DATA, MRICRON, load_nifti_zyx
 from napari_octreenca.nca.modelfile import load_model, read_extra, save_model
@@ -178,32 +178,45 @@ def main() -> None:
     start = load_model(args.start)
     prev_extra = read_extra(args.start)
     tcfg = TrainConfig(
-        iterations=args.iterations, batch_size=args.batch, level_patch=(32, 32, 32), lr=8e-4,
-        lr_gamma=0.997, seed=args.seed, checkpoint_every=10, foreground_fraction=0.5,
+        iterations=args.iterations,
+        batch_size=args.batch,
+        level_patch=(32, 32, 32),
+        lr=8e-4,
+        lr_gamma=0.997,
+        seed=args.seed,
+        checkpoint_every=10,
+        foreground_fraction=0.5,
     )
     model, done, train_seconds = train_with_budget(
-        start, pairs, tcfg, callback=print_progress, checkpoint=args.checkpoint, resume=args.resume,
+        start,
+        pairs,
+        tcfg,
+        callback=print_progress,
+        checkpoint=args.checkpoint,
+        resume=args.resume,
         max_minutes=args.max_minutes,
     )
     metrics = evaluate_held_out(model)
     wall = time.perf_counter() - t_start
     print(json.dumps(metrics), flush=True)
     extra = dict(prev_extra)
-    extra.update({
-        "training_data": "fine-tuned from the Colin27-only brain_mri on synthetic volumes drawn from a Colin27 "
-                         "label map (ch2 + ch2bet + aal, Debian mricron-data) and transformed ch2 / ch2bet",
-        "held_out_data": "ITK KmeansTest_T1UCharRaw.nii.gz, mask KmeansTest_T1RawSkullStrip.nii.gz > 0, as head "
-                         "scan and skull-stripped (Debian insighttoolkit5-examples), 2x2x3 mm",
-        "held_out_metrics": {k: v for k, v in metrics.items() if "otsu" not in k},
-        "metrics": metrics,
-        "seed": args.seed,
-        "iterations_finetune": done,
-        "train_command": f"python scripts/train_brain_synth.py --iterations {done} --batch {args.batch} "
-                         f"--synthetic {args.synthetic} --real {args.real} --seed {args.seed}",
-        "train_wall_seconds_finetune": round(wall, 0),
-        "train_loop_seconds_finetune": round(train_seconds, 0),
-        "train_machine": f"2-core CPU dev machine shared with other jobs, 1 torch thread ({platform.machine()})",
-    })
+    extra.update(
+        {
+            "training_data": "fine-tuned from the Colin27-only brain_mri on synthetic volumes drawn from a Colin27 "
+            "label map (ch2 + ch2bet + aal, Debian mricron-data) and transformed ch2 / ch2bet",
+            "held_out_data": "ITK KmeansTest_T1UCharRaw.nii.gz, mask KmeansTest_T1RawSkullStrip.nii.gz > 0, as head "
+            "scan and skull-stripped (Debian insighttoolkit5-examples), 2x2x3 mm",
+            "held_out_metrics": {k: v for k, v in metrics.items() if "otsu" not in k},
+            "metrics": metrics,
+            "seed": args.seed,
+            "iterations_finetune": done,
+            "train_command": f"python scripts/train_brain_synth.py --iterations {done} --batch {args.batch} "
+            f"--synthetic {args.synthetic} --real {args.real} --seed {args.seed}",
+            "train_wall_seconds_finetune": round(wall, 0),
+            "train_loop_seconds_finetune": round(train_seconds, 0),
+            "train_machine": f"2-core CPU dev machine shared with other jobs, 1 torch thread ({platform.machine()})",
+        }
+    )
     save_model(model, args.out, extra=extra)
     print(f"wrote {args.out}; wall {wall:.0f} s; held-out {metrics}", flush=True)
 

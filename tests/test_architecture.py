@@ -21,8 +21,11 @@ ROOT = "napari_octreenca"
 
 #: (prefix, layer): the first matching prefix wins; anything else is a shell (layer 3).
 LAYERS = [
-    (f"{ROOT}.nca", 0), (f"{ROOT}.fileutil", 0), (f"{ROOT}.resources", 0),
-    (f"{ROOT}.backends", 1), (f"{ROOT}.io", 1),
+    (f"{ROOT}.nca", 0),
+    (f"{ROOT}.fileutil", 0),
+    (f"{ROOT}.resources", 0),
+    (f"{ROOT}.backends", 1),
+    (f"{ROOT}.io", 1),
     (f"{ROOT}.run", 2),
 ]
 SIBLINGS_APART = {(f"{ROOT}.backends", f"{ROOT}.io"), (f"{ROOT}.io", f"{ROOT}.backends")}
@@ -88,6 +91,7 @@ def test_no_module_imports_a_higher_layer() -> None:
 
 def test_no_import_circles() -> None:
     graph = internal_imports()
+
     # A package __init__ that only re-exports its own submodules is not a circle with them.
     def edges(m: str) -> set[str]:
         return {t for t in graph.get(m, ()) if not (m.startswith(t + ".") and t in graph)}
@@ -101,7 +105,7 @@ def test_no_import_circles() -> None:
         stack.append(m)
         for t in sorted(edges(m)):
             if seen.get(t) == 1:
-                cycles.append(stack[stack.index(t):] + [t])
+                cycles.append(stack[stack.index(t) :] + [t])
             elif t not in seen:
                 visit(t)
         stack.pop()
@@ -132,7 +136,9 @@ def test_the_checker_sees_a_planted_upward_import(tmp_path: Path, monkeypatch: p
 @pytest.mark.parametrize("modules", ["napari_octreenca", "napari_octreenca, napari_octreenca.napari_io"])
 def test_package_and_napari_entry_points_import_neither_torch_nor_numba(modules: str) -> None:
     """napari imports the reader/writer module whenever it asks this plugin about a file."""
-    code = (f"import sys; import {modules}; "
-            "heavy = sorted(m for m in ('torch', 'numba') if m in sys.modules); print(','.join(heavy))")
+    code = (
+        f"import sys; import {modules}; "
+        "heavy = sorted(m for m in ('torch', 'numba') if m in sys.modules); print(','.join(heavy))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "", f"importing {modules} imported {out.stdout.strip()}"

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import tifffile
 
-from napari_octreenca.cli import main
 from napari_octreenca import load_model
+from napari_octreenca.cli import main
 
 
 def test_train_info_segment(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -21,11 +21,30 @@ def test_train_info_segment(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
     tifffile.imwrite(tmp_path / "img.tif", img, photometric="rgb")
     tifffile.imwrite(tmp_path / "lab.tif", lab)
     out = tmp_path / "m.safetensors"
-    rc = main([
-        "train", "--pair", str(tmp_path / "img.tif"), str(tmp_path / "lab.tif"), "--preset", "pathology",
-        "--steps", "4,4,8", "--iterations", "4", "--batch-size", "2", "--crop", "32,32", "--name", "toy",
-        "--checkpoint", str(tmp_path / "ck.safetensors"), "--out", str(out),
-    ])
+    rc = main(
+        [
+            "train",
+            "--pair",
+            str(tmp_path / "img.tif"),
+            str(tmp_path / "lab.tif"),
+            "--preset",
+            "pathology",
+            "--steps",
+            "4,4,8",
+            "--iterations",
+            "4",
+            "--batch-size",
+            "2",
+            "--crop",
+            "32,32",
+            "--name",
+            "toy",
+            "--checkpoint",
+            str(tmp_path / "ck.safetensors"),
+            "--out",
+            str(out),
+        ]
+    )
     assert rc == 0 and out.exists() and (tmp_path / "ck.safetensors").exists()
     model = load_model(out)
     assert model.config.name == "toy" and model.config.steps == (4, 4, 8)
@@ -44,5 +63,8 @@ def test_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     assert main(["info", "no-such-model"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("octreenca: error:") and "\n" not in err and "bundled models" in err
-    assert main(["segment", str(tmp_path / "missing.tif"), str(tmp_path / "o.tif"), "--model", "he_epidermis", "--quiet"]) == 2
+    assert (
+        main(["segment", str(tmp_path / "missing.tif"), str(tmp_path / "o.tif"), "--model", "he_epidermis", "--quiet"])
+        == 2
+    )
     assert "does not exist" in capsys.readouterr().err

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from napari_octreenca.cli import main
 from napari_octreenca import OctreeNCA
+from napari_octreenca.cli import main
 from napari_octreenca.nca.config import ModelConfig, preset
 from napari_octreenca.nca.errors import ConfigError
 

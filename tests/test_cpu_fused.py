@@ -11,9 +11,9 @@ from napari_octreenca.backends.base import LevelRun
 from napari_octreenca.backends.torch_backend import TorchBackend
 from napari_octreenca.nca.config import preset
 from napari_octreenca.nca.errors import Cancelled
-from napari_octreenca.run.inference import run_octree
-from napari_octreenca.nca.weights import BackboneNCA
 from napari_octreenca.nca.octree import OctreeNCA
+from napari_octreenca.nca.weights import BackboneNCA
+from napari_octreenca.run.inference import run_octree
 
 cpu_fused = pytest.importorskip("napari_octreenca.backends.cpu_fused")
 CpuFusedBackend = cpu_fused.CpuFusedBackend
@@ -38,7 +38,8 @@ def random_model(cfg, seed: int) -> OctreeNCA:
 
 
 @pytest.mark.parametrize(
-    "shape", [(1, 1), (2, 7), (9, 4), (13, 17), (1, 3, 2), (2, 2, 2), (3, 5, 4), (6, 1, 7)],
+    "shape",
+    [(1, 1), (2, 7), (9, 4), (13, 17), (1, 3, 2), (2, 2, 2), (3, 5, 4), (6, 1, 7)],
     ids=lambda s: "x".join(map(str, s)),
 )
 @pytest.mark.parametrize("fire_rate", [0.5, 1.0])
@@ -147,9 +148,9 @@ def test_bf16_segmentation_agrees_with_fp32_on_real_input(skin_files) -> None:
     """bfloat16 state does not change the answer: the bundled H&E model on the real skin section."""
     from napari_octreenca.data_sources import skin_sample
     from napari_octreenca.nca.registry import open_model
+    from napari_octreenca.resources import bundled_models
     from napari_octreenca.run.resample import segment_at_model_spacing
     from napari_octreenca.run.training import hard_dice
-    from napari_octreenca.resources import bundled_models
 
     if "he_epidermis" not in bundled_models():
         pytest.skip("the bundled he_epidermis model is absent")

@@ -193,8 +193,12 @@ def test_cubin_arch_of_a_real_nvcc_cubin(tmp_path, arch) -> None:
 
     out = tmp_path / f"nca_{arch}.cubin"
     src = resource_path("kernels") / nvrtc_compile.SOURCE
-    subprocess.run([nvcc, "-cubin", f"-arch={arch}", "-std=c++17", str(src), "-o", str(out)], check=True,
-                   capture_output=True, text=True)
+    subprocess.run(
+        [nvcc, "-cubin", f"-arch={arch}", "-std=c++17", str(src), "-o", str(out)],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
     assert nvrtc_compile.cubin_arch(out.read_bytes()) == int(arch[3:])
 
 
@@ -236,7 +240,9 @@ def test_launch_check_accepts_the_right_buffers() -> None:
 
     for dims, shape in ((2, (5, 7)), (3, (2, 3, 4))):
         state = torch.zeros((2, 13) + shape, dtype=torch.bfloat16)
-        check_launch(_level(dims=dims), torch.zeros((2, 3) + shape, dtype=torch.bfloat16), state, torch.empty_like(state))
+        check_launch(
+            _level(dims=dims), torch.zeros((2, 3) + shape, dtype=torch.bfloat16), state, torch.empty_like(state)
+        )
 
 
 def test_launch_check_rejects_what_would_read_out_of_bounds() -> None:

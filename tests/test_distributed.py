@@ -18,8 +18,9 @@ distributed = pytest.importorskip("distributed", reason="pip install distributed
 def client():
     from distributed import Client, LocalCluster
 
-    cluster = LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None,
-                           worker_dashboard_address=None)
+    cluster = LocalCluster(
+        n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None, worker_dashboard_address=None
+    )
     c = Client(cluster)
     yield c
     c.close()
@@ -46,8 +47,9 @@ def test_distributed_equals_local(client, tmp_path: Path) -> None:
     finally:
         torch.set_num_threads(n)
     seen: list[dict] = []
-    dist = segment_tiled(model, img, tile=48, backend="torch", store=tmp_path / "w", scheduler=client,
-                         callback=seen.append)
+    dist = segment_tiled(
+        model, img, tile=48, backend="torch", store=tmp_path / "w", scheduler=client, callback=seen.append
+    )
     np.testing.assert_array_equal(dist.logits[...], local.logits)
     np.testing.assert_array_equal(dist.labels[...], whole.labels)
     assert dist.record["tiles_computed"] == len(seen) > 10
@@ -59,16 +61,22 @@ def test_distributed_pipeline_from_file(client, tmp_path: Path) -> None:
     """run_segment with a scheduler: the workers reopen the input file by path."""
     import tifffile
 
-    from napari_octreenca.run.pipeline import run_segment
     from napari_octreenca.io.readers import read_image
+    from napari_octreenca.run.pipeline import run_segment
 
     model = random_model(1)
     mpath = save_model(model, tmp_path / "m.safetensors")
     img = np.random.default_rng(1).integers(0, 255, (140, 120, 3), dtype=np.uint8)
     tifffile.imwrite(tmp_path / "a.tif", img, photometric="rgb")
     address = client.scheduler.address
-    [out] = run_segment([str(tmp_path / "a.tif")], str(tmp_path / "a_labels.tif"), str(mpath), backend="torch",
-                        tile=64, scheduler=address)
+    [out] = run_segment(
+        [str(tmp_path / "a.tif")],
+        str(tmp_path / "a_labels.tif"),
+        str(mpath),
+        backend="torch",
+        tile=64,
+        scheduler=address,
+    )
     torch.set_num_threads(1)
     whole = segment(model, img, backend="torch")
     np.testing.assert_array_equal(np.asarray(read_image(out).data), whole.labels)

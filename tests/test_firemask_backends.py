@@ -64,8 +64,13 @@ def test_backend_fire_mask_is_the_engine_hash(name, backend, shape, origin, seed
         # One step of a level is step 0; step 5 is reached by running 6 steps and comparing the last.
         steps = step + 1
         seen: list[torch.Tensor] = []
-        backend.run_level(nca, image, state.clone(), LevelRun(level, steps, seed, fire_rate, origin),
-                          lambda s, st: seen.append(st.clone()))
+        backend.run_level(
+            nca,
+            image,
+            state.clone(),
+            LevelRun(level, steps, seed, fire_rate, origin),
+            lambda s, st, seen=seen: seen.append(st.clone()),
+        )
         before = seen[-2] if len(seen) > 1 else state
         got = fired_cells(seen[-1], before)
         want = torch.from_numpy(fire_mask_numpy(shape, origin, seed, level, step, fire_rate))

@@ -30,8 +30,14 @@ def _required() -> bool:
 
 @pytest.fixture(scope="module")
 def rehearsal_python() -> Path:
-    done = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_check_venv.sh"), str(VENV)], cwd=REPO,
-                          capture_output=True, text=True, timeout=900, check=False)
+    done = subprocess.run(
+        ["bash", str(REPO / "benchmarks" / "gpu_check_venv.sh"), str(VENV)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        check=False,
+    )
     if done.returncode != 0:
         msg = f"could not build the rehearsal venv: {done.stderr[-800:]}"
         if _required():
@@ -44,23 +50,43 @@ def rehearsal_python() -> Path:
 def test_gpu_check_rehearsal(rehearsal_python: Path, tmp_path: Path) -> None:
     # The venv is the GPU machine's package set: the engine must run without these.
     absent = subprocess.run(
-        [str(rehearsal_python), "-c", ("import importlib.util as u; print(' '.join(m for m in "
-                                       "('zarr', 'dask', 'nibabel', 'napari', 'qtpy') if u.find_spec(m) is None))")],
-        capture_output=True, text=True, check=True,
+        [
+            str(rehearsal_python),
+            "-c",
+            (
+                "import importlib.util as u; print(' '.join(m for m in "
+                "('zarr', 'dask', 'nibabel', 'napari', 'qtpy') if u.find_spec(m) is None))"
+            ),
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout.split()
     assert set(absent) == {"zarr", "dask", "nibabel", "napari", "qtpy"}
     # Real inputs prepared with this interpreter (it has the data packages), as done before a GPU run.
     data = tmp_path / "data"
-    prep = subprocess.run([sys.executable, "benchmarks/gpu_check.py", "--prepare", str(data)], cwd=REPO,
-                          capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(REPO)), timeout=300,
-                          check=False)
+    prep = subprocess.run(
+        [sys.executable, "benchmarks/gpu_check.py", "--prepare", str(data)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, PYTHONPATH=str(REPO)),
+        timeout=300,
+        check=False,
+    )
     assert prep.returncode == 0, prep.stderr[-2000:]
     out = tmp_path / "out"
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "CI", "OCTREENCA_REQUIRE_GPU")}
     env["PYTHON"] = str(rehearsal_python)
-    done = subprocess.run(["bash", "benchmarks/gpu_check.sh", str(out), "--rehearse", "--data", str(data),
-                           "--budget-s", "600"], cwd=REPO, capture_output=True, text=True, env=env, timeout=700,
-                          check=False)
+    done = subprocess.run(
+        ["bash", "benchmarks/gpu_check.sh", str(out), "--rehearse", "--data", str(data), "--budget-s", "600"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=700,
+        check=False,
+    )
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
     results = json.loads((out / "results.json").read_text())
     info = results["info"]
@@ -88,11 +114,20 @@ def test_gpu_check_rehearsal(rehearsal_python: Path, tmp_path: Path) -> None:
 def test_gpu_check_code_compiles_under_python_312() -> None:
     """The GPU machine runs Python 3.12: nothing the check imports may be 3.11-only syntax."""
     candidates = sorted(Path("/root/.pyenv/versions").glob("3.12*/bin/python3.12")) + [shutil.which("python3.12")]
-    working = [str(c) for c in candidates
-               if c and subprocess.run([str(c), "-c", "pass"], capture_output=True, check=False).returncode == 0]
+    working = [
+        str(c)
+        for c in candidates
+        if c and subprocess.run([str(c), "-c", "pass"], capture_output=True, check=False).returncode == 0
+    ]
     if not working:
         pytest.skip("no working Python 3.12 interpreter here")
     py312 = working[0]
-    done = subprocess.run([py312, "-m", "compileall", "-q", "-x", r"/\.cache/", "napari_octreenca", "benchmarks",
-                           "tests"], cwd=REPO, capture_output=True, text=True, timeout=300, check=False)
+    done = subprocess.run(
+        [py312, "-m", "compileall", "-q", "-x", r"/\.cache/", "napari_octreenca", "benchmarks", "tests"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]

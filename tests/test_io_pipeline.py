@@ -10,12 +10,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from helpers import ITK_DATA, need_file
+
 from napari_octreenca import OctreeNCA, preset, save_model, segment
+from napari_octreenca.io.readers import read_image
 from napari_octreenca.nca.errors import InputError
 from napari_octreenca.run.pipeline import default_output_name, expand_inputs, run_segment
-from napari_octreenca.io.readers import read_image
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -54,8 +54,21 @@ def test_cli_folder_and_glob(tmp_path: Path, path_model, shared_data: Path) -> N
     pics = sorted(src.glob("*.png"))
     (src / "notes.txt").write_text("not an image")  # ignored
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "napari_octreenca.cli", "segment", str(src), str(tmp_path / "out"),
-           "--model", str(mpath), "--backend", "torch", "--runs", "1", "--quiet"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "napari_octreenca.cli",
+        "segment",
+        str(src),
+        str(tmp_path / "out"),
+        "--model",
+        str(mpath),
+        "--backend",
+        "torch",
+        "--runs",
+        "1",
+        "--quiet",
+    ]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     outs = sorted((tmp_path / "out").iterdir())
@@ -67,7 +80,9 @@ def test_cli_folder_and_glob(tmp_path: Path, path_model, shared_data: Path) -> N
     written = run_segment([str(src / "*.png")], str(tmp_path / "out2"), str(mpath), backend="torch", tile=128)
     assert len(written) == 2
     for p, o in zip(sorted(pics), sorted(written)):
-        np.testing.assert_array_equal(np.asarray(read_image(o).data), np.asarray(read_image(tmp_path / "out" / default_output_name(p)).data))
+        np.testing.assert_array_equal(
+            np.asarray(read_image(o).data), np.asarray(read_image(tmp_path / "out" / default_output_name(p)).data)
+        )
 
 
 def test_memory_budget_switches_to_tiled(tmp_path: Path, path_model) -> None:
@@ -77,8 +92,14 @@ def test_memory_budget_switches_to_tiled(tmp_path: Path, path_model) -> None:
     img = np.random.default_rng(0).integers(0, 255, (200, 230, 3), dtype=np.uint8)
     tifffile.imwrite(tmp_path / "a.tif", img, photometric="rgb")
     events: list[dict] = []
-    [out] = run_segment([str(tmp_path / "a.tif")], str(tmp_path / "a.nii.gz"), str(mpath), backend="torch",
-                        memory_budget=1, progress=events.append)
+    [out] = run_segment(
+        [str(tmp_path / "a.tif")],
+        str(tmp_path / "a.nii.gz"),
+        str(mpath),
+        backend="torch",
+        memory_budget=1,
+        progress=events.append,
+    )
     assert any(e.get("stage") == "output" for e in events)  # went through the tiles
     assert [e for e in events if e.get("stage") == "written"][0]["tiled"] is True
     import nibabel as nib

@@ -8,13 +8,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from helpers import ITK_DATA, MRICRON, need_file
-from napari_octreenca.nca.errors import InputError
+
 from napari_octreenca.io import readers
 from napari_octreenca.io.image import level_factor
 from napari_octreenca.io.readers import read_image
 from napari_octreenca.io.writers import write_labels
+from napari_octreenca.nca.errors import InputError
 
 
 @pytest.fixture
@@ -86,11 +86,18 @@ def test_pyramidal_ome_tiff_levels_4x(tmp_path: Path) -> None:
     levels = [base, base[::4, ::4], base[::16, ::16]]
     path = tmp_path / "pyr.ome.tif"
     with tifffile.TiffWriter(path) as tif:
-        tif.write(levels[0], subifds=2, tile=(256, 256), photometric="rgb", compression="zlib",
-                  metadata={"axes": "YXS", "PhysicalSizeX": 0.25, "PhysicalSizeY": 0.25})
+        tif.write(
+            levels[0],
+            subifds=2,
+            tile=(256, 256),
+            photometric="rgb",
+            compression="zlib",
+            metadata={"axes": "YXS", "PhysicalSizeX": 0.25, "PhysicalSizeY": 0.25},
+        )
         for lv in levels[1:]:
-            tif.write(lv, subfiletype=1, tile=(128, 128) if lv.shape[0] > 128 else None, photometric="rgb",
-                      compression="zlib")
+            tif.write(
+                lv, subfiletype=1, tile=(128, 128) if lv.shape[0] > 128 else None, photometric="rgb", compression="zlib"
+            )
     im = read_image(path)
     assert [tuple(lv.shape) for lv in im.levels] == [tuple(lv.shape) for lv in levels]
     assert im.scale == (0.25, 0.25)

@@ -7,18 +7,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from napari_octreenca.nca.errors import InputError
 from napari_octreenca.io import video
 from napari_octreenca.io.readers import read_image
+from napari_octreenca.nca.errors import InputError
 
 pytest.importorskip("av", reason="PyAV is not installed (pip install av)")
 
 
 @pytest.fixture(scope="module")
 def davis_frames() -> np.ndarray:
-    from PIL import Image
-
     from helpers import SHARED_DATA
+    from PIL import Image
 
     folder = SHARED_DATA / "davis2016" / "blackswan" / "images"
     files = sorted(folder.glob("*.jpg"))[:20]

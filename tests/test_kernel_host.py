@@ -18,12 +18,11 @@ import numpy as np
 import pytest
 import torch
 
-from napari_octreenca.backends.base import LevelRun
-from napari_octreenca.backends.base import fire_params
-from napari_octreenca.nca.packing import layout_size, pack_weights
+from napari_octreenca.backends.base import LevelRun, fire_params
 from napari_octreenca.backends.torch_backend import TorchBackend
-from napari_octreenca.nca.step import pad_reflect, step_differentiable
 from napari_octreenca.nca.firemask import base_key, fire_mask_numpy, fire_mask_torch, mix32
+from napari_octreenca.nca.packing import layout_size, pack_weights
+from napari_octreenca.nca.step import pad_reflect, step_differentiable
 from napari_octreenca.nca.weights import BackboneNCA
 from napari_octreenca.resources import resource_path
 
@@ -36,8 +35,22 @@ def _compile(tmp: Path, c: int, cin: int, h: int) -> ctypes.CDLL:
         pytest.skip("no C++ compiler (g++) to build the kernel host harness")
     src = resource_path("kernels") / "host_harness.cpp"
     lib = tmp / f"harness_{c}_{cin}_{h}.so"
-    cmd = [gxx, "-O1", "-std=c++14", "-Wall", "-Wno-unknown-pragmas", "-Werror", "-shared", "-fPIC",
-           f"-DNCA_C={c}", f"-DNCA_IN={cin}", f"-DNCA_H={h}", str(src), "-o", str(lib)]
+    cmd = [
+        gxx,
+        "-O1",
+        "-std=c++14",
+        "-Wall",
+        "-Wno-unknown-pragmas",
+        "-Werror",
+        "-shared",
+        "-fPIC",
+        f"-DNCA_C={c}",
+        f"-DNCA_IN={cin}",
+        f"-DNCA_H={h}",
+        str(src),
+        "-o",
+        str(lib),
+    ]
     subprocess.run(cmd, check=True, capture_output=True, text=True)
     dll = ctypes.CDLL(str(lib))
     i64, u32, p = ctypes.c_longlong, ctypes.c_uint32, ctypes.c_void_p
@@ -53,7 +66,7 @@ def _compile(tmp: Path, c: int, cin: int, h: int) -> ctypes.CDLL:
     return dll
 
 
-@pytest.fixture(scope="module", params=CONFIGS, ids=lambda c: "C%d-in%d-H%d" % c)
+@pytest.fixture(scope="module", params=CONFIGS, ids=lambda c: "C{}-in{}-H{}".format(*c))
 def harness(request, tmp_path_factory) -> tuple[ctypes.CDLL, tuple[int, int, int]]:
     return _compile(tmp_path_factory.mktemp("harness"), *request.param), request.param
 
@@ -79,8 +92,9 @@ def host_step(dll, nca, image, state, run: LevelRun, step: int, dtype=torch.floa
     oz, oy, ox = ((0,) + tuple(origin)) if dims == 2 else tuple(origin)
     key, thresh = fire_params(run, step)
     name = f"nca_host_step_{dims}d_{'f32' if dtype == torch.float32 else 'bf16'}"
-    fired = getattr(dll, name)(img.data_ptr(), st.data_ptr(), out.data_ptr(), w.data_ptr(), st.shape[0],
-                               nz, ny, nx, oz, oy, ox, key, thresh)
+    fired = getattr(dll, name)(
+        img.data_ptr(), st.data_ptr(), out.data_ptr(), w.data_ptr(), st.shape[0], nz, ny, nx, oz, oy, ox, key, thresh
+    )
     return out, fired
 
 
@@ -192,8 +206,23 @@ def _compile_emulation(tmp: Path, c: int, cin: int, h: int) -> ctypes.CDLL:
         pytest.skip("no C++ compiler (g++) to build the kernel emulation")
     src = resource_path("kernels") / "host_emulation.cpp"
     lib = tmp / f"emulation_{c}_{cin}_{h}.so"
-    cmd = [gxx, "-std=c++20", "-O1", "-pthread", "-Wall", "-Wno-unknown-pragmas", "-Werror", "-shared", "-fPIC",
-           f"-DNCA_C={c}", f"-DNCA_IN={cin}", f"-DNCA_H={h}", str(src), "-o", str(lib)]
+    cmd = [
+        gxx,
+        "-std=c++20",
+        "-O1",
+        "-pthread",
+        "-Wall",
+        "-Wno-unknown-pragmas",
+        "-Werror",
+        "-shared",
+        "-fPIC",
+        f"-DNCA_C={c}",
+        f"-DNCA_IN={cin}",
+        f"-DNCA_H={h}",
+        str(src),
+        "-o",
+        str(lib),
+    ]
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode != 0 and "barrier" in done.stderr:
         pytest.skip(f"the C++ compiler lacks C++20 <barrier>: {done.stderr[-300:]}")
@@ -231,8 +260,22 @@ def emulated_step(dll, nca, image, state, run: LevelRun, step: int, grid: int | 
     key, thresh = fire_params(run, step)
     grid = grid or grid_size(st.shape[0] * nz * ny * nx)
     name = f"emu_nca_step_{dims}d_{'f32' if dtype == torch.float32 else 'bf16'}"
-    getattr(dll, name)(grid, img.data_ptr(), st.data_ptr(), out.data_ptr(), st.shape[0], nz, ny, nx, oz, oy, ox,
-                       key, thresh, w.data_ptr())
+    getattr(dll, name)(
+        grid,
+        img.data_ptr(),
+        st.data_ptr(),
+        out.data_ptr(),
+        st.shape[0],
+        nz,
+        ny,
+        nx,
+        oz,
+        oy,
+        ox,
+        key,
+        thresh,
+        w.data_ptr(),
+    )
     return out
 
 
@@ -340,8 +383,22 @@ def v2_emulated_step(dll, nca, image, state, run: LevelRun, step: int, grid: int
     key, thresh = fire_params(run, step)
     tz, ty, tx = layout_of(nca).tile
     tiles = st.shape[0] * -(-nz // tz) * -(-ny // ty) * -(-nx // tx)
-    getattr(dll, f"emu_nca2_step_{dims}d_bf16")(grid or tiles, img.data_ptr(), st.data_ptr(), out.data_ptr(), st.shape[0],
-                                                nz, ny, nx, oz, oy, ox, key, thresh, words.data_ptr())
+    getattr(dll, f"emu_nca2_step_{dims}d_bf16")(
+        grid or tiles,
+        img.data_ptr(),
+        st.data_ptr(),
+        out.data_ptr(),
+        st.shape[0],
+        nz,
+        ny,
+        nx,
+        oz,
+        oy,
+        ox,
+        key,
+        thresh,
+        words.data_ptr(),
+    )
     return out
 
 
@@ -357,11 +414,21 @@ def test_v2_weight_layout_matches_the_kernel(emulation_v2) -> None:
         assert list(got) == want
 
 
-V2_SHAPES = [((1, 1), None), ((3, 7), None), ((9, 33), None), ((17, 5), 1), ((1, 1, 1), None), ((2, 5, 3), None),
-             ((5, 5, 9), None), ((3, 1, 4), 1)]
+V2_SHAPES = [
+    ((1, 1), None),
+    ((3, 7), None),
+    ((9, 33), None),
+    ((17, 5), 1),
+    ((1, 1, 1), None),
+    ((2, 5, 3), None),
+    ((5, 5, 9), None),
+    ((3, 1, 4), 1),
+]
 
 
-@pytest.mark.parametrize("shape,grid", V2_SHAPES, ids=lambda v: "x".join(map(str, v)) if isinstance(v, tuple) else str(v))
+@pytest.mark.parametrize(
+    "shape,grid", V2_SHAPES, ids=lambda v: "x".join(map(str, v)) if isinstance(v, tuple) else str(v)
+)
 def test_v2_emulated_equals_its_bf16_model_and_the_torch_path(emulation_v2, shape, grid) -> None:
     """Every face, edge and corner (shapes cross the 8x32 / 4x4x8 tiles; grid 1 = grid-stride loop)."""
     dll, (c, cin, h) = emulation_v2
@@ -422,7 +489,10 @@ def test_backend_v2_launch_arguments_match_the_kernel_signature(emulation, dims)
     shape = (9, 35) if dims == 2 else (5, 3, 9)
     nca = random_level(16, 3, 64, dims, seed=21)
     g = torch.Generator().manual_seed(1)
-    image, state = torch.randn((2, 3) + shape, generator=g).bfloat16(), torch.randn((2, 13) + shape, generator=g).bfloat16()
+    image, state = (
+        torch.randn((2, 3) + shape, generator=g).bfloat16(),
+        torch.randn((2, 13) + shape, generator=g).bfloat16(),
+    )
     out = torch.full_like(state, float("nan"))
     run = LevelRun(level=1, steps=1, seed=9, fire_rate=0.5, origin=(4,) * dims)
     key, thresh = fire_params(run, 0)
@@ -430,7 +500,9 @@ def test_backend_v2_launch_arguments_match_the_kernel_signature(emulation, dims)
     words = torch.from_numpy(pack_v2(nca).view(np.int32))
     check_launch(nca, image, state, out)
     params, _keep = launch_args(image, state, out, sizes, key, thresh, ctypes.c_void_p(words.data_ptr()))
-    emulation.emu_launch_params(4 if dims == 2 else 5, 3, params)  # _keep holds the argument objects  # 3 blocks: grid-stride over the tiles
+    emulation.emu_launch_params(
+        4 if dims == 2 else 5, 3, params
+    )  # _keep holds the argument objects  # 3 blocks: grid-stride over the tiles
     assert not torch.isnan(out.float()).any()
     model = v2_model_step(nca, image, state, run, step=0).float()
     assert ((out.float() - model).abs() <= 2**-7 * model.abs() + 1e-6).all()

@@ -24,8 +24,11 @@ def _tool(name: str) -> list[str]:
     pytest.skip(f"{name} is not installed (pip install -e '.[test]')")
 
 
-@pytest.mark.parametrize("args", [["ruff", "check", "."], ["ruff", "format", "--check", "."], ["mypy"]],
-                         ids=["ruff-check", "ruff-format", "mypy"])
+@pytest.mark.parametrize(
+    "args",
+    [["ruff", "check", "."], ["ruff", "format", "--check", "."], ["mypy"]],
+    ids=["ruff-check", "ruff-format", "mypy"],
+)
 def test_tool_passes(args: list[str]) -> None:
     out = subprocess.run(_tool(args[0]) + args[1:], cwd=REPO, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, f"{' '.join(args)} failed:\n{out.stdout[-6000:]}\n{out.stderr[-2000:]}"

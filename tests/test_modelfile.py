@@ -13,8 +13,8 @@ import torch
 from helpers import random_model
 from reference_original import OriginalOctreeNCA
 
-from napari_octreenca.cli import main
 from napari_octreenca import ModelFileError, import_original, load_model, save_model, segment
+from napari_octreenca.cli import main
 from napari_octreenca.nca.modelfile import read_config
 
 
@@ -181,8 +181,24 @@ def test_imported_checkpoint_reproduces_original_segmentation_from_cli(tmp_path:
     assert 0.05 < expected.mean() < 0.95
 
     conv = tmp_path / "converted.safetensors"
-    assert main(["import", str(ckpt), str(conv), "--preset", "pathology", "--steps", "3,3,3,6",
-                 "--normalization", "imagenet", "--fire-rate", "1"]) == 0
+    assert (
+        main(
+            [
+                "import",
+                str(ckpt),
+                str(conv),
+                "--preset",
+                "pathology",
+                "--steps",
+                "3,3,3,6",
+                "--normalization",
+                "imagenet",
+                "--fire-rate",
+                "1",
+            ]
+        )
+        == 0
+    )
     cfg = read_config(conv)
     assert cfg.fire_rate == 1.0 and cfg.normalization.mean == (0.485, 0.456, 0.406)
     assert main(["segment", str(tmp_path / "img.png"), str(tmp_path / "out.png"), "--model", str(conv), "--quiet"]) == 0
@@ -192,11 +208,28 @@ def test_imported_checkpoint_reproduces_original_segmentation_from_cli(tmp_path:
     # A checkpoint imported with the preset's settings gets them per run from `segment`.
     plain = tmp_path / "plain.safetensors"
     assert main(["import", str(ckpt), str(plain), "--preset", "pathology", "--steps", "3,3,3,6"]) == 0
-    assert main(["segment", str(tmp_path / "img.png"), str(tmp_path / "out2.png"), "--model", str(plain),
-                 "--normalization", "imagenet", "--fire-rate", "1", "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "segment",
+                str(tmp_path / "img.png"),
+                str(tmp_path / "out2.png"),
+                "--model",
+                str(plain),
+                "--normalization",
+                "imagenet",
+                "--fire-rate",
+                "1",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     np.testing.assert_array_equal(imread(tmp_path / "out2.png")[sure], expected[sure])
     # ... and without them the result differs: the flags matter.
-    assert main(["segment", str(tmp_path / "img.png"), str(tmp_path / "out3.png"), "--model", str(plain), "--quiet"]) == 0
+    assert (
+        main(["segment", str(tmp_path / "img.png"), str(tmp_path / "out3.png"), "--model", str(plain), "--quiet"]) == 0
+    )
     assert (imread(tmp_path / "out3.png")[sure] != expected[sure]).any()
 
 
@@ -229,10 +262,28 @@ def test_imported_3d_checkpoint_reproduces_original_on_a_nifti_from_cli(tmp_path
     expected, sure = (logits > 0).astype(np.uint8), np.abs(logits) > 1e-4
     assert 0.05 < expected.mean() < 0.95
     conv = tmp_path / "conv3d.safetensors"
-    assert main(["import", str(ckpt), str(conv), "--preset", "radiology", "--steps", "3,3,6",
-                 "--normalization", "percentile", "--fire-rate", "1"]) == 0
+    assert (
+        main(
+            [
+                "import",
+                str(ckpt),
+                str(conv),
+                "--preset",
+                "radiology",
+                "--steps",
+                "3,3,6",
+                "--normalization",
+                "percentile",
+                "--fire-rate",
+                "1",
+            ]
+        )
+        == 0
+    )
     assert read_config(conv).axes == "XYZ"
-    assert main(["segment", str(tmp_path / "vol.nii.gz"), str(tmp_path / "seg.nii.gz"), "--model", str(conv),
-                 "--quiet"]) == 0
+    assert (
+        main(["segment", str(tmp_path / "vol.nii.gz"), str(tmp_path / "seg.nii.gz"), "--model", str(conv), "--quiet"])
+        == 0
+    )
     got = np.asarray(nib.load(tmp_path / "seg.nii.gz").dataobj)
     np.testing.assert_array_equal(got[sure], expected[sure])

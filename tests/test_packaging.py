@@ -60,5 +60,7 @@ def test_wheel_imports_in_a_fresh_venv(wheel: Path, tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
     r = subprocess.run([str(py), "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
-    r = subprocess.run([str(env_dir / "bin" / "octreenca"), "info", "pathology"], cwd=tmp_path, env=env, capture_output=True, text=True)
+    r = subprocess.run(
+        [str(env_dir / "bin" / "octreenca"), "info", "pathology"], cwd=tmp_path, env=env, capture_output=True, text=True
+    )
     assert r.returncode == 0 and "15,520" in r.stdout, r.stderr

@@ -10,9 +10,8 @@ import torch
 
 from napari_octreenca import OctreeNCA, preset, save_model
 from napari_octreenca.nca.errors import InputError
-from napari_octreenca.run.execute import is_out_of_memory
+from napari_octreenca.run.execute import execute, is_out_of_memory
 from napari_octreenca.run.planner import InputGeometry, RunOptions, estimate_run_bytes, plan_run
-from napari_octreenca.run.execute import execute
 
 
 def _evolving(model: OctreeNCA, seed: int) -> OctreeNCA:
@@ -65,7 +64,7 @@ def test_fixed_spacing_model_in_tiles_equals_the_whole_run() -> None:
     labels equal the whole-image run."""
     rng = np.random.default_rng(0)
     yy, xx = np.mgrid[:190, :230]
-    blob = ((yy - 90) ** 2 + (xx - 120) ** 2 < 60**2)
+    blob = (yy - 90) ** 2 + (xx - 120) ** 2 < 60**2
     image = np.clip(rng.normal(120, 30, (190, 230, 3)) + 80 * blob[..., None], 0, 255).astype(np.uint8)
     model = _evolving(OctreeNCA(preset("pathology", steps=(3, 3, 4), factors=((2, 2),) * 2, spacing=(3.0, 3.0))), 4)
     geo = InputGeometry(image.shape, "YXC", (1.0, 1.0))
@@ -103,8 +102,7 @@ def test_pipeline_runs_fixed_spacing_models_tile_by_tile(tmp_path: Path) -> None
     model = _evolving(OctreeNCA(preset("pathology", steps=(2, 2, 3), factors=((2, 2),) * 2, spacing=(2.0, 2.0))), 6)
     path = save_model(model, tmp_path / "m.safetensors")
     events: list[dict] = []
-    out = run_segment([str(tmp_path / "in.tif")], str(tmp_path / "out.tif"), str(path), tile=32,
-                      progress=events.append)
+    out = run_segment([str(tmp_path / "in.tif")], str(tmp_path / "out.tif"), str(path), tile=32, progress=events.append)
     assert any(e.get("stage") == "written" and e["tiled"] for e in events)
     whole = run_segment([str(tmp_path / "in.tif")], str(tmp_path / "whole.tif"), str(path))
     np.testing.assert_array_equal(tifffile.imread(out[0]), tifffile.imread(whole[0]))

@@ -110,8 +110,10 @@ def test_cli_prints_quality_and_stores_it_in_the_output(tmp_path: Path, capsys: 
 
     skin, _ = _skin()
     imsave(tmp_path / "skin.png", skin[:480, 853:], check_contrast=False)
-    assert main(["segment", str(tmp_path / "skin.png"), str(tmp_path / "out.png"), "--model", "he_epidermis",
-                 "--quiet"]) == 0
+    assert (
+        main(["segment", str(tmp_path / "skin.png"), str(tmp_path / "out.png"), "--model", "he_epidermis", "--quiet"])
+        == 0
+    )
     err = capsys.readouterr().err
     assert "quality:" in err and "looks reliable" in err
     meta = read_labels_metadata(tmp_path / "out.png")

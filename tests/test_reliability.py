@@ -253,13 +253,14 @@ def test_two_processes_on_one_output(tmp_path: Path, model_2d: Path, pictures) -
     out = tmp_path / "big_labels.zarr"
     go = tmp_path / "go"
     argv = ["segment", str(src), str(out), "--model", str(model_2d), "--backend", "torch", "--tile", "48", "--quiet"]
-    first = subprocess.Popen([sys.executable, "-c", HOLD, str(go), *argv], env=ENV, stderr=subprocess.PIPE,
-                             text=True)
+    first = subprocess.Popen([sys.executable, "-c", HOLD, str(go), *argv], env=ENV, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 60
     while not lock_path(out).exists():  # the first run takes the lock before it writes anything
         assert first.poll() is None and time.time() < deadline, "the first run ended before taking the lock"
         time.sleep(0.05)
-    second = subprocess.run([sys.executable, "-c", RUN, *argv], env=ENV, capture_output=True, text=True, timeout=120, check=False)
+    second = subprocess.run(
+        [sys.executable, "-c", RUN, *argv], env=ENV, capture_output=True, text=True, timeout=120, check=False
+    )
     assert second.returncode == 2
     one_line_error(second.stderr, "another octreenca run is writing", str(out), "--wait")
     waiter = subprocess.Popen([sys.executable, "-c", RUN, *argv, "--wait"], env=ENV, stderr=subprocess.PIPE, text=True)
@@ -308,9 +309,14 @@ def test_killed_rewrite_is_not_listed_as_complete(tmp_path: Path, model_2d: Path
     extra = ["--tile", "48"] if tiled else []
     rc, err = cli(capsys, *seg(model_2d, src, out, "--seed", "0", *extra))
     assert rc == 0 and listed(out) == ["segmentation"], err
-    killed = subprocess.run([sys.executable, "-c", KILL_AFTER_FIRST_CHUNK, *seg(model_2d, src, out, "--seed", "7",
-                                                                               *extra)],
-                            env=ENV, capture_output=True, text=True, timeout=120, check=False)
+    killed = subprocess.run(
+        [sys.executable, "-c", KILL_AFTER_FIRST_CHUNK, *seg(model_2d, src, out, "--seed", "7", *extra)],
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     assert listed(out) == []  # a mix of old and new labels must not look complete
     rc, err = cli(capsys, *seg(model_2d, src, out, "--seed", "7", *extra))  # the rerun completes it
@@ -350,19 +356,23 @@ def hostile(tmp_path: Path, model_2d: Path, **changes) -> Path:
     return path
 
 
-@pytest.mark.parametrize("changes, words", [
-    ({"steps": [2, 2, 10**9]}, ["steps", "10000"]),
-    ({"channels": 10**8}, ["channels", "1024"]),
-    ({"hidden": 10**7}, ["hidden"]),
-    ({"train_size": [0, 64]}, ["train_size"]),
-    ({"fire_rate": 0}, ["fire_rate"]),
-    ({"fire_rate": 2}, ["fire_rate"]),
-    ({"factors": [[0, 2], [2, 2]]}, ["factor"]),
-    ({"factors": [[2, 2]] * 40, "steps": [1] * 41}, ["levels"]),
-    ({"output_channels": 0, "class_names": []}, ["output_channels"]),
-])
-def test_hostile_header_fails_before_allocation(tmp_path: Path, model_2d: Path, pictures, capsys, changes,
-                                                words) -> None:
+@pytest.mark.parametrize(
+    "changes, words",
+    [
+        ({"steps": [2, 2, 10**9]}, ["steps", "10000"]),
+        ({"channels": 10**8}, ["channels", "1024"]),
+        ({"hidden": 10**7}, ["hidden"]),
+        ({"train_size": [0, 64]}, ["train_size"]),
+        ({"fire_rate": 0}, ["fire_rate"]),
+        ({"fire_rate": 2}, ["fire_rate"]),
+        ({"factors": [[0, 2], [2, 2]]}, ["factor"]),
+        ({"factors": [[2, 2]] * 40, "steps": [1] * 41}, ["levels"]),
+        ({"output_channels": 0, "class_names": []}, ["output_channels"]),
+    ],
+)
+def test_hostile_header_fails_before_allocation(
+    tmp_path: Path, model_2d: Path, pictures, capsys, changes, words
+) -> None:
     bad = hostile(tmp_path, model_2d, **changes)
     src = save_png(tmp_path / "a.png", pictures[0])
     t0 = time.perf_counter()
@@ -380,8 +390,15 @@ def test_api_checks_match_the_cli(model_2d: Path, pictures, capsys, tmp_path: Pa
     img = pictures[0][:32, :32]
     from napari_octreenca.run.tiling import segment_tiled
 
-    for kw in ({"fire_rate": 0}, {"fire_rate": 2}, {"steps": [2, -1, 3]}, {"steps": [2, 2, 10**9]},
-               {"seed": 2**64}, {"seed": -1}, {"seed": 2**64 - 1, "runs": 2}):
+    for kw in (
+        {"fire_rate": 0},
+        {"fire_rate": 2},
+        {"steps": [2, -1, 3]},
+        {"steps": [2, 2, 10**9]},
+        {"seed": 2**64},
+        {"seed": -1},
+        {"seed": 2**64 - 1, "runs": 2},
+    ):
         with pytest.raises(ConfigError):
             segment(model, img, backend="torch", **kw)
         with pytest.raises(ConfigError):
@@ -406,8 +423,19 @@ def test_cuda_without_gpu_is_one_line(tmp_path: Path, model_2d: Path, pictures, 
     assert rc == 2
     one_line_error(err, "no CUDA GPU")
     tifffile.imwrite(tmp_path / "lab.tif", np.zeros((96, 128), np.uint8))
-    rc, err = cli(capsys, "train", "--pair", src, tmp_path / "lab.tif", "--iterations", "1", "--device", "cuda",
-                  "--out", tmp_path / "m.safetensors")
+    rc, err = cli(
+        capsys,
+        "train",
+        "--pair",
+        src,
+        tmp_path / "lab.tif",
+        "--iterations",
+        "1",
+        "--device",
+        "cuda",
+        "--out",
+        tmp_path / "m.safetensors",
+    )
     assert rc == 2
     one_line_error(err, "no CUDA GPU")
     with pytest.raises(BackendUnavailable, match="no CUDA GPU"):
@@ -415,8 +443,12 @@ def test_cuda_without_gpu_is_one_line(tmp_path: Path, model_2d: Path, pictures, 
     from napari_octreenca.run.training import TrainConfig, TrainPair, train
 
     with pytest.raises(BackendUnavailable, match="no CUDA GPU"):
-        train(random_model_from(model_2d), [TrainPair(pictures[0], np.zeros((96, 128), np.uint8), "YXC")],
-              TrainConfig(iterations=1), device="cuda")
+        train(
+            random_model_from(model_2d),
+            [TrainPair(pictures[0], np.zeros((96, 128), np.uint8), "YXC")],
+            TrainConfig(iterations=1),
+            device="cuda",
+        )
 
 
 @pytest.fixture
@@ -424,7 +456,9 @@ def full_disk(tmp_path: Path):
     """A 64 KiB tmpfs, filled up (needs root to mount; skipped otherwise)."""
     mnt = tmp_path / "tiny"
     mnt.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mnt)], capture_output=True, check=False)
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mnt)], capture_output=True, check=False
+    )
     if done.returncode != 0:
         pytest.skip("cannot mount a tmpfs here (not root)")
     try:
@@ -444,8 +478,9 @@ def fill(folder: Path) -> None:
         os.close(fd)
 
 
-def test_disk_full_is_one_line_and_keeps_the_old_output(tmp_path: Path, full_disk: Path, model_2d: Path, pictures,
-                                                         capsys) -> None:
+def test_disk_full_is_one_line_and_keeps_the_old_output(
+    tmp_path: Path, full_disk: Path, model_2d: Path, pictures, capsys
+) -> None:
     src = save_png(tmp_path / "a.png", pictures[0])
     old = full_disk / "a_labels.tif"
     old.write_bytes(b"the previous result")
@@ -472,7 +507,9 @@ def test_disk_full_simulated_safetensors_error(tmp_path: Path, monkeypatch, caps
 
     def full(tensors, filename, metadata=None):
         Path(filename).write_bytes(b"partial")
-        raise SafetensorError('Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No space left on device" })')
+        raise SafetensorError(
+            'Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No space left on device" })'
+        )
 
     monkeypatch.setattr(safetensors.torch, "save_file", full)
     model = random_model("pathology", seed=5, steps=(2, 3), factors=((2, 2),))
@@ -493,6 +530,7 @@ def test_permission_denied_names_the_file(tmp_path: Path, model_2d: Path, pictur
     if os.geteuid() != 0:  # a real read-only folder where permissions apply
         out.parent.chmod(0o555)
     else:  # root ignores modes: fail where an unwritable folder fails, creating the temporary file
+
         def denied(*a, **k):
             raise PermissionError(13, "Permission denied", str(out.parent))
 

@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from napari_octreenca import OctreeNCA, preset, save_model, segment
-from napari_octreenca.run.pipeline import find_work_folders, run_segment
 from napari_octreenca.io.readers import read_image
+from napari_octreenca.run.pipeline import find_work_folders, run_segment
 from napari_octreenca.run.tiling import segment_tiled
 
 
@@ -81,8 +81,9 @@ def test_killed_process_resumes_with_identical_output(tmp_path: Path) -> None:
     tifffile.imwrite(src, img, photometric="rgb", tile=(128, 128))
     out = tmp_path / "out" / "slide_labels.zarr"
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.Popen([sys.executable, "-c", SCRIPT, str(src), str(out), str(mpath)], env=env,
-                            stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", SCRIPT, str(src), str(out), str(mpath)], env=env, stdout=subprocess.PIPE, text=True
+    )
     assert proc.stdout is not None
     seen = 0
     for line in proc.stdout:  # kill once a handful of output tiles are written

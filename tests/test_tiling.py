@@ -105,8 +105,9 @@ def test_tiled_ensemble_bfloat16_dask_input() -> None:
     model = random_model(cfg, 3)
     img = np.random.default_rng(3).integers(0, 255, (50, 45, 3), dtype=np.uint8)
     whole = segment(model, img, backend="torch", runs=3, dtype="bfloat16")
-    res = segment_tiled(model, da.from_array(img, chunks=(20, 20, 3)), tile=16, backend="torch", runs=3,
-                        dtype="bfloat16")
+    res = segment_tiled(
+        model, da.from_array(img, chunks=(20, 20, 3)), tile=16, backend="torch", runs=3, dtype="bfloat16"
+    )
     np.testing.assert_array_equal(res.logits, whole.logits)
     np.testing.assert_array_equal(res.spread, whole.spread)
 
@@ -161,7 +162,8 @@ def test_input_pyramid_used_where_shapes_fit(tmp_path) -> None:
     res = segment_tiled(model, im.data, tile=48, backend="torch", store_from=2, pyramid=im.levels)
     assert res.record["pyramid_levels"] == [1, 2, 3]
     np.testing.assert_array_equal(res.logits, whole.logits)
-    brighter = [im.levels[0]] + [np.minimum(np.asarray(lv).astype(np.int16) + 40, 255).astype(np.uint8)
-                                 for lv in im.levels[1:]]
+    brighter = [im.levels[0]] + [
+        np.minimum(np.asarray(lv).astype(np.int16) + 40, 255).astype(np.uint8) for lv in im.levels[1:]
+    ]
     other = segment_tiled(model, im.data, tile=48, backend="torch", store_from=2, pyramid=brighter)
     assert np.abs(other.logits - whole.logits).max() > 1e-3

@@ -11,8 +11,9 @@ from napari_octreenca.backends.torch_backend import LayerwiseTorchBackend, Torch
 from napari_octreenca.nca.weights import BackboneNCA
 
 
-@pytest.mark.parametrize("shape", [(1, 1), (9, 1), (2, 6), (11, 7), (1, 3, 2), (7, 4, 5), (5, 1, 3)],
-                         ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize(
+    "shape", [(1, 1), (9, 1), (2, 6), (11, 7), (1, 3, 2), (7, 4, 5), (5, 1, 3)], ids=lambda s: "x".join(map(str, s))
+)
 @pytest.mark.parametrize("slab_cells", [1, 8, 1 << 17])
 @pytest.mark.parametrize("fire_rate", [0.5, 1.0])
 def test_slabs_equal_layerwise(monkeypatch, shape, slab_cells, fire_rate) -> None:

@@ -9,9 +9,16 @@ import numpy as np
 import pytest
 import torch
 
-from napari_octreenca import Cancelled, preset, save_model, load_model, segment
+from napari_octreenca import Cancelled, load_model, preset, save_model, segment
 from napari_octreenca.run.training import (
-    TrainConfig, TrainingError, TrainPair, TrainProgress, dice_bce_loss, evaluate, hard_dice, train,
+    TrainConfig,
+    TrainingError,
+    TrainPair,
+    TrainProgress,
+    dice_bce_loss,
+    evaluate,
+    hard_dice,
+    train,
 )
 
 
@@ -43,7 +50,9 @@ def test_cpu_training_on_real_data_loss_falls_dice_rises(shared_data: Path, tmp_
     pairs = _cholec_pairs(shared_data)
     hist: list[TrainProgress] = []
     before = evaluate(__import__("napari_octreenca").OctreeNCA(_small_cfg()), pairs[:8])["mean"]
-    res = train(_small_cfg(), pairs[:8], TrainConfig(iterations=200, batch_size=4, crop=(64, 64), seed=0), callback=hist.append)
+    res = train(
+        _small_cfg(), pairs[:8], TrainConfig(iterations=200, batch_size=4, crop=(64, 64), seed=0), callback=hist.append
+    )
     loss = np.array([h.loss for h in hist])
     dice = np.array([h.dice for h in hist])
     assert loss[-25:].mean() < 0.75 * loss[:25].mean()
@@ -128,7 +137,11 @@ def test_3d_patch_training_on_real_mri(itk_brain: tuple[Path, Path]) -> None:
     dice_bce_loss(logits, target).backward()
     for level in model.levels:
         assert level.fc0.weight.grad is not None and float(level.fc0.weight.grad.abs().sum()) > 0
-    res = train(cfg, [TrainPair(img, lab, "XYZ")], TrainConfig(iterations=3, batch_size=1, crop=(48, 48, 24), level_patch=(24, 24, 16)))
+    res = train(
+        cfg,
+        [TrainPair(img, lab, "XYZ")],
+        TrainConfig(iterations=3, batch_size=1, crop=(48, 48, 24), level_patch=(24, 24, 16)),
+    )
     assert np.isfinite(res.history[-1]["loss"])
 
 

@@ -45,7 +45,9 @@ def _ngff_order(axes: str) -> str:
     return "".join(a for a in "TCZYX" if a in axes)
 
 
-def level_factors(shape: tuple[int, ...], axes: str, chunk: tuple[int, ...], levels: int | None) -> list[tuple[int, ...]]:
+def level_factors(
+    shape: tuple[int, ...], axes: str, chunk: tuple[int, ...], levels: int | None
+) -> list[tuple[int, ...]]:
     """Per-level cumulative factors: 2x per level on Y and X, down to about one chunk."""
     if levels is None:
         levels = 1
@@ -55,8 +57,14 @@ def level_factors(shape: tuple[int, ...], axes: str, chunk: tuple[int, ...], lev
     return [tuple(2**k if a in "YX" else 1 for a in axes) for k in range(levels)]
 
 
-def multiscales(axes: str, factors: list[tuple[int, ...]], scale: tuple[float, ...],
-                translate: tuple[float, ...], name: str, units: dict[str, str] | None = None) -> dict[str, Any]:
+def multiscales(
+    axes: str,
+    factors: list[tuple[int, ...]],
+    scale: tuple[float, ...],
+    translate: tuple[float, ...],
+    name: str,
+    units: dict[str, str] | None = None,
+) -> dict[str, Any]:
     """The NGFF ``multiscales`` entry (``axes`` in NGFF order; scale/translate per axis)."""
     datasets = []
     for k, f in enumerate(factors):
@@ -70,9 +78,16 @@ def multiscales(axes: str, factors: list[tuple[int, ...]], scale: tuple[float, .
     return {"axes": _ngff_axes(axes, units), "datasets": datasets, "name": name}
 
 
-def write_multiscales(group: zarr.Group, axes: str, factors: list[tuple[int, ...]], scale: tuple[float, ...],
-                      translate: tuple[float, ...], name: str, units: dict[str, str] | None = None,
-                      **extra: Any) -> None:
+def write_multiscales(
+    group: zarr.Group,
+    axes: str,
+    factors: list[tuple[int, ...]],
+    scale: tuple[float, ...],
+    translate: tuple[float, ...],
+    name: str,
+    units: dict[str, str] | None = None,
+    **extra: Any,
+) -> None:
     """Write the NGFF 0.5 ``multiscales`` metadata of ``group`` with ome-zarr-py's writer (which
     validates axes and transformations); ``extra`` entries (e.g. ``image-label``) join it under ``ome``."""
     from ome_zarr.format import FormatV05
@@ -91,10 +106,22 @@ def _strided(a: Any, f: tuple[int, ...]) -> Any:
 class LabelsWriter:
     """An OME-Zarr labels image filled tile by tile (all pyramid levels), listed when finished."""
 
-    def __init__(self, root: str | Path, axes: str, shape: tuple[int, ...], dtype: Any, chunk: tuple[int, ...],
-                 *, name: str = "segmentation", scale: tuple[float, ...] | None = None,
-                 translate: tuple[float, ...] | None = None, class_names: tuple[str, ...] = (),
-                 levels: int | None = None, source: str | None = None, units: dict[str, str] | None = None):
+    def __init__(
+        self,
+        root: str | Path,
+        axes: str,
+        shape: tuple[int, ...],
+        dtype: Any,
+        chunk: tuple[int, ...],
+        *,
+        name: str = "segmentation",
+        scale: tuple[float, ...] | None = None,
+        translate: tuple[float, ...] | None = None,
+        class_names: tuple[str, ...] = (),
+        levels: int | None = None,
+        source: str | None = None,
+        units: dict[str, str] | None = None,
+    ):
         self.root = Path(root)
         self.axes = axes
         self.name = name
@@ -130,8 +157,9 @@ class LabelsWriter:
                 if tuple(arr.shape) != shp:
                     raise InputError(f"{self.root}/labels/{name}/{k} exists with shape {arr.shape}, expected {shp}")
             else:
-                arr = g.create_array(str(k), shape=shp, chunks=ch, dtype=dtype, fill_value=0,
-                                     dimension_names=list(axes.lower()))
+                arr = g.create_array(
+                    str(k), shape=shp, chunks=ch, dtype=dtype, fill_value=0, dimension_names=list(axes.lower())
+                )
             self.arrays.append(arr)
 
     def write(self, start: tuple[int, ...], labels: np.ndarray) -> None:
@@ -175,14 +203,28 @@ def unlist_labels(labels: zarr.Group, name: str) -> None:
 
 
 def _color(i: int) -> list[int]:
-    palette = [[255, 0, 0, 255], [0, 200, 0, 255], [0, 80, 255, 255], [255, 200, 0, 255], [200, 0, 255, 255],
-               [0, 220, 220, 255]]
+    palette = [
+        [255, 0, 0, 255],
+        [0, 200, 0, 255],
+        [0, 80, 255, 255],
+        [255, 200, 0, 255],
+        [200, 0, 255, 255],
+        [0, 220, 220, 255],
+    ]
     return palette[i % len(palette)]
 
 
-def write_ome_zarr_image(path: str | Path, data: Any, axes: str, *, scale: tuple[float, ...] | None = None,
-                         translate: tuple[float, ...] | None = None, levels: int | None = None,
-                         chunk: int = 256, name: str = "image") -> Path:
+def write_ome_zarr_image(
+    path: str | Path,
+    data: Any,
+    axes: str,
+    *,
+    scale: tuple[float, ...] | None = None,
+    translate: tuple[float, ...] | None = None,
+    levels: int | None = None,
+    chunk: int = 256,
+    name: str = "image",
+) -> Path:
     """Write an image (numpy/dask, ``axes`` e.g. "YXC") as a new OME-Zarr multiscale, atomically.
 
     Written into a temporary folder beside ``path`` and renamed at the end, so a crash leaves
@@ -206,11 +248,18 @@ def write_ome_zarr_image(path: str | Path, data: Any, axes: str, *, scale: tuple
         g = zarr.open_group(str(tmp), mode="w", zarr_format=3)
         for k, f in enumerate(factors):
             lv = _strided(arr, f) if k else arr
-            z = g.create_array(str(k), shape=lv.shape, chunks=tuple(min(c, n) for c, n in zip(chunks, lv.shape)),
-                               dtype=lv.dtype, fill_value=0, dimension_names=list(order.lower()))
+            z = g.create_array(
+                str(k),
+                shape=lv.shape,
+                chunks=tuple(min(c, n) for c, n in zip(chunks, lv.shape)),
+                dtype=lv.dtype,
+                fill_value=0,
+                dimension_names=list(order.lower()),
+            )
             da.store(lv, z, lock=False)
-        write_multiscales(g, order, factors, tuple(sc.get(a, 1.0) for a in order),
-                          tuple(tr.get(a, 0.0) for a in order), name)
+        write_multiscales(
+            g, order, factors, tuple(sc.get(a, 1.0) for a in order), tuple(tr.get(a, 0.0) for a in order), name
+        )
         os.replace(tmp, path)
     finally:
         if tmp.exists():
@@ -243,7 +292,7 @@ def read_ome_zarr(path: str | Path, *, labels: str | None = None) -> ImageData:
         g = lg[pick]
         attrs = _ome_attrs(g)
     ms = attrs["multiscales"][0]
-    names = [a["name"] if isinstance(a, dict) else a for a in ms.get("axes", [])] or list("tczyx")[-g["0"].ndim:]
+    names = [a["name"] if isinstance(a, dict) else a for a in ms.get("axes", [])] or list("tczyx")[-g["0"].ndim :]
     axes = "".join(n.upper() for n in names)
     if set(axes) - set("TCZYX"):
         raise InputError(f"{path}: unsupported OME-Zarr axes {names}")
@@ -256,13 +305,25 @@ def read_ome_zarr(path: str | Path, *, labels: str | None = None) -> ImageData:
         levels = [lv.transpose(order) for lv in levels]
     sp = [i for i, a in enumerate(axes) if a != "C"]
     out_axes = "".join(axes[i] for i in sp) + ("C" if "C" in axes else "")
-    meta: dict[str, Any] = {"path": str(path), "multiscales": ms, "ngff_version": attrs.get("version", ms.get("version"))}
+    meta: dict[str, Any] = {
+        "path": str(path),
+        "multiscales": ms,
+        "ngff_version": attrs.get("version", ms.get("version")),
+    }
     if "image-label" in attrs:
         meta["image-label"] = attrs["image-label"]
     if "labels" in g:
         meta["labels"] = _ome_attrs(g["labels"]).get("labels", [])
-    return ImageData(levels[0], levels, out_axes, tuple(float(scale[i]) for i in sp),
-                     tuple(float(translate[i]) for i in sp), None, meta, "ome-zarr")
+    return ImageData(
+        levels[0],
+        levels,
+        out_axes,
+        tuple(float(scale[i]) for i in sp),
+        tuple(float(translate[i]) for i in sp),
+        None,
+        meta,
+        "ome-zarr",
+    )
 
 
 class OmeZarrLabelsSink:
@@ -271,9 +332,17 @@ class OmeZarrLabelsSink:
     Picklable (dask workers reopen the level arrays); ``finish`` lists the labels image.
     """
 
-    def __init__(self, root: str | Path, axes: str, *, name: str = "segmentation",
-                 scale: tuple[float, ...] | None = None, translate: tuple[float, ...] | None = None,
-                 class_names: tuple[str, ...] = (), source: str | None = None):
+    def __init__(
+        self,
+        root: str | Path,
+        axes: str,
+        *,
+        name: str = "segmentation",
+        scale: tuple[float, ...] | None = None,
+        translate: tuple[float, ...] | None = None,
+        class_names: tuple[str, ...] = (),
+        source: str | None = None,
+    ):
         self.root = str(root)
         self.axes = axes
         self.name = name
@@ -287,8 +356,18 @@ class OmeZarrLabelsSink:
 
     def open(self, store: Any, shape: tuple[int, ...], tile: tuple[int, ...], classes: int, runs: int) -> None:
         dtype = np.uint8 if classes < 255 else np.uint16
-        w = LabelsWriter(self.root, self.axes, shape, dtype, tile, name=self.name, scale=self.scale,
-                         translate=self.translate, class_names=self.class_names, source=self.source)
+        w = LabelsWriter(
+            self.root,
+            self.axes,
+            shape,
+            dtype,
+            tile,
+            name=self.name,
+            scale=self.scale,
+            translate=self.translate,
+            class_names=self.class_names,
+            source=self.source,
+        )
         self.factors = w.factors
         self._arrays = w.arrays
         self.arrays = {"labels": w.arrays[0]}

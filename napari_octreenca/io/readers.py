@@ -119,8 +119,12 @@ def read_nifti(path: Path) -> ImageData:
     translate = tuple(float(v) for v in reversed(affine[:spatial, 3]))
     if len(shape) == 4:
         translate = (0.0,) + translate
-    meta = {"path": str(path), "nifti_header": img.header, "file_axes_reversed": True,
-            "dtype": str(img.get_data_dtype())}
+    meta = {
+        "path": str(path),
+        "nifti_header": img.header,
+        "file_axes_reversed": True,
+        "dtype": str(img.get_data_dtype()),
+    }
     return ImageData(data, [data], axes, scale, translate, affine, meta, "nifti")
 
 
@@ -136,8 +140,10 @@ def _check_nifti_size(path: Path, shape: tuple[int, ...], nbytes: int, offset: i
     room = size * _GZIP_MAX_RATIO if gz else size - offset
     if nbytes > room:
         held = f"a {size:,}-byte compressed file holds at most {room:,}" if gz else f"the file holds {max(room, 0):,}"
-        raise InputError(f"{path}: the NIfTI header claims {'x'.join(map(str, shape))} voxels ({nbytes:,} bytes) but "
-                         f"{held}: the file is truncated or its header is wrong")
+        raise InputError(
+            f"{path}: the NIfTI header claims {'x'.join(map(str, shape))} voxels ({nbytes:,} bytes) but "
+            f"{held}: the file is truncated or its header is wrong"
+        )
 
 
 # -- TIFF / SVS / OME-TIFF ------------------------------------------------------------------------
@@ -212,7 +218,9 @@ def read_tiff(path: Path) -> ImageData:
         letter = _TIFF_AXES.get(a)
         if letter is None or letter in axes:
             if series.shape[j] != 1:
-                raise InputError(f"{path.name}: unsupported TIFF axes {taxes!r} (axis {a!r} has length {series.shape[j]})")
+                raise InputError(
+                    f"{path.name}: unsupported TIFF axes {taxes!r} (axis {a!r} has length {series.shape[j]})"
+                )
             continue
         keep.append(j)
         axes += letter
@@ -227,8 +235,14 @@ def read_tiff(path: Path) -> ImageData:
     if base.nbytes <= EAGER_BYTES and len(levels) == 1:
         levels = [to_numpy(base)]
     scale = _tiff_scale(tif, axes)
-    meta = {"path": str(path), "series": series.name, "tiff_axes": taxes, "is_svs": tif.is_svs,
-            "is_ome": tif.is_ome, "description": (tif.pages[0].description or "")[:2000]}
+    meta = {
+        "path": str(path),
+        "series": series.name,
+        "tiff_axes": taxes,
+        "is_svs": tif.is_svs,
+        "is_ome": tif.is_ome,
+        "description": (tif.pages[0].description or "")[:2000],
+    }
     if not tif.is_svs and len(levels) == 1 and isinstance(levels[0], np.ndarray):
         tif.close()
     spatial = len(axes.replace("C", ""))
@@ -249,8 +263,10 @@ def _read_frame(path: str) -> np.ndarray:
 
             from ..nca.errors import OctreeNCAWarning
 
-            warnings.warn(OctreeNCAWarning(f"{path}: the alpha (transparency) channel is dropped; the image is "
-                                           "read as RGB"), stacklevel=2)
+            warnings.warn(
+                OctreeNCAWarning(f"{path}: the alpha (transparency) channel is dropped; the image is read as RGB"),
+                stacklevel=2,
+            )
         return np.asarray(im.convert("RGB") if im.mode not in ("L", "RGB", "I;16", "I") else im)
 
 
@@ -278,8 +294,10 @@ def read_frames(path: Path | str) -> ImageData:
     if not files:
         raise InputError(f"no image frames ({', '.join(FRAME_SUFFIXES)}) found at {path}")
     first = _read_frame(files[0])
-    frames = [da.from_delayed(dask.delayed(_read_same)(f, first.shape, str(first.dtype)), first.shape, first.dtype)
-              for f in files]
+    frames = [
+        da.from_delayed(dask.delayed(_read_same)(f, first.shape, str(first.dtype)), first.shape, first.dtype)
+        for f in files
+    ]
     data = da.stack(frames)
     axes = "TYXC" if first.ndim == 3 else "TYX"
     meta = {"path": str(path), "files": files}

@@ -99,8 +99,11 @@ def write_video(path: Path | str, frames: np.ndarray, fps: float, *, lossless: b
     frames = np.asarray(frames, np.uint8)
     codec, opts, pix = ("mpeg4", {}, "yuv420p")
     if lossless:
-        codec, opts, pix = (("ffv1", {}, "bgr0") if p.suffix.lower() == ".avi"
-                            else ("libx264rgb", {"qp": "0", "preset": "ultrafast"}, "rgb24"))
+        codec, opts, pix = (
+            ("ffv1", {}, "bgr0")
+            if p.suffix.lower() == ".avi"
+            else ("libx264rgb", {"qp": "0", "preset": "ultrafast"}, "rgb24")
+        )
     with av.open(str(p), "w") as c:
         s = c.add_stream(codec, rate=Fraction(fps).limit_denominator(1001), options=opts)
         s.width, s.height, s.pix_fmt = frames.shape[2], frames.shape[1], pix

@@ -26,8 +26,8 @@ from typing import Any
 
 import numpy as np
 
-from ..nca.errors import InputError
 from ..fileutil import atomic_write
+from ..nca.errors import InputError
 from .image import ImageData, to_numpy
 
 OUTPUT_SUFFIXES = (".nii", ".nii.gz", ".tif", ".tiff", ".zarr", ".png")
@@ -48,8 +48,13 @@ def _label_dtype(labels: Any) -> np.dtype:
     return np.dtype(np.uint8) if dt.itemsize == 1 or dt == np.bool_ else np.dtype(np.uint16)
 
 
-def write_labels(path: str | Path, labels: Any, like: ImageData | None = None,
-                 class_names: Sequence[str] | None = None, metadata: dict[str, Any] | None = None) -> Path:
+def write_labels(
+    path: str | Path,
+    labels: Any,
+    like: ImageData | None = None,
+    class_names: Sequence[str] | None = None,
+    metadata: dict[str, Any] | None = None,
+) -> Path:
     """Write ``labels`` (spatial axes of ``like``, e.g. ZYX or YX) to ``path``; returns the path.
 
     ``metadata`` is stored with the labels (see the module docstring)."""
@@ -108,8 +113,14 @@ def read_labels_metadata(path: str | Path) -> dict[str, Any]:
     return attrs
 
 
-def _write_nifti(path: Path, labels: Any, like: ImageData | None, names: tuple[str, ...], suffix: str,
-                 meta: dict[str, Any] | None = None) -> Path:
+def _write_nifti(
+    path: Path,
+    labels: Any,
+    like: ImageData | None,
+    names: tuple[str, ...],
+    suffix: str,
+    meta: dict[str, Any] | None = None,
+) -> Path:
     import nibabel as nib
 
     data = to_numpy(labels).astype(_label_dtype(labels), copy=False)
@@ -163,14 +174,15 @@ def _tiles(labels: Any, tile: int) -> Any:
     h, w = labels.shape
     for y in range(0, h, tile):
         for x in range(0, w, tile):
-            block = to_numpy(labels[y:y + tile, x:x + tile])
+            block = to_numpy(labels[y : y + tile, x : x + tile])
             out = np.zeros((tile, tile), block.dtype)
             out[: block.shape[0], : block.shape[1]] = block
             yield out
 
 
-def _write_tiff(path: Path, labels: Any, like: ImageData | None, names: tuple[str, ...],
-                meta: dict[str, Any] | None = None) -> Path:
+def _write_tiff(
+    path: Path, labels: Any, like: ImageData | None, names: tuple[str, ...], meta: dict[str, Any] | None = None
+) -> Path:
     import tifffile
 
     dtype = _label_dtype(labels)
@@ -193,8 +205,15 @@ def _write_tiff(path: Path, labels: Any, like: ImageData | None, names: tuple[st
             kw.update(resolution=res, resolutionunit="CENTIMETER")
         if labels.ndim == 2 and not isinstance(labels, np.ndarray):  # big: stream tiles
             tile = 256
-            tifffile.imwrite(tmp, _tiles(labels.astype(dtype) if hasattr(labels, "astype") else labels, tile),
-                             shape=tuple(labels.shape), dtype=dtype, tile=(tile, tile), bigtiff=True, **kw)
+            tifffile.imwrite(
+                tmp,
+                _tiles(labels.astype(dtype) if hasattr(labels, "astype") else labels, tile),
+                shape=tuple(labels.shape),
+                dtype=dtype,
+                tile=(tile, tile),
+                bigtiff=True,
+                **kw,
+            )
         else:
             tifffile.imwrite(tmp, to_numpy(labels).astype(dtype, copy=False), bigtiff=labels.size > 2**31, **kw)
 
@@ -215,19 +234,33 @@ def _write_png(path: Path, labels: Any, meta: dict[str, Any] | None = None) -> P
     return atomic_write(path, lambda tmp: Image.fromarray(data).save(tmp, format="PNG", pnginfo=info), suffix=".png")
 
 
-def write_labels_zarr(path: Path, labels: Any, like: ImageData | None, names: tuple[str, ...],
-                      name: str = "segmentation", chunk: int = 512) -> Path:
+def write_labels_zarr(
+    path: Path,
+    labels: Any,
+    like: ImageData | None,
+    names: tuple[str, ...],
+    name: str = "segmentation",
+    chunk: int = 512,
+) -> Path:
     """OME-Zarr labels image (multiscale) under ``path/labels/<name>``, chunk by chunk."""
     from .ome_zarr import LabelsWriter
 
-    axes = like.spatial_axes if like is not None else "ZYX"[-labels.ndim:]
+    axes = like.spatial_axes if like is not None else "ZYX"[-labels.ndim :]
     if len(axes) != labels.ndim:
         raise InputError(f"labels have {labels.ndim} axes but the image has spatial axes {axes!r}")
     tile = tuple(chunk if a in "YX" else min(n, 64) for a, n in zip(axes, labels.shape))
-    writer = LabelsWriter(path, axes, tuple(labels.shape), _label_dtype(labels), tile, name=name,
-                          scale=like.scale if like is not None else None,
-                          translate=like.translate if like is not None else None, class_names=names,
-                          source=None if like is None or not like.metadata.get("path") else str(like.metadata["path"]))
+    writer = LabelsWriter(
+        path,
+        axes,
+        tuple(labels.shape),
+        _label_dtype(labels),
+        tile,
+        name=name,
+        scale=like.scale if like is not None else None,
+        translate=like.translate if like is not None else None,
+        class_names=names,
+        source=None if like is None or not like.metadata.get("path") else str(like.metadata["path"]),
+    )
     counts = [-(-n // t) for n, t in zip(labels.shape, tile)]
     for idx in np.ndindex(*counts):
         start = tuple(i * t for i, t in zip(idx, tile))

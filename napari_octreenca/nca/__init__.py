@@ -11,7 +11,22 @@ from .octree import OctreeNCA
 from .registry import new_model, open_model, resolve_model_path
 
 __all__ = [
-    "PRESETS", "ModelConfig", "Normalization", "preset", "OctreeNCA", "save_model", "load_model",
-    "read_config", "import_original", "open_model", "new_model", "resolve_model_path", "OctreeNCAError",
-    "ConfigError", "InputError", "ModelFileError", "Cancelled", "BackendUnavailable",
+    "PRESETS",
+    "ModelConfig",
+    "Normalization",
+    "preset",
+    "OctreeNCA",
+    "save_model",
+    "load_model",
+    "read_config",
+    "import_original",
+    "open_model",
+    "new_model",
+    "resolve_model_path",
+    "OctreeNCAError",
+    "ConfigError",
+    "InputError",
+    "ModelFileError",
+    "Cancelled",
+    "BackendUnavailable",
 ]

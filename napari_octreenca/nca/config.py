@@ -98,7 +98,7 @@ class Normalization:
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items()}
 
     @staticmethod
-    def from_dict(d: dict[str, Any]) -> "Normalization":
+    def from_dict(d: dict[str, Any]) -> Normalization:
         d = dict(d)
         for key in ("mean", "std"):
             if key in d:
@@ -215,7 +215,10 @@ class ModelConfig:
         need(self.output_channels >= 1, f"output_channels (classes) must be >= 1, got {self.output_channels}")
         need(self.channels <= MAX_CHANNELS, f"channels must be <= {MAX_CHANNELS}, got {self.channels}")
         need(self.hidden <= MAX_HIDDEN, f"hidden must be <= {MAX_HIDDEN}, got {self.hidden}")
-        need(1 <= len(self.steps) <= MAX_LEVELS, f"levels (entries of steps) must be in 1..{MAX_LEVELS}, got {len(self.steps)}")
+        need(
+            1 <= len(self.steps) <= MAX_LEVELS,
+            f"levels (entries of steps) must be in 1..{MAX_LEVELS}, got {len(self.steps)}",
+        )
         check_steps(self.steps)
         need(
             self.channels >= self.input_channels + self.output_channels,
@@ -229,8 +232,7 @@ class ModelConfig:
         need(all(int(s) >= 0 for s in self.steps), "steps must be >= 0")
         need(
             len(self.factors) == len(self.steps) - 1,
-            f"factors must have one entry per level transition ({len(self.steps) - 1}), "
-            f"got {len(self.factors)}",
+            f"factors must have one entry per level transition ({len(self.steps) - 1}), got {len(self.factors)}",
         )
         for f in self.factors:
             need(len(f) == self.spatial_dims, f"factor {f} must have {self.spatial_dims} entries")
@@ -248,15 +250,21 @@ class ModelConfig:
                 need(n in (1, self.input_channels), f"normalization {key} needs 1 or {self.input_channels} values")
         if self.train_size is not None:
             need(len(self.train_size) == self.spatial_dims, "train_size must have one entry per spatial axis")
-            need(all(0 < int(s) <= MAX_TRAIN_SIZE for s in self.train_size),
-                 f"train_size entries must be in 1..{MAX_TRAIN_SIZE}, got {list(self.train_size)}")
+            need(
+                all(0 < int(s) <= MAX_TRAIN_SIZE for s in self.train_size),
+                f"train_size entries must be in 1..{MAX_TRAIN_SIZE}, got {list(self.train_size)}",
+            )
         if self.spacing is not None:
             need(len(self.spacing) == self.spatial_dims, "spacing must have one entry per spatial axis")
-            need(all(math.isfinite(s) and s > 0 for s in self.spacing), f"spacing must be > 0, got {list(self.spacing)}")
+            need(
+                all(math.isfinite(s) and s > 0 for s in self.spacing), f"spacing must be > 0, got {list(self.spacing)}"
+            )
         if self.input_range is not None:
             lo_hi = self.input_range
-            need(len(lo_hi) == 2 and all(math.isfinite(v) for v in lo_hi) and lo_hi[0] <= lo_hi[1],
-                 f"input_range must be [low, high] with low <= high, got {list(lo_hi)}")
+            need(
+                len(lo_hi) == 2 and all(math.isfinite(v) for v in lo_hi) and lo_hi[0] <= lo_hi[1],
+                f"input_range must be [low, high] with low <= high, got {list(lo_hi)}",
+            )
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -276,7 +284,7 @@ class ModelConfig:
         return d
 
     @staticmethod
-    def from_dict(d: dict[str, Any]) -> "ModelConfig":
+    def from_dict(d: dict[str, Any]) -> ModelConfig:
         if not isinstance(d, dict):
             raise ConfigError("model config must be a JSON object")
         d = dict(d)
@@ -305,7 +313,7 @@ class ModelConfig:
         except (TypeError, ValueError) as exc:
             raise ConfigError(f"bad model config: {exc}") from None
 
-    def replace(self, **changes: Any) -> "ModelConfig":
+    def replace(self, **changes: Any) -> ModelConfig:
         return replace(self, **changes)
 
 

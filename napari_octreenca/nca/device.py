@@ -22,7 +22,9 @@ def check_device(device: str | torch.device) -> torch.device:
             raise BackendUnavailable(f"device {device!r}: no CUDA GPU is available to PyTorch here; use --device cpu")
         count = torch.cuda.device_count()
         if dev.index is not None and dev.index >= count:
-            raise BackendUnavailable(f"device {device!r}: this machine has {count} CUDA GPU(s) (cuda:0..cuda:{count - 1})")
+            raise BackendUnavailable(
+                f"device {device!r}: this machine has {count} CUDA GPU(s) (cuda:0..cuda:{count - 1})"
+            )
     elif dev.type not in ("cpu", "meta"):
         backend = getattr(torch.backends, dev.type, None)
         if backend is None or not getattr(backend, "is_available", lambda: False)():

@@ -28,7 +28,6 @@ FORMAT_NAME = "octreenca"
 SUPPORTED_VERSIONS = {1}
 
 
-
 def save_model(model: OctreeNCA, path: str | os.PathLike[str], extra: dict[str, Any] | None = None) -> Path:
     """Save ``model`` to ``path`` (a ``.safetensors`` file), atomically."""
     from safetensors.torch import save_file
@@ -78,7 +77,9 @@ def read_header(path: str | os.PathLike[str]) -> dict[str, str]:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
     except Exception as exc:  # safetensors raises its own error types for bad headers
-        raise ModelFileError(f"{path} is not a readable safetensors model file (corrupt or truncated?): {exc}") from None
+        raise ModelFileError(
+            f"{path} is not a readable safetensors model file (corrupt or truncated?): {exc}"
+        ) from None
     if meta.get("format") != FORMAT_NAME:
         raise ModelFileError(f"{path} is a safetensors file but not an OctreeNCA model (no format={FORMAT_NAME!r})")
     try:
@@ -198,7 +199,7 @@ def import_original(
         raise ModelFileError(f"{path}: expected a state_dict, got {type(sd).__name__}")
     prefix = "backbone_ncas."
     # Tolerate wrappers such as "octree_nca.backbone_ncas.0..." or "module.backbone_ncas.0...".
-    sd = {k[k.index(prefix):]: v for k, v in sd.items() if prefix in k}
+    sd = {k[k.index(prefix) :]: v for k, v in sd.items() if prefix in k}
     levels = sorted({int(k.split(".")[1]) for k in sd})
     if not levels or levels != list(range(len(levels))):
         raise ModelFileError(f"{path}: no backbone_ncas.<level> weights found (levels {levels})")
@@ -220,8 +221,14 @@ def import_original(
         factors = (factors[0] if factors else (2,) * spatial_dims,) * (n_levels - 1)
         steps = tuple(([10] * (n_levels - 1)) + [20])
     params: dict[str, Any] = dict(
-        spatial_dims=spatial_dims, input_channels=input_channels, channels=channels, hidden=hidden,
-        kernel_size=kernel, factors=factors, steps=steps, resize="nearest",
+        spatial_dims=spatial_dims,
+        input_channels=input_channels,
+        channels=channels,
+        hidden=hidden,
+        kernel_size=kernel,
+        factors=factors,
+        steps=steps,
+        resize="nearest",
         provenance={"imported_from": path.name, "source": "published OctreeNCA code"},
     )
     # The published code runs 3D volumes in nibabel's (i, j, k) array order, which this package's

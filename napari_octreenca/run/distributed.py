@@ -51,8 +51,9 @@ def get_client(scheduler: Any) -> tuple[Any, bool]:
     raise InputError(f"scheduler must be a dask Client or an address like tcp://host:8786, got {scheduler!r}")
 
 
-def run_distributed(run: Any, stages: list[Any], scheduler: Any, progress: Any, cancel: Any,
-                    threads: int = 1) -> dict[str, int]:
+def run_distributed(
+    run: Any, stages: list[Any], scheduler: Any, progress: Any, cancel: Any, threads: int = 1
+) -> dict[str, int]:
     """Run every stage's pending tiles on the cluster; returns computed/skipped counts."""
     from distributed import as_completed
 
@@ -65,16 +66,36 @@ def run_distributed(run: Any, stages: list[Any], scheduler: Any, progress: Any, 
             n = len(stage.tiles)
             pending = [i for i in range(n) if not run.store.is_done(stage.marker(i))]
             counts["skipped"] += n - len(pending)
-            futures = [client.submit(_tile_task, run_f, stages_f, si, i, threads, pure=False,
-                                     key=f"octreenca-{run.key[:12]}-{stage.marker(i)}") for i in pending]
+            futures = [
+                client.submit(
+                    _tile_task,
+                    run_f,
+                    stages_f,
+                    si,
+                    i,
+                    threads,
+                    pure=False,
+                    key=f"octreenca-{run.key[:12]}-{stage.marker(i)}",
+                )
+                for i in pending
+            ]
             done = n - len(pending)
             for fut in as_completed(futures):
                 computed = fut.result()  # re-raises a worker's exception here
                 counts["computed" if computed else "skipped"] += 1
                 done += 1
                 if progress is not None:
-                    progress({"stage": stage.kind, "level": stage.level, "seed": stage.seed, "step": None,
-                              "tile": done, "tiles": n, "computed": computed})
+                    progress(
+                        {
+                            "stage": stage.kind,
+                            "level": stage.level,
+                            "seed": stage.seed,
+                            "step": None,
+                            "tile": done,
+                            "tiles": n,
+                            "computed": computed,
+                        }
+                    )
                 if is_cancelled(cancel):
                     client.cancel(futures)
                     raise Cancelled(f"cancelled at {stage.name}, tile {done}/{n}")

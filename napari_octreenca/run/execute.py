@@ -37,8 +37,15 @@ def is_out_of_memory(exc: BaseException) -> bool:
 
 def _common(plan: RunPlan) -> dict[str, Any]:
     o = plan.options
-    return dict(device=o.device, dtype=o.dtype, backend=o.backend, seed=o.seed, runs=o.runs,
-                fire_rate=o.fire_rate, steps=list(plan.steps))
+    return dict(
+        device=o.device,
+        dtype=o.dtype,
+        backend=o.backend,
+        seed=o.seed,
+        runs=o.runs,
+        fire_rate=o.fire_rate,
+        steps=list(plan.steps),
+    )
 
 
 def tile_settings(plan: RunPlan) -> Any:
@@ -46,8 +53,16 @@ def tile_settings(plan: RunPlan) -> Any:
     from .tiling import TileSettings
 
     o = plan.options
-    return TileSettings(tile=plan.tile, backend=o.backend, dtype=o.dtype, device=o.device, seed=o.seed, runs=o.runs,
-                        steps=list(plan.steps), fire_rate=o.fire_rate)
+    return TileSettings(
+        tile=plan.tile,
+        backend=o.backend,
+        dtype=o.dtype,
+        device=o.device,
+        seed=o.seed,
+        runs=o.runs,
+        steps=list(plan.steps),
+        fire_rate=o.fire_rate,
+    )
 
 
 def run_whole(model: Any, plan: RunPlan, image: Any, *, callback: Any = None, cancel: Any = None) -> Segmentation:
@@ -67,18 +82,41 @@ def run_whole(model: Any, plan: RunPlan, image: Any, *, callback: Any = None, ca
     return seg
 
 
-def run_tiled(model: Any, plan: RunPlan, image: Any, *, callback: Any = None, cancel: Any = None,
-              store: str | Path | None = None, sink: Any = None, source_path: str | None = None,
-              pyramid: list[Any] | None = None, logits: bool = True) -> Segmentation:
+def run_tiled(
+    model: Any,
+    plan: RunPlan,
+    image: Any,
+    *,
+    callback: Any = None,
+    cancel: Any = None,
+    store: str | Path | None = None,
+    sink: Any = None,
+    source_path: str | None = None,
+    pyramid: list[Any] | None = None,
+    logits: bool = True,
+) -> Segmentation:
     """Tile by tile (out of core with ``store``), resampling tile by tile on fixed-spacing grids."""
     from .tiling import TileOutputs, segment_tiled
 
     g = plan.grid
     if not g.resampled:
-        seg = segment_tiled(model, image, axes=g.axes, settings=tile_settings(plan), callback=callback,
-                            cancel=cancel, outputs=TileOutputs(store=store, restart=store is not None, logits=logits,
-                                                               sink=sink, scheduler=plan.options.scheduler,
-                                                               source_path=source_path, pyramid=pyramid))
+        seg = segment_tiled(
+            model,
+            image,
+            axes=g.axes,
+            settings=tile_settings(plan),
+            callback=callback,
+            cancel=cancel,
+            outputs=TileOutputs(
+                store=store,
+                restart=store is not None,
+                logits=logits,
+                sink=sink,
+                scheduler=plan.options.scheduler,
+                source_path=source_path,
+                pyramid=pyramid,
+            ),
+        )
     elif g.affine is not None:
         seg = _tiled_ras(model, plan, image, store, sink, callback, cancel)
     else:
@@ -87,8 +125,9 @@ def run_tiled(model: Any, plan: RunPlan, image: Any, *, callback: Any = None, ca
     return seg
 
 
-def _tiled_on_grid(model: Any, plan: RunPlan, image: Any, g: Grid, store: Any, sink: Any, logits: bool,
-                   callback: Any, cancel: Any) -> Segmentation:
+def _tiled_on_grid(
+    model: Any, plan: RunPlan, image: Any, g: Grid, store: Any, sink: Any, logits: bool, callback: Any, cancel: Any
+) -> Segmentation:
     from .outofcore import WorkStore
     from .resample import lazy_resampled
     from .tiling import ArraySink, Box, TileOutputs, segment_tiled
@@ -97,9 +136,17 @@ def _tiled_on_grid(model: Any, plan: RunPlan, image: Any, g: Grid, store: Any, s
     tile = int(plan.tile or 256)
     lazy = lazy_resampled(image, g.axes, g.grid_shape, tile)
     grid_store = None if store is None else Path(store) / "grid"
-    gseg = segment_tiled(model, lazy, axes=g.axes, settings=tile_settings(plan), callback=callback, cancel=cancel,
-                         outputs=TileOutputs(store=grid_store, restart=store is not None, sink=ArraySink(logits=True),
-                                             scheduler=plan.options.scheduler))
+    gseg = segment_tiled(
+        model,
+        lazy,
+        axes=g.axes,
+        settings=tile_settings(plan),
+        callback=callback,
+        cancel=cancel,
+        outputs=TileOutputs(
+            store=grid_store, restart=store is not None, sink=ArraySink(logits=True), scheduler=plan.options.scheduler
+        ),
+    )
     # Back onto the input grid, one output tile at a time.
     out_tile = tuple(min(BACK_TILE, n) for n in g.input_shape)
     work = WorkStore(None if store is None else Path(store) / "back", "back", restart=True)
@@ -120,8 +167,12 @@ def _tiled_on_grid(model: Any, plan: RunPlan, image: Any, g: Grid, store: Any, s
         labels = None if labels is None else labels[...]
         lgs = None if lgs is None else lgs[...]
         spread = None if spread is None else spread[...]
-    record = dict(gseg.record, input_spacing=list(g.spacing or ()), model_spacing=list(g.model_spacing or ()),
-                  model_grid=list(g.grid_shape))
+    record = dict(
+        gseg.record,
+        input_spacing=list(g.spacing or ()),
+        model_spacing=list(g.model_spacing or ()),
+        model_grid=list(g.grid_shape),
+    )
     return Segmentation(labels, lgs, spread, gseg.class_names, gseg.axes, gseg.seeds, gseg.seconds, record)
 
 
@@ -129,18 +180,30 @@ def _back_box(grid_values: Any, g: Grid, box: tuple[tuple[int, ...], tuple[int, 
     from .resample import resample_box
 
     nd = len(g.input_shape)
-    return resample_box(grid_values, g.grid_shape, g.input_shape, box[0], box[1], spatial_axes=list(range(1, nd + 1)),
-                        order=1, antialias=False).astype(np.float32)
+    return resample_box(
+        grid_values,
+        g.grid_shape,
+        g.input_shape,
+        box[0],
+        box[1],
+        spatial_axes=list(range(1, nd + 1)),
+        order=1,
+        antialias=False,
+    ).astype(np.float32)
 
 
 def _boxes(shape: tuple[int, ...], tile: tuple[int, ...]) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
     import itertools
 
     ranges = [range(0, n, t) for n, t in zip(shape, tile)]
-    return [(start, tuple(min(n, s + t) for s, n, t in zip(start, shape, tile))) for start in itertools.product(*ranges)]
+    return [
+        (start, tuple(min(n, s + t) for s, n, t in zip(start, shape, tile))) for start in itertools.product(*ranges)
+    ]
 
 
-def _tiled_ras(model: Any, plan: RunPlan, image: Any, store: Any, sink: Any, callback: Any, cancel: Any) -> Segmentation:
+def _tiled_ras(
+    model: Any, plan: RunPlan, image: Any, store: Any, sink: Any, callback: Any, cancel: Any
+) -> Segmentation:
     """A NIfTI volume for a fixed-spacing 3D model, in tiles: volumes fit in memory, so reorient it
     whole, run the grid in tiles, and put the (in-memory) results back in the file's order."""
     from .resample import reorient_ras_to_zyx, reorient_zyx_to_ras
@@ -169,9 +232,21 @@ def _tiled_ras(model: Any, plan: RunPlan, image: Any, store: Any, sink: Any, cal
 Notice = Callable[[str], Any]
 
 
-def execute(model: Any, plan: RunPlan, image: Any, *, callback: Any = None, tile_callback: Any = None,
-            cancel: Any = None, store: Any = None, sink: Any = None, source_path: str | None = None,
-            pyramid: list[Any] | None = None, logits: bool = True, notice: Notice | None = None) -> Any:
+def execute(
+    model: Any,
+    plan: RunPlan,
+    image: Any,
+    *,
+    callback: Any = None,
+    tile_callback: Any = None,
+    cancel: Any = None,
+    store: Any = None,
+    sink: Any = None,
+    source_path: str | None = None,
+    pyramid: list[Any] | None = None,
+    logits: bool = True,
+    notice: Notice | None = None,
+) -> Any:
     """Run ``plan`` on ``image`` (numpy, dask or zarr in the geometry it was planned for).
 
     ``callback`` gets a ``StepInfo`` per step (whole runs), ``tile_callback`` a dict per tile
@@ -190,8 +265,18 @@ def execute(model: Any, plan: RunPlan, image: Any, *, callback: Any = None, tile
             plan = plan.as_tiled(f"{plan.options.device} ran out of memory for the whole image")
             if notice is not None:
                 notice(plan.text)
-    seg = run_tiled(model, plan, image, callback=tile_callback, cancel=cancel, store=store, sink=sink,
-                    source_path=source_path, pyramid=pyramid, logits=logits)
+    seg = run_tiled(
+        model,
+        plan,
+        image,
+        callback=tile_callback,
+        cancel=cancel,
+        store=store,
+        sink=sink,
+        source_path=source_path,
+        pyramid=pyramid,
+        logits=logits,
+    )
     seg.record["retried_tiled_after_oom"] = bool(plan.notes)
     return seg
 

@@ -11,18 +11,18 @@ from typing import TYPE_CHECKING, Any, TypeAlias
 import numpy as np
 import torch
 
+from ..backends import Backend, LevelRun, get_backend
+from ..nca.config import check_fire_rate, check_seed, check_steps
+from ..nca.device import check_device
+from ..nca.errors import Cancelled, InputError
+from ..nca.octree import OctreeNCA, downsample, upsample
+from .inputs import AxisPlan, prepare
+
 if TYPE_CHECKING:
     import zarr
 
 #: numpy in memory; a zarr array when a tiled run keeps its outputs in a work store.
 ArrayLike: TypeAlias = "np.ndarray | zarr.Array"
-
-from ..backends import Backend, LevelRun, get_backend
-from ..nca.config import check_fire_rate, check_seed, check_steps
-from ..nca.device import check_device
-from ..nca.errors import Cancelled, InputError
-from .inputs import AxisPlan, prepare
-from ..nca.octree import OctreeNCA, downsample, upsample
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -206,8 +206,17 @@ def segment(
     outs = []
     for r, s in enumerate(seeds):
         out = run_octree(
-            model, x, seed=s, fire_rate=fire_rate, steps=steps, backend=be, dtype=dt,
-            callback=callback, cancel=cancel, run_index=r, runs=runs,
+            model,
+            x,
+            seed=s,
+            fire_rate=fire_rate,
+            steps=steps,
+            backend=be,
+            dtype=dt,
+            callback=callback,
+            cancel=cancel,
+            run_index=r,
+            runs=runs,
         )
         outs.append(out[0].cpu())
     steps_used = list(steps) if steps is not None else model.config.steps_for(tuple(x.shape[2:]))

@@ -67,8 +67,7 @@ def plan_axes(shape: tuple[int, ...], config: ModelConfig, axes: str | None = No
     mapped = "".join(a if a in model_axes else trans.get(a, a) for a in spatial)
     if sorted(mapped) != sorted(model_axes):
         raise InputError(
-            f"input axes {axes!r} do not fit the model's spatial axes {model_axes!r} "
-            f"({config.spatial_dims}D model)"
+            f"input axes {axes!r} do not fit the model's spatial axes {model_axes!r} ({config.spatial_dims}D model)"
         )
     has_c = "C" in axes
     if has_c:
@@ -79,9 +78,7 @@ def plan_axes(shape: tuple[int, ...], config: ModelConfig, axes: str | None = No
                 "convert the image (e.g. RGB for H&E models, a single channel for MRI models)"
             )
     elif config.input_channels != 1:
-        raise InputError(
-            f"the input has no channel axis but the model expects {config.input_channels} channels"
-        )
+        raise InputError(f"the input has no channel axis but the model expects {config.input_channels} channels")
     # Rename the input's axes to the model's letters, then order as (C, *model_axes).
     renamed = "".join(trans.get(a, a) if a not in model_axes and a != "C" else a for a in axes)
     order = (["C"] if has_c else []) + list(model_axes)
@@ -122,8 +119,10 @@ def check_float32_range(x: torch.Tensor | np.ndarray) -> None:
     if wide:  # narrower dtypes fit in float32 by construction
         lo, hi = _min_max(x)
         if max(abs(lo), abs(hi)) > FLOAT32_MAX:
-            raise InputError(f"the input holds values up to {max(abs(lo), abs(hi)):.3g}, beyond float32 "
-                             f"(about {FLOAT32_MAX:.3g}); rescale the image first")
+            raise InputError(
+                f"the input holds values up to {max(abs(lo), abs(hi)):.3g}, beyond float32 "
+                f"(about {FLOAT32_MAX:.3g}); rescale the image first"
+            )
 
 
 def input_range_of(images: list[object]) -> tuple[float, float, str]:
@@ -151,9 +150,11 @@ def check_range(x: torch.Tensor | np.ndarray, config: ModelConfig) -> str | None
     far = in_hi > hi + span or in_lo < lo - span or (in_hi - in_lo) < span / 50
     if not far:
         return None
-    msg = (f"the input's values ({dtype}, {in_lo:.4g}..{in_hi:.4g}) are far from the training images' "
-           f"({config.input_dtype or '?'}, {lo:.4g}..{hi:.4g}): the labels may be wrong; rescale the image "
-           f"to the training range")
+    msg = (
+        f"the input's values ({dtype}, {in_lo:.4g}..{in_hi:.4g}) are far from the training images' "
+        f"({config.input_dtype or '?'}, {lo:.4g}..{hi:.4g}): the labels may be wrong; rescale the image "
+        f"to the training range"
+    )
     warnings.warn(InputRangeWarning(msg), stacklevel=3)
     return msg
 

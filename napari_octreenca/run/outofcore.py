@@ -36,6 +36,7 @@ def _zarr():
         raise InputError("tiled and out-of-core runs need zarr; pip install 'zarr>=3'") from None
     return zarr
 
+
 #: zarr cannot hold bfloat16: such tensors are stored as their raw 16 bits.
 _BITS = {torch.bfloat16: np.int16}
 
@@ -112,8 +113,9 @@ class WorkStore:
             _atomic_text(meta, json.dumps({"fingerprint": key}))
 
     # -- arrays ---------------------------------------------------------------------------
-    def array(self, name: str, shape: tuple[int, ...], chunks: tuple[int, ...], dtype: Any,
-              fill_value: Any = 0) -> zarr.Array:
+    def array(
+        self, name: str, shape: tuple[int, ...], chunks: tuple[int, ...], dtype: Any, fill_value: Any = 0
+    ) -> zarr.Array:
         """Open the array ``name``, creating it (empty) when missing."""
         if name in self.group:
             arr = self.group[name]

@@ -33,14 +33,14 @@ from typing import Any
 import numpy as np
 
 from ..fileutil import output_lock
+from ..io.readers import FRAME_SUFFIXES, ImageData, file_kind, read_image, to_numpy
+from ..io.writers import OUTPUT_SUFFIXES, output_suffix, write_labels
 from ..nca.config import check_seed
 from ..nca.errors import Cancelled, InputError, OctreeNCAError, OctreeNCAWarning
 from ..nca.modelfile import with_run_settings
 from ..nca.registry import open_model
 from .execute import execute
 from .planner import InputGeometry, RunOptions, RunPlan, plan_run
-from ..io.readers import FRAME_SUFFIXES, ImageData, file_kind, read_image, to_numpy
-from ..io.writers import OUTPUT_SUFFIXES, output_suffix, write_labels
 
 Progress = Callable[[dict[str, Any]], Any] | None
 #: Default memory budget for a whole-image run (bytes); above it the run is tiled.
@@ -132,12 +132,28 @@ def default_output_name(src: Path, im: ImageData | None = None) -> str:
     return f"{stem}_labels{ext}"
 
 
-def run_segment(inputs: list[str], output: str, model: str, *, device: str = "cpu", dtype: str = "float32",
-                backend: str = "auto", seed: int = 0, runs: int | None = 1, tile: int | None = None,
-                scheduler: str | None = None, progress: Progress = None, memory_budget: int | None = None,
-                keep_work: bool = False, use_pyramid: bool = False, overwrite: bool = False, wait: bool = False,
-                keep_going: bool | None = None, normalization: str | None = None,
-                fire_rate: float | None = None) -> list[Path]:
+def run_segment(
+    inputs: list[str],
+    output: str,
+    model: str,
+    *,
+    device: str = "cpu",
+    dtype: str = "float32",
+    backend: str = "auto",
+    seed: int = 0,
+    runs: int | None = 1,
+    tile: int | None = None,
+    scheduler: str | None = None,
+    progress: Progress = None,
+    memory_budget: int | None = None,
+    keep_work: bool = False,
+    use_pyramid: bool = False,
+    overwrite: bool = False,
+    wait: bool = False,
+    keep_going: bool | None = None,
+    normalization: str | None = None,
+    fire_rate: float | None = None,
+) -> list[Path]:
     """Segment every input and write labels; returns the output paths (see ``octreenca segment``).
 
     ``output`` is a file for one input (its extension picks the format), else a folder that gets
@@ -167,8 +183,16 @@ def run_segment(inputs: list[str], output: str, model: str, *, device: str = "cp
     jobs = plan_outputs(paths, Path(output), overwrite=overwrite)
     # runs=None: an ensemble of 3 (median + quality estimate) where the input runs whole, one run
     # where it runs tile by tile (3x the time and no estimate there yet).
-    options = RunOptions(device=device, dtype=dtype, backend=backend, seed=seed, runs=runs or DEFAULT_RUNS, tile=tile,
-                         scheduler=scheduler, memory_budget=memory_budget if memory_budget is not None else _budget())
+    options = RunOptions(
+        device=device,
+        dtype=dtype,
+        backend=backend,
+        seed=seed,
+        runs=runs or DEFAULT_RUNS,
+        tile=tile,
+        scheduler=scheduler,
+        memory_budget=memory_budget if memory_budget is not None else _budget(),
+    )
     results: list[Path] = []
     failures: list[tuple[Path, BaseException]] = []
     for k, (src, dest) in enumerate(jobs):
@@ -177,8 +201,16 @@ def run_segment(inputs: list[str], output: str, model: str, *, device: str = "cp
         t0 = time.perf_counter()
         try:
             with output_lock(dest, wait=wait), _warnings_naming(src):
-                tiled = _segment_file(net, src, dest, options, progress=progress, keep_work=keep_work,
-                                      use_pyramid=use_pyramid, single_run_if_tiled=runs is None)
+                tiled = _segment_file(
+                    net,
+                    src,
+                    dest,
+                    options,
+                    progress=progress,
+                    keep_work=keep_work,
+                    use_pyramid=use_pyramid,
+                    single_run_if_tiled=runs is None,
+                )
         except (KeyboardInterrupt, Cancelled):
             raise
         except Exception as exc:
@@ -187,20 +219,44 @@ def run_segment(inputs: list[str], output: str, model: str, *, device: str = "cp
                 raise
             failures.append((src, exc))
             if progress is not None:
-                progress({"stage": "failed", "input": k + 1, "inputs": len(jobs), "path": str(src),
-                          "error": _one_line(exc) if src.name in _one_line(exc) else f"{src}: {_one_line(exc)}"})
+                progress(
+                    {
+                        "stage": "failed",
+                        "input": k + 1,
+                        "inputs": len(jobs),
+                        "path": str(src),
+                        "error": _one_line(exc) if src.name in _one_line(exc) else f"{src}: {_one_line(exc)}",
+                    }
+                )
             continue
         if progress is not None:
-            progress({"stage": "written", "input": k + 1, "inputs": len(jobs), "path": str(dest), "tiled": tiled,
-                      "seconds": time.perf_counter() - t0})
+            progress(
+                {
+                    "stage": "written",
+                    "input": k + 1,
+                    "inputs": len(jobs),
+                    "path": str(dest),
+                    "tiled": tiled,
+                    "seconds": time.perf_counter() - t0,
+                }
+            )
         results.append(dest)
     if failures:
         raise BatchError(failures, results, len(jobs))
     return results
 
 
-def _segment_file(net: Any, src: Path, dest: Path, options: RunOptions, *, progress: Progress, keep_work: bool,
-                  use_pyramid: bool, single_run_if_tiled: bool = False) -> bool:
+def _segment_file(
+    net: Any,
+    src: Path,
+    dest: Path,
+    options: RunOptions,
+    *,
+    progress: Progress,
+    keep_work: bool,
+    use_pyramid: bool,
+    single_run_if_tiled: bool = False,
+) -> bool:
     """Segment one input into ``dest`` (the caller holds its lock); returns whether it ran tiled."""
     cfg = net.config
     im = read_image(src)
@@ -220,8 +276,9 @@ def _segment_file(net: Any, src: Path, dest: Path, options: RunOptions, *, progr
         raise OutOfMemory(_memory_advice(src, plan.tiled, options.tile)) from None
     if progress is not None:
         verdict = "not estimated for tiled runs (yet)" if plan.tiled else seg.verdict
-        progress({"stage": "quality", "path": str(dest), "quality": None if plan.tiled else seg.quality,
-                  "verdict": verdict})
+        progress(
+            {"stage": "quality", "path": str(dest), "quality": None if plan.tiled else seg.quality, "verdict": verdict}
+        )
     return plan.tiled
 
 
@@ -321,7 +378,9 @@ def plan_outputs(paths: list[Path], out: Path, *, overwrite: bool = False) -> li
     for src, dest in pairs:
         key = _real(dest)
         if key in seen:
-            raise InputError(f"{seen[key]} and {src} would both be written to {dest}; segment them into separate folders")
+            raise InputError(
+                f"{seen[key]} and {src} would both be written to {dest}; segment them into separate folders"
+            )
         seen[key] = src
         if not overwrite:
             _refuse_input_as_output(dest, paths)
@@ -336,8 +395,10 @@ def _single_output(out: Path, n_inputs: int) -> bool:
     if known and not out.is_dir():
         raise InputError(f"{n_inputs} inputs need an output folder, not the file {out}")
     if not known and not out.is_dir() and Path(str(out).rstrip("/")).suffix:
-        raise InputError(f"cannot tell the output format of {out}: name a file {', '.join(OUTPUT_SUFFIXES)} "
-                         "or a folder without a suffix")
+        raise InputError(
+            f"cannot tell the output format of {out}: name a file {', '.join(OUTPUT_SUFFIXES)} "
+            "or a folder without a suffix"
+        )
     return False
 
 
@@ -352,8 +413,10 @@ def _refuse_input_as_output(dest: Path, inputs: list[Path]) -> None:
         if d == s and src.is_dir() and output_suffix(dest) == ".zarr" and file_kind(src) == "ome-zarr":
             continue  # labels are added to the image's own store; the image is kept
         if d == s or (src.is_dir() and s in d.parents):
-            raise InputError(f"the output {dest} is the input {src} (or inside it): writing would destroy the input; "
-                             "choose another output, or pass --overwrite if that is what you want")
+            raise InputError(
+                f"the output {dest} is the input {src} (or inside it): writing would destroy the input; "
+                "choose another output, or pass --overwrite if that is what you want"
+            )
 
 
 def _drop_earlier_results(paths: list[Path], out: Path, overwrite: bool) -> list[Path]:
@@ -362,8 +425,10 @@ def _drop_earlier_results(paths: list[Path], out: Path, overwrite: bool) -> list
     produced = {default_output_name(p) for p in paths}
     earlier = [p for p in paths if _real(p.parent) == folder and p.name in produced]
     if earlier and not overwrite:
-        raise InputError(f"the output folder {out} is also an input folder and holds earlier results "
-                         f"({earlier[0].name}): choose another output folder, or pass --overwrite to replace them")
+        raise InputError(
+            f"the output folder {out} is also an input folder and holds earlier results "
+            f"({earlier[0].name}): choose another output folder, or pass --overwrite to replace them"
+        )
     return [p for p in paths if p not in earlier]
 
 
@@ -417,33 +482,74 @@ def _step_progress(progress: Progress) -> Any:
         return None
 
     def hook(info: Any) -> None:
-        progress({"stage": "step", "level": info.level, "step": info.step + 1, "steps": info.level_steps,
-                  "done": info.done, "total": info.total, "tile": None, "tiles": None})
+        progress(
+            {
+                "stage": "step",
+                "level": info.level,
+                "step": info.step + 1,
+                "steps": info.level_steps,
+                "done": info.done,
+                "total": info.total,
+                "tile": None,
+                "tiles": None,
+            }
+        )
 
     return hook
 
 
-def _segment_tiled(net: Any, plan: RunPlan, im: ImageData, src: Path, dest: Path, *, progress: Progress,
-                   keep_work: bool, use_pyramid: bool = False) -> None:
+def _segment_tiled(
+    net: Any,
+    plan: RunPlan,
+    im: ImageData,
+    src: Path,
+    dest: Path,
+    *,
+    progress: Progress,
+    keep_work: bool,
+    use_pyramid: bool = False,
+) -> None:
     from ..io.ome_zarr import OmeZarrLabelsSink
     from .outofcore import remove_work_folder
     from .tiling import ArraySink
 
     o = plan.options
     suffix = output_suffix(dest)
-    work = work_folder(dest, _run_key(net, src, seed=o.seed, runs=o.runs, tile=plan.tile, dtype=o.dtype,
-                                      backend=o.backend, use_pyramid=use_pyramid, steps=list(plan.steps)))
+    work = work_folder(
+        dest,
+        _run_key(
+            net,
+            src,
+            seed=o.seed,
+            runs=o.runs,
+            tile=plan.tile,
+            dtype=o.dtype,
+            backend=o.backend,
+            use_pyramid=use_pyramid,
+            steps=list(plan.steps),
+        ),
+    )
     _remove_other_work(dest, keep=work)
     resuming = (work / "meta.json").exists()
     cfg = net.config
     if suffix == ".zarr":
         _prepare_output(dest, resuming)
-        sink: Any = OmeZarrLabelsSink(dest, im.spatial_axes, scale=im.scale, translate=im.translate,
-                                      class_names=cfg.class_names, source=str(src))
+        sink: Any = OmeZarrLabelsSink(
+            dest, im.spatial_axes, scale=im.scale, translate=im.translate, class_names=cfg.class_names, source=str(src)
+        )
     else:
         sink = ArraySink(logits=False)
-    seg = execute(net, plan, im.data, tile_callback=progress, store=work, sink=sink, source_path=str(src),
-                  logits=False, pyramid=im.levels if use_pyramid and len(im.levels) > 1 else None)
+    seg = execute(
+        net,
+        plan,
+        im.data,
+        tile_callback=progress,
+        store=work,
+        sink=sink,
+        source_path=str(src),
+        logits=False,
+        pyramid=im.levels if use_pyramid and len(im.levels) > 1 else None,
+    )
     if suffix != ".zarr":
         write_labels(dest, seg.labels, like=im, class_names=cfg.class_names)
     if not keep_work:
@@ -465,7 +571,13 @@ def _run_key(net: Any, src: Path, **settings: Any) -> str:
     from .outofcore import model_digest
 
     st = src.stat()
-    parts = {"model": model_digest(net), "src": str(_real(src)), "size": st.st_size, "mtime": st.st_mtime_ns, **settings}
+    parts = {
+        "model": model_digest(net),
+        "src": str(_real(src)),
+        "size": st.st_size,
+        "mtime": st.st_mtime_ns,
+        **settings,
+    }
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
@@ -500,5 +612,14 @@ def _drop_old_labels(dest: Path) -> None:
         raise InputError(f"the output {dest} exists and is not a zarr store: remove it or choose another output")
 
 
-__all__ = ["OUTPUT_SUFFIXES", "BatchError", "OutOfMemory", "default_output_name", "expand_inputs", "find_work_folders",
-           "plan_outputs", "run_segment", "work_folder"]
+__all__ = [
+    "OUTPUT_SUFFIXES",
+    "BatchError",
+    "OutOfMemory",
+    "default_output_name",
+    "expand_inputs",
+    "find_work_folders",
+    "plan_outputs",
+    "run_segment",
+    "work_folder",
+]

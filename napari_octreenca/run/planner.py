@@ -78,8 +78,12 @@ class InputGeometry:
     def of(cls, image: Any) -> InputGeometry:
         """The geometry of an ``io.image.ImageData``."""
         use_affine = getattr(image, "kind", "") == "nifti" and image.affine is not None
-        return cls(tuple(int(n) for n in image.shape), image.axes, tuple(image.scale),
-                   np.asarray(image.affine, float) if use_affine else None)
+        return cls(
+            tuple(int(n) for n in image.shape),
+            image.axes,
+            tuple(image.scale),
+            np.asarray(image.affine, float) if use_affine else None,
+        )
 
 
 @dataclass(frozen=True)
@@ -97,7 +101,9 @@ class Grid:
     def resampled(self) -> bool:
         return self.spacing is not None or self.affine is not None
 
-    def cell_geometry(self, scale: tuple[float, ...], translate: tuple[float, ...]) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    def cell_geometry(
+        self, scale: tuple[float, ...], translate: tuple[float, ...]
+    ) -> tuple[tuple[float, ...], tuple[float, ...]]:
         """World scale/translate of the grid's cells on the input's layer (cell-centred).
 
         For a RAS+ grid this is the geometry once :meth:`to_input_orientation` has put the
@@ -105,8 +111,10 @@ class Grid:
         """
         shape = self.grid_shape if self.affine is None else self._file_order(self.grid_shape)
         r = [n / m for n, m in zip(self.input_shape, shape)]
-        return (tuple(s * f for s, f in zip(scale, r)),
-                tuple(t + (f - 1) / 2 * s for t, s, f in zip(translate, scale, r)))
+        return (
+            tuple(s * f for s, f in zip(scale, r)),
+            tuple(t + (f - 1) / 2 * s for t, s, f in zip(translate, scale, r)),
+        )
 
     def _file_order(self, shape: tuple[int, ...]) -> tuple[int, ...]:
         from .resample import ras_axis_permutation
@@ -144,15 +152,23 @@ class RunPlan:
     def as_tiled(self, why: str) -> RunPlan:
         """The same run in tiles that fit (after a whole run ran out of memory)."""
         tile = fitting_tile(self.config, self.grid.grid_shape, self.options, self.free_bytes)
-        return replace(self, tiled=True, tile=tile, text=f"{why}; retrying tiled ({tile}-cell tiles)",
-                       notes=self.notes + (why,))
+        return replace(
+            self, tiled=True, tile=tile, text=f"{why}; retrying tiled ({tile}-cell tiles)", notes=self.notes + (why,)
+        )
 
     def record(self) -> dict[str, Any]:
         """The plan as plain data for run records."""
-        return {"grid": list(self.grid.grid_shape), "input_shape": list(self.grid.input_shape),
-                "resampled": self.grid.resampled, "reoriented": "RAS+" if self.grid.affine is not None else None,
-                "steps": list(self.steps), "tiled": self.tiled, "tile": self.tile,
-                "estimate_bytes": self.estimate_bytes, "plan": self.text}
+        return {
+            "grid": list(self.grid.grid_shape),
+            "input_shape": list(self.grid.input_shape),
+            "resampled": self.grid.resampled,
+            "reoriented": "RAS+" if self.grid.affine is not None else None,
+            "steps": list(self.steps),
+            "tiled": self.tiled,
+            "tile": self.tile,
+            "estimate_bytes": self.estimate_bytes,
+            "plan": self.text,
+        }
 
 
 # -- memory ---------------------------------------------------------------------------------------
@@ -191,12 +207,16 @@ def device_free_bytes(device: str) -> int | None:
     return host_free_bytes()
 
 
-def estimate_run_bytes(config: ModelConfig, spatial_shape: tuple[int, ...], dtype: str = "float32", runs: int = 1) -> int:
+def estimate_run_bytes(
+    config: ModelConfig, spatial_shape: tuple[int, ...], dtype: str = "float32", runs: int = 1
+) -> int:
     """Peak memory of a whole-image run: two state buffers and the image pyramid at the finest
     level, the slab scratch, and the outputs (logits, plus per-run logits for an ensemble)."""
     cells = math.prod(spatial_shape)
     b = 2 if dtype in ("bfloat16", "bf16") else 4
-    pyramid = 1.0 + sum(1.0 / math.prod(math.prod(f) for f in config.factors[: i + 1]) for i in range(len(config.factors)))
+    pyramid = 1.0 + sum(
+        1.0 / math.prod(math.prod(f) for f in config.factors[: i + 1]) for i in range(len(config.factors))
+    )
     state = 2 * config.update_channels * cells * b
     image = config.input_channels * cells * b * pyramid + config.input_channels * cells * 4  # + float32 input
     scratch = 64 * 1024**2
@@ -233,8 +253,14 @@ def plan_grid(config: ModelConfig, geometry: InputGeometry) -> Grid:
         from .resample import ras_shape_and_spacing
 
         shape_ras, sp_ras = ras_shape_and_spacing(in_shape, geometry.affine)
-        return Grid(ap.input_axes, in_shape, model_grid_shape(shape_ras, sp_ras, msp), None, msp,
-                    np.asarray(geometry.affine, float))
+        return Grid(
+            ap.input_axes,
+            in_shape,
+            model_grid_shape(shape_ras, sp_ras, msp),
+            None,
+            msp,
+            np.asarray(geometry.affine, float),
+        )
     sp = tuple(float(s) for s in geometry.scale) if geometry.scale is not None else (1.0,) * len(in_shape)
     return Grid(ap.input_axes, in_shape, model_grid_shape(in_shape, sp, msp), sp, msp)
 
@@ -251,8 +277,9 @@ def _grid_array_shape(grid: Grid) -> tuple[int, ...]:
     return tuple(3 if a == "C" else next(shape) for a in grid.axes)
 
 
-def plan_run(config: ModelConfig, geometry: InputGeometry, options: RunOptions | None = None,
-             free: int | None = None) -> RunPlan:
+def plan_run(
+    config: ModelConfig, geometry: InputGeometry, options: RunOptions | None = None, free: int | None = None
+) -> RunPlan:
     """Decide grid, steps and whole vs tiled for ``geometry`` (see the module docstring)."""
     options = options or RunOptions()
     grid = plan_grid(config, geometry)
@@ -261,14 +288,18 @@ def plan_run(config: ModelConfig, geometry: InputGeometry, options: RunOptions |
         raise InputError(f"give {config.levels} non-negative step counts, finest level first (got {list(steps)})")
     est = estimate_run_bytes(config, grid.grid_shape, options.dtype, options.runs)
     free = device_free_bytes(options.device) if free is None else free
-    budget = options.memory_budget if options.memory_budget is not None else (
-        HEADROOM * free if free is not None else None)
+    budget = (
+        options.memory_budget if options.memory_budget is not None else (HEADROOM * free if free is not None else None)
+    )
     forced = options.tile is not None or options.scheduler is not None
     if options.tiling == "tiled" or (options.tiling == "auto" and (forced or (budget is not None and est > budget))):
         tile = fitting_tile(config, grid.grid_shape, options, free)
         n = math.prod(math.ceil(s / tile) for s in grid.grid_shape)
-        why = ("chosen" if options.tiling == "tiled" or forced
-               else f"whole image would need {fmt_bytes(est)} of {fmt_bytes(budget or 0)} allowed")
+        why = (
+            "chosen"
+            if options.tiling == "tiled" or forced
+            else f"whole image would need {fmt_bytes(est)} of {fmt_bytes(budget or 0)} allowed"
+        )
         text = f"tiled: {n} tiles of {tile} cells on {options.device} ({why})"
         return RunPlan(config, options, grid, steps, True, tile, est, free, _with_grid(text, grid))
     room = f" of {fmt_bytes(free)} free" if free is not None else ""
@@ -283,5 +314,17 @@ def _with_grid(text: str, grid: Grid) -> str:
     return f"{text}; on the model's {where}grid {'x'.join(map(str, grid.grid_shape))}"
 
 
-__all__ = ["RunOptions", "InputGeometry", "Grid", "RunPlan", "plan_run", "plan_grid", "grid_steps",
-           "estimate_run_bytes", "device_free_bytes", "host_free_bytes", "fmt_bytes", "HEADROOM"]
+__all__ = [
+    "RunOptions",
+    "InputGeometry",
+    "Grid",
+    "RunPlan",
+    "plan_run",
+    "plan_grid",
+    "grid_steps",
+    "estimate_run_bytes",
+    "device_free_bytes",
+    "host_free_bytes",
+    "fmt_bytes",
+    "HEADROOM",
+]

@@ -79,18 +79,29 @@ def coverage(run_logits: Sequence[Any], class_names: Sequence[str]) -> dict[str,
     return {name: float(((best > 0) & (idx == k)).sum()) / n for k, name in enumerate(class_names)}
 
 
-def _verdict(score: float, threshold: float, calibrated: bool, worst: str, segmented: bool,
-             cover: dict[str, float], max_fraction: float) -> tuple[bool, str]:
+def _verdict(
+    score: float,
+    threshold: float,
+    calibrated: bool,
+    worst: str,
+    segmented: bool,
+    cover: dict[str, float],
+    max_fraction: float,
+) -> tuple[bool, str]:
     if not segmented:
         return True, "nothing was segmented: the model found none of its classes here (wrong model or input?)"
     widest = max(cover, key=lambda k: cover[k])
     if cover[widest] > max_fraction:
-        return True, (f"implausible: {widest} covers {cover[widest]:.0%} of the image; the input is probably not "
-                      "what the model was trained on (another modality or stain?)")
+        return True, (
+            f"implausible: {widest} covers {cover[widest]:.0%} of the image; the input is probably not "
+            "what the model was trained on (another modality or stain?)"
+        )
     note = "" if calibrated else " (threshold not calibrated for this model)"
     if score > threshold:
-        return True, (f"unreliable: the stochastic runs disagree ({worst}: score {score:.4f} > {threshold:.4f}); "
-                      f"the input may be unlike the model's training data - check it or try a baseline{note}")
+        return True, (
+            f"unreliable: the stochastic runs disagree ({worst}: score {score:.4f} > {threshold:.4f}); "
+            f"the input may be unlike the model's training data - check it or try a baseline{note}"
+        )
     return False, f"looks reliable: the stochastic runs agree (score {score:.4f} <= {threshold:.4f}){note}"
 
 
@@ -106,8 +117,18 @@ def assess(run_logits: Sequence[Any], class_names: Sequence[str], calibration: d
     threshold = float(calibration["threshold"]) if calibrated else DEFAULT_THRESHOLD  # type: ignore[index]
     max_fraction = float((calibration or {}).get("max_fraction", DEFAULT_MAX_FRACTION))
     flagged, verdict = _verdict(per[worst], threshold, calibrated, worst, segmented, cover, max_fraction)
-    return Quality(score=per[worst], per_label=per, segmented=segmented, coverage=cover, max_fraction=max_fraction,
-                   threshold=threshold, calibrated=calibrated, runs=len(run_logits), flagged=flagged, verdict=verdict)
+    return Quality(
+        score=per[worst],
+        per_label=per,
+        segmented=segmented,
+        coverage=cover,
+        max_fraction=max_fraction,
+        threshold=threshold,
+        calibrated=calibrated,
+        runs=len(run_logits),
+        flagged=flagged,
+        verdict=verdict,
+    )
 
 
 def model_calibration(config: Any) -> dict[str, Any] | None:
@@ -121,9 +142,21 @@ def calibrate_threshold(good: Sequence[float], bad: Sequence[float]) -> float:
     the largest good and the smallest failing score); an error if the two groups overlap."""
     hi_good, lo_bad = max(good), min(bad)
     if not hi_good < lo_bad:
-        raise ValueError(f"good (max {hi_good:.4f}) and failing (min {lo_bad:.4f}) scores overlap: no threshold separates them")
+        raise ValueError(
+            f"good (max {hi_good:.4f}) and failing (min {lo_bad:.4f}) scores overlap: no threshold separates them"
+        )
     return float(np.sqrt(hi_good * lo_bad))
 
 
-__all__ = ["Quality", "assess", "label_scores", "coverage", "DEFAULT_MAX_FRACTION", "model_calibration", "calibrate_threshold", "DEFAULT_THRESHOLD",
-           "DEFAULT_RUNS", "MIN_RUNS"]
+__all__ = [
+    "Quality",
+    "assess",
+    "label_scores",
+    "coverage",
+    "DEFAULT_MAX_FRACTION",
+    "model_calibration",
+    "calibrate_threshold",
+    "DEFAULT_THRESHOLD",
+    "DEFAULT_RUNS",
+    "MIN_RUNS",
+]

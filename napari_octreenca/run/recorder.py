@@ -103,10 +103,13 @@ class RecordPlan:
         evo = 0
         if self.record_evolution:
             evo = self.total_steps * math.prod(self.evolution_shape) * (cfg.output_channels * 4 + 3)
-        conv = max(
-            cfg.update_channels * 4 * math.prod(_strided(shp, (s,) * len(shp)))
-            for shp, s in zip(self.level_shapes, self.convergence_strides)
-        ) * 2
+        conv = (
+            max(
+                cfg.update_channels * 4 * math.prod(_strided(shp, (s,) * len(shp)))
+                for shp, s in zip(self.level_shapes, self.convergence_strides)
+            )
+            * 2
+        )
         return {"hidden": hidden, "evolution": evo, "convergence": conv, "total": hidden + evo + conv}
 
     def describe(self) -> str:
@@ -118,8 +121,11 @@ class RecordPlan:
             parts.append(f"evolution {self.total_steps} steps x {'x'.join(map(str, self.evolution_shape))} ({res})")
         if self.record_hidden:
             coarse = [s for s in self.hidden_strides if s > 1]
-            parts.append("hidden channels at full level resolution" if not coarse else
-                         f"hidden channels strided up to 1/{max(coarse)}")
+            parts.append(
+                "hidden channels at full level resolution"
+                if not coarse
+                else f"hidden channels strided up to 1/{max(coarse)}"
+            )
         return "; ".join(parts)
 
 
@@ -161,18 +167,15 @@ def plan_recording(
         if any(b <= a for a, b in reg):
             raise ValueError(f"region {region} is empty inside the input of shape {shape}")
     conv_strides = tuple(_stride_for(s, 1, CONVERGENCE_CELLS) for s in shapes)
-    conv_bytes = 2 * config.update_channels * 4 * max(
-        math.prod(_strided(s, (c,) * nd)) for s, c in zip(shapes, conv_strides))
+    conv_bytes = (
+        2 * config.update_channels * 4 * max(math.prod(_strided(s, (c,) * nd)) for s, c in zip(shapes, conv_strides))
+    )
     budget = max(budget - conv_bytes, budget // 4)  # what is left for hidden channels and evolution
     halves = (record_hidden and record_evolution) + 1
     hidden_budget = budget / halves / max(1, config.levels)
-    hidden_strides = tuple(
-        _stride_for(s, max(1, config.hidden_channels) * 4, hidden_budget) for s in shapes
-    )
+    hidden_strides = tuple(_stride_for(s, max(1, config.hidden_channels) * 4, hidden_budget) for s in shapes)
     total = max(1, sum(steps_t))
-    evo_stride = _stride_for(
-        [b - a for a, b in reg], total * (config.output_channels * 4 + 3), budget / halves
-    )
+    evo_stride = _stride_for([b - a for a, b in reg], total * (config.output_channels * 4 + 3), budget / halves)
     return RecordPlan(
         config=config,
         spatial_shape=shape,
@@ -229,7 +232,7 @@ class Recording:
             prev = own[-1]
         return out
 
-    def in_input_order(self) -> "Recording":
+    def in_input_order(self) -> Recording:
         """A copy with every spatial axis in the input's order."""
         o = self.plan.order
         if o == tuple(range(len(o))):
@@ -238,8 +241,9 @@ class Recording:
         hidden = {lv: h.transpose(0, *(1 + i for i in o)) for lv, h in self.hidden.items()}
         logits = None if self.logits is None else self.logits.transpose(0, 1, *(2 + i for i in o))
         rgb = None if self.rgb is None else self.rgb.transpose(0, *(1 + i for i in o), k + 1)
-        return Recording(self.plan, hidden, logits, rgb, self.convergence, self.step_levels, self.steps_recorded,
-                         self.label_changes)
+        return Recording(
+            self.plan, hidden, logits, rgb, self.convergence, self.step_levels, self.steps_recorded, self.label_changes
+        )
 
 
 class _PCAColour:
@@ -264,8 +268,16 @@ class _PCAColour:
             basis = basis * torch.where(signs == 0, torch.ones_like(signs), signs)
         self.basis = basis
         proj = basis.T @ h  # (<=3, N)
-        lo = torch.quantile(proj, 0.01, dim=1, keepdim=True) if proj.shape[1] < (1 << 24) else proj.min(1, keepdim=True).values
-        hi = torch.quantile(proj, 0.99, dim=1, keepdim=True) if proj.shape[1] < (1 << 24) else proj.max(1, keepdim=True).values
+        lo = (
+            torch.quantile(proj, 0.01, dim=1, keepdim=True)
+            if proj.shape[1] < (1 << 24)
+            else proj.min(1, keepdim=True).values
+        )
+        hi = (
+            torch.quantile(proj, 0.99, dim=1, keepdim=True)
+            if proj.shape[1] < (1 << 24)
+            else proj.max(1, keepdim=True).values
+        )
         scaled = ((proj - lo) / (hi - lo).clamp_min(1e-6)).clamp(0, 1) * 255
         rgb = torch.zeros((3, proj.shape[1]))
         rgb[: proj.shape[0]] = scaled
@@ -387,8 +399,9 @@ class NCARecorder:
             if last or now - self._last_emit >= self.throttle:
                 self._last_emit = now
                 assert self.on_frame is not None
-                self.on_frame(Frame(level, step, info.done, info.total, rec.logits[t].copy(), rec.rgb[t].copy(),
-                                    *self._news()))
+                self.on_frame(
+                    Frame(level, step, info.done, info.total, rec.logits[t].copy(), rec.rgb[t].copy(), *self._news())
+                )
 
     def _news(self) -> tuple[dict[int, list[float]], dict[int, list[float]]]:
         """Convergence values recorded since the previous frame (a live plot appends them)."""
@@ -431,8 +444,10 @@ class LevelReading:
         if self.verdict == "settled":
             head = f"L{self.level}: labels settled by step {self.settled_at} {run}"
         elif self.verdict == "nearly settled":
-            head = (f"L{self.level}: labels nearly settled, {self.change_end:.1%} of cells (boundary) still flip "
-                    f"per step {run}")
+            head = (
+                f"L{self.level}: labels nearly settled, {self.change_end:.1%} of cells (boundary) still flip "
+                f"per step {run}"
+            )
         elif self.verdict == "settling":
             head = f"L{self.level}: labels settling, {self.change_end:.1%} of cells change per step at step {self.steps} {run}"
         else:
@@ -449,7 +464,7 @@ def expected_update(update: Sequence[float], fire_rate: float, window: int) -> n
     u = np.asarray([v if math.isfinite(v) else np.nan for v in update], dtype=float) / max(fire_rate, 1e-6)
     out = np.full(u.shape, np.nan)
     for i in range(u.size):
-        part = u[max(0, i - window + 1): i + 1]
+        part = u[max(0, i - window + 1) : i + 1]
         if np.isfinite(part).any():
             out[i] = float(np.nanmean(part))
     return out
@@ -460,8 +475,9 @@ def reading_window(steps: int) -> int:
     return max(1, min(5, steps // 5))
 
 
-def level_reading(level: int, update: Sequence[float], changes: Sequence[float], trained_steps: int,
-                  fire_rate: float) -> LevelReading:
+def level_reading(
+    level: int, update: Sequence[float], changes: Sequence[float], trained_steps: int, fire_rate: float
+) -> LevelReading:
     """Read a level's curves: did its labels stop changing, and by which step."""
     n = len(update)
     if n == 0:
@@ -493,9 +509,16 @@ def recording_readings(recording: Recording) -> list[LevelReading]:
     """The reading of every level, in the order the NCA runs them (coarsest first)."""
     cfg = recording.plan.config
     trained = list(cfg.steps)
-    return [level_reading(level, recording.convergence.get(level, []), recording.label_changes.get(level, []),
-                          trained[level] if level < len(trained) else 0, cfg.fire_rate)
-            for level in range(cfg.levels - 1, -1, -1)]
+    return [
+        level_reading(
+            level,
+            recording.convergence.get(level, []),
+            recording.label_changes.get(level, []),
+            trained[level] if level < len(trained) else 0,
+            cfg.fire_rate,
+        )
+        for level in range(cfg.levels - 1, -1, -1)
+    ]
 
 
 def level_geometry(
@@ -545,31 +568,47 @@ def recording_layers(
         h = rec.hidden[level]
         sc, tr = level_geometry(plan, level, scale, translate, plan.hidden_strides[level])
         k = min(max(0, channel), max(0, h.shape[0] - 1))
-        layers.append((
-            h[k] if h.shape[0] else np.zeros(h.shape[1:], np.float32),
-            {
-                "name": f"{prefix} L{level} hidden",
-                "scale": sc,
-                "translate": tr,
-                "axis_labels": spatial,
-                "colormap": "twilight_shifted",
-                "contrast_limits": _symmetric_limits(h),
-                "visible": False,  # one click away; shown together they would hide the image
-                "metadata": {"octreenca": {"kind": "hidden", "level": level, "channels": int(h.shape[0]),
-                                           "channel": k, "stride": plan.hidden_strides[level]}},
-            },
-            "image",
-        ))
+        layers.append(
+            (
+                h[k] if h.shape[0] else np.zeros(h.shape[1:], np.float32),
+                {
+                    "name": f"{prefix} L{level} hidden",
+                    "scale": sc,
+                    "translate": tr,
+                    "axis_labels": spatial,
+                    "colormap": "twilight_shifted",
+                    "contrast_limits": _symmetric_limits(h),
+                    "visible": False,  # one click away; shown together they would hide the image
+                    "metadata": {
+                        "octreenca": {
+                            "kind": "hidden",
+                            "level": level,
+                            "channels": int(h.shape[0]),
+                            "channel": k,
+                            "stride": plan.hidden_strides[level],
+                        }
+                    },
+                },
+                "image",
+            )
+        )
     if rec.logits is not None and rec.rgb is not None:
         es = plan.evolution_stride
         start_in = [plan.region[i][0] for i in plan.order]
         sc = tuple(float(s) * es for s in scale)
         tr = tuple(float(t) + a * float(s) for t, a, s in zip(translate, start_in, scale))
         index = rec.level_step_index()
-        meta = {"octreenca": {"kind": "evolution", "step_levels": list(rec.step_levels), "stride": es,
-                               "steps": list(plan.steps), "trained_steps": list(plan.config.steps),
-                               "convergence": {int(k): v for k, v in rec.convergence.items()},
-                               "label_changes": {int(k): v for k, v in rec.label_changes.items()}}}
+        meta = {
+            "octreenca": {
+                "kind": "evolution",
+                "step_levels": list(rec.step_levels),
+                "stride": es,
+                "steps": list(plan.steps),
+                "trained_steps": list(plan.config.steps),
+                "convergence": {int(k): v for k, v in rec.convergence.items()},
+                "label_changes": {int(k): v for k, v in rec.label_changes.items()},
+            }
+        }
         logits = _by_level_and_step(rec.logits, index)  # (levels, steps, classes, *grid)
         lead = ("level", "step")
         if rec.logits.shape[1] == 1:
@@ -578,20 +617,38 @@ def recording_layers(
         else:  # the class axis first, so the RGB layer's level/step axes line up with these
             logits = np.asarray(logits).transpose(2, 0, 1, *range(3, 3 + nd))
             lsc, ltr, labels = (1.0, 1.0, 1.0) + sc, (0.0, 0.0, 0.0) + tr, ("class",) + lead + spatial
-        layers.append((
-            logits,
-            {"name": f"{prefix} logits", "scale": lsc, "translate": ltr, "axis_labels": labels,
-             "colormap": "magma", "contrast_limits": _symmetric_limits(rec.logits), "visible": False,
-             "metadata": meta},
-            "image",
-        ))
-        layers.append((
-            _by_level_and_step(rec.rgb, index),
-            {"name": f"{prefix} hidden RGB", "scale": (1.0, 1.0) + sc, "translate": (0.0, 0.0) + tr,
-             "axis_labels": lead + spatial, "rgb": True, "opacity": 0.8, "contrast_limits": (0, 255),
-             "metadata": meta},
-            "image",
-        ))
+        layers.append(
+            (
+                logits,
+                {
+                    "name": f"{prefix} logits",
+                    "scale": lsc,
+                    "translate": ltr,
+                    "axis_labels": labels,
+                    "colormap": "magma",
+                    "contrast_limits": _symmetric_limits(rec.logits),
+                    "visible": False,
+                    "metadata": meta,
+                },
+                "image",
+            )
+        )
+        layers.append(
+            (
+                _by_level_and_step(rec.rgb, index),
+                {
+                    "name": f"{prefix} hidden RGB",
+                    "scale": (1.0, 1.0) + sc,
+                    "translate": (0.0, 0.0) + tr,
+                    "axis_labels": lead + spatial,
+                    "rgb": True,
+                    "opacity": 0.8,
+                    "contrast_limits": (0, 255),
+                    "metadata": meta,
+                },
+                "image",
+            )
+        )
     return layers
 
 
@@ -644,7 +701,20 @@ def _symmetric_limits(a: np.ndarray) -> tuple[float, float]:
 
 
 __all__ = [
-    "DEFAULT_BUDGET", "RecordPlan", "plan_recording", "NCARecorder", "Recording", "Frame",
-    "recording_layers", "level_geometry", "LevelStepFrames", "LevelReading", "level_reading", "recording_readings",
-    "expected_update", "reading_window", "SETTLED_CHANGE", "NEARLY_SETTLED_CHANGE",
+    "DEFAULT_BUDGET",
+    "RecordPlan",
+    "plan_recording",
+    "NCARecorder",
+    "Recording",
+    "Frame",
+    "recording_layers",
+    "level_geometry",
+    "LevelStepFrames",
+    "LevelReading",
+    "level_reading",
+    "recording_readings",
+    "expected_update",
+    "reading_window",
+    "SETTLED_CHANGE",
+    "NEARLY_SETTLED_CHANGE",
 ]

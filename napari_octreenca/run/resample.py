@@ -30,9 +30,7 @@ def _check(spacing: Sequence[float], ndim: int, what: str) -> tuple[float, ...]:
     return sp
 
 
-def model_grid_shape(
-    shape: Sequence[int], spacing: Sequence[float], model_spacing: Sequence[float]
-) -> tuple[int, ...]:
+def model_grid_shape(shape: Sequence[int], spacing: Sequence[float], model_spacing: Sequence[float]) -> tuple[int, ...]:
     """Spatial shape of an image of ``shape`` at ``spacing`` once resampled to ``model_spacing``."""
     sp = _check(spacing, len(shape), "spacing")
     msp = _check(model_spacing, len(shape), "model spacing")
@@ -81,9 +79,7 @@ def resample_to_model_spacing(
     return _zoom_to(arr, shape, order, spatial, antialias=order > 0)
 
 
-def resample_back(
-    array: Any, shape: Sequence[int], *, channel_axis: int | None = None, order: int = 1
-) -> np.ndarray:
+def resample_back(array: Any, shape: Sequence[int], *, channel_axis: int | None = None, order: int = 1) -> np.ndarray:
     """Resample logits/probabilities (``order=1``) or labels (``order=0``) onto the spatial ``shape``."""
     arr = np.asarray(array)
     spatial = [a for a in range(arr.ndim) if a != (channel_axis % arr.ndim if channel_axis is not None else None)]
@@ -157,8 +153,13 @@ def reorient_ras_to_zyx(volume: Any, affine: Any, channel_axis: int | None = Non
 
 
 def segment_at_model_spacing(
-    model: Any, image: Any, spacing: Sequence[float] | None = None, *, axes: str | None = None,
-    affine: Any = None, **kwargs: Any,
+    model: Any,
+    image: Any,
+    spacing: Sequence[float] | None = None,
+    *,
+    axes: str | None = None,
+    affine: Any = None,
+    **kwargs: Any,
 ) -> Any:
     """:func:`~napari_octreenca.run.inference.segment` for models with a fixed ``config.spacing``.
 
@@ -187,8 +188,14 @@ def segment_at_model_spacing(
         spread = None if res.spread is None else reorient_ras_to_zyx(res.spread, affine, channel_axis=0)
         record = dict(res.record, reoriented="RAS+")
         return Segmentation(
-            labels=labels_from_logits(logits), logits=logits, spread=spread, class_names=res.class_names,
-            axes="ZYX", seeds=res.seeds, seconds=res.seconds, record=record,
+            labels=labels_from_logits(logits),
+            logits=logits,
+            spread=spread,
+            class_names=res.class_names,
+            axes="ZYX",
+            seeds=res.seeds,
+            seconds=res.seconds,
+            record=record,
         )
     if cfg.spacing is None:
         return segment(model, image, axes=axes, **kwargs)
@@ -208,15 +215,26 @@ def segment_at_model_spacing(
     grid = [int(n) for a, n in zip(plan.input_axes, small.shape) if a != "C"]
     record.update({"input_spacing": list(sp), "model_spacing": list(msp), "model_grid": grid})
     return Segmentation(
-        labels=labels_from_logits(logits), logits=logits.astype(np.float32), spread=spread,
-        class_names=res.class_names, axes=res.axes, seeds=res.seeds, seconds=res.seconds, record=record,
+        labels=labels_from_logits(logits),
+        logits=logits.astype(np.float32),
+        spread=spread,
+        class_names=res.class_names,
+        axes=res.axes,
+        seeds=res.seeds,
+        seconds=res.seconds,
+        record=record,
     )
 
 
 __all__ = [
-    "model_grid_shape", "resample_to_model_spacing", "resample_back", "resample_labels_back",
-    "reorient_zyx_to_ras", "reorient_ras_to_zyx",
-    "model_spacing_in_input_order", "segment_at_model_spacing",
+    "model_grid_shape",
+    "resample_to_model_spacing",
+    "resample_back",
+    "resample_labels_back",
+    "reorient_zyx_to_ras",
+    "reorient_ras_to_zyx",
+    "model_spacing_in_input_order",
+    "segment_at_model_spacing",
 ]
 
 
@@ -257,8 +275,15 @@ def _source_window(start: int, stop: int, ratio: float, n_src: int, halo: int) -
 
 
 def resample_box(
-    source: Any, src_shape: Sequence[int], out_shape: Sequence[int], start: Sequence[int], stop: Sequence[int],
-    *, spatial_axes: Sequence[int], order: int = 1, antialias: bool = True,
+    source: Any,
+    src_shape: Sequence[int],
+    out_shape: Sequence[int],
+    start: Sequence[int],
+    stop: Sequence[int],
+    *,
+    spatial_axes: Sequence[int],
+    order: int = 1,
+    antialias: bool = True,
 ) -> np.ndarray:
     """Cells ``[start, stop)`` of :func:`_zoom_to` of ``source`` to ``out_shape``, reading only the
     source window they need (plus the anti-alias filter's reach). Equals the whole-array zoom up
@@ -292,12 +317,20 @@ def resample_box(
         out_shape_full[ax] = size[k]
         matrix[ax] = ratios[k]
         offset[ax] = offsets[k]
-    return ndimage.affine_transform(work, matrix, offset=offset, output_shape=tuple(out_shape_full),
-                                    order=order, mode="nearest", prefilter=order > 1)
+    return ndimage.affine_transform(
+        work,
+        matrix,
+        offset=offset,
+        output_shape=tuple(out_shape_full),
+        order=order,
+        mode="nearest",
+        prefilter=order > 1,
+    )
 
 
-def lazy_resampled(source: Any, axes: str, out_spatial: Sequence[int], chunk: int, *, order: int = 1,
-                   round_uint8: bool = True) -> Any:
+def lazy_resampled(
+    source: Any, axes: str, out_spatial: Sequence[int], chunk: int, *, order: int = 1, round_uint8: bool = True
+) -> Any:
     """A dask array of ``source`` resampled to ``out_spatial`` (input axis order), computed chunk by
     chunk from the source windows it needs: the input never has to fit in memory."""
     import dask.array as da

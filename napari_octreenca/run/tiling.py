@@ -30,9 +30,9 @@ import torch
 from ..backends import Backend, LevelRun, get_backend
 from ..nca.config import ModelConfig, Normalization, check_fire_rate, check_seed, check_steps
 from ..nca.errors import Cancelled, InputError
-from .inference import Segmentation, is_cancelled, combine_runs, labels_from_logits, resolve_dtype
-from .inputs import AxisPlan, NormStats, norm_stats, normalize, plan_axes, to_tensor
 from ..nca.octree import OctreeNCA, downsample, upsample_raw
+from .inference import Segmentation, combine_runs, is_cancelled, labels_from_logits, resolve_dtype
+from .inputs import AxisPlan, NormStats, norm_stats, normalize, plan_axes, to_tensor
 from .outofcore import WorkStore, fingerprint, model_digest, numpy_to_tensor, storage_dtype, tensor_to_numpy
 
 #: Progress callback: receives a dict with stage, level, seed, tile, tiles, step.
@@ -58,28 +58,28 @@ class Box:
     def slices(self) -> tuple[slice, ...]:
         return tuple(slice(a, b) for a, b in zip(self.start, self.stop))
 
-    def expand(self, halo: int, shape: tuple[int, ...]) -> "Box":
+    def expand(self, halo: int, shape: tuple[int, ...]) -> Box:
         """Grow by ``halo`` cells on every side, clipped to ``[0, shape)``."""
         return Box(
             tuple(max(0, a - halo) for a in self.start),
             tuple(min(n, b + halo) for b, n in zip(self.stop, shape)),
         )
 
-    def coarse(self, factor: tuple[int, ...], shape: tuple[int, ...]) -> "Box":
+    def coarse(self, factor: tuple[int, ...], shape: tuple[int, ...]) -> Box:
         """The cells of the coarser level (factor ``factor``, shape ``shape``) that cover this box."""
         return Box(
             tuple(a // f for a, f in zip(self.start, factor)),
             tuple(min(n, -(-b // f)) for b, f, n in zip(self.stop, factor, shape)),
         )
 
-    def fine(self, factor: tuple[int, ...], shape: tuple[int, ...]) -> "Box":
+    def fine(self, factor: tuple[int, ...], shape: tuple[int, ...]) -> Box:
         """The cells of the finer level (shape ``shape``) this box's cells are made of."""
         return Box(
             tuple(a * f for a, f in zip(self.start, factor)),
             tuple(min(n, b * f) for b, f, n in zip(self.stop, factor, shape)),
         )
 
-    def permute(self, order: tuple[int, ...]) -> "Box":
+    def permute(self, order: tuple[int, ...]) -> Box:
         return Box(tuple(self.start[o] for o in order), tuple(self.stop[o] for o in order))
 
 
@@ -109,8 +109,16 @@ class SourceImage:
     on another process (dask workers) instead of being pickled.
     """
 
-    def __init__(self, array: Any, plan: AxisPlan, norm: Normalization, *, path: str | None = None,
-                 level_index: int = 0, stats: NormStats | None | str = "compute"):
+    def __init__(
+        self,
+        array: Any,
+        plan: AxisPlan,
+        norm: Normalization,
+        *,
+        path: str | None = None,
+        level_index: int = 0,
+        stats: NormStats | None | str = "compute",
+    ):
         self._array = array
         self.plan = plan
         self.norm = norm
@@ -196,7 +204,9 @@ def compute_stats(array: Any, plan: AxisPlan, norm: Normalization) -> NormStats 
             scales.append(s if float(s) > 0 else 1.0)
         else:
             step = max(1, int(round((ch.size / (1 << 24)) ** (1 / ch.ndim))))
-            sample = torch.from_numpy(np.asarray(ch[(slice(None, None, step),) * ch.ndim].compute(scheduler="threads")).ravel())
+            sample = torch.from_numpy(
+                np.asarray(ch[(slice(None, None, step),) * ch.ndim].compute(scheduler="threads")).ravel()
+            )
             sample = sample.float()
             lo = torch.quantile(sample, norm.low / 100)
             hi = torch.quantile(sample, norm.high / 100)
@@ -218,8 +228,7 @@ class ArraySink:
         self.root: str | None = None
         self.names: list[str] = []
 
-    def open(self, store: WorkStore, shape: tuple[int, ...], tile: tuple[int, ...], classes: int,
-             runs: int) -> None:
+    def open(self, store: WorkStore, shape: tuple[int, ...], tile: tuple[int, ...], classes: int, runs: int) -> None:
         label_dtype = np.uint8 if classes < 255 else np.uint16
         self.root = None if store.root is None else str(store.root)
         self.arrays["labels"] = store.array("out/labels", shape, tile, label_dtype)
@@ -266,7 +275,13 @@ class Stage:
 
     @property
     def name(self) -> str:
-        return self.kind if self.kind == "output" else f"{self.kind}_s{self.seed}_L{self.level}" if self.seed is not None else f"{self.kind}_L{self.level}"
+        return (
+            self.kind
+            if self.kind == "output"
+            else f"{self.kind}_s{self.seed}_L{self.level}"
+            if self.seed is not None
+            else f"{self.kind}_L{self.level}"
+        )
 
     def marker(self, index: int) -> str:
         return f"{self.name}_{index}"
@@ -275,9 +290,24 @@ class Stage:
 class TiledRun:
     """All that a tile needs; picklable, so dask workers rebuild it (arrays reopen lazily)."""
 
-    def __init__(self, model: OctreeNCA, source: SourceImage, *, seeds: list[int], steps: list[int],
-                 fire_rate: float, dtype: torch.dtype, backend: str, device: str, tile: tuple[int, ...],
-                 store_from: int, store_path: str | None, key: str, sink: Any, restart: bool = False):
+    def __init__(
+        self,
+        model: OctreeNCA,
+        source: SourceImage,
+        *,
+        seeds: list[int],
+        steps: list[int],
+        fire_rate: float,
+        dtype: torch.dtype,
+        backend: str,
+        device: str,
+        tile: tuple[int, ...],
+        store_from: int,
+        store_path: str | None,
+        key: str,
+        sink: Any,
+        restart: bool = False,
+    ):
         self.model = model
         self.cfg: ModelConfig = model.config
         self.source = source
@@ -331,12 +361,15 @@ class TiledRun:
 
     def _image_array(self, level: int) -> Any:
         shape = (self.cfg.input_channels,) + self.shapes[level]
-        return self.store.array(f"image/L{level}", shape, (shape[0],) + self.image_tile(level), storage_dtype(self.dtype))
+        return self.store.array(
+            f"image/L{level}", shape, (shape[0],) + self.image_tile(level), storage_dtype(self.dtype)
+        )
 
     def _state_array(self, level: int, seed: int) -> Any:
         shape = (self.cfg.update_channels,) + self.shapes[level]
-        return self.store.array(f"state/s{seed}/L{level}", shape, (shape[0],) + self.level_tile(level),
-                                storage_dtype(self.dtype))
+        return self.store.array(
+            f"state/s{seed}/L{level}", shape, (shape[0],) + self.level_tile(level), storage_dtype(self.dtype)
+        )
 
     # -- stages --------------------------------------------------------------------------------
     def stages(self) -> list[Stage]:
@@ -446,13 +479,23 @@ def run_local(run: TiledRun, stages: Iterable[Stage], progress: Progress | None,
             done = run.run_tile(stage, i)
             counts["computed" if done else "skipped"] += 1
             if progress is not None:
-                progress({"stage": stage.kind, "level": stage.level, "seed": stage.seed, "step": None,
-                          "tile": i + 1, "tiles": n, "computed": done})
+                progress(
+                    {
+                        "stage": stage.kind,
+                        "level": stage.level,
+                        "seed": stage.seed,
+                        "step": None,
+                        "tile": i + 1,
+                        "tiles": n,
+                        "computed": done,
+                    }
+                )
     return counts
 
 
-def match_pyramid(levels: list[Any], source: SourceImage, cfg: ModelConfig, shapes: list[tuple[int, ...]],
-                  path: str | None) -> dict[int, SourceImage]:
+def match_pyramid(
+    levels: list[Any], source: SourceImage, cfg: ModelConfig, shapes: list[tuple[int, ...]], path: str | None
+) -> dict[int, SourceImage]:
     """Octree level -> the input pyramid level whose spatial shape equals it (level 0 excluded)."""
     off = 1 if source.plan.has_channel else 0
     found: dict[int, SourceImage] = {}
@@ -543,8 +586,15 @@ def segment_tiled(
     return _tiled_result(run, plan, settings, outputs, counts, time.perf_counter() - t0)
 
 
-def _run_tiles(model: OctreeNCA, image: Any, axes: str | None, s: TileSettings, o: TileOutputs,
-               callback: Progress | None, cancel: Any) -> tuple[TiledRun, AxisPlan, dict[str, int]]:
+def _run_tiles(
+    model: OctreeNCA,
+    image: Any,
+    axes: str | None,
+    s: TileSettings,
+    o: TileOutputs,
+    callback: Progress | None,
+    cancel: Any,
+) -> tuple[TiledRun, AxisPlan, dict[str, int]]:
     """Validate, set up the tiled run and its store, and run every stage (locally or on dask)."""
     cfg = model.config
     if s.runs < 1:
@@ -569,18 +619,42 @@ def _run_tiles(model: OctreeNCA, image: Any, axes: str | None, s: TileSettings, 
         raise InputError(f"store_from must be in 1..{cfg.levels}, got {store_from}")
     be = get_backend(s.backend if isinstance(s.backend, str) else s.backend.name, s.device, dt)  # fail early
     seeds = [s.seed + r for r in range(s.runs)]
-    key = fingerprint({
-        "model": model_digest(model), "config": cfg.to_dict(), "shape": shape, "axes": plan.input_axes,
-        "seeds": seeds, "steps": steps, "fire_rate": fire, "dtype": str(dt), "backend": be.name,
-        "tile": tiles, "store_from": store_from, "logits": o.logits,
-        "stats": None if source.stats is None else [[float(v) for v in source.stats.offset],
-                                                     [float(v) for v in source.stats.scale]],
-    })
+    key = fingerprint(
+        {
+            "model": model_digest(model),
+            "config": cfg.to_dict(),
+            "shape": shape,
+            "axes": plan.input_axes,
+            "seeds": seeds,
+            "steps": steps,
+            "fire_rate": fire,
+            "dtype": str(dt),
+            "backend": be.name,
+            "tile": tiles,
+            "store_from": store_from,
+            "logits": o.logits,
+            "stats": None
+            if source.stats is None
+            else [[float(v) for v in source.stats.offset], [float(v) for v in source.stats.scale]],
+        }
+    )
     sink = o.sink if o.sink is not None else ArraySink(logits=o.logits)
-    run = TiledRun(model.cpu() if s.device == "cpu" else model.to(s.device), source, seeds=seeds, steps=steps,
-                   fire_rate=fire, dtype=dt, backend=be.name, device=str(s.device), tile=tiles,
-                   store_from=store_from, store_path=None if o.store is None else str(o.store), key=key, sink=sink,
-                   restart=o.restart)
+    run = TiledRun(
+        model.cpu() if s.device == "cpu" else model.to(s.device),
+        source,
+        seeds=seeds,
+        steps=steps,
+        fire_rate=fire,
+        dtype=dt,
+        backend=be.name,
+        device=str(s.device),
+        tile=tiles,
+        store_from=store_from,
+        store_path=None if o.store is None else str(o.store),
+        key=key,
+        sink=sink,
+        restart=o.restart,
+    )
     if o.pyramid:
         run.pyramid = match_pyramid(o.pyramid, source, cfg, run.shapes, o.source_path)
         run.key = fingerprint({"base": key, "pyramid": sorted(run.pyramid)})
@@ -602,15 +676,26 @@ def _run_tiles(model: OctreeNCA, image: Any, axes: str | None, s: TileSettings, 
     return run, plan, counts
 
 
-def _tiled_result(run: TiledRun, plan: AxisPlan, s: TileSettings, o: TileOutputs, counts: dict[str, int],
-                  seconds: float) -> Segmentation:
+def _tiled_result(
+    run: TiledRun, plan: AxisPlan, s: TileSettings, o: TileOutputs, counts: dict[str, int], seconds: float
+) -> Segmentation:
     """The finished run as a ``Segmentation`` (numpy in memory, zarr arrays with a store)."""
     cfg = run.model.config
     record = {
-        "model": cfg.name, "backend": run.backend_name, "device": str(s.device), "dtype": str(run.dtype).replace("torch.", ""),
-        "seeds": run.seeds, "fire_rate": run.fire_rate, "steps": run.steps, "input_axes": plan.input_axes,
-        "tiled": True, "tile": list(run.tile), "store_from": run.store_from, "tiles_computed": counts["computed"],
-        "tiles_skipped": counts["skipped"], "store": None if o.store is None else str(o.store),
+        "model": cfg.name,
+        "backend": run.backend_name,
+        "device": str(s.device),
+        "dtype": str(run.dtype).replace("torch.", ""),
+        "seeds": run.seeds,
+        "fire_rate": run.fire_rate,
+        "steps": run.steps,
+        "input_axes": plan.input_axes,
+        "tiled": True,
+        "tile": list(run.tile),
+        "store_from": run.store_from,
+        "tiles_computed": counts["computed"],
+        "tiles_skipped": counts["skipped"],
+        "store": None if o.store is None else str(o.store),
         "pyramid_levels": sorted(run.pyramid),
     }
     arrays = getattr(run.sink, "arrays", {})
@@ -620,9 +705,26 @@ def _tiled_result(run: TiledRun, plan: AxisPlan, s: TileSettings, o: TileOutputs
         lg = None if lg is None else lg[...]
         spread = None if spread is None else spread[...]
     return Segmentation(
-        labels=labels, logits=lg, spread=spread, class_names=cfg.class_names, axes=plan.spatial_input_axes,
-        seeds=run.seeds, seconds=seconds, record=record,
+        labels=labels,
+        logits=lg,
+        spread=spread,
+        class_names=cfg.class_names,
+        axes=plan.spatial_input_axes,
+        seeds=run.seeds,
+        seconds=seconds,
+        record=record,
     )
 
 
-__all__ = ["Box", "tile_grid", "segment_tiled", "TileSettings", "TileOutputs", "TiledRun", "Stage", "SourceImage", "ArraySink", "compute_stats"]
+__all__ = [
+    "Box",
+    "tile_grid",
+    "segment_tiled",
+    "TileSettings",
+    "TileOutputs",
+    "TiledRun",
+    "Stage",
+    "SourceImage",
+    "ArraySink",
+    "compute_stats",
+]

@@ -47,8 +47,12 @@ class LayerInput:
         plugin, the file's affine (fixed-spacing 3D models then run in RAS+)."""
         octree = self.metadata.get("octreenca") or {}
         aff = octree.get("affine") if octree.get("kind") == "nifti" and self.level == 0 else None
-        return InputGeometry(tuple(int(n) for n in self.array.shape), self.axes, self.level_scale,
-                             None if aff is None else np.asarray(aff, float))
+        return InputGeometry(
+            tuple(int(n) for n in self.array.shape),
+            self.axes,
+            self.level_scale,
+            None if aff is None else np.asarray(aff, float),
+        )
 
 
 def _channel_index(layer: Any, axes: str | None) -> int | None:
@@ -67,7 +71,7 @@ def layer_input(layer: Any, level: int = 0) -> LayerInput:
     axes = (meta.get("octreenca") or {}).get("axes")
     if axes is None and layer.rgb:
         # napari knows the last axis is colour; say so (a 3D model must not take it for depth).
-        axes = "TZYX"[-(layer.ndim):] + "C" if layer.ndim > 2 else "YXC"
+        axes = "TZYX"[-(layer.ndim) :] + "C" if layer.ndim > 2 else "YXC"
     if layer.multiscale:
         levels = list(layer.data)
         level = max(0, min(level, len(levels) - 1))
@@ -91,7 +95,9 @@ def layer_input(layer: Any, level: int = 0) -> LayerInput:
     idx = keep + [layer.ndim]
     aff = aff[np.ix_(idx, idx)]
     affine = None if np.allclose(aff, np.eye(len(idx))) else aff
-    return LayerInput(layer.name, array, axes, level, [spatial(a.shape) for a in levels], scale, translate, affine, meta)
+    return LayerInput(
+        layer.name, array, axes, level, [spatial(a.shape) for a in levels], scale, translate, affine, meta
+    )
 
 
 def _nearest_index(n_out: int, n_in: int) -> np.ndarray:
@@ -112,8 +118,11 @@ def pyramid_like(array: np.ndarray, shapes: list[tuple[int, ...]], level: int, l
         src: Any = array if k > level else da.from_array(array, chunks=tuple(array.shape[:lead]) + (512,) * len(shp))
         for ax, (n_out, n_in) in enumerate(zip(shp, array.shape[lead:])):
             if n_out != n_in:
-                src = src.take(_nearest_index(n_out, n_in), axis=lead + ax) if k > level else \
-                    src[(slice(None),) * (lead + ax) + (_nearest_index(n_out, n_in),)]
+                src = (
+                    src.take(_nearest_index(n_out, n_in), axis=lead + ax)
+                    if k > level
+                    else src[(slice(None),) * (lead + ax) + (_nearest_index(n_out, n_in),)]
+                )
         out.append(src)
     return out
 
@@ -141,34 +150,63 @@ def output_layers(
     import pandas as pd
 
     features = pd.DataFrame({"index": np.arange(len(class_names)), "class": class_names})
-    meta = {"octreenca": {"record": record, "class_names": list(seg.class_names), "axes": seg.axes,
-                          "source_layer": src.name, "source_metadata": _plain(src.metadata)}}
+    meta = {
+        "octreenca": {
+            "record": record,
+            "class_names": list(seg.class_names),
+            "axes": seg.axes,
+            "source_layer": src.name,
+            "source_metadata": _plain(src.metadata),
+        }
+    }
     labels = np.asarray(seg.labels)
-    layers: list[LayerData] = [(
-        pyramid_like(labels, shapes, src.level) if multi else labels,
-        {"name": f"{src.name} labels", "features": features, "metadata": meta, "multiscale": multi, **geo},
-        "labels",
-    )]
+    layers: list[LayerData] = [
+        (
+            pyramid_like(labels, shapes, src.level) if multi else labels,
+            {"name": f"{src.name} labels", "features": features, "metadata": meta, "multiscale": multi, **geo},
+            "labels",
+        )
+    ]
     logits = np.asarray(seg.logits) if seg.logits is not None else None
     if probability and logits is not None:
         prob = (1.0 / (1.0 + np.exp(-logits))).astype(np.float32)
         for k, name in enumerate(seg.class_names):
-            layers.append((
-                pyramid_like(prob[k], shapes, src.level) if multi else prob[k],
-                {"name": f"{src.name} probability {name}", "colormap": "magma", "contrast_limits": (0.0, 1.0),
-                 "blending": "additive", "visible": False, "metadata": meta, "multiscale": multi, **geo},
-                "image",
-            ))
+            layers.append(
+                (
+                    pyramid_like(prob[k], shapes, src.level) if multi else prob[k],
+                    {
+                        "name": f"{src.name} probability {name}",
+                        "colormap": "magma",
+                        "contrast_limits": (0.0, 1.0),
+                        "blending": "additive",
+                        "visible": False,
+                        "metadata": meta,
+                        "multiscale": multi,
+                        **geo,
+                    },
+                    "image",
+                )
+            )
     if uncertainty and seg.spread is not None:
         spread = np.asarray(seg.spread).astype(np.float32)
         for k, name in enumerate(seg.class_names):
             hi = float(spread[k].max()) or 1.0
-            layers.append((
-                pyramid_like(spread[k], shapes, src.level) if multi else spread[k],
-                {"name": f"{src.name} uncertainty {name}", "colormap": "inferno", "contrast_limits": (0.0, hi),
-                 "blending": "additive", "visible": False, "metadata": meta, "multiscale": multi, **geo},
-                "image",
-            ))
+            layers.append(
+                (
+                    pyramid_like(spread[k], shapes, src.level) if multi else spread[k],
+                    {
+                        "name": f"{src.name} uncertainty {name}",
+                        "colormap": "inferno",
+                        "contrast_limits": (0.0, hi),
+                        "blending": "additive",
+                        "visible": False,
+                        "metadata": meta,
+                        "multiscale": multi,
+                        **geo,
+                    },
+                    "image",
+                )
+            )
     return layers
 
 

@@ -53,7 +53,7 @@ class Job:
 
     def __init__(
         self,
-        fn: Callable[["Job"], Any],
+        fn: Callable[[Job], Any],
         *,
         on_done: Callable[[Any], Any],
         on_finished: Callable[[], Any],
@@ -73,9 +73,10 @@ class Job:
         self.error: BaseException | None = None
         self._on_done, self._on_finished = on_done, on_finished
         self._on_cancelled, self._on_error = on_cancelled, on_error
+
         # superqt's worker (napari's own re-raises or reports every error, a cancel included):
         # here errors are handled once, below, and a cancel is not an error.
-        def run(job: "Job") -> Any:
+        def run(job: Job) -> Any:
             result = fn(job)
             job.returned_at = time.monotonic()
             return result

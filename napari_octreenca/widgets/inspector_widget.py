@@ -20,12 +20,19 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from magicgui.widgets import CheckBox, ComboBox, LineEdit, ProgressBar, PushButton, SpinBox
 
-from ..run.inputs import plan_axes
 from ..run.execute import execute
+from ..run.inputs import plan_axes
 from ..run.planner import Grid, RunOptions, RunPlan, plan_run
 from ..run.recorder import (
-    Frame, LevelReading, NCARecorder, RecordPlan, expected_update, level_reading, plan_recording,
-    reading_window, recording_layers,
+    Frame,
+    LevelReading,
+    NCARecorder,
+    RecordPlan,
+    expected_update,
+    level_reading,
+    plan_recording,
+    reading_window,
+    recording_layers,
 )
 from ._devices import list_devices
 from ._layers import layer_input, output_layers
@@ -59,8 +66,18 @@ def visible_region(layer: Any) -> list[tuple[int, int]] | None:
 
 
 #: Level colours (matplotlib's default cycle, so figures made from a recording match).
-_COLOURS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
-            "#bcbd22", "#17becf")
+_COLOURS = (
+    "#1f77b4",
+    "#ff7f0e",
+    "#2ca02c",
+    "#d62728",
+    "#9467bd",
+    "#8c564b",
+    "#e377c2",
+    "#7f7f7f",
+    "#bcbd22",
+    "#17becf",
+)
 
 
 class ConvergencePlot:
@@ -164,8 +181,10 @@ def _plot_canvas_class() -> Any:
             self.plot = plot
             self.setMinimumHeight(130)
             self.setSizePolicy(QSizePolicy.Policy.Expanding, QSizePolicy.Policy.Fixed)
-            self.setToolTip("solid: expected update per step (log, left); dotted: cells whose label changed "
-                            "(right); dashed: the steps the model was trained with")
+            self.setToolTip(
+                "solid: expected update per step (log, left); dotted: cells whose label changed "
+                "(right); dashed: the steps the model was trained with"
+            )
 
         def sizeHint(self) -> Any:
             from qtpy.QtCore import QSize
@@ -201,8 +220,11 @@ def _plot_canvas_class() -> Any:
                 colour = QColor(_COLOURS[level % len(_COLOURS)])
                 n = p.steps[level]
                 painter.setPen(QPen(colour, 1))
-                painter.drawText(QRectF(px(x0 + 0.5), 0, max(1.0, px(x0 + n + 0.5) - px(x0 + 0.5)), 13),
-                                 int(Qt.AlignmentFlag.AlignCenter), f"L{level}")
+                painter.drawText(
+                    QRectF(px(x0 + 0.5), 0, max(1.0, px(x0 + n + 0.5) - px(x0 + 0.5)), 13),
+                    int(Qt.AlignmentFlag.AlignCenter),
+                    f"L{level}",
+                )
                 if x0 > 0:
                     painter.setPen(QPen(QColor(150, 150, 150), 1))
                     painter.drawLine(QPointF(px(x0 + 0.5), box.top()), QPointF(px(x0 + 0.5), box.bottom()))
@@ -228,8 +250,11 @@ def _plot_canvas_class() -> Any:
             painter.drawText(QRectF(0, box.bottom() - 6, 43, 12), int(left), f"{lo:.0e}")
             painter.drawText(QRectF(box.right() + 3, box.top() - 6, 40, 12), int(right), f"{p.change_top:.1%}")
             painter.drawText(QRectF(box.right() + 3, box.bottom() - 6, 40, 12), int(right), "0%")
-            painter.drawText(QRectF(box.left(), box.bottom() + 2, box.width(), 14), int(Qt.AlignmentFlag.AlignCenter),
-                             f"step 1-{total}, coarsest level first")
+            painter.drawText(
+                QRectF(box.left(), box.bottom() + 2, box.width(), 14),
+                int(Qt.AlignmentFlag.AlignCenter),
+                f"step 1-{total}, coarsest level first",
+            )
             painter.end()
 
     return PlotCanvas
@@ -242,38 +267,73 @@ def _PlotCanvas(plot: ConvergencePlot) -> Any:
 class InspectorWidget(DockContainer):
     """Record and show an OctreeNCA's hidden channels, evolution and convergence (dock widget)."""
 
-    def __init__(self, napari_viewer: "napari.viewer.Viewer") -> None:
+    def __init__(self, napari_viewer: napari.viewer.Viewer) -> None:
         super().__init__()
         self.viewer = napari_viewer
         self.image = ComboBox(label="image", choices=lambda _w: image_layer_choices(self.viewer))
         self.model = ComboBox(label="model", choices=lambda _w: CATALOG.names())
         self.device = ComboBox(label="device", choices=[(d.label, d.id) for d in list_devices()])
         self.seed = SpinBox(label="seed", min=0, max=2**31 - 1, value=0)
-        self.level = SpinBox(label="pyramid level", min=0, max=0, value=0,
-                             tooltip="multiscale inputs: the resolution level to run on (0 = finest)")
-        self.steps = LineEdit(label="steps per level", value="",
-                              tooltip="finest level first; raise them to try more test-time steps")
-        self.budget = SpinBox(label="memory budget (MB)", min=16, max=65536,
-                              value=int(plugin_setting("record_budget_mb", 256)))
-        self.visible_only = CheckBox(text="visible region only", value=False,
-                                     tooltip="record the evolution of the part on screen, at full resolution")
+        self.level = SpinBox(
+            label="pyramid level",
+            min=0,
+            max=0,
+            value=0,
+            tooltip="multiscale inputs: the resolution level to run on (0 = finest)",
+        )
+        self.steps = LineEdit(
+            label="steps per level", value="", tooltip="finest level first; raise them to try more test-time steps"
+        )
+        self.budget = SpinBox(
+            label="memory budget (MB)", min=16, max=65536, value=int(plugin_setting("record_budget_mb", 256))
+        )
+        self.visible_only = CheckBox(
+            text="visible region only",
+            value=False,
+            tooltip="record the evolution of the part on screen, at full resolution",
+        )
         self.live = CheckBox(text="live view", value=True, tooltip="update layers and plot while the NCA runs")
-        self.interval = SpinBox(label="live interval (ms)", min=20, max=10000,
-                                value=int(plugin_setting("live_interval_ms", 250)))
-        self.keep = CheckBox(text="keep previous results", value=False,
-                             tooltip="off: a new recording's layers replace the previous one's")
-        self.channel = SpinBox(label="hidden channel", min=0, max=0, value=0, enabled=False,
-                               tooltip="which hidden channel the 'L<n> hidden' layers show")
+        self.interval = SpinBox(
+            label="live interval (ms)", min=20, max=10000, value=int(plugin_setting("live_interval_ms", 250))
+        )
+        self.keep = CheckBox(
+            text="keep previous results",
+            value=False,
+            tooltip="off: a new recording's layers replace the previous one's",
+        )
+        self.channel = SpinBox(
+            label="hidden channel",
+            min=0,
+            max=0,
+            value=0,
+            enabled=False,
+            tooltip="which hidden channel the 'L<n> hidden' layers show",
+        )
         self.memory = ElidedLabel(label="recording", value="")
         self.run_button = PushButton(text="Run and record")
         self.cancel_button = PushButton(text="Cancel", enabled=False)
         self.bar = ProgressBar(label="steps", min=0, max=1, value=0)
         self.status = ElidedLabel(label="status", value="ready")
         self.plot = ConvergencePlot()
-        self.show_advanced, self.advanced = advanced_group([
-            self.seed, self.level, self.steps, self.budget, self.visible_only, self.interval, self.keep])
-        self.extend([self.image, self.model, self.device, self.live, self.memory, self.show_advanced,
-                     self.advanced, self.run_button, self.cancel_button, self.bar, self.status, self.channel])
+        self.show_advanced, self.advanced = advanced_group(
+            [self.seed, self.level, self.steps, self.budget, self.visible_only, self.interval, self.keep]
+        )
+        self.extend(
+            [
+                self.image,
+                self.model,
+                self.device,
+                self.live,
+                self.memory,
+                self.show_advanced,
+                self.advanced,
+                self.run_button,
+                self.cancel_button,
+                self.bar,
+                self.status,
+                self.channel,
+            ]
+        )
         self.body.layout().addWidget(self.plot.canvas)
         self.job: Job | None = None
         self.recording = None
@@ -340,8 +400,13 @@ class InspectorWidget(DockContainer):
 
     def _run_plan(self, cfg: Any, src: Any, steps: list[int] | None) -> RunPlan:
         """The run Segment would make for this input (same planner), whole image, these steps."""
-        options = RunOptions(device=self.device.value, seed=self.seed.value, tiling="whole", retry_tiled=False,
-                             steps=None if steps is None else tuple(steps))
+        options = RunOptions(
+            device=self.device.value,
+            seed=self.seed.value,
+            tiling="whole",
+            retry_tiled=False,
+            steps=None if steps is None else tuple(steps),
+        )
         return plan_run(cfg, src.geometry(), options)
 
     def parse_steps(self, levels: int) -> list[int] | None:
@@ -351,8 +416,9 @@ class InspectorWidget(DockContainer):
             return None
         steps = [int(s) for s in text.replace(";", ",").split(",") if s.strip()]
         if len(steps) != levels or any(s < 0 for s in steps):
-            raise ValueError(f"give {levels} non-negative step counts, finest level first (e.g. "
-                             f"{', '.join(['10'] * levels)})")
+            raise ValueError(
+                f"give {levels} non-negative step counts, finest level first (e.g. {', '.join(['10'] * levels)})"
+            )
         return steps
 
     def make_plan(self) -> tuple[RecordPlan, Any]:
@@ -368,8 +434,14 @@ class InspectorWidget(DockContainer):
                 region = [(0, 0)] * len(order)
                 for k, o in enumerate(order):
                     region[o] = (int(vis[k][0] * r[k]), max(int(vis[k][0] * r[k]) + 1, int(round(vis[k][1] * r[k]))))
-        plan = plan_recording(cfg, shape_net, steps=self.parse_steps(cfg.levels), order=order,
-                              budget=self.budget.value * 1024**2, region=region)
+        plan = plan_recording(
+            cfg,
+            shape_net,
+            steps=self.parse_steps(cfg.levels),
+            order=order,
+            budget=self.budget.value * 1024**2,
+            region=region,
+        )
         return plan, ap
 
     def _update_memory(self, *_: Any) -> None:
@@ -419,12 +491,20 @@ class InspectorWidget(DockContainer):
             recording, seg = result
             self._remove_live()
             self.segmentation = seg
-            labels = [(d, {**kw, "name": " labels"}, kind) for d, kw, kind in
-                      output_layers(seg, src, record={"engine": dict(seg.record)})]
+            labels = [
+                (d, {**kw, "name": " labels"}, kind)
+                for d, kw, kind in output_layers(seg, src, record={"engine": dict(seg.record)})
+            ]
             self._show_recording(recording, scale, translate, base, len(src.scale), grid, labels)
 
-        self.job = Job(work, on_done=done, on_finished=self._finished, on_cancelled=self._remove_live,
-                       on_error=lambda exc: self._remove_live(), what="NCA recording")
+        self.job = Job(
+            work,
+            on_done=done,
+            on_finished=self._finished,
+            on_cancelled=self._remove_live,
+            on_error=lambda exc: self._remove_live(),
+            what="NCA recording",
+        )
         self.job.relay.frame.connect(lambda f: self._on_frame(f, plan, scale, translate, base, live))
         self.run_button.enabled = False
         self.cancel_button.enabled = True
@@ -434,16 +514,29 @@ class InspectorWidget(DockContainer):
             # The live layers exist before the run starts: adding a layer is napari's slowest
             # step (0.3-0.8 s on the dev machine) and must not freeze the GUI mid-run.
             eshape = plan.evolution_shape
-            self._show_live(np.zeros(eshape + (3,), np.uint8),
-                            np.zeros((plan.config.output_channels,) + eshape, np.float32),
-                            plan, scale, translate, base)
+            self._show_live(
+                np.zeros(eshape + (3,), np.uint8),
+                np.zeros((plan.config.output_channels,) + eshape, np.float32),
+                plan,
+                scale,
+                translate,
+                base,
+            )
         self._frame_shown, self._frame_gap = -math.inf, 0.0
         self.plot.setup(plan.steps, plan.config.steps, plan.config.fire_rate)
         self.job.start()
         return self.job
 
-    def _show_recording(self, recording: Any, scale: tuple[float, ...], translate: tuple[float, ...], base: str,
-                        n_spatial: int, grid: Grid, extra: list[Any]) -> None:
+    def _show_recording(
+        self,
+        recording: Any,
+        scale: tuple[float, ...],
+        translate: tuple[float, ...],
+        base: str,
+        n_spatial: int,
+        grid: Grid,
+        extra: list[Any],
+    ) -> None:
         """Add the recording's layers (replacing the previous recording's unless kept), put the
         sliders on the result (finest level, last step) and read the convergence."""
         plan = recording.plan
@@ -455,8 +548,10 @@ class InspectorWidget(DockContainer):
         k = min(self.channel.value, self.channel.max)
         at = remove_layers(self.viewer, [] if self.keep.value else self.result_layers)
         # Recorded on the planner's grid (RAS+ for a NIfTI volume): shown in the file's axis order.
-        probe = [(*_to_file_order(grid, d, kw), kind) for d, kw, kind in
-                 recording_layers(recording, scale=scale, translate=translate, prefix="", channel=k)] + extra
+        probe = [
+            (*_to_file_order(grid, d, kw), kind)
+            for d, kw, kind in recording_layers(recording, scale=scale, translate=translate, prefix="", channel=k)
+        ] + extra
         prefix = free_prefix(self.viewer, base, [kw["name"] for _, kw, _ in probe])
         layers = [(d, {**kw, "name": prefix + kw["name"]}, t) for d, kw, t in probe]
         self.result_layers = add_layers(self.viewer, layers, at=at)
@@ -468,9 +563,16 @@ class InspectorWidget(DockContainer):
                 self.viewer.dims.set_point(level_axis + 1, max(0, plan.steps[0] - 1))
         self.plot.show_all(recording.convergence, recording.label_changes)
         cfg = plan.config
-        self.readings = [level_reading(lv, recording.convergence.get(lv, []), recording.label_changes.get(lv, []),
-                                       cfg.steps[lv] if lv < len(cfg.steps) else 0, cfg.fire_rate)
-                         for lv in range(cfg.levels - 1, -1, -1)]
+        self.readings = [
+            level_reading(
+                lv,
+                recording.convergence.get(lv, []),
+                recording.label_changes.get(lv, []),
+                cfg.steps[lv] if lv < len(cfg.steps) else 0,
+                cfg.fire_rate,
+            )
+            for lv in range(cfg.levels - 1, -1, -1)
+        ]
         self.status.value = "; ".join(r.text for r in self.readings)
 
     def _show_channel(self, *_: Any) -> None:
@@ -488,8 +590,15 @@ class InspectorWidget(DockContainer):
             self.job.request_cancel()
             self.status.value = "cancelling"
 
-    def _on_frame(self, frame: Frame, plan: RecordPlan, cell_scale: tuple[float, ...],
-                  cell_translate: tuple[float, ...], prefix: str, live: bool) -> None:
+    def _on_frame(
+        self,
+        frame: Frame,
+        plan: RecordPlan,
+        cell_scale: tuple[float, ...],
+        cell_translate: tuple[float, ...],
+        prefix: str,
+        live: bool,
+    ) -> None:
         self.plot.append(frame.convergence, frame.label_changes)  # data only: cheap
         # Every widget repaint makes Qt recompose the window around the (software) OpenGL
         # canvas: show a frame only when the GUI work of the last one (its repaints included)
@@ -501,8 +610,9 @@ class InspectorWidget(DockContainer):
         self._frame_shown = now
         started = time.perf_counter()
         self.bar.value = frame.done
-        self.status.value = (f"level {frame.level} step {frame.step + 1} of {plan.steps[frame.level]} "
-                             f"({frame.done}/{frame.total})")
+        self.status.value = (
+            f"level {frame.level} step {frame.step + 1} of {plan.steps[frame.level]} ({frame.done}/{frame.total})"
+        )
         from qtpy.QtCore import QTimer
 
         QTimer.singleShot(0, lambda: self._frame_cost(started, live))
@@ -511,8 +621,15 @@ class InspectorWidget(DockContainer):
         self.plot.refresh()
         self._show_live(frame.rgb, frame.logits, plan, cell_scale, cell_translate, prefix)
 
-    def _show_live(self, rgb: np.ndarray, logits: np.ndarray, plan: RecordPlan, cell_scale: tuple[float, ...],
-                   cell_translate: tuple[float, ...], prefix: str) -> None:
+    def _show_live(
+        self,
+        rgb: np.ndarray,
+        logits: np.ndarray,
+        plan: RecordPlan,
+        cell_scale: tuple[float, ...],
+        cell_translate: tuple[float, ...],
+        prefix: str,
+    ) -> None:
         """Put a frame (network axis order) into the live layers, adding them the first time."""
         order = plan.order
         rgb = rgb.transpose(*order, len(order))
@@ -527,14 +644,17 @@ class InspectorWidget(DockContainer):
             scale, translate = kw_rgb["scale"], kw_rgb["translate"]
         for key, data, kw in (
             ("rgb", rgb, {"rgb": True, "opacity": 0.8}),
-            ("logits", logits[0] if logits.shape[0] == 1 else logits,
-             {"colormap": "magma", "visible": False}),
+            ("logits", logits[0] if logits.shape[0] == 1 else logits, {"colormap": "magma", "visible": False}),
         ):
             layer = self.live_layers.get(key)
             if layer is None or layer not in self.viewer.layers:
                 self.live_layers[key] = self.viewer.add_image(
-                    data, name=f"{prefix} live {key}", scale=((1.0,) if data.ndim > len(scale) + (key == 'rgb') else ())
-                    + scale, translate=((0.0,) if data.ndim > len(scale) + (key == 'rgb') else ()) + translate, **kw)
+                    data,
+                    name=f"{prefix} live {key}",
+                    scale=((1.0,) if data.ndim > len(scale) + (key == "rgb") else ()) + scale,
+                    translate=((0.0,) if data.ndim > len(scale) + (key == "rgb") else ()) + translate,
+                    **kw,
+                )
             elif layer.visible:  # an invisible layer gets the newest data when the run ends
                 layer.data = data
 

@@ -9,14 +9,14 @@ leaves nothing half-made. A GPU out-of-memory error retries the run tiled and sa
 from __future__ import annotations
 
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from magicgui.widgets import CheckBox, ComboBox, FileEdit, ProgressBar, PushButton, SpinBox
 
+from ..run.execute import execute
 from ..run.inference import StepInfo
 from ..run.planner import RunOptions, plan_run
-from ..run.execute import execute
 from ._devices import list_devices
 from ._layers import layer_input, output_layers
 from ._models import CATALOG, follow_catalog
@@ -38,26 +38,37 @@ class SegmentWidget(DockContainer):
     A new run's layers replace the previous run's unless "keep previous results" is ticked.
     """
 
-    def __init__(self, napari_viewer: "napari.viewer.Viewer") -> None:
+    def __init__(self, napari_viewer: napari.viewer.Viewer) -> None:
         super().__init__()
         self.viewer = napari_viewer
         self.image = ComboBox(label="image", choices=lambda _w: image_layer_choices(self.viewer))
         self.model = ComboBox(label="model", choices=lambda _w: CATALOG.names())
         self.model_file = FileEdit(label="model file", mode="r", filter="*.safetensors")
         self.device = ComboBox(label="device", choices=[(d.label, d.id) for d in list_devices()])
-        self.precision = ComboBox(label="precision", choices=["float32", "bfloat16"],
-                                  value=plugin_setting("precision", "float32"))
+        self.precision = ComboBox(
+            label="precision", choices=["float32", "bfloat16"], value=plugin_setting("precision", "float32")
+        )
         self.seed = SpinBox(label="seed", min=0, max=2**31 - 1, value=int(plugin_setting("seed", 0)))
         self.runs = SpinBox(label="ensemble runs", min=1, max=64, value=int(plugin_setting("runs", 1)))
-        self.level = SpinBox(label="pyramid level", min=0, max=0, value=0,
-                             tooltip="multiscale inputs: which resolution level to segment (0 = finest)")
+        self.level = SpinBox(
+            label="pyramid level",
+            min=0,
+            max=0,
+            value=0,
+            tooltip="multiscale inputs: which resolution level to segment (0 = finest)",
+        )
         self.tiling = ComboBox(label="tiling", choices=["auto", "whole", "tiled"], value="auto")
         self.plan = ElidedLabel(label="memory", value="")
         self.probability = CheckBox(text="probability layer", value=bool(plugin_setting("probability", False)))
-        self.uncertainty = CheckBox(text="uncertainty layer", value=False, enabled=False,
-                                    tooltip="the spread of the ensemble runs (needs 2 or more runs)")
-        self.keep = CheckBox(text="keep previous results", value=False,
-                             tooltip="off: a new run's layers replace the previous run's")
+        self.uncertainty = CheckBox(
+            text="uncertainty layer",
+            value=False,
+            enabled=False,
+            tooltip="the spread of the ensemble runs (needs 2 or more runs)",
+        )
+        self.keep = CheckBox(
+            text="keep previous results", value=False, tooltip="off: a new run's layers replace the previous run's"
+        )
         self.run_button = PushButton(text="Segment")
         self.cancel_button = PushButton(text="Cancel", enabled=False)
         self.bar_level = ProgressBar(label="level", min=0, max=1, value=0)
@@ -65,16 +76,40 @@ class SegmentWidget(DockContainer):
         self.bar_tile = ProgressBar(label="tile", min=0, max=1, value=0, visible=False)
         self.status = ElidedLabel(label="status", value="ready")
         self.quality = ElidedLabel(label="quality", value="")
-        self.quality.tooltip = ("how far to trust the result: the spread between the ensemble runs (needs 2 or "
-                                "more runs), calibrated per model")
-        self.show_advanced, self.advanced = advanced_group([
-            self.model_file, self.precision, self.seed, self.runs, self.uncertainty, self.probability,
-            self.level, self.tiling, self.keep,
-        ])
-        self.extend([
-            self.image, self.model, self.device, self.plan, self.show_advanced, self.advanced, self.run_button,
-            self.cancel_button, self.bar_level, self.bar_step, self.bar_tile, self.status, self.quality,
-        ])
+        self.quality.tooltip = (
+            "how far to trust the result: the spread between the ensemble runs (needs 2 or "
+            "more runs), calibrated per model"
+        )
+        self.show_advanced, self.advanced = advanced_group(
+            [
+                self.model_file,
+                self.precision,
+                self.seed,
+                self.runs,
+                self.uncertainty,
+                self.probability,
+                self.level,
+                self.tiling,
+                self.keep,
+            ]
+        )
+        self.extend(
+            [
+                self.image,
+                self.model,
+                self.device,
+                self.plan,
+                self.show_advanced,
+                self.advanced,
+                self.run_button,
+                self.cancel_button,
+                self.bar_level,
+                self.bar_step,
+                self.bar_tile,
+                self.status,
+                self.quality,
+            ]
+        )
         self.result_layers: list[Any] = []
         self.job: Job | None = None
         self.last_error: BaseException | None = None
@@ -144,8 +179,9 @@ class SegmentWidget(DockContainer):
                 self.level.max = len(layer.data) - 1
             src = layer_input(layer, self.level.value)
             cfg = _config_of(self.model.value)
-            options = RunOptions(device=self.device.value, dtype=self.precision.value, runs=self.runs.value,
-                                 tiling=self.tiling.value)
+            options = RunOptions(
+                device=self.device.value, dtype=self.precision.value, runs=self.runs.value, tiling=self.tiling.value
+            )
             self.plan.value = plan_run(cfg, src.geometry(), options).text
         except Exception as exc:  # the estimate is advisory; show why it failed
             self.plan.value = f"no estimate: {exc}"
@@ -155,10 +191,15 @@ class SegmentWidget(DockContainer):
         """The current choices (what the run record stores)."""
         layer = self.image.value
         return {
-            "image": getattr(layer, "name", None), "model": self.model.value,
+            "image": getattr(layer, "name", None),
+            "model": self.model.value,
             "model_file": str(CATALOG.path(self.model.value)) if self.model.value else None,
-            "device": self.device.value, "precision": self.precision.value, "seed": self.seed.value,
-            "runs": self.runs.value, "pyramid_level": self.level.value, "tiling": self.tiling.value,
+            "device": self.device.value,
+            "precision": self.precision.value,
+            "seed": self.seed.value,
+            "runs": self.runs.value,
+            "pyramid_level": self.level.value,
+            "tiling": self.tiling.value,
         }
 
     def start(self, *_: Any) -> Job | None:
@@ -185,19 +226,27 @@ class SegmentWidget(DockContainer):
         def done(result: tuple[Any, dict[str, Any]]) -> None:
             seg, record = result
             at = remove_layers(self.viewer, [] if self.keep.value else self.result_layers)
-            layers = output_layers(seg, src, record=record, probability=want_prob,
-                                   uncertainty=want_unc and seg.spread is not None)
+            layers = output_layers(
+                seg, src, record=record, probability=want_prob, uncertainty=want_unc and seg.spread is not None
+            )
             # Kept runs' layers keep their names; this run's say which run it is (not napari's [1]).
             ends = [kw["name"].removeprefix(src.name) for _, kw, _ in layers]
             prefix = free_prefix(self.viewer, src.name, ends)
             layers = [(d, {**kw, "name": prefix + end}, k) for (d, kw, k), end in zip(layers, ends)]
             self.result_layers = add_layers(self.viewer, layers, at=at)
             self.status.value = f"done in {record['timings']['seconds']:.1f} s" + (
-                " (tiled)" if record.get("tiled") else "")
+                " (tiled)" if record.get("tiled") else ""
+            )
             self.quality.value = seg.verdict
 
-        self.job = Job(work, on_done=done, on_finished=self._finished, on_cancelled=self._cancelled,
-                       on_error=self._errored, what="segmentation")
+        self.job = Job(
+            work,
+            on_done=done,
+            on_finished=self._finished,
+            on_cancelled=self._cancelled,
+            on_error=self._errored,
+            what="segmentation",
+        )
         self.job.relay.progress.connect(self._progress)
         self.job.relay.notice.connect(self.notices.append)  # also shown as a napari warning
         self.run_button.enabled = False
@@ -225,7 +274,9 @@ class SegmentWidget(DockContainer):
         self.bar_step.max = max(1, p["level_steps"])
         self.bar_step.value = p["step"] + 1
         run = f"run {p['run'] + 1}/{p['runs']}, " if p["runs"] > 1 else ""
-        self.status.value = f"{run}level {p['level']} step {p['step'] + 1}/{p['level_steps']} ({p['done']}/{p['total']})"
+        self.status.value = (
+            f"{run}level {p['level']} step {p['step'] + 1}/{p['level_steps']} ({p['done']}/{p['total']})"
+        )
 
     def _cancelled(self) -> None:
         self.status.value = "cancelled"
@@ -242,7 +293,7 @@ class SegmentWidget(DockContainer):
 def _run(job: Job, src: Any, settings: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
     """The worker-thread part: load the model, plan the run (the CLI's planner), segment."""
     t0 = time.perf_counter()
-    started = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    started = datetime.now(UTC).isoformat(timespec="seconds")
     device = settings["device"]
     model = CATALOG.load(settings["model"], device)
     throttle = Throttle(0.1)
@@ -250,29 +301,56 @@ def _run(job: Job, src: Any, settings: dict[str, Any]) -> tuple[Any, dict[str, A
 
     def on_step(info: StepInfo) -> None:
         if throttle(force=info.step == info.level_steps - 1):
-            job.relay.progress.emit({"run": info.run, "runs": info.runs, "level": info.level, "levels": levels,
-                                     "step": info.step, "level_steps": info.level_steps, "done": info.done,
-                                     "total": info.total})
+            job.relay.progress.emit(
+                {
+                    "run": info.run,
+                    "runs": info.runs,
+                    "level": info.level,
+                    "levels": levels,
+                    "step": info.step,
+                    "level_steps": info.level_steps,
+                    "done": info.done,
+                    "total": info.total,
+                }
+            )
 
     def on_tile(p: dict[str, Any]) -> None:
         job.relay.progress.emit(dict(p))
 
-    options = RunOptions(device=device, dtype=settings["precision"], seed=settings["seed"], runs=settings["runs"],
-                         tiling=settings["tiling"])
+    options = RunOptions(
+        device=device,
+        dtype=settings["precision"],
+        seed=settings["seed"],
+        runs=settings["runs"],
+        tiling=settings["tiling"],
+    )
     plan = plan_run(model.config, src.geometry(), options)
     load_s = time.perf_counter() - t0
-    seg = execute(model, plan, src.array, callback=on_step, tile_callback=on_tile, cancel=job.cancel,
-                  notice=job.relay.notice.emit)
+    seg = execute(
+        model, plan, src.array, callback=on_step, tile_callback=on_tile, cancel=job.cancel, notice=job.relay.notice.emit
+    )
     seconds = time.perf_counter() - t0
     retried = bool(seg.record.get("retried_tiled_after_oom", False))
     record = {
-        "model": settings["model"], "model_file": settings["model_file"], "model_config": model.config.name,
-        "settings": settings, "seed": settings["seed"], "seeds": list(seg.seeds), "engine": dict(seg.record),
-        "tiled": bool(seg.record.get("tiled", False)), "retried_tiled_after_oom": retried,
-        "quality": seg.quality, "verdict": seg.verdict,
-        "plan": plan.text, "class_names": list(seg.class_names),
-        "timings": {"started": started, "load_s": round(load_s, 3), "segment_s": round(seg.seconds, 3),
-                    "seconds": round(seconds, 3)},
+        "model": settings["model"],
+        "model_file": settings["model_file"],
+        "model_config": model.config.name,
+        "settings": settings,
+        "seed": settings["seed"],
+        "seeds": list(seg.seeds),
+        "engine": dict(seg.record),
+        "tiled": bool(seg.record.get("tiled", False)),
+        "retried_tiled_after_oom": retried,
+        "quality": seg.quality,
+        "verdict": seg.verdict,
+        "plan": plan.text,
+        "class_names": list(seg.class_names),
+        "timings": {
+            "started": started,
+            "load_s": round(load_s, 3),
+            "segment_s": round(seg.seconds, 3),
+            "seconds": round(seconds, 3),
+        },
     }
     return seg, record
 

@@ -70,8 +70,9 @@ def remove_layers(viewer: Any, layers: Iterable[Any]) -> int:
     return index
 
 
-def add_layers(viewer: Any, layer_data: Sequence[LayerData], replace: Iterable[Any] = (),
-               at: int | None = None) -> list[Any]:
+def add_layers(
+    viewer: Any, layer_data: Sequence[LayerData], replace: Iterable[Any] = (), at: int | None = None
+) -> list[Any]:
     """Add layer-data tuples with napari's public API (``Layer.create`` + ``viewer.add_layer``);
     the ``replace`` layers are removed first and the new ones take their place in the list (or
     go to position ``at``)."""
@@ -92,5 +93,12 @@ def add_layers(viewer: Any, layer_data: Sequence[LayerData], replace: Iterable[A
     return created
 
 
-__all__ = ["image_layer_choices", "labels_layer_choices", "config_of", "level_scale", "free_prefix",
-           "remove_layers", "add_layers"]
+__all__ = [
+    "image_layer_choices",
+    "labels_layer_choices",
+    "config_of",
+    "level_scale",
+    "free_prefix",
+    "remove_layers",
+    "add_layers",
+]

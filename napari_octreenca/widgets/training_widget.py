@@ -61,12 +61,14 @@ def start_config(start: str, axes: str, classes: int, class_names: list[str] | N
     """The model config for a preset start (channels and classes from the data), or the model name."""
     if not start.startswith(PRESET_PREFIX):
         return start
-    name = start[len(PRESET_PREFIX):]
+    name = start[len(PRESET_PREFIX) :]
     cfg = PRESETS[name]
     spatial = axes.replace("C", "")
     if len(spatial) != cfg.spatial_dims:
-        raise ValueError(f"preset {name!r} is {cfg.spatial_dims}D but the image axes are {axes!r}; choose "
-                         f"{'pathology (2D)' if len(spatial) == 2 else 'radiology (3D) or surgery (video)'}")
+        raise ValueError(
+            f"preset {name!r} is {cfg.spatial_dims}D but the image axes are {axes!r}; choose "
+            f"{'pathology (2D)' if len(spatial) == 2 else 'radiology (3D) or surgery (video)'}"
+        )
     channels = 3 if "C" in axes else 1
     names = tuple(class_names) if class_names and len(class_names) == classes else None
     changes: dict[str, Any] = {"input_channels": channels, "output_channels": classes}
@@ -91,7 +93,7 @@ class TrainingWidget(DockContainer):
     pairs, device, batch, crops, learning rate and the preview are folded under "advanced".
     """
 
-    def __init__(self, napari_viewer: "napari.viewer.Viewer") -> None:
+    def __init__(self, napari_viewer: napari.viewer.Viewer) -> None:
         super().__init__()
         self.viewer = napari_viewer
         self.image = ComboBox(label="image", choices=lambda _w: image_layer_choices(self.viewer))
@@ -106,21 +108,48 @@ class TrainingWidget(DockContainer):
         self.crop = SpinBox(label="crop (Y, X)", min=8, max=4096, value=96)
         self.depth = SpinBox(label="crop (Z or T)", min=1, max=512, value=16)
         self.lr = FloatSpinBox(label="learning rate", min=1e-5, max=1.0, step=1e-4, value=1.6e-3)
-        self.preview_slice = SpinBox(label="preview slice", min=0, max=0, value=0,
-                                     tooltip="3D/video: index on the first axis; 2D: unused")
+        self.preview_slice = SpinBox(
+            label="preview slice", min=0, max=0, value=0, tooltip="3D/video: index on the first axis; 2D: unused"
+        )
         self.preview_every = SpinBox(label="preview every", min=1, max=10000, value=25)
-        self.output = FileEdit(label="save as", mode="w", filter="*.safetensors",
-                               value=str(next_free_path(DEFAULT_OUTPUT)))
+        self.output = FileEdit(
+            label="save as", mode="w", filter="*.safetensors", value=str(next_free_path(DEFAULT_OUTPUT))
+        )
         self.run_button = PushButton(text="Train")
         self.pause_button = PushButton(text="Pause", enabled=False)
         self.cancel_button = PushButton(text="Cancel", enabled=False)
         self.bar = ProgressBar(label="iterations", min=0, max=1, value=0)
         self.status = ElidedLabel(label="status", value="ready")
-        self.show_advanced, self.advanced = advanced_group([
-            self.add_pair, self.clear_pairs, self.pairs_label, self.device, self.batch, self.crop, self.depth,
-            self.lr, self.preview_slice, self.preview_every])
-        self.extend([self.image, self.labels, self.start_from, self.iterations, self.output, self.show_advanced,
-                     self.advanced, self.run_button, self.pause_button, self.cancel_button, self.bar, self.status])
+        self.show_advanced, self.advanced = advanced_group(
+            [
+                self.add_pair,
+                self.clear_pairs,
+                self.pairs_label,
+                self.device,
+                self.batch,
+                self.crop,
+                self.depth,
+                self.lr,
+                self.preview_slice,
+                self.preview_every,
+            ]
+        )
+        self.extend(
+            [
+                self.image,
+                self.labels,
+                self.start_from,
+                self.iterations,
+                self.output,
+                self.show_advanced,
+                self.advanced,
+                self.run_button,
+                self.pause_button,
+                self.cancel_button,
+                self.bar,
+                self.status,
+            ]
+        )
         from matplotlib.backends.backend_qtagg import FigureCanvasQTAgg
         from matplotlib.figure import Figure
 
@@ -194,8 +223,9 @@ class TrainingWidget(DockContainer):
         self._show_pairs()
 
     def _show_pairs(self) -> None:
-        self.pairs_label.value = ("; ".join(f"{i.name} + {lb.name}" for i, lb in self.pairs)
-                                  or "none (the image/labels above are used)")
+        self.pairs_label.value = (
+            "; ".join(f"{i.name} + {lb.name}" for i, lb in self.pairs) or "none (the image/labels above are used)"
+        )
 
     def training_pairs(self) -> list[tuple[Any, Any]]:
         """The pairs to train on: the added ones, else the current image + labels choice."""
@@ -248,8 +278,11 @@ class TrainingWidget(DockContainer):
         preview_data, preview_axes = tpairs[0].image, tpairs[0].axes
         centre = labelled_centre(tpairs[0].labels)
         preview_index = self.preview_slice.value
-        if centre is not None and tpairs[0].labels.ndim == 3 and not tpairs[0].labels[
-                min(preview_index, tpairs[0].labels.shape[0] - 1)].any():
+        if (
+            centre is not None
+            and tpairs[0].labels.ndim == 3
+            and not tpairs[0].labels[min(preview_index, tpairs[0].labels.shape[0] - 1)].any()
+        ):
             preview_index = centre[0]  # the chosen slice holds no labels: preview where they are
             self.preview_slice.value = preview_index
         self.history = []
@@ -269,11 +302,18 @@ class TrainingWidget(DockContainer):
                 if p.model is not None and (p.iteration % every == 0 or p.iteration == p.iterations):
                     preview = _preview(p.model, preview_data, preview_axes, preview_index, crop_edge, centre)
                 if preview is not None or throttle(force=p.iteration == p.iterations):
-                    job.relay.progress.emit({"iteration": p.iteration, "iterations": p.iterations, "loss": p.loss,
-                                             "dice": p.dice, "seconds": p.seconds, "preview": preview})
+                    job.relay.progress.emit(
+                        {
+                            "iteration": p.iteration,
+                            "iterations": p.iterations,
+                            "loss": p.loss,
+                            "dice": p.dice,
+                            "seconds": p.seconds,
+                            "preview": preview,
+                        }
+                    )
 
-            result = train(model, tpairs, cfg, callback=on_progress, cancel=job.cancel, pause=job.pause,
-                           device=device)
+            result = train(model, tpairs, cfg, callback=on_progress, cancel=job.cancel, pause=job.pause, device=device)
             save_model(result.model, out)  # atomic: a cancelled/failed run leaves no half file
             return out, result
 
@@ -284,8 +324,10 @@ class TrainingWidget(DockContainer):
             if Path(str(self.output.value)) == self.saved:  # the next training must not overwrite it
                 self.output.value = str(next_free_path(self.saved))
             last = result.history[-1] if result.history else {}
-            self.status.value = (f"saved {path.name} as model {name!r} (loss {last.get('loss', float('nan')):.3f}, "
-                                 f"{result.seconds:.0f} s)")
+            self.status.value = (
+                f"saved {path.name} as model {name!r} (loss {last.get('loss', float('nan')):.3f}, "
+                f"{result.seconds:.0f} s)"
+            )
 
         self.job = Job(work, on_done=done, on_finished=self._finished, what="training")
         self.job.relay.progress.connect(lambda p: self._progress(p, preview_src))
@@ -318,7 +360,9 @@ class TrainingWidget(DockContainer):
         self.history.append({k: p[k] for k in ("iteration", "loss", "dice")})
         self.bar.value = p["iteration"]
         if not (self.job is not None and self.job.pause.is_set()):
-            self.status.value = f"iteration {p['iteration']}/{p['iterations']}: loss {p['loss']:.4f}, dice {p['dice']:.3f}"
+            self.status.value = (
+                f"iteration {p['iteration']}/{p['iterations']}: loss {p['loss']:.4f}, dice {p['dice']:.3f}"
+            )
         ax = self.loss_axes
         ax.clear()
         its = [h["iteration"] for h in self.history]
@@ -339,8 +383,9 @@ class TrainingWidget(DockContainer):
         src = layer_input(source, 0)
         translate = tuple(t + o * s for t, o, s in zip(src.translate, offset, src.scale))
         if self.preview_layer is None or self.preview_layer not in self.viewer.layers:
-            self.preview_layer = self.viewer.add_labels(labels, name="training preview", scale=src.scale,
-                                                        translate=translate, opacity=0.6)
+            self.preview_layer = self.viewer.add_labels(
+                labels, name="training preview", scale=src.scale, translate=translate, opacity=0.6
+            )
         else:
             self.preview_layer.data = labels
             self.preview_layer.translate = translate
@@ -374,14 +419,15 @@ def labelled_centre(labels: np.ndarray) -> tuple[int, ...] | None:
     return tuple(int(c) for c in best)
 
 
-def _preview(model: Any, image: np.ndarray, axes: str | None, index: int, edge: int,
-             centre: tuple[int, ...] | None = None) -> tuple[np.ndarray, tuple[int, ...]] | None:
+def _preview(
+    model: Any, image: np.ndarray, axes: str | None, index: int, edge: int, centre: tuple[int, ...] | None = None
+) -> tuple[np.ndarray, tuple[int, ...]] | None:
     """Labels of the current model on a window of the first pair: for 2D a crop around
     ``centre`` (a labelled cell; the image centre without one), for 3D and video a slab around
     slice ``index`` (kept small so previews stay quick)."""
     from ..run.inference import segment
 
-    axes = axes or ("YXC" if image.ndim == 3 and image.shape[-1] == 3 else "ZYX"[-image.ndim:])
+    axes = axes or ("YXC" if image.ndim == 3 and image.shape[-1] == 3 else "ZYX"[-image.ndim :])
     spatial = [i for i, a in enumerate(axes) if a != "C"]
     slc: list[slice] = [slice(None)] * image.ndim
     offset = []
@@ -404,10 +450,17 @@ def _preview(model: Any, image: np.ndarray, axes: str | None, index: int, edge: 
     labels = np.asarray(seg.labels)
     if len(spatial) == 3:
         k = min(max(0, index - offset[0]), labels.shape[0] - 1)
-        labels = labels[k:k + 1]
+        labels = labels[k : k + 1]
         offset[0] += k
     return labels, tuple(offset)
 
 
-__all__ = ["TrainingWidget", "start_config", "crop_for", "layer_axes", "labelled_centre", "next_free_path",
-           "DEFAULT_OUTPUT"]
+__all__ = [
+    "TrainingWidget",
+    "start_config",
+    "crop_for",
+    "layer_axes",
+    "labelled_centre",
+    "next_free_path",
+    "DEFAULT_OUTPUT",
+]

@@ -17,9 +17,9 @@ import torch
 from napari_octreenca.backends.base import LevelRun
 from napari_octreenca.backends.torch_backend import TorchBackend
 from napari_octreenca.nca.config import preset
-from napari_octreenca.run.inference import run_octree
-from napari_octreenca.nca.weights import BackboneNCA
 from napari_octreenca.nca.octree import OctreeNCA
+from napari_octreenca.nca.weights import BackboneNCA
+from napari_octreenca.run.inference import run_octree
 
 pytestmark = pytest.mark.gpu
 
@@ -55,8 +55,20 @@ def random_level(c: int, cin: int, h: int, dims: int, seed: int) -> BackboneNCA:
     return nca.cuda()
 
 
-SHAPES = [(1, 1), (2, 2), (1, 9), (7, 3), (33, 65), (130, 257),
-          (1, 1, 1), (2, 2, 2), (1, 5, 3), (3, 1, 7), (9, 17, 33), (31, 12, 5)]
+SHAPES = [
+    (1, 1),
+    (2, 2),
+    (1, 9),
+    (7, 3),
+    (33, 65),
+    (130, 257),
+    (1, 1, 1),
+    (2, 2, 2),
+    (1, 5, 3),
+    (3, 1, 7),
+    (9, 17, 33),
+    (31, 12, 5),
+]
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
@@ -133,9 +145,7 @@ def test_64bit_indexing(cuda_backend) -> None:
     window = (slice(ny - 40, ny), slice(nx - 50, nx))
     img_w, st_w = image[(...,) + window].float(), state[(...,) + window].float()
     out = CudaBackendNoPoison().run_level(nca, image, state, run)
-    ref = TorchBackend().run_level(
-        nca, img_w, st_w, LevelRun(0, 1, 1, 0.5, origin=(ny - 40, nx - 50))
-    )
+    ref = TorchBackend().run_level(nca, img_w, st_w, LevelRun(0, 1, 1, 0.5, origin=(ny - 40, nx - 50)))
     got = out[(...,) + window].float()
     # The window's low borders are not the image's: compare from one cell inside them.
     diff = (got - ref)[..., 1:, 1:].abs() / ref[..., 1:, 1:].abs().clamp_min(1.0)
@@ -230,8 +240,19 @@ def cuda_v2(cuda_backend):
     return CudaBackend(poison=True, kernel="v2")
 
 
-V2_SHAPES = [(1, 1), (2, 2), (7, 3), (9, 33), (33, 65), (130, 257),
-             (1, 1, 1), (2, 5, 3), (5, 5, 9), (9, 17, 33), (31, 12, 5)]
+V2_SHAPES = [
+    (1, 1),
+    (2, 2),
+    (7, 3),
+    (9, 33),
+    (33, 65),
+    (130, 257),
+    (1, 1, 1),
+    (2, 5, 3),
+    (5, 5, 9),
+    (9, 17, 33),
+    (31, 12, 5),
+]
 
 
 @pytest.mark.parametrize("shape", V2_SHAPES, ids=lambda s: "x".join(map(str, s)))

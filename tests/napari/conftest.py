@@ -38,7 +38,9 @@ def model_file_slow(tmp_path: Path) -> Path:
 @pytest.fixture
 def model_file_3d(tmp_path: Path) -> Path:
     """A small 3D one-channel (radiology preset) model file."""
-    m = _nonzero(OctreeNCA(preset("radiology", steps=(2, 2, 3), factors=((2, 2, 2), (2, 2, 1))).replace(name="tiny3d")), 3)
+    m = _nonzero(
+        OctreeNCA(preset("radiology", steps=(2, 2, 3), factors=((2, 2, 2), (2, 2, 1))).replace(name="tiny3d")), 3
+    )
     return save_model(m, tmp_path / "tiny3d.safetensors")
 
 

@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 import torch
 
-from napari_octreenca import preset
 from napari_octreenca.widgets._devices import list_devices
 
 
@@ -26,8 +25,9 @@ def test_layer_geometry_and_outputs():
 
     viewer = napari.components.ViewerModel()
     img = np.zeros((40, 60, 3), np.uint8)
-    layer = viewer.add_image([img, img[::2, ::2]], rgb=True, multiscale=True, scale=(0.5, 0.25),
-                             translate=(3.0, 4.0), name="s")
+    layer = viewer.add_image(
+        [img, img[::2, ::2]], rgb=True, multiscale=True, scale=(0.5, 0.25), translate=(3.0, 4.0), name="s"
+    )
     src = layer_input(layer, 1)
     assert src.axes == "YXC" and src.spatial_shape == (20, 30) and src.level_shapes == [(40, 60), (20, 30)]
     labels = np.zeros((20, 30), np.uint8)
@@ -82,4 +82,3 @@ def test_epidermis_mask_lies_between_the_annotations():
     # Every column has epidermis, above the dermal-epidermal junction path.
     assert mask.any(axis=0).mean() > 0.98
     assert mask[:100].sum() == 0 and mask[700:].sum() == 0  # not in the air nor the deep dermis
-

@@ -34,7 +34,7 @@ def test_three_docks_fit_a_laptop_screen(make_napari_viewer, qtbot, rgb_image):
     QApplication.processEvents()
     qtbot.wait(200)
     assert window.height() <= 768 and window.width() <= 1366, (window.width(), window.height())
-    for w, dock in zip(widgets, docks):
+    for w in widgets:
         assert isinstance(w.native, QScrollArea)  # napari docks the scroll area
         assert not w.advanced.visible and not w.show_advanced.value  # advanced settings folded away
         # Small enough that the three share the screen's height...

@@ -170,9 +170,11 @@ def test_recording_layers_in_a_viewer_model(model2d, image2d):
     assert hidden0._slice.image.view.shape == image2d.shape[:2]
     # Coarsest level covers the same world extent as the image.
     l3 = viewer.layers["NCA L3 hidden"]
-    np.testing.assert_allclose(l3.extent.world[1] - l3.extent.world[0],
-                               viewer.layers["img"].extent.world[1] - viewer.layers["img"].extent.world[0],
-                               atol=8 * 0.5)
+    np.testing.assert_allclose(
+        l3.extent.world[1] - l3.extent.world[0],
+        viewer.layers["img"].extent.world[1] - viewer.layers["img"].extent.world[0],
+        atol=8 * 0.5,
+    )
 
 
 def test_label_changes_are_recorded_per_step(model2d, image2d):
@@ -181,7 +183,6 @@ def test_label_changes_are_recorded_per_step(model2d, image2d):
     assert {lv: len(v) for lv, v in rec.label_changes.items()} == {3: 4, 2: 3, 1: 3, 0: 3}
     assert all(0.0 <= v <= 1.0 for vals in rec.label_changes.values() for v in vals if math.isfinite(v))
     # The first step of the first level compares with "no labels yet" (zero logits).
-    first = rec.logits[0, 0][:: plan.convergence_strides[3] * 8, :: plan.convergence_strides[3] * 8]
     assert math.isfinite(rec.label_changes[3][0])
 
 

@@ -53,8 +53,9 @@ def test_multiscale_labels_save_and_reopen(viewer, tmp_path: Path, suffix: str, 
 
     fine = skin_labels
     assert fine.any()
-    layer = viewer.add_labels([fine, fine[::2, ::2], fine[::4, ::4]], name="seg", scale=(0.5, 0.25),
-                              translate=(10.0, -4.0))
+    layer = viewer.add_labels(
+        [fine, fine[::2, ::2], fine[::4, ::4]], name="seg", scale=(0.5, 0.25), translate=(10.0, -4.0)
+    )
     layer.metadata = {"octreenca": {"class_names": ["epidermis"]}}
     assert layer.multiscale
     out = tmp_path / f"seg{suffix}"

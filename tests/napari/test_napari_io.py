@@ -22,7 +22,6 @@ def _discovered():
     npe2.PluginManager.instance().discover()
 
 
-
 def test_manifest_validates_with_imports():
     """What ``npe2 validate --imports napari-octreenca`` checks: every command imports."""
     from npe2 import PluginManifest
@@ -35,7 +34,10 @@ def test_manifest_validates_with_imports():
     assert {w.display_name for w in pm.contributions.widgets} == {"Segment", "NCA inspector", "Train"}
     assert {s.key for s in pm.contributions.sample_data} == {"brain_mri", "he_skin", "whole_slide", "video"}
     assert [m.command for m in pm.contributions.menus["napari/layers/segment"]] == [
-        "napari-octreenca.segment_widget", "napari-octreenca.inspector_widget", "napari-octreenca.training_widget"]
+        "napari-octreenca.segment_widget",
+        "napari-octreenca.inspector_widget",
+        "napari-octreenca.training_widget",
+    ]
     top = PACKAGE_DIR.parent / "napari.yaml"
     if top.exists():  # a checkout: the top-level manifest is the same file
         assert top.resolve() == (PACKAGE_DIR / "napari.yaml").resolve()
@@ -51,7 +53,7 @@ def test_get_reader_claims_only_its_formats(tmp_path: Path):
 
 
 def test_nifti_drag_and_drop(itk_brain):
-    (data, kwargs, kind), = npe2.read([str(itk_brain[0])], stack=False, plugin_name=PLUGIN)
+    ((data, kwargs, kind),) = npe2.read([str(itk_brain[0])], stack=False, plugin_name=PLUGIN)
     assert kind == "image" and data.shape == (62, 128, 128)  # file (i, j, k) -> (Z, Y, X)
     assert tuple(kwargs["scale"]) == (3.0, 2.0, 2.0)
     meta = kwargs["metadata"]["octreenca"]
@@ -113,7 +115,7 @@ def test_write_nifti_keeps_the_source_affine(tmp_path: Path, itk_brain):
     import nibabel as nib
 
     src = nib.load(str(itk_brain[0]))
-    (image, _, _), = npe2.read([str(itk_brain[0])], stack=False, plugin_name=PLUGIN)
+    ((image, _, _),) = npe2.read([str(itk_brain[0])], stack=False, plugin_name=PLUGIN)
     labels = (np.asarray(image) > 60).astype(np.uint8)  # (Z, Y, X) like the layer
     out = tmp_path / "seg.nii.gz"
     written = npe2.write(str(out), [_labels_layer(labels, str(itk_brain[0]))], plugin_name=PLUGIN)
@@ -122,7 +124,7 @@ def test_write_nifti_keeps_the_source_affine(tmp_path: Path, itk_brain):
     np.testing.assert_allclose(got.affine, src.affine)
     assert got.shape == src.shape
     # Read back through the plugin: the same (Z, Y, X) labels.
-    (back, _, _), = npe2.read([str(out)], stack=False, plugin_name=PLUGIN)
+    ((back, _, _),) = npe2.read([str(out)], stack=False, plugin_name=PLUGIN)
     np.testing.assert_array_equal(np.asarray(back), labels)
 
 

@@ -40,7 +40,8 @@ def test_whole_slide_is_a_lazy_pyramid(viewer):
     assert layer.multiscale and len(layer.data) >= 3
     shapes = [lv.shape for lv in layer.data]
     assert shapes[0] == (2967, 2220, 3) and all(
-        a[0] // 2 == b[0] for a, b in zip(shapes, shapes[1:]))  # each level half the one before
+        a[0] // 2 == b[0] for a, b in zip(shapes, shapes[1:])
+    )  # each level half the one before
     assert not isinstance(layer.data[0], np.ndarray)  # tiles read on demand, not the slide in memory
     assert tuple(layer.scale) == pytest.approx((0.499, 0.499))
     assert [str(u) for u in layer.units] == ["micrometer", "micrometer"]

@@ -17,8 +17,7 @@ def test_widget_shows_the_verdict(viewer, qtbot, catalog, model_file_2d):
     from napari_octreenca.widgets.segment_widget import SegmentWidget
 
     name = catalog.add(model_file_2d)
-    img = viewer.add_image(np.random.default_rng(0).integers(0, 256, (64, 80, 3), dtype=np.uint8), rgb=True,
-                           name="img")
+    img = viewer.add_image(np.random.default_rng(0).integers(0, 256, (64, 80, 3), dtype=np.uint8), rgb=True, name="img")
     w = SegmentWidget(viewer)
     viewer.window.add_dock_widget(w)
     w.image.value = img

@@ -31,8 +31,9 @@ def test_open_sample_and_segment(viewer, qtbot, catalog, model_file_2d):
     skin = viewer.layers["H&E skin"]
     assert skin.metadata["octreenca"]["model"] == "he_epidermis"
     # Keep the run short on a 2-core CI machine: segment a real crop of the sample.
-    crop = viewer.add_image(np.asarray(skin.data)[200:328, 300:460], rgb=True, name="crop",
-                            scale=(0.5, 0.5), translate=(10.0, 20.0))
+    crop = viewer.add_image(
+        np.asarray(skin.data)[200:328, 300:460], rgb=True, name="crop", scale=(0.5, 0.5), translate=(10.0, 20.0)
+    )
     w = SegmentWidget(viewer)
     viewer.window.add_dock_widget(w)
     w.image.value = crop
@@ -194,18 +195,19 @@ def test_brain_sample_with_a_fixed_spacing_3d_model(viewer, qtbot, catalog, tmp_
     """Open the brain MRI sample and segment it with a 3D model trained at 6 mm: the volume is
     reoriented to RAS+ and resampled (NIfTI affine from the reader), labels come back on the
     input grid."""
-    from napari_octreenca.data_sources import brain_paths
     from napari_octreenca import OctreeNCA, load_model, preset, save_model
-    from napari_octreenca.run.resample import segment_at_model_spacing
+    from napari_octreenca.data_sources import brain_paths
     from napari_octreenca.io.readers import read_image
+    from napari_octreenca.run.resample import segment_at_model_spacing
     from napari_octreenca.widgets.segment_widget import SegmentWidget
 
     try:
         t1, _ = brain_paths("small")
     except FileNotFoundError as exc:
         pytest.skip(str(exc))
-    m = _random_fc1(OctreeNCA(preset("radiology", steps=(2, 2, 3), factors=((2, 2, 2), (2, 2, 2)),
-                                     spacing=(6.0, 6.0, 6.0))), 7)
+    m = _random_fc1(
+        OctreeNCA(preset("radiology", steps=(2, 2, 3), factors=((2, 2, 2), (2, 2, 2)), spacing=(6.0, 6.0, 6.0))), 7
+    )
     name = catalog.add(save_model(m, tmp_path / "brain6mm.safetensors"))
     viewer.open_sample("napari-octreenca", "brain_mri")
     mri = viewer.layers["brain MRI (T1)"]
@@ -219,8 +221,9 @@ def test_brain_sample_with_a_fixed_spacing_3d_model(viewer, qtbot, catalog, tmp_
     labels = viewer.layers["brain MRI (T1) labels"]
     assert labels.data.shape == mri.data.shape == (62, 128, 128)
     img = read_image(t1)
-    ref = segment_at_model_spacing(load_model(tmp_path / "brain6mm.safetensors"), np.asarray(img.data),
-                                   axes="ZYX", affine=img.affine)
+    ref = segment_at_model_spacing(
+        load_model(tmp_path / "brain6mm.safetensors"), np.asarray(img.data), axes="ZYX", affine=img.affine
+    )
     np.testing.assert_array_equal(labels.data, ref.labels)
     assert labels.metadata["octreenca"]["record"]["engine"]["reoriented"] == "RAS+"
 
@@ -229,8 +232,7 @@ def test_video_sample_segments_every_frame(viewer, qtbot, catalog, tmp_path: Pat
     from napari_octreenca import OctreeNCA, preset, save_model
     from napari_octreenca.widgets.segment_widget import SegmentWidget
 
-    m = _random_fc1(OctreeNCA(preset("surgery", steps=(2, 2, 2), factors=((2, 2, 2), (2, 2, 2)),
-                                     output_channels=2)), 9)
+    m = _random_fc1(OctreeNCA(preset("surgery", steps=(2, 2, 2), factors=((2, 2, 2), (2, 2, 2)), output_channels=2)), 9)
     name = catalog.add(save_model(m, tmp_path / "video.safetensors"))
     viewer.open_sample("napari-octreenca", "video")
     clip = viewer.layers["video"]
@@ -246,9 +248,12 @@ def test_video_sample_segments_every_frame(viewer, qtbot, catalog, tmp_path: Pat
     assert labels.metadata["octreenca"]["record"]["engine"]["input_axes"] == "TYXC"
 
 
-@pytest.mark.parametrize("sample, image_name, reference, min_dice", [
-    ("brain_mri", "brain MRI (T1)", "brain mask (reference)", 0.75),
-])
+@pytest.mark.parametrize(
+    "sample, image_name, reference, min_dice",
+    [
+        ("brain_mri", "brain MRI (T1)", "brain mask (reference)", 0.75),
+    ],
+)
 def test_open_sample_then_segment_with_its_bundled_model(viewer, qtbot, sample, image_name, reference, min_dice):
     """File > Open Sample -> Segment with the model the sample names: offline, and it works."""
     from napari_octreenca.sample_data import SAMPLE_MODELS

@@ -20,8 +20,8 @@ from napari_helpers import wait as _wait  # noqa: E402
 
 
 def test_training_widget_trains_saves_and_lists_model(viewer, qtbot, catalog, tmp_path: Path):
-    from napari_octreenca.data_sources import skin_sample
     from napari_octreenca import load_model
+    from napari_octreenca.data_sources import skin_sample
     from napari_octreenca.widgets.segment_widget import SegmentWidget
     from napari_octreenca.widgets.training_widget import PRESET_PREFIX, TrainingWidget
 
@@ -88,8 +88,8 @@ def test_training_pause_resume_and_cancel(viewer, qtbot, catalog, tmp_path: Path
 
 def test_training_3d_from_a_loaded_model(viewer, qtbot, catalog, tmp_path: Path, model_file_3d):
     """Fine-tune a loaded 3D model on a (Z, Y, X) volume; the preview sits on the chosen slice."""
-    from napari_octreenca.data_sources import synthetic_video
     from napari_octreenca import load_model
+    from napari_octreenca.data_sources import synthetic_video
     from napari_octreenca.widgets.training_widget import TrainingWidget
 
     video, labels = synthetic_video(frames=12, size=(32, 40))
@@ -148,7 +148,7 @@ def test_preview_sits_on_the_labels(viewer, qtbot, catalog, tmp_path: Path):
     preview = viewer.layers["training preview"]
     y0, x0 = (int(t) for t in preview.translate)
     h, wd = preview.data.shape
-    assert mask[y0:y0 + h, x0:x0 + wd].mean() > 0.1  # the window holds epidermis
+    assert mask[y0 : y0 + h, x0 : x0 + wd].mean() > 0.1  # the window holds epidermis
     c = labelled_centre(mask)
     assert mask[c] == 1 and y0 <= c[0] < y0 + h and x0 <= c[1] < x0 + wd
 

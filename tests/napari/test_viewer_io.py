@@ -16,9 +16,6 @@ pytest.importorskip("pytestqt")
 pytestmark = pytest.mark.napari
 
 
-
-
-
 def test_save_labels_from_the_viewer(viewer, tmp_path: Path, itk_brain):
     """Open the brain sample, save its mask as NIfTI through the plugin's writer: affine kept."""
     import nibabel as nib
@@ -43,8 +40,11 @@ def test_menu_has_the_widgets(viewer):
     app = get_app_model()
     items = app.menus.get_menu("napari/layers/segment")
     ids = {getattr(getattr(i, "command", None), "id", "") for i in items}
-    assert {"napari-octreenca.segment_widget", "napari-octreenca.inspector_widget",
-            "napari-octreenca.training_widget"} <= ids
+    assert {
+        "napari-octreenca.segment_widget",
+        "napari-octreenca.inspector_widget",
+        "napari-octreenca.training_widget",
+    } <= ids
 
 
 def test_defaults_come_from_napari_plugin_settings(plugin_settings, npe2pm):
@@ -83,5 +83,5 @@ def test_drag_and_drop_needs_no_reader_choice_after_first_use(viewer, itk_brain)
     SegmentWidget(viewer)
     assert settings.extension2reader["*.nii.gz"] == "napari-octreenca"
     assert settings.extension2reader["*.tif"] == "napari"  # never overridden
-    layer, = viewer.open(str(itk_brain[0]), plugin=None)
+    (layer,) = viewer.open(str(itk_brain[0]), plugin=None)
     assert layer.metadata["octreenca"]["axes"] == "ZYX"  # read by this plugin, no question asked

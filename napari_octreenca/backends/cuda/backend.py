@@ -122,7 +122,12 @@ def check_launch(nca: BackboneNCA, image: torch.Tensor, state: torch.Tensor, out
 
 
 def launch_args(
-    image: torch.Tensor, state: torch.Tensor, out: torch.Tensor, sizes: tuple[int, ...], key: int, thresh: int,
+    image: torch.Tensor,
+    state: torch.Tensor,
+    out: torch.Tensor,
+    sizes: tuple[int, ...],
+    key: int,
+    thresh: int,
     weights: ctypes.Array | ctypes.c_void_p,
 ) -> tuple[int, list]:
     """cuLaunchKernel's ``kernelParams`` for one step: (address of the void* array, objects to keep alive).
@@ -182,7 +187,9 @@ def _load_module(device: torch.device, channels: int, inputs: int, hidden: int, 
         cubin, path = nvrtc_compile.cached_cubin(arch, defines, variant)
         _ok(driver.cuInit(0), "cuInit")
         torch.cuda.init()  # torch creates the primary context it runs in; the kernels join it
-        context = _ok(driver.cuDevicePrimaryCtxRetain(_ok(driver.cuDeviceGet(index), "cuDeviceGet")), "cuDevicePrimaryCtxRetain")
+        context = _ok(
+            driver.cuDevicePrimaryCtxRetain(_ok(driver.cuDeviceGet(index), "cuDeviceGet")), "cuDevicePrimaryCtxRetain"
+        )
         with torch.cuda.device(index), _current(context):
             module = _ok(driver.cuModuleLoadData(cubin), f"cuModuleLoadData({path.name})")
             functions = {
@@ -249,7 +256,9 @@ class CudaBackend(Backend):
         callback: StepCallback | None = None,
     ) -> torch.Tensor:
         if not self.supports(state.device, state.dtype):
-            raise InputError(f"the cuda backend runs float32/bfloat16 CUDA tensors, got {state.dtype} on {state.device}")
+            raise InputError(
+                f"the cuda backend runs float32/bfloat16 CUDA tensors, got {state.dtype} on {state.device}"
+            )
         ok, why = check_fusable(nca)
         if ok:
             ok, why = params_fit(nca)
@@ -313,7 +322,6 @@ class CudaBackend(Backend):
                     callback(step, state)
         return state
 
-
     def _run_v2(self, mod: _Module, nca, image, state, run: LevelRun, callback) -> torch.Tensor:
         """Kernel v2: bfloat16 state, a per-run weight buffer on the device (never shared)."""
         import numpy as np
@@ -345,9 +353,13 @@ class CudaBackend(Backend):
                 if self.poison:
                     out.fill_(float("nan"))
                 check_launch(nca, image, state, out)
-                params, keep = launch_args(image, state, out, (batch, nz, ny, nx, oz, oy, ox), key, thresh,
-                                           ctypes.c_void_p(words.data_ptr()))
-                _ok(driver.cuLaunchKernel(func, grid, 1, 1, V2_THREADS, 1, 1, 0, cu_stream, params, 0), "cuLaunchKernel(v2)")
+                params, keep = launch_args(
+                    image, state, out, (batch, nz, ny, nx, oz, oy, ox), key, thresh, ctypes.c_void_p(words.data_ptr())
+                )
+                _ok(
+                    driver.cuLaunchKernel(func, grid, 1, 1, V2_THREADS, 1, 1, 0, cu_stream, params, 0),
+                    "cuLaunchKernel(v2)",
+                )
                 del keep
                 state, out = out, state
                 if callback is not None:

@@ -95,7 +95,10 @@ def layout_of(nca: BackboneNCA) -> V2Layout:
 
 def bf16_bits(a: np.ndarray) -> np.ndarray:
     """float32 -> bfloat16 bit patterns (uint32), rounded to nearest even like the kernels."""
-    return torch.from_numpy(np.ascontiguousarray(a, np.float32)).bfloat16().view(torch.int16).numpy().astype(np.uint32) & 0xFFFF
+    return (
+        torch.from_numpy(np.ascontiguousarray(a, np.float32)).bfloat16().view(torch.int16).numpy().astype(np.uint32)
+        & 0xFFFF
+    )
 
 
 def b_fragments(matrix: np.ndarray, ks: int, nt: int) -> np.ndarray:
@@ -125,18 +128,20 @@ def pack_v2(nca: BackboneNCA) -> np.ndarray:
         return t.detach().to("cpu", torch.float32).numpy()
 
     words = np.zeros(lay.words, np.uint32)
-    words[lay.w0:lay.w1] = b_fragments(f32(nca.fc0.weight).reshape(h, 2 * c), lay.ks0, lay.nt0).reshape(-1)
-    words[lay.w1:lay.b0] = b_fragments(f32(nca.fc1.weight).reshape(c - lay.inputs, h), lay.ks1, lay.nt1).reshape(-1)
+    words[lay.w0 : lay.w1] = b_fragments(f32(nca.fc0.weight).reshape(h, 2 * c), lay.ks0, lay.nt0).reshape(-1)
+    words[lay.w1 : lay.b0] = b_fragments(f32(nca.fc1.weight).reshape(c - lay.inputs, h), lay.ks1, lay.nt1).reshape(-1)
     bias = np.zeros(lay.cw - lay.b0, np.float32)
     bias[:h] = f32(nca.fc0.bias).reshape(h)
-    words[lay.b0:lay.cw] = bias.view(np.uint32)
-    words[lay.cw:lay.cb] = np.ascontiguousarray(f32(nca.conv.weight).reshape(c * lay.taps)).view(np.uint32)
-    words[lay.cb:] = np.ascontiguousarray(f32(nca.conv.bias).reshape(c)).view(np.uint32)
+    words[lay.b0 : lay.cw] = bias.view(np.uint32)
+    words[lay.cw : lay.cb] = np.ascontiguousarray(f32(nca.conv.weight).reshape(c * lay.taps)).view(np.uint32)
+    words[lay.cb :] = np.ascontiguousarray(f32(nca.conv.bias).reshape(c)).view(np.uint32)
     return words
 
 
 @torch.no_grad()
-def reference_step_v2(nca: BackboneNCA, image: torch.Tensor, state: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+def reference_step_v2(
+    nca: BackboneNCA, image: torch.Tensor, state: torch.Tensor, mask: torch.Tensor | None
+) -> torch.Tensor:
     """What kernel v2 computes for one step, in torch (the tests' oracle; nca/step.py otherwise).
 
     The torch step (``nca.step.nca_delta``) with the matmul inputs rounded to bfloat16 (x,

@@ -23,8 +23,8 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 
-from ...nca.errors import BackendUnavailable
 from ...fileutil import atomic_write
+from ...nca.errors import BackendUnavailable
 from ...resources import resource_path
 
 #: Kernel files: the shared per-cell code (a header) and the entry points.
@@ -174,7 +174,9 @@ def compile_kernels(arch: str, defines: Mapping[str, int], variant: str = "v1") 
             raise KernelCompileError(
                 f"NVRTC could not compile {source} for {arch} with {dict(defines)}:\n{_program_log(prog)}"
             )
-        get_size, get = (nvrtc.nvrtcGetPTXSize, nvrtc.nvrtcGetPTX) if ptx else (nvrtc.nvrtcGetCUBINSize, nvrtc.nvrtcGetCUBIN)
+        get_size, get = (
+            (nvrtc.nvrtcGetPTXSize, nvrtc.nvrtcGetPTX) if ptx else (nvrtc.nvrtcGetCUBINSize, nvrtc.nvrtcGetCUBIN)
+        )
         err, size = get_size(prog)
         _check(err, f"{'PTX' if ptx else 'cubin'} size query")
         data = b" " * size
