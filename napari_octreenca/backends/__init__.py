@@ -55,9 +55,10 @@ def get_backend(name: str = "auto", device: torch.device | str = "cpu", dtype: t
             raise BackendUnavailable(f"backend {name!r} does not run {dtype} on {device}")
         return backend
     for candidate in AUTO_ORDER:
-        cls = BACKENDS.get(candidate)
-        if cls is None:
+        found = BACKENDS.get(candidate)
+        if found is None:
             continue
+        cls = found
         ok, why = cls.availability()
         if not ok:
             if candidate not in _warned and why:

@@ -97,7 +97,8 @@ def write_video(path: Path | str, frames: np.ndarray, fps: float, *, lossless: b
 
     p = Path(path)
     frames = np.asarray(frames, np.uint8)
-    codec, opts, pix = ("mpeg4", {}, "yuv420p")
+    opts: dict[str, str] = {}
+    codec, pix = "mpeg4", "yuv420p"
     if lossless:
         codec, opts, pix = (
             ("ffv1", {}, "bgr0")

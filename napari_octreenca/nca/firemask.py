@@ -77,14 +77,14 @@ def fire_mask_numpy(
     shape: tuple[int, ...], origin: tuple[int, ...], seed: int, level: int, step: int, fire_rate: float
 ) -> np.ndarray:
     """NumPy twin of :func:`fire_mask_torch` (uint32 arithmetic), used to cross-check backends."""
-    h = np.uint32(base_key(seed, level, step))
+    h: np.ndarray = np.asarray(np.uint32(base_key(seed, level, step)))
     with np.errstate(over="ignore"):
         for axis, (n, o) in enumerate(zip(shape, origin)):
             coords = (np.arange(o, o + n, dtype=np.int64) & MASK32).astype(np.uint32)
-            h = np.asarray(h)[..., None] ^ coords if axis else h ^ coords
+            h = h[..., None] ^ coords if axis else h ^ coords
             h = h ^ (h >> np.uint32(16))
             h = h * np.uint32(M1)
             h = h ^ (h >> np.uint32(15))
             h = h * np.uint32(M2)
             h = h ^ (h >> np.uint32(15))
-    return (h >> np.uint32(32 - THRESHOLD_BITS)) < threshold(fire_rate)
+    return np.asarray((h >> np.uint32(32 - THRESHOLD_BITS)) < threshold(fire_rate))

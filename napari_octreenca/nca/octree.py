@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -74,6 +75,10 @@ class OctreeNCA(nn.Module):
             BackboneNCA(config.channels, config.hidden, config.input_channels, config.spatial_dims, config.kernel_size)
             for _ in range(config.levels)
         )
+
+    def level_nca(self, level: int) -> BackboneNCA:
+        """The backbone NCA of ``level`` (0 = finest)."""
+        return cast(BackboneNCA, self.levels[level])
 
     def parameter_count(self) -> int:
         return sum(p.numel() for p in self.parameters())

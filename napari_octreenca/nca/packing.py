@@ -23,9 +23,9 @@ def pack_weights(nca: BackboneNCA, device: torch.device | str = "cpu") -> torch.
     c, h = nca.channels, nca.fc0.out_channels
     parts = [
         nca.conv.weight.reshape(c, -1),
-        nca.conv.bias.reshape(c),
+        nca.conv_bias.reshape(c),
         nca.fc0.weight.reshape(h, 2 * c),
-        nca.fc0.bias.reshape(h),
+        nca.fc0_bias.reshape(h),
         nca.fc1.weight.reshape(c - nca.input_channels, h),
     ]
     flat = torch.cat([p.detach().to(device=device, dtype=torch.float32).reshape(-1) for p in parts])

@@ -29,5 +29,22 @@ class BackboneNCA(nn.Module):
             self.fc1.weight.zero_()
 
     @property
+    def conv_bias(self) -> torch.Tensor:
+        """The perception conv's bias (always present)."""
+        return _bias(self.conv)
+
+    @property
+    def fc0_bias(self) -> torch.Tensor:
+        """fc0's bias (always present)."""
+        return _bias(self.fc0)
+
+    @property
     def radius(self) -> int:
         return self.kernel_size // 2
+
+
+def _bias(layer: nn.Module) -> torch.Tensor:
+    bias = getattr(layer, "bias", None)
+    if not isinstance(bias, torch.Tensor):
+        raise ValueError(f"{type(layer).__name__} has no bias; the NCA's perception conv and fc0 need one")
+    return bias

@@ -119,7 +119,7 @@ def run_octree(
         if is_cancelled(cancel):
             raise Cancelled(f"cancelled before level {level}")
         run = LevelRun(level=level, steps=steps[level], seed=seed, fire_rate=fire_rate, origin=(0,) * len(spatial))
-        state = backend.run_level(model.levels[level], img, state, run, hook)
+        state = backend.run_level(model.level_nca(level), img, state, run, hook)
         done += steps[level]
         del img
     assert state is not None

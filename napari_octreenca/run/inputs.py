@@ -233,7 +233,9 @@ def normalize(x: torch.Tensor, norm: Normalization, stats: NormStats | None = No
         mean = torch.tensor(norm.mean, device=x.device).reshape(-1, *([1] * (x.dim() - 1)))
         std = torch.tensor(norm.std, device=x.device).reshape(-1, *([1] * (x.dim() - 1)))
         return (x * norm.scale - mean) / std
-    return apply_stats(x, stats if stats is not None else norm_stats(x, norm))
+    used = stats if stats is not None else norm_stats(x, norm)
+    assert used is not None  # percentile/zscore modes always have statistics
+    return apply_stats(x, used)
 
 
 def prepare(

@@ -609,7 +609,7 @@ def recording_layers(
                 "label_changes": {int(k): v for k, v in rec.label_changes.items()},
             }
         }
-        logits = _by_level_and_step(rec.logits, index)  # (levels, steps, classes, *grid)
+        logits: Any = _by_level_and_step(rec.logits, index)  # (levels, steps, classes, *grid)
         lead = ("level", "step")
         if rec.logits.shape[1] == 1:
             logits = logits[:, :, 0]

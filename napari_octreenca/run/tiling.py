@@ -136,6 +136,8 @@ class SourceImage:
         if self._array is None:
             from ..io.readers import read_image
 
+            if self.path is None:
+                raise InputError("this tiled run's input lives in another process: give source_path")
             self._array = read_image(self.path).levels[self.level_index]
         return self._array
 
@@ -419,8 +421,8 @@ class TiledRun:
         logits, spread = combine_runs(outs)  # the same ensemble rule as the whole-image path
         perm = (0,) + tuple(o + 1 for o in self.order)
         logits = logits.permute(perm).contiguous()
-        spread = None if spread is None else spread.permute(perm).contiguous().numpy()
-        self.sink.write(box.permute(self.order), labels_from_logits(logits), logits.numpy(), spread)
+        spread_np = None if spread is None else spread.permute(perm).contiguous().numpy()
+        self.sink.write(box.permute(self.order), labels_from_logits(logits), logits.numpy(), spread_np)
 
     # -- the exact recursion ---------------------------------------------------------------------
     def image_region(self, level: int, box: Box, use_store: bool = True) -> torch.Tensor:
@@ -457,7 +459,7 @@ class TiledRun:
             state = _crop(up, offset, ext.size).contiguous()
         image = self.image_region(level, ext)
         run = LevelRun(level=level, steps=self.steps[level], seed=seed, fire_rate=self.fire_rate, origin=ext.start)
-        state = self.backend.run_level(self.model.levels[level], image, state, run, self._step_hook)
+        state = self.backend.run_level(self.model.level_nca(level), image, state, run, self._step_hook)
         core = tuple(b - e for b, e in zip(box.start, ext.start))
         return _crop(state, core, box.size).contiguous()
 

@@ -131,10 +131,10 @@ def pack_v2(nca: BackboneNCA) -> np.ndarray:
     words[lay.w0 : lay.w1] = b_fragments(f32(nca.fc0.weight).reshape(h, 2 * c), lay.ks0, lay.nt0).reshape(-1)
     words[lay.w1 : lay.b0] = b_fragments(f32(nca.fc1.weight).reshape(c - lay.inputs, h), lay.ks1, lay.nt1).reshape(-1)
     bias = np.zeros(lay.cw - lay.b0, np.float32)
-    bias[:h] = f32(nca.fc0.bias).reshape(h)
+    bias[:h] = f32(nca.fc0_bias).reshape(h)
     words[lay.b0 : lay.cw] = bias.view(np.uint32)
     words[lay.cw : lay.cb] = np.ascontiguousarray(f32(nca.conv.weight).reshape(c * lay.taps)).view(np.uint32)
-    words[lay.cb :] = np.ascontiguousarray(f32(nca.conv.bias).reshape(c)).view(np.uint32)
+    words[lay.cb :] = np.ascontiguousarray(f32(nca.conv_bias).reshape(c)).view(np.uint32)
     return words
 
 
@@ -156,9 +156,9 @@ def reference_step_v2(
         return t.bfloat16().float()
 
     full = pad_reflect(torch.cat([image.float(), state.float()], 1), 1)
-    p = conv(full, nca.conv.weight.float(), nca.conv.bias.float(), groups=nca.channels)
+    p = conv(full, nca.conv.weight.float(), nca.conv_bias.float(), groups=nca.channels)
     centre = full[(slice(None), slice(None)) + (slice(1, -1),) * nca.spatial_dims]
-    h = conv(bf(torch.cat([centre, p], 1)), bf(nca.fc0.weight), nca.fc0.bias.float())
+    h = conv(bf(torch.cat([centre, p], 1)), bf(nca.fc0.weight), nca.fc0_bias.float())
     dx = conv(bf(torch.relu(h)), bf(nca.fc1.weight))
     new = (state.float() + dx).bfloat16()
     return new if mask is None else torch.where(mask, new, state.bfloat16())
