@@ -49,7 +49,7 @@ def test_level_gradients_equal_autograd(shape, fire_rate) -> None:
     g = torch.Generator().manual_seed(7 + sum(shape))
     image = torch.randn((2, 3) + shape, generator=g)
     state = torch.randn((2, 9) + shape, generator=g)
-    kw = dict(level=2, steps=4, seeds=[5, 2**40 + 3], origin=tuple(range(3, 3 + dims)), fire_rate=fire_rate)
+    kw = {"level": 2, "steps": 4, "seeds": [5, 2**40 + 3], "origin": tuple(range(3, 3 + dims)), "fire_rate": fire_rate}
     ref_out, ref_g, ref_s = _grads(reference_level_steps, nca, image, state, **kw)
     out, grads, gs = _grads(cpu_train.run_level_fused, nca, image, state, **kw)
     assert _rel(out, ref_out) < 1e-5

@@ -1,11 +1,15 @@
 """Fused CPU backend: one multi-threaded pass per NCA step, two state buffers, no compiler needed.
 
-numba compiles the loop at first use (and caches it). Per step, each thread takes whole rows:
-it gathers the 3 (2D) or 9 (3D) neighbouring rows of all channels into a small float32 buffer
-(reflect at every border), tests the counter-based fire mask of every cell (the engine's hash)
-and runs perception -> fc0 -> ReLU -> fc1 -> residual only for the cells that fire; the others
-keep their value. No intermediate tensor larger than a few rows ever exists, so the level needs
-the state, one output buffer and the compact image.
+numba compiles the loop at first use (and caches it). Per step, each thread takes a fixed chunk
+of whole rows (scratch allocated once per chunk; the chunking does not depend on the thread
+count, so results are bitwise the same for any number of threads). Per row it gathers the 3 (2D)
+or 9 (3D) neighbouring rows of all channels into a small float32 buffer (reflect at every
+border), tests the counter-based fire mask of every cell (the engine's hash), computes the
+row's perception and collects the firing cells into tiles of ``_TILE`` cells shared by
+consecutive rows; fc0 -> ReLU -> fc1 run per tile (cells innermost, blocked 2 outputs x 8
+inputs) and the update is added to the firing cells only; the others keep their value. No
+intermediate tensor larger than a few rows ever exists, so the level needs the state, one
+output buffer and the compact image. ``backends/cpu_train.py`` reuses these pieces for training.
 
 bfloat16 state is accepted: values are read into float32, computed in float32 and rounded once
 (nearest even, like PyTorch) when stored.
@@ -239,7 +243,7 @@ if numba is not None:
     @njit(cache=True, nogil=True, inline="always")
     def _add_tile(dt, kn, pos_row, pos_x, out):
         """out[cell] += dt[:, k] for the tile's cells (float32 state)."""
-        nb, cu, nz, ny, nx = out.shape
+        cu, nz, ny = out.shape[1], out.shape[2], out.shape[3]
         for k in range(kn):
             row = pos_row[k]
             b = row // (nz * ny)

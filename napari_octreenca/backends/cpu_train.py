@@ -27,13 +27,20 @@ import torch
 from ..nca.firemask import MASK32, base_key, threshold
 from ..nca.weights import BackboneNCA
 from . import cpu_fused
-from .cpu_fused import _STEP_LOCK, numba  # noqa: F401 (numba: None when missing)
+from .cpu_fused import _STEP_LOCK, numba
 
 if numba is not None:
     from numba import njit, prange
 
     from .cpu_fused import (
-        _FASTMATH, _TILE, _accumulate, _firing, _gather_tile, _load_rows, _perceive, _reflect,
+        _FASTMATH,
+        _TILE,
+        _accumulate,
+        _firing,
+        _gather_tile,
+        _load_rows,
+        _perceive,
+        _reflect,
     )
 
     #: Row chunks per backward pass (fixed: weight gradients are summed chunk by chunk in order).
@@ -93,7 +100,7 @@ if numba is not None:
     @njit(cache=True, nogil=True)
     def _scatter_tile(gx, kn, pos_row, pos_x, gin, gp):
         """gin[cell] += gx[centre state channels], gp[cell] = gx[perception] for the tile's cells."""
-        nb, c_all, nz, ny, nx = gp.shape
+        c_all, nz, ny = gp.shape[1], gp.shape[2], gp.shape[3]
         cu = gin.shape[1]
         cin = c_all - cu
         for k in range(kn):
@@ -294,13 +301,13 @@ class FusedLevelSteps(torch.autograd.Function):
             with _STEP_LOCK:
                 cpu_fused._fused_step(img, states[t], states[t + 1], cw, cb, w0, b0, w1, dims, oz, oy, ox,
                                       keys[t], np.uint64(thresh), False)
-        ctx.saved = (img, states, weights, dims, (oz, oy, ox), keys, thresh, nca)
+        ctx.saved = (img, states, weights, dims, (oz, oy, ox), keys, thresh)
         ctx.param_shapes = [p.shape for p in (conv_w, conv_b, fc0_w, fc0_b, fc1_w)]
         return torch.from_numpy(states[steps].reshape(state.shape).copy())
 
     @staticmethod
     def backward(ctx, grad_out):  # type: ignore[override]
-        img, states, weights, dims, (oz, oy, ox), keys, thresh, nca = ctx.saved
+        img, states, weights, dims, (oz, oy, ox), keys, thresh = ctx.saved
         cw, cb, w0, b0, w1, w0t, w1t = weights
         nb, cu, nz, ny, nx = states.shape[1:]
         cin = img.shape[1]

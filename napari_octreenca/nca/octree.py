@@ -85,7 +85,7 @@ class OctreeNCA(nn.Module):
         patch_size: tuple[int, ...] | None = None,
         generator: torch.Generator | None = None,
         fire_rate: float | None = None,
-        level_steps: "LevelSteps | None" = None,
+        level_steps: LevelSteps | None = None,
     ) -> tuple[torch.Tensor, Patch]:
         """Differentiable forward pass over a batch ``(B, in, *spatial)`` of normalised images.
 
