@@ -48,15 +48,42 @@ if numba is not None:
 
     @njit(fastmath=_FASTMATH, cache=True, nogil=True, inline="always")
     def _dot_rows(acc, a, b, kn):
-        """acc[r, i] += sum_k a[r, k] * b[i, k] (weight gradient of a tile, cells innermost)."""
-        for r in range(a.shape[0]):
-            ar = a[r]
-            for i in range(b.shape[0]):
-                bi = b[i]
-                s = np.float32(0.0)
+        """acc[r, i] += sum_k a[r, k] * b[i, k] (weight gradient of a tile, cells innermost).
+
+        Blocked 2 x 2: four sums share each pair of loaded vectors (half the loads per FMA).
+        """
+        ra = a.shape[0]
+        rb = b.shape[0]
+        r = 0
+        while r < ra:
+            a0 = a[r]
+            a1 = a[r + 1] if r + 1 < ra else a[r]
+            i = 0
+            while i < rb:
+                b0 = b[i]
+                b1 = b[i + 1] if i + 1 < rb else b[i]
+                s00 = np.float32(0.0)
+                s01 = np.float32(0.0)
+                s10 = np.float32(0.0)
+                s11 = np.float32(0.0)
                 for k in range(kn):
-                    s += ar[k] * bi[k]
-                acc[r, i] += s
+                    u0 = a0[k]
+                    u1 = a1[k]
+                    v0 = b0[k]
+                    v1 = b1[k]
+                    s00 += u0 * v0
+                    s01 += u0 * v1
+                    s10 += u1 * v0
+                    s11 += u1 * v1
+                acc[r, i] += s00
+                if i + 1 < rb:
+                    acc[r, i + 1] += s01
+                if r + 1 < ra:
+                    acc[r + 1, i] += s10
+                    if i + 1 < rb:
+                        acc[r + 1, i + 1] += s11
+                i += 2
+            r += 2
 
     @njit(fastmath=_FASTMATH, cache=True, nogil=True)
     def _mlp_backward_tile(xt, gd, w0, b0, w1t, w0t, ht, gh, gx, kn, a_w0, a_b0, a_w1):
