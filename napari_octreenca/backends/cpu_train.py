@@ -298,6 +298,7 @@ def _weights(nca: BackboneNCA) -> tuple[np.ndarray, ...]:
     c, h = nca.channels, nca.fc0.out_channels
     cu = c - nca.input_channels
     cw = nca.conv.weight.detach().float().reshape(c, -1).contiguous().numpy()
+    assert nca.conv.bias is not None and nca.fc0.bias is not None  # check_fusable's bias layout
     cb = nca.conv.bias.detach().float().contiguous().numpy()
     w0 = nca.fc0.weight.detach().float().reshape(h, 2 * c).contiguous().numpy()
     b0 = nca.fc0.bias.detach().float().contiguous().numpy()
@@ -314,7 +315,7 @@ class FusedLevelSteps(torch.autograd.Function):
     """``steps`` NCA steps of one level (per-sample fire-mask seeds), differentiable, on the CPU."""
 
     @staticmethod
-    def forward(ctx, image, state, conv_w, conv_b, fc0_w, fc0_b, fc1_w, nca, keys, thresh, origin):  # type: ignore[override]
+    def forward(ctx, image, state, conv_w, conv_b, fc0_w, fc0_b, fc1_w, nca, keys, thresh, origin):
         dims = nca.spatial_dims
         weights = _weights(nca)
         cw, cb, w0, b0, w1 = weights[:5]
@@ -333,7 +334,7 @@ class FusedLevelSteps(torch.autograd.Function):
         return torch.from_numpy(states[steps].reshape(state.shape).copy())
 
     @staticmethod
-    def backward(ctx, grad_out):  # type: ignore[override]
+    def backward(ctx, grad_out):
         img, states, weights, dims, (oz, oy, ox), keys, thresh = ctx.saved
         cw, cb, w0, b0, w1, w0t, w1t = weights
         nb, cu, nz, ny, nx = states.shape[1:]

@@ -9,6 +9,7 @@ fire mask and the update are applied in one ``addcmul``.
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -76,7 +77,7 @@ class TorchBackend(Backend):
                 else:
                     # Slabs write disjoint rows: on the CPU they run side by side, one torch
                     # thread each (small ops parallelise poorly inside torch).
-                    list(pool.map(lambda a: slab(step, state, out, a), starts))
+                    list(pool.map(partial(slab, step, state, out), starts))
                 state, out = out, state
                 if callback is not None:
                     callback(step, state)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -121,7 +122,8 @@ class OctreeNCA(nn.Module):
                 state = _crop(state, origin, size)
                 in_patch = True
             img = _crop(pyramid[level], origin, tuple(state.shape[2:])) if in_patch else pyramid[level]
-            state = level_steps(self.levels[level], img, state, level, cfg.steps[level], seeds, origin, fire_rate)
+            nca = cast(BackboneNCA, self.levels[level])
+            state = level_steps(nca, img, state, level, cfg.steps[level], seeds, origin, fire_rate)
         return state[:, : cfg.output_channels], Patch(origin, tuple(state.shape[2:]))
 
 
