@@ -352,7 +352,8 @@ def machine_description(device: str = "cpu") -> str:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``octreenca bench``."""
     p = argparse.ArgumentParser(prog="octreenca bench", description=__doc__.split("\n")[0])
-    p.add_argument("--backends", default="auto", help="comma list: auto, torch, cpu-fused, cuda, torch-layerwise; train mode: autograd, cpu-fused")
+    p.add_argument("--backends", default="auto",
+                   help="comma list: auto, torch, cpu-fused, cuda, torch-layerwise; train mode: autograd, cpu-fused")
     p.add_argument("--sizes", default="1024", help="comma list of edge lengths")
     p.add_argument("--dtypes", default="float32", help="comma list: float32, bfloat16")
     p.add_argument("--mode", default="level", choices=MODES)
@@ -375,7 +376,8 @@ def main(argv: list[str] | None = None) -> int:
         dims=args.dims, preset_name=args.preset, steps=args.steps, device=args.device, threads=args.threads,
         isolate=False if args.no_isolate else None, batch=args.batch,
     )
-    print(f"# {machine_description(args.device)}, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {machine_load()}")
+    stamp = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    print(f"# {machine_description(args.device)}, {stamp}, {machine_load()}")
     print(format_table(rows))
     print("\n".join(ratio_lines(rows)))
     if args.json:

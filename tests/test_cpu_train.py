@@ -49,7 +49,7 @@ def test_level_gradients_equal_autograd(shape, fire_rate) -> None:
     g = torch.Generator().manual_seed(7 + sum(shape))
     image = torch.randn((2, 3) + shape, generator=g)
     state = torch.randn((2, 9) + shape, generator=g)
-    kw = dict(level=2, steps=4, seeds=[5, 2**40 + 3], origin=tuple(range(3, 3 + dims)), fire_rate=fire_rate)
+    kw = {"level": 2, "steps": 4, "seeds": [5, 2**40 + 3], "origin": tuple(range(3, 3 + dims)), "fire_rate": fire_rate}
     ref_out, ref_g, ref_s = _grads(reference_level_steps, nca, image, state, **kw)
     out, grads, gs = _grads(cpu_train.run_level_fused, nca, image, state, **kw)
     assert _rel(out, ref_out) < 1e-5
@@ -123,3 +123,29 @@ def test_train_uses_the_fused_step_on_cpu_and_can_fall_back(monkeypatch) -> None
     for a, b in zip(fused.model.parameters(), ref.model.parameters()):
         assert _rel(a.detach(), b.detach()) < 1e-2
     assert abs(fused.history[-1]["loss"] - ref.history[-1]["loss"]) < 1e-4
+
+
+def test_training_scripts_use_the_fused_step(monkeypatch, tmp_path) -> None:
+    """scripts/train_*.py train through scripts/_budget.py: on the CPU that runs the fused step."""
+    import importlib.util
+    from pathlib import Path
+
+    from napari_octreenca.run.training import TrainConfig
+
+    root = Path(__file__).resolve().parents[1]
+    for script in ("train_brain.py", "train_epidermis.py", "train_davis.py"):
+        text = (root / "scripts" / script).read_text()
+        assert "train_with_budget(" in text and "fused_cpu" not in text and "device=" not in text
+    spec = importlib.util.spec_from_file_location("_budget", root / "scripts" / "_budget.py")
+    budget = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(budget)
+    calls: list[int] = []
+    real = cpu_train.run_level_fused
+    monkeypatch.setattr(cpu_train, "run_level_fused", lambda *a, **k: calls.append(a[3]) or real(*a, **k))
+    cfg = preset("pathology", steps=(2, 2, 3), factors=((2, 2),) * 2)
+    model, done, _ = budget.train_with_budget(
+        cfg, _toy_pairs(), TrainConfig(iterations=1, batch_size=1, crop=(16, 16)),
+        checkpoint=str(tmp_path / "ck.safetensors"), resume=False, max_minutes=None,
+    )
+    assert done == 1 and sorted(calls) == [0, 1, 2]
+    assert model.config.provenance["train_step"] == "cpu-fused"

@@ -1,11 +1,15 @@
 """Fused CPU backend: one multi-threaded pass per NCA step, two state buffers, no compiler needed.
 
-numba compiles the loop at first use (and caches it). Per step, each thread takes whole rows:
-it gathers the 3 (2D) or 9 (3D) neighbouring rows of all channels into a small float32 buffer
-(reflect at every border), tests the counter-based fire mask of every cell (the engine's hash)
-and runs perception -> fc0 -> ReLU -> fc1 -> residual only for the cells that fire; the others
-keep their value. No intermediate tensor larger than a few rows ever exists, so the level needs
-the state, one output buffer and the compact image.
+numba compiles the loop at first use (and caches it). Per step, each thread takes a fixed chunk
+of whole rows (scratch allocated once per chunk; the chunking does not depend on the thread
+count, so results are bitwise the same for any number of threads). Per row it gathers the 3 (2D)
+or 9 (3D) neighbouring rows of all channels into a small float32 buffer (reflect at every
+border), tests the counter-based fire mask of every cell (the engine's hash), computes the
+row's perception and collects the firing cells into tiles of ``_TILE`` cells shared by
+consecutive rows; fc0 -> ReLU -> fc1 run per tile (cells innermost, blocked 2 outputs x 8
+inputs) and the update is added to the firing cells only; the others keep their value. No
+intermediate tensor larger than a few rows ever exists, so the level needs the state, one
+output buffer and the compact image. ``backends/cpu_train.py`` reuses these pieces for training.
 
 bfloat16 state is accepted: values are read into float32, computed in float32 and rounded once
 (nearest even, like PyTorch) when stored.
@@ -221,8 +225,8 @@ if numba is not None:
                     pr[x] += w_a * rowt[x] + w_b * rowt[x + 1] + w_c * rowt[x + 2]
 
     @njit(inline="always", cache=True)
-    def _gather_tile(buf, prow, idx, k0, kn, xt):
-        """xt[:C, :kn] = centre values, xt[C:, :kn] = perception of firing cells idx[k0:k0+kn]."""
+    def _gather_tile(buf, prow, idx, k0, kn, xt, d0=0):
+        """xt[:C, d0:d0+kn] = centre values, xt[C:, ...] = perception of firing cells idx[k0:k0+kn]."""
         c_all = prow.shape[0]
         centre = buf.shape[0] // 2
         for c in range(c_all):
@@ -232,8 +236,22 @@ if numba is not None:
             pc_ = xt[c_all + c]
             for k in range(kn):
                 xk = idx[k0 + k]
-                xc_[k] = src[xk + 1]
-                pc_[k] = pr[xk]
+                xc_[d0 + k] = src[xk + 1]
+                pc_[d0 + k] = pr[xk]
+
+    @njit(cache=True, nogil=True, inline="always")
+    def _add_tile(dt, kn, pos_row, pos_x, out):
+        """out[cell] += dt[:, k] for the tile's cells (float32 state)."""
+        cu, nz, ny = out.shape[1], out.shape[2], out.shape[3]
+        for k in range(kn):
+            row = pos_row[k]
+            b = row // (nz * ny)
+            zy = row - b * nz * ny
+            z = zy // ny
+            y = zy - z * ny
+            x = pos_x[k]
+            for c in range(cu):
+                out[b, c, z, y, x] += dt[c, k]
 
     @njit(parallel=True, fastmath=_FASTMATH, cache=True, nogil=True)
     def _fused_step(img, state, out, cw, cb, w0, b0, w1, dims, oz, oy, ox, keys, thresh, bf16):
@@ -241,6 +259,10 @@ if numba is not None:
 
         w0 is fc0 (H, 2C), w1 is fc1 (CU, H); ``keys[b]`` is sample b's fire-mask key (training
         gives every sample its own seed). Returns the number of cells that fired.
+
+        float32: firing cells of consecutive rows share the fc0/fc1 tiles (short rows of coarse
+        levels and 3D blocks fill them too) and the update is added to ``out`` when a tile is
+        full. bfloat16: each row's tile is finished before the row is rounded and stored.
         """
         nb, cin, nz, ny, nx = img.shape
         cu = state.shape[1]
@@ -261,6 +283,9 @@ if numba is not None:
             xt = np.empty((2 * c_all, _TILE), np.float32)
             ht = np.empty((hidden, _TILE), np.float32)
             dt = np.empty((cu, _TILE), np.float32)
+            pos_row = np.empty(_TILE, np.int64)
+            pos_x = np.empty(_TILE, np.int64)
+            fill = 0
             for row in range(ch * per, min(rows, (ch + 1) * per)):
                 b = row // (nz * ny)
                 zy = row - b * nz * ny
@@ -268,26 +293,48 @@ if numba is not None:
                 y = zy - z * ny
                 _load_rows(img, state, buf, b, z, y, dims, bf16)
                 nf = _firing(idx, keys[b], dims, oz + z, oy + y, ox, thresh)
-                for c in range(cu):
-                    src = buf[centre, cin + c]
-                    rc = res[c]
-                    for x in range(nx):
-                        rc[x] = src[x + 1]
+                fired[ch] += nf
+                if bf16:
+                    for c in range(cu):
+                        src = buf[centre, cin + c]
+                        rc = res[c]
+                        for x in range(nx):
+                            rc[x] = src[x + 1]
+                else:
+                    for c in range(cu):
+                        src = buf[centre, cin + c]
+                        dst = out[b, c, z, y]
+                        for x in range(nx):
+                            dst[x] = src[x + 1]
                 if nf:
                     _perceive(buf, cw, cb, prow)
                 # fc0 -> ReLU -> fc1 on tiles of firing cells, cells innermost (contiguous tiles).
-                for k0 in range(0, nf, _TILE):
-                    kn = min(_TILE, nf - k0)
-                    _gather_tile(buf, prow, idx, k0, kn, xt)
-                    _mlp_tile(xt, w0, b0, w1, ht, dt, kn)
+                k0 = 0
+                while k0 < nf:
+                    kn = min(nf - k0, _TILE - fill)
+                    _gather_tile(buf, prow, idx, k0, kn, xt, fill)
+                    for k in range(kn):
+                        pos_row[fill + k] = row
+                        pos_x[fill + k] = idx[k0 + k]
+                    fill += kn
+                    k0 += kn
+                    if fill == _TILE or (bf16 and k0 == nf):
+                        _mlp_tile(xt, w0, b0, w1, ht, dt, fill)
+                        if bf16:
+                            for c in range(cu):
+                                rc = res[c]
+                                dc = dt[c]
+                                for k in range(fill):
+                                    rc[pos_x[k]] += dc[k]
+                        else:
+                            _add_tile(dt, fill, pos_row, pos_x, out)
+                        fill = 0
+                if bf16:
                     for c in range(cu):
-                        rc = res[c]
-                        dc = dt[c]
-                        for k in range(kn):
-                            rc[idx[k0 + k]] += dc[k]
-                for c in range(cu):
-                    _store_row(res[c], out[b, c, z, y], bf16)
-                fired[ch] += nf
+                        _store_row(res[c], out[b, c, z, y], bf16)
+            if fill:
+                _mlp_tile(xt, w0, b0, w1, ht, dt, fill)
+                _add_tile(dt, fill, pos_row, pos_x, out)
         return fired.sum()
 
 

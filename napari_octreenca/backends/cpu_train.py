@@ -9,10 +9,11 @@ straight through, so the MLP's backward runs only for firing cells. The loss, op
 patch logic stay in torch (``run/training.py``); ``step.py`` stays the reference: the gradients
 equal autograd's within float rounding (tests/test_cpu_train.py).
 
-Per step the backward is two passes over rows: (1) per row, recompute the firing cells' MLP,
-accumulate the weight gradients, write ``grad_state = grad_out + d/d(centre)`` and the
-perception gradient ``G`` (zero where no cell fired); (2) per row, add the transposed,
-reflect-folded depthwise convolution of ``G``. Weight gradients are summed per fixed chunk of
+Per step the backward is two passes over rows: (1) recompute the firing cells' MLP on tiles
+shared by consecutive rows, accumulate the fc0/fc1 gradients, write ``grad_state = grad_out +
+d/d(centre)`` and the perception gradient ``G`` (zero where no cell fired); (2) per row, the
+perception weight and bias gradients, and add the transposed, reflect-folded depthwise
+convolution of ``G`` to ``grad_state``. Weight gradients are summed per fixed chunk of
 rows and the chunks are added in order, so results do not depend on the thread count.
 """
 
@@ -32,7 +33,14 @@ if numba is not None:
     from numba import njit, prange
 
     from .cpu_fused import (
-        _FASTMATH, _TILE, _accumulate, _firing, _gather_tile, _load_rows, _perceive, _reflect,
+        _FASTMATH,
+        _TILE,
+        _accumulate,
+        _firing,
+        _gather_tile,
+        _load_rows,
+        _perceive,
+        _reflect,
     )
 
     #: Row chunks per backward pass (fixed: weight gradients are summed chunk by chunk in order).
@@ -40,24 +48,109 @@ if numba is not None:
 
     @njit(fastmath=_FASTMATH, cache=True, nogil=True, inline="always")
     def _dot_rows(acc, a, b, kn):
-        """acc[r, i] += sum_k a[r, k] * b[i, k] (weight gradient of a tile, cells innermost)."""
-        for r in range(a.shape[0]):
-            ar = a[r]
-            for i in range(b.shape[0]):
-                bi = b[i]
-                s = np.float32(0.0)
+        """acc[r, i] += sum_k a[r, k] * b[i, k] (weight gradient of a tile, cells innermost).
+
+        Blocked 2 x 2: four sums share each pair of loaded vectors (half the loads per FMA).
+        """
+        ra = a.shape[0]
+        rb = b.shape[0]
+        r = 0
+        while r < ra:
+            a0 = a[r]
+            a1 = a[r + 1] if r + 1 < ra else a[r]
+            i = 0
+            while i < rb:
+                b0 = b[i]
+                b1 = b[i + 1] if i + 1 < rb else b[i]
+                s00 = np.float32(0.0)
+                s01 = np.float32(0.0)
+                s10 = np.float32(0.0)
+                s11 = np.float32(0.0)
                 for k in range(kn):
-                    s += ar[k] * bi[k]
-                acc[r, i] += s
+                    u0 = a0[k]
+                    u1 = a1[k]
+                    v0 = b0[k]
+                    v1 = b1[k]
+                    s00 += u0 * v0
+                    s01 += u0 * v1
+                    s10 += u1 * v0
+                    s11 += u1 * v1
+                acc[r, i] += s00
+                if i + 1 < rb:
+                    acc[r, i + 1] += s01
+                if r + 1 < ra:
+                    acc[r + 1, i] += s10
+                    if i + 1 < rb:
+                        acc[r + 1, i + 1] += s11
+                i += 2
+            r += 2
+
+    @njit(fastmath=_FASTMATH, cache=True, nogil=True)
+    def _mlp_backward_tile(xt, gd, w0, b0, w1t, w0t, ht, gh, gx, kn, a_w0, a_b0, a_w1):
+        """Backward of fc1(relu(fc0 x + b0)) for kn cells: gx = d/dx, weight gradients added to a_*."""
+        hidden = b0.shape[0]
+        # Recompute the hidden layer: h = relu(fc0 x + b0).
+        for j in range(hidden):
+            hj = ht[j]
+            for k in range(kn):
+                hj[k] = b0[j]
+        _accumulate(ht, w0, xt, kn)
+        for j in range(hidden):
+            hj = ht[j]
+            for k in range(kn):
+                if hj[k] < 0:
+                    hj[k] = 0.0
+        # fc1: dW1 += gd h^T; gh = W1^T gd, masked by the ReLU.
+        _dot_rows(a_w1, gd, ht, kn)
+        for j in range(hidden):
+            ghj = gh[j]
+            for k in range(kn):
+                ghj[k] = 0.0
+        _accumulate(gh, w1t, gd, kn)
+        for j in range(hidden):
+            ghj = gh[j]
+            hj = ht[j]
+            s = np.float32(0.0)
+            for k in range(kn):
+                if hj[k] <= 0:
+                    ghj[k] = 0.0
+                s += ghj[k]
+            a_b0[j] += s
+        # fc0: dW0 += gh x^T; gx = W0^T gh.
+        _dot_rows(a_w0, gh, xt, kn)
+        for i in range(gx.shape[0]):
+            gxi = gx[i]
+            for k in range(kn):
+                gxi[k] = 0.0
+        _accumulate(gx, w0t, gh, kn)
+
+    @njit(cache=True, nogil=True)
+    def _scatter_tile(gx, kn, pos_row, pos_x, gin, gp):
+        """gin[cell] += gx[centre state channels], gp[cell] = gx[perception] for the tile's cells."""
+        c_all, nz, ny = gp.shape[1], gp.shape[2], gp.shape[3]
+        cu = gin.shape[1]
+        cin = c_all - cu
+        for k in range(kn):
+            row = pos_row[k]
+            x = pos_x[k]
+            b = row // (nz * ny)
+            zy = row - b * nz * ny
+            z = zy // ny
+            y = zy - z * ny
+            for c in range(cu):
+                gin[b, c, z, y, x] += gx[cin + c, k]
+            for c in range(c_all):
+                gp[b, c, z, y, x] = gx[c_all + c, k]
 
     @njit(parallel=True, fastmath=_FASTMATH, cache=True, nogil=True)
     def _backward_mlp(img, state, gout, gin, gp, cw, cb, w0, b0, w1, w0t, w1t, dims, oz, oy, ox,
-                      keys, thresh, acc_cw, acc_cb, acc_w0, acc_b0, acc_w1):
+                      keys, thresh, acc_w0, acc_b0, acc_w1):
         """Pass 1 of one step's backward (see the module docstring).
 
         img (B, IN, nz, ny, nx) and state (B, CU, ...) are the step's inputs, gout the gradient of
         its output; writes gin (B, CU, ...) = gout + centre gradient and gp (B, C, ...) = the
-        perception gradient; adds weight gradients to acc_*[chunk].
+        perception gradient; adds the MLP's weight gradients to acc_*[chunk]. Firing cells of
+        consecutive rows share tiles, so short rows (coarse levels, 3D patches) fill them too.
         """
         nb, cin, nz, ny, nx = img.shape
         cu = state.shape[1]
@@ -76,7 +169,10 @@ if numba is not None:
             gd = np.empty((cu, _TILE), np.float32)
             gh = np.empty((hidden, _TILE), np.float32)
             gx = np.empty((2 * c_all, _TILE), np.float32)
-            a_cw, a_cb, a_w0, a_b0, a_w1 = acc_cw[ch], acc_cb[ch], acc_w0[ch], acc_b0[ch], acc_w1[ch]
+            pos_row = np.empty(_TILE, np.int64)
+            pos_x = np.empty(_TILE, np.int64)
+            a_w0, a_b0, a_w1 = acc_w0[ch], acc_b0[ch], acc_w1[ch]
+            fill = 0
             for row in range(ch * per, min(rows, (ch + 1) * per)):
                 b = row // (nz * ny)
                 zy = row - b * nz * ny
@@ -91,59 +187,54 @@ if numba is not None:
                     continue
                 _load_rows(img, state, buf, b, z, y, dims, False)
                 _perceive(buf, cw, cb, prow)
-                for k0 in range(0, nf, _TILE):
-                    kn = min(_TILE, nf - k0)
-                    _gather_tile(buf, prow, idx, k0, kn, xt)
-                    # Recompute the hidden layer: h = relu(fc0 x + b0).
-                    for j in range(hidden):
-                        hj = ht[j]
-                        for k in range(kn):
-                            hj[k] = b0[j]
-                    _accumulate(ht, w0, xt, kn)
-                    for j in range(hidden):
-                        hj = ht[j]
-                        for k in range(kn):
-                            if hj[k] < 0:
-                                hj[k] = 0.0
+                k0 = 0
+                while k0 < nf:
+                    kn = min(nf - k0, _TILE - fill)
+                    _gather_tile(buf, prow, idx, k0, kn, xt, fill)
                     for c in range(cu):
                         src = gout[b, c, z, y]
                         gdc = gd[c]
                         for k in range(kn):
-                            gdc[k] = src[idx[k0 + k]]
-                    # fc1: dW1 += gd h^T; gh = W1^T gd, masked by the ReLU.
-                    _dot_rows(a_w1, gd, ht, kn)
-                    for j in range(hidden):
-                        ghj = gh[j]
-                        for k in range(kn):
-                            ghj[k] = 0.0
-                    _accumulate(gh, w1t, gd, kn)
-                    for j in range(hidden):
-                        ghj = gh[j]
-                        hj = ht[j]
-                        s = np.float32(0.0)
-                        for k in range(kn):
-                            if hj[k] <= 0:
-                                ghj[k] = 0.0
-                            s += ghj[k]
-                        a_b0[j] += s
-                    # fc0: dW0 += gh x^T; gx = W0^T gh.
-                    _dot_rows(a_w0, gh, xt, kn)
-                    for i in range(2 * c_all):
-                        gxi = gx[i]
-                        for k in range(kn):
-                            gxi[k] = 0.0
-                    _accumulate(gx, w0t, gh, kn)
-                    for c in range(cu):
-                        dst = gin[b, c, z, y]
-                        gxc = gx[cin + c]
-                        for k in range(kn):
-                            dst[idx[k0 + k]] += gxc[k]
-                    for c in range(c_all):
-                        dst = gp[b, c, z, y]
-                        gxc = gx[c_all + c]
-                        for k in range(kn):
-                            dst[idx[k0 + k]] = gxc[k]
+                            gdc[fill + k] = src[idx[k0 + k]]
+                    for k in range(kn):
+                        pos_row[fill + k] = row
+                        pos_x[fill + k] = idx[k0 + k]
+                    fill += kn
+                    k0 += kn
+                    if fill == _TILE:
+                        _mlp_backward_tile(xt, gd, w0, b0, w1t, w0t, ht, gh, gx, fill, a_w0, a_b0, a_w1)
+                        _scatter_tile(gx, fill, pos_row, pos_x, gin, gp)
+                        fill = 0
+            if fill:
+                _mlp_backward_tile(xt, gd, w0, b0, w1t, w0t, ht, gh, gx, fill, a_w0, a_b0, a_w1)
+                _scatter_tile(gx, fill, pos_row, pos_x, gin, gp)
+
+    @njit(parallel=True, fastmath=_FASTMATH, cache=True, nogil=True)
+    def _backward_conv(img, state, gp, gin, cw, dims, inv_z, n_z, inv_y, n_y, acc_cw, acc_cb):
+        """Pass 2: the perception's backward from its gradient gp (B, C, nz, ny, nx).
+
+        Adds the conv weight and bias gradients to acc_*[chunk] and the transposed,
+        reflect-folded depthwise conv of gp's state channels to gin. inv_y[y, m] = (source row q,
+        tap index a) with reflect(q + a - 1) == y, n_y[y] of them (the same for z; 2D passes one
+        entry (0, 0)).
+        """
+        nb, c_all, nz, ny, nx = gp.shape
+        cin = c_all - gin.shape[1]
+        rows = nb * nz * ny
+        taps = 9 if dims == 3 else 3
+        nchunks = acc_cw.shape[0]
+        per = (rows + nchunks - 1) // nchunks
+        for ch in prange(nchunks):
+            buf = np.empty((taps, c_all, nx + 2), np.float32)
+            tmp = np.empty(nx + 2, np.float32)
+            a_cw, a_cb = acc_cw[ch], acc_cb[ch]
+            for row in range(ch * per, min(rows, (ch + 1) * per)):
+                b = row // (nz * ny)
+                zy = row - b * nz * ny
+                z = zy // ny
+                y = zy - z * ny
                 # Perception weights: dcw[c, tap] += sum_x G[c, x] * (the tap's neighbour of x).
+                _load_rows(img, state, buf, b, z, y, dims, False)
                 for c in range(c_all):
                     g = gp[b, c, z, y]
                     s = np.float32(0.0)
@@ -152,50 +243,41 @@ if numba is not None:
                     a_cb[c] += s
                     for t in range(taps):
                         rowt = buf[t, c]
-                        for e in range(3):
-                            s = np.float32(0.0)
-                            for x in range(nx):
-                                s += g[x] * rowt[x + e]
-                            a_cw[c, 3 * t + e] += s
-
-    @njit(parallel=True, fastmath=_FASTMATH, cache=True, nogil=True)
-    def _backward_conv(gp, gin, cw, cin, inv_z, n_z, inv_y, n_y):
-        """Pass 2: gin[:, c - cin] += the transposed, reflect-folded depthwise conv of gp[:, c].
-
-        inv_y[y, m] = (source row q, tap index a) with reflect(q + a - 1) == y, n_y[y] of them
-        (the same for z; 2D passes one entry (0, 0)).
-        """
-        nb, c_all, nz, ny, nx = gp.shape
-        rows = nb * nz * ny
-        for row in prange(rows):
-            b = row // (nz * ny)
-            zy = row - b * nz * ny
-            z = zy // ny
-            y = zy - z * ny
-            tmp = np.empty(nx + 2, np.float32)
-            for c in range(cin, c_all):
-                tmp[:] = 0.0
-                for mz in range(n_z[z]):
-                    qz, az = inv_z[z, mz, 0], inv_z[z, mz, 1]
-                    for my in range(n_y[y]):
-                        qy, ay = inv_y[y, my, 0], inv_y[y, my, 1]
-                        t = az * 3 + ay
-                        g = gp[b, c, qz, qy]
-                        w_a = cw[c, 3 * t]
-                        w_b = cw[c, 3 * t + 1]
-                        w_c = cw[c, 3 * t + 2]
-                        # Cell q read padded positions q, q+1, q+2 (real x = q-1, q, q+1).
-                        for q in range(nx):
-                            tmp[q] += w_a * g[q]
-                        for q in range(nx):
-                            tmp[q + 1] += w_b * g[q]
-                        for q in range(nx):
-                            tmp[q + 2] += w_c * g[q]
-                dst = gin[b, c - cin, z, y]
-                for x in range(nx):
-                    dst[x] += tmp[x + 1]
-                dst[_reflect(-1, nx)] += tmp[0]
-                dst[_reflect(nx, nx)] += tmp[nx + 1]
+                        s0 = np.float32(0.0)
+                        s1 = np.float32(0.0)
+                        s2 = np.float32(0.0)
+                        for x in range(nx):
+                            gv = g[x]
+                            s0 += gv * rowt[x]
+                            s1 += gv * rowt[x + 1]
+                            s2 += gv * rowt[x + 2]
+                        a_cw[c, 3 * t] += s0
+                        a_cw[c, 3 * t + 1] += s1
+                        a_cw[c, 3 * t + 2] += s2
+                # Gradient of the state: every cell that read this row, through the reflect.
+                for c in range(cin, c_all):
+                    tmp[:] = 0.0
+                    for mz in range(n_z[z]):
+                        qz, az = inv_z[z, mz, 0], inv_z[z, mz, 1]
+                        for my in range(n_y[y]):
+                            qy, ay = inv_y[y, my, 0], inv_y[y, my, 1]
+                            t = az * 3 + ay
+                            g = gp[b, c, qz, qy]
+                            w_a = cw[c, 3 * t]
+                            w_b = cw[c, 3 * t + 1]
+                            w_c = cw[c, 3 * t + 2]
+                            # Cell q read padded positions q, q+1, q+2 (real x = q-1, q, q+1).
+                            for q in range(nx):
+                                tmp[q] += w_a * g[q]
+                            for q in range(nx):
+                                tmp[q + 1] += w_b * g[q]
+                            for q in range(nx):
+                                tmp[q + 2] += w_c * g[q]
+                    dst = gin[b, c - cin, z, y]
+                    for x in range(nx):
+                        dst[x] += tmp[x + 1]
+                    dst[_reflect(-1, nx)] += tmp[0]
+                    dst[_reflect(nx, nx)] += tmp[nx + 1]
 
 
 def _inverse_reflect(n: int) -> tuple[np.ndarray, np.ndarray]:
@@ -216,6 +298,7 @@ def _weights(nca: BackboneNCA) -> tuple[np.ndarray, ...]:
     c, h = nca.channels, nca.fc0.out_channels
     cu = c - nca.input_channels
     cw = nca.conv.weight.detach().float().reshape(c, -1).contiguous().numpy()
+    assert nca.conv.bias is not None and nca.fc0.bias is not None  # check_fusable's bias layout
     cb = nca.conv.bias.detach().float().contiguous().numpy()
     w0 = nca.fc0.weight.detach().float().reshape(h, 2 * c).contiguous().numpy()
     b0 = nca.fc0.bias.detach().float().contiguous().numpy()
@@ -232,7 +315,7 @@ class FusedLevelSteps(torch.autograd.Function):
     """``steps`` NCA steps of one level (per-sample fire-mask seeds), differentiable, on the CPU."""
 
     @staticmethod
-    def forward(ctx, image, state, conv_w, conv_b, fc0_w, fc0_b, fc1_w, nca, keys, thresh, origin):  # type: ignore[override]
+    def forward(ctx, image, state, conv_w, conv_b, fc0_w, fc0_b, fc1_w, nca, keys, thresh, origin):
         dims = nca.spatial_dims
         weights = _weights(nca)
         cw, cb, w0, b0, w1 = weights[:5]
@@ -246,13 +329,13 @@ class FusedLevelSteps(torch.autograd.Function):
             with _STEP_LOCK:
                 cpu_fused._fused_step(img, states[t], states[t + 1], cw, cb, w0, b0, w1, dims, oz, oy, ox,
                                       keys[t], np.uint64(thresh), False)
-        ctx.saved = (img, states, weights, dims, (oz, oy, ox), keys, thresh, nca)
+        ctx.saved = (img, states, weights, dims, (oz, oy, ox), keys, thresh)
         ctx.param_shapes = [p.shape for p in (conv_w, conv_b, fc0_w, fc0_b, fc1_w)]
         return torch.from_numpy(states[steps].reshape(state.shape).copy())
 
     @staticmethod
-    def backward(ctx, grad_out):  # type: ignore[override]
-        img, states, weights, dims, (oz, oy, ox), keys, thresh, nca = ctx.saved
+    def backward(ctx, grad_out):
+        img, states, weights, dims, (oz, oy, ox), keys, thresh = ctx.saved
         cw, cb, w0, b0, w1, w0t, w1t = weights
         nb, cu, nz, ny, nx = states.shape[1:]
         cin = img.shape[1]
@@ -271,8 +354,8 @@ class FusedLevelSteps(torch.autograd.Function):
         with _STEP_LOCK:
             for t in range(keys.shape[0] - 1, -1, -1):
                 _backward_mlp(img, states[t], g, gin, gp, cw, cb, w0, b0, w1, w0t, w1t, dims, oz, oy, ox,
-                              keys[t], np.uint64(thresh), *acc)
-                _backward_conv(gp, gin, cw, cin, inv_z, n_z, inv_y, n_y)
+                              keys[t], np.uint64(thresh), acc[2], acc[3], acc[4])
+                _backward_conv(img, states[t], gp, gin, cw, dims, inv_z, n_z, inv_y, n_y, acc[0], acc[1])
                 g, gin = gin, g
         grads = [torch.from_numpy(a.sum(axis=0)).reshape(shape) for a, shape in zip(acc, ctx.param_shapes)]
         grad_state = torch.from_numpy(g).reshape(grad_out.shape)

@@ -90,7 +90,7 @@ class OctreeNCA(nn.Module):
         patch_size: tuple[int, ...] | None = None,
         generator: torch.Generator | None = None,
         fire_rate: float | None = None,
-        level_steps: "LevelSteps | None" = None,
+        level_steps: LevelSteps | None = None,
     ) -> tuple[torch.Tensor, Patch]:
         """Differentiable forward pass over a batch ``(B, in, *spatial)`` of normalised images.
 
@@ -126,7 +126,8 @@ class OctreeNCA(nn.Module):
                 state = _crop(state, origin, size)
                 in_patch = True
             img = _crop(pyramid[level], origin, tuple(state.shape[2:])) if in_patch else pyramid[level]
-            state = level_steps(self.levels[level], img, state, level, cfg.steps[level], seeds, origin, fire_rate)
+            nca = cast(BackboneNCA, self.levels[level])
+            state = level_steps(nca, img, state, level, cfg.steps[level], seeds, origin, fire_rate)
         return state[:, : cfg.output_channels], Patch(origin, tuple(state.shape[2:]))
 
 

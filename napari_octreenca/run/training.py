@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -283,8 +283,10 @@ def level_steps_for(model: OctreeNCA, cfg: TrainConfig, device: torch.device) ->
         return None, "autograd"
     from ..backends import cpu_train
     from ..nca.packing import check_fusable
+    from ..nca.weights import BackboneNCA
 
-    if not cpu_train.available() or not all(check_fusable(nca)[0] for nca in model.levels):
+    levels = cast(list[BackboneNCA], list(model.levels))
+    if not cpu_train.available() or not all(check_fusable(nca)[0] for nca in levels):
         return None, "autograd"
     return cpu_train.run_level_fused, "cpu-fused"
 
