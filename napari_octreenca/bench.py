@@ -41,8 +41,8 @@ import torch
 
 from .backends import Backend, LevelRun, get_backend
 from .nca.config import ModelConfig, preset
-from .nca.weights import BackboneNCA
 from .nca.octree import OctreeNCA
+from .nca.weights import BackboneNCA
 
 MODES = ("level", "pipeline", "train")
 #: Training steps the ``train`` mode compares (see :func:`_train_case`).
@@ -105,7 +105,7 @@ class _Probe:
     def __init__(self, device: torch.device):
         self.device = device
 
-    def __enter__(self) -> "_Probe":
+    def __enter__(self) -> _Probe:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
@@ -134,8 +134,12 @@ def _level_case(case: Case, backend: Backend, device: torch.device, dt: torch.dt
     run = LevelRun(level=0, steps=case.steps, seed=1, fire_rate=cfg.fire_rate)
     # Warm-up on a small block: kernel compilation and loading are not timed.
     small = (8,) * case.dims
-    backend.run_level(nca, torch.zeros((1, cfg.input_channels) + small, device=device, dtype=dt),
-                      torch.zeros((1, cfg.update_channels) + small, device=device, dtype=dt), run)
+    backend.run_level(
+        nca,
+        torch.zeros((1, cfg.input_channels) + small, device=device, dtype=dt),
+        torch.zeros((1, cfg.update_channels) + small, device=device, dtype=dt),
+        run,
+    )
     with _Probe(device) as probe:
         image = torch.randn((1, cfg.input_channels) + shape, device=device, dtype=dt)
         state = torch.randn((1, cfg.update_channels) + shape, device=device, dtype=dt)
@@ -169,8 +173,7 @@ def _pipeline_case(case: Case, backend: Backend, device: torch.device, dt: torch
         del x
         fg = (logits > 0).any(dim=1)
         del logits, fg
-    return {"cell_steps": cell_steps, "seconds": probe.seconds, "peak_bytes": probe.peak,
-            "pixels": int(np.prod(shape))}
+    return {"cell_steps": cell_steps, "seconds": probe.seconds, "peak_bytes": probe.peak, "pixels": int(np.prod(shape))}
 
 
 def _train_runner(name: str) -> Any:
@@ -225,8 +228,12 @@ def _train_case(case: Case, device: torch.device) -> dict[str, Any]:
         with _Probe(device) as probe:
             for i in range(iterations):
                 iteration(i + 1, image, target, patch)
-    return {"cell_steps": cells[0] // iterations, "seconds": probe.seconds / iterations,
-            "peak_bytes": probe.peak, "pixels": int(np.prod(shape)) * case.batch}
+    return {
+        "cell_steps": cells[0] // iterations,
+        "seconds": probe.seconds / iterations,
+        "peak_bytes": probe.peak,
+        "pixels": int(np.prod(shape)) * case.batch,
+    }
 
 
 def run_case(case: Case) -> dict[str, Any]:
@@ -260,7 +267,9 @@ def _run_isolated(case: Case) -> dict[str, Any]:
         env.update(NUMBA_NUM_THREADS=str(case.threads), OMP_NUM_THREADS=str(case.threads))
     proc = subprocess.run(
         [sys.executable, "-m", "napari_octreenca.bench", "--case", json.dumps(case.__dict__)],
-        capture_output=True, text=True, env=env,
+        capture_output=True,
+        text=True,
+        env=env,
     )
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
     if proc.returncode != 0 or not lines:
@@ -304,8 +313,14 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [
-            r["backend"], r["mode"], r["size"], r["dtype"], str(r.get("threads", "")),
-            f"{r['cell_steps_per_s']:.3g}", f"{r['seconds']:.3f}", f"{r['peak_bytes'] / 2**20:.1f}",
+            r["backend"],
+            r["mode"],
+            r["size"],
+            r["dtype"],
+            str(r.get("threads", "")),
+            f"{r['cell_steps_per_s']:.3g}",
+            f"{r['seconds']:.3f}",
+            f"{r['peak_bytes'] / 2**20:.1f}",
             f"{r['bytes_per_pixel']:.1f}",
         ]
         lines.append("| " + " | ".join(cells) + " |")
@@ -320,8 +335,18 @@ def ratio_lines(rows: list[dict[str, Any]]) -> list[str]:
     """Each row's speed-up and peak-memory fraction against the yardstick row of its mode and size."""
     out = []
     for r in rows:
-        ref = next((t for t in rows if t["backend"] == YARDSTICK[r["mode"]] and t["mode"] == r["mode"]
-                    and t["size"] == r["size"] and t["preset"] == r["preset"] and t["dtype"] == "float32"), None)
+        ref = next(
+            (
+                t
+                for t in rows
+                if t["backend"] == YARDSTICK[r["mode"]]
+                and t["mode"] == r["mode"]
+                and t["size"] == r["size"]
+                and t["preset"] == r["preset"]
+                and t["dtype"] == "float32"
+            ),
+            None,
+        )
         if ref is None or ref is r:
             continue
         mem = f"{r['peak_bytes'] / ref['peak_bytes']:.3f}" if ref["peak_bytes"] else "n/a"
@@ -352,8 +377,11 @@ def machine_description(device: str = "cpu") -> str:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``octreenca bench``."""
     p = argparse.ArgumentParser(prog="octreenca bench", description=__doc__.split("\n")[0])
-    p.add_argument("--backends", default="auto",
-                   help="comma list: auto, torch, cpu-fused, cuda, torch-layerwise; train mode: autograd, cpu-fused")
+    p.add_argument(
+        "--backends",
+        default="auto",
+        help="comma list: auto, torch, cpu-fused, cuda, torch-layerwise; train mode: autograd, cpu-fused",
+    )
     p.add_argument("--sizes", default="1024", help="comma list of edge lengths")
     p.add_argument("--dtypes", default="float32", help="comma list: float32, bfloat16")
     p.add_argument("--mode", default="level", choices=MODES)
@@ -372,9 +400,17 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     split = lambda s: [x.strip() for x in s.split(",") if x.strip()]  # noqa: E731
     rows = run_bench(
-        split(args.backends), [int(s) for s in split(args.sizes)], split(args.dtypes), mode=args.mode,
-        dims=args.dims, preset_name=args.preset, steps=args.steps, device=args.device, threads=args.threads,
-        isolate=False if args.no_isolate else None, batch=args.batch,
+        split(args.backends),
+        [int(s) for s in split(args.sizes)],
+        split(args.dtypes),
+        mode=args.mode,
+        dims=args.dims,
+        preset_name=args.preset,
+        steps=args.steps,
+        device=args.device,
+        threads=args.threads,
+        isolate=False if args.no_isolate else None,
+        batch=args.batch,
     )
     stamp = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     print(f"# {machine_description(args.device)}, {stamp}, {machine_load()}")

@@ -37,7 +37,8 @@ def _grads(runner, nca, image, state, **kw) -> tuple[torch.Tensor, list[torch.Te
 
 
 @pytest.mark.parametrize(
-    "shape", [(1, 1), (2, 5), (3, 3), (7, 9), (13, 6), (1, 2, 3), (2, 2, 2), (3, 3, 3), (4, 5, 3), (6, 1, 5)],
+    "shape",
+    [(1, 1), (2, 5), (3, 3), (7, 9), (13, 6), (1, 2, 3), (2, 2, 2), (3, 3, 3), (4, 5, 3), (6, 1, 5)],
     ids=lambda s: "x".join(map(str, s)),
 )
 @pytest.mark.parametrize("fire_rate", [0.5, 1.0])
@@ -59,10 +60,13 @@ def test_level_gradients_equal_autograd(shape, fire_rate) -> None:
     assert _rel(gs, ref_s) < 1e-4
 
 
-@pytest.mark.parametrize("name,shape,patch", [
-    ("pathology", (40, 36), None),
-    ("radiology", (20, 18, 12), (8, 8, 6)),
-])
+@pytest.mark.parametrize(
+    "name,shape,patch",
+    [
+        ("pathology", (40, 36), None),
+        ("radiology", (20, 18, 12), (8, 8, 6)),
+    ],
+)
 def test_octree_gradients_equal_autograd(name, shape, patch) -> None:
     """All levels through forward_train (3D with the patch scheme): same logits and gradients."""
     cfg = preset(name, steps=(3, 3, 2, 2, 4))
@@ -144,8 +148,12 @@ def test_training_scripts_use_the_fused_step(monkeypatch, tmp_path) -> None:
     monkeypatch.setattr(cpu_train, "run_level_fused", lambda *a, **k: calls.append(a[3]) or real(*a, **k))
     cfg = preset("pathology", steps=(2, 2, 3), factors=((2, 2),) * 2)
     model, done, _ = budget.train_with_budget(
-        cfg, _toy_pairs(), TrainConfig(iterations=1, batch_size=1, crop=(16, 16)),
-        checkpoint=str(tmp_path / "ck.safetensors"), resume=False, max_minutes=None,
+        cfg,
+        _toy_pairs(),
+        TrainConfig(iterations=1, batch_size=1, crop=(16, 16)),
+        checkpoint=str(tmp_path / "ck.safetensors"),
+        resume=False,
+        max_minutes=None,
     )
     assert done == 1 and sorted(calls) == [0, 1, 2]
     assert model.config.provenance["train_step"] == "cpu-fused"

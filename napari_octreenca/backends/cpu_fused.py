@@ -25,10 +25,9 @@ import numpy as np
 import torch
 
 from ..nca.errors import InputError
-from ..nca.weights import BackboneNCA
-from .base import Backend, LevelRun, StepCallback
 from ..nca.packing import check_fusable
-from .base import fire_params
+from ..nca.weights import BackboneNCA
+from .base import Backend, LevelRun, StepCallback, fire_params
 
 log = logging.getLogger(__name__)
 
@@ -393,9 +392,9 @@ class CpuFusedBackend(Backend):
             oz, oy, ox = origin
         c, h = nca.channels, nca.fc0.out_channels
         cw = nca.conv.weight.detach().float().reshape(c, -1).contiguous().numpy()
-        cb = nca.conv.bias.detach().float().contiguous().numpy()
+        cb = nca.conv_bias.detach().float().contiguous().numpy()
         w0 = nca.fc0.weight.detach().float().reshape(h, 2 * c).contiguous().numpy()
-        b0 = nca.fc0.bias.detach().float().contiguous().numpy()
+        b0 = nca.fc0_bias.detach().float().contiguous().numpy()
         w1 = nca.fc1.weight.detach().float().reshape(c - nca.input_channels, h).contiguous().numpy()
         img_np = view(image)
         previous = numba.get_num_threads()
@@ -406,8 +405,21 @@ class CpuFusedBackend(Backend):
                 key, thresh = fire_params(run, step)
                 with _STEP_LOCK:
                     _fused_step(
-                        img_np, view(state), view(out), cw, cb, w0, b0, w1, dims, oz, oy, ox,
-                        np.full(state.shape[0], key, np.uint64), np.uint64(thresh), bf16,
+                        img_np,
+                        view(state),
+                        view(out),
+                        cw,
+                        cb,
+                        w0,
+                        b0,
+                        w1,
+                        dims,
+                        oz,
+                        oy,
+                        ox,
+                        np.full(state.shape[0], key, np.uint64),
+                        np.uint64(thresh),
+                        bf16,
                     )
                 state, out = out, state
                 if callback is not None:

@@ -143,8 +143,9 @@ if numba is not None:
                 gp[b, c, z, y, x] = gx[c_all + c, k]
 
     @njit(parallel=True, fastmath=_FASTMATH, cache=True, nogil=True)
-    def _backward_mlp(img, state, gout, gin, gp, cw, cb, w0, b0, w1, w0t, w1t, dims, oz, oy, ox,
-                      keys, thresh, acc_w0, acc_b0, acc_w1):
+    def _backward_mlp(
+        img, state, gout, gin, gp, cw, cb, w0, b0, w1, w0t, w1t, dims, oz, oy, ox, keys, thresh, acc_w0, acc_b0, acc_w1
+    ):
         """Pass 1 of one step's backward (see the module docstring).
 
         img (B, IN, nz, ny, nx) and state (B, CU, ...) are the step's inputs, gout the gradient of
@@ -327,8 +328,23 @@ class FusedLevelSteps(torch.autograd.Function):
         oz, oy, ox = (0,) + tuple(origin) if dims == 2 else tuple(origin)
         for t in range(steps):
             with _STEP_LOCK:
-                cpu_fused._fused_step(img, states[t], states[t + 1], cw, cb, w0, b0, w1, dims, oz, oy, ox,
-                                      keys[t], np.uint64(thresh), False)
+                cpu_fused._fused_step(
+                    img,
+                    states[t],
+                    states[t + 1],
+                    cw,
+                    cb,
+                    w0,
+                    b0,
+                    w1,
+                    dims,
+                    oz,
+                    oy,
+                    ox,
+                    keys[t],
+                    np.uint64(thresh),
+                    False,
+                )
         ctx.saved = (img, states, weights, dims, (oz, oy, ox), keys, thresh)
         ctx.param_shapes = [p.shape for p in (conv_w, conv_b, fc0_w, fc0_b, fc1_w)]
         return torch.from_numpy(states[steps].reshape(state.shape).copy())
@@ -353,8 +369,29 @@ class FusedLevelSteps(torch.autograd.Function):
             inv_z, n_z = np.zeros((1, 6, 2), np.int64), np.ones(1, np.int64)
         with _STEP_LOCK:
             for t in range(keys.shape[0] - 1, -1, -1):
-                _backward_mlp(img, states[t], g, gin, gp, cw, cb, w0, b0, w1, w0t, w1t, dims, oz, oy, ox,
-                              keys[t], np.uint64(thresh), acc[2], acc[3], acc[4])
+                _backward_mlp(
+                    img,
+                    states[t],
+                    g,
+                    gin,
+                    gp,
+                    cw,
+                    cb,
+                    w0,
+                    b0,
+                    w1,
+                    w0t,
+                    w1t,
+                    dims,
+                    oz,
+                    oy,
+                    ox,
+                    keys[t],
+                    np.uint64(thresh),
+                    acc[2],
+                    acc[3],
+                    acc[4],
+                )
                 _backward_conv(img, states[t], gp, gin, cw, dims, inv_z, n_z, inv_y, n_y, acc[0], acc[1])
                 g, gin = gin, g
         grads = [torch.from_numpy(a.sum(axis=0)).reshape(shape) for a, shape in zip(acc, ctx.param_shapes)]
@@ -378,12 +415,21 @@ def run_level_fused(
     in ``OctreeNCA.forward_train`` on the CPU.
     """
     thresh = threshold(fire_rate)  # 1.0 -> 2**24: every cell fires, as with no mask
-    keys = np.array(
-        [[base_key(s, level, t) & MASK32 for s in seeds] for t in range(steps)], dtype=np.uint64
-    ).reshape(steps, len(seeds))
+    keys = np.array([[base_key(s, level, t) & MASK32 for s in seeds] for t in range(steps)], dtype=np.uint64).reshape(
+        steps, len(seeds)
+    )
     return FusedLevelSteps.apply(
-        image, state, nca.conv.weight, nca.conv.bias, nca.fc0.weight, nca.fc0.bias, nca.fc1.weight,
-        nca, keys, thresh, tuple(origin),
+        image,
+        state,
+        nca.conv.weight,
+        nca.conv.bias,
+        nca.fc0.weight,
+        nca.fc0.bias,
+        nca.fc1.weight,
+        nca,
+        keys,
+        thresh,
+        tuple(origin),
     )
 
 

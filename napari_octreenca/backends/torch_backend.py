@@ -61,8 +61,13 @@ class TorchBackend(Backend):
             dx = nca_delta(weights, _pad_other_axes(block, r))
             if run.fire_rate < 1.0:
                 mask = fire_mask_torch(
-                    (b - a,) + spatial[1:], (origin[0] + a,) + tuple(origin[1:]),
-                    run.seed, run.level, step, run.fire_rate, state.device,
+                    (b - a,) + spatial[1:],
+                    (origin[0] + a,) + tuple(origin[1:]),
+                    run.seed,
+                    run.level,
+                    step,
+                    run.fire_rate,
+                    state.device,
                 )
                 torch.addcmul(src[:, :, a:b], dx, mask.to(dtype), out=dst[:, :, a:b])
             else:

@@ -132,7 +132,9 @@ class OctreeNCA(nn.Module):
 
 
 #: ``(nca, image, state, level, steps, seeds, origin, fire_rate) -> state``: a level's steps in training.
-LevelSteps = Callable[[BackboneNCA, torch.Tensor, torch.Tensor, int, int, Sequence[int], tuple[int, ...], float], torch.Tensor]
+LevelSteps = Callable[
+    [BackboneNCA, torch.Tensor, torch.Tensor, int, int, Sequence[int], tuple[int, ...], float], torch.Tensor
+]
 
 
 def reference_level_steps(
@@ -153,8 +155,7 @@ def reference_level_steps(
         mask = None
         if fire_rate < 1.0:
             masks = [
-                fire_mask_torch(tuple(state.shape[2:]), origin, s, level, step, fire_rate, state.device)
-                for s in seeds
+                fire_mask_torch(tuple(state.shape[2:]), origin, s, level, step, fire_rate, state.device) for s in seeds
             ]
             mask = torch.stack(masks).unsqueeze(1).to(state.dtype)
         state = step_differentiable(nca, img, state, mask)

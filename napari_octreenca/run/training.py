@@ -22,12 +22,12 @@ import torch
 import torch.nn.functional as F
 
 from ..fileutil import atomic_write
-from ..nca.device import check_device
 from ..nca.config import ModelConfig
+from ..nca.device import check_device
 from ..nca.errors import Cancelled, ConfigError, InputError, ModelFileError, OctreeNCAError
+from ..nca.octree import LevelSteps, OctreeNCA
 from .inference import is_cancelled
 from .inputs import prepare
-from ..nca.octree import LevelSteps, OctreeNCA
 
 
 class TrainingError(OctreeNCAError, RuntimeError):
@@ -71,7 +71,7 @@ class TrainConfig:
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items()}
 
     @staticmethod
-    def from_dict(d: dict[str, Any]) -> "TrainConfig":
+    def from_dict(d: dict[str, Any]) -> TrainConfig:
         d = dict(d)
         for k in ("crop", "level_patch", "betas", "class_weights"):
             if d.get(k) is not None:
@@ -116,11 +116,11 @@ def _prepare_pair(pair: TrainPair, config: ModelConfig) -> _Sample:
     labels = np.asarray(pair.labels)
     spatial_in = plan.spatial_input_axes
     if labels.ndim != len(spatial_in):
-        raise InputError(
-            f"labels of shape {labels.shape} do not match the image's spatial axes {spatial_in!r}"
-        )
+        raise InputError(f"labels of shape {labels.shape} do not match the image's spatial axes {spatial_in!r}")
     # Labels follow the image's spatial axes: put them in the network order too.
-    perm = [spatial_in.index(a) if a in spatial_in else spatial_in.index({"T": "Z", "Z": "T"}[a]) for a in plan.model_axes]
+    perm = [
+        spatial_in.index(a) if a in spatial_in else spatial_in.index({"T": "Z", "Z": "T"}[a]) for a in plan.model_axes
+    ]
     lab = torch.from_numpy(np.ascontiguousarray(labels.astype(np.int64))).permute(perm)
     if tuple(lab.shape) != tuple(image.shape[2:]):
         raise InputError(f"labels shape {tuple(labels.shape)} does not match the image's spatial shape")
@@ -134,7 +134,9 @@ def _prepare_pair(pair: TrainPair, config: ModelConfig) -> _Sample:
     return _Sample(image[0], target, fg)
 
 
-def _crop_box(shape: Sequence[int], crop: Sequence[int], sample: _Sample, rng: np.random.Generator, fg_frac: float) -> tuple[slice, ...]:
+def _crop_box(
+    shape: Sequence[int], crop: Sequence[int], sample: _Sample, rng: np.random.Generator, fg_frac: float
+) -> tuple[slice, ...]:
     size = [min(c, s) for c, s in zip(crop, shape)]
     if sample.fg.shape[0] and rng.random() < fg_frac:
         centre = sample.fg[int(rng.integers(sample.fg.shape[0]))].tolist()
@@ -144,7 +146,9 @@ def _crop_box(shape: Sequence[int], crop: Sequence[int], sample: _Sample, rng: n
     return tuple(slice(a, a + n) for a, n in zip(start, size))
 
 
-def _augment(img: torch.Tensor, tgt: torch.Tensor, rng: np.random.Generator, cfg: TrainConfig) -> tuple[torch.Tensor, torch.Tensor]:
+def _augment(
+    img: torch.Tensor, tgt: torch.Tensor, rng: np.random.Generator, cfg: TrainConfig
+) -> tuple[torch.Tensor, torch.Tensor]:
     if cfg.augment:
         # Intensity: contrast, brightness and a little noise, per sample (normalised units).
         a = float(rng.uniform(0.85, 1.15))
@@ -159,7 +163,9 @@ def _augment(img: torch.Tensor, tgt: torch.Tensor, rng: np.random.Generator, cfg
     return img, tgt
 
 
-def _batch(samples: list[_Sample], cfg: TrainConfig, mcfg: ModelConfig, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+def _batch(
+    samples: list[_Sample], cfg: TrainConfig, mcfg: ModelConfig, rng: np.random.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
     shapes = [tuple(s.image.shape[1:]) for s in samples]
     crop = cfg.crop or tuple(min(s[i] for s in shapes) for i in range(mcfg.spatial_dims))
     crop = tuple(min(c, min(s[i] for s in shapes)) for i, c in enumerate(crop))
@@ -179,7 +185,10 @@ def _batch(samples: list[_Sample], cfg: TrainConfig, mcfg: ModelConfig, rng: np.
 
 
 def dice_bce_loss(
-    logits: torch.Tensor, target: torch.Tensor, bce_weight: float = 1.0, dice_weight: float = 1.0,
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    bce_weight: float = 1.0,
+    dice_weight: float = 1.0,
     class_weights: Sequence[float] | None = None,
 ) -> torch.Tensor:
     """BCE-with-logits plus soft Dice loss per class, weighted per class."""
@@ -263,7 +272,10 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
     ema.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("ema.")})
     return {
-        "model": model, "ema": ema, "tensors": tensors, "meta": meta,
+        "model": model,
+        "ema": ema,
+        "tensors": tensors,
+        "meta": meta,
         "train_config": TrainConfig.from_dict(json.loads(meta["train_config"])),
         "iteration": int(meta["iteration"]),
     }
@@ -356,8 +368,14 @@ def train(
 
     def _state(it: int) -> dict[str, Any]:
         return {
-            "model": model, "ema": ema, "optimizer": opt, "train_config": cfg, "iteration": it,
-            "rng": rng, "history": history, "seconds": seconds0 + time.perf_counter() - t0,
+            "model": model,
+            "ema": ema,
+            "optimizer": opt,
+            "train_config": cfg,
+            "iteration": it,
+            "rng": rng,
+            "history": history,
+            "seconds": seconds0 + time.perf_counter() - t0,
         }
 
     for it in range(start, cfg.iterations):
@@ -373,7 +391,9 @@ def train(
         img, tgt = img.to(device), tgt.to(device)
         seeds = [int(s) for s in rng.integers(0, 2**62, size=img.shape[0])]
         gen = torch.Generator().manual_seed(int(rng.integers(2**62)))
-        logits, patch = model.forward_train(img, seeds, patch_size=cfg.level_patch, generator=gen, level_steps=level_steps)
+        logits, patch = model.forward_train(
+            img, seeds, patch_size=cfg.level_patch, generator=gen, level_steps=level_steps
+        )
         tgt = tgt[(slice(None), slice(None)) + patch.slices()]
         loss = dice_bce_loss(logits, tgt, cfg.bce_weight, cfg.dice_weight, cfg.class_weights)
         if not math.isfinite(float(loss.detach())):
@@ -395,7 +415,11 @@ def train(
         lr = opt.param_groups[0]["lr"]
         history.append({"iteration": it + 1, "loss": float(loss.detach()), "dice": dice, "lr": lr})
         if callback is not None:
-            callback(TrainProgress(it + 1, cfg.iterations, float(loss.detach()), dice, lr, seconds0 + time.perf_counter() - t0, ema))
+            callback(
+                TrainProgress(
+                    it + 1, cfg.iterations, float(loss.detach()), dice, lr, seconds0 + time.perf_counter() - t0, ema
+                )
+            )
         if checkpoint and cfg.checkpoint_every and (it + 1) % cfg.checkpoint_every == 0:
             save_checkpoint(checkpoint, _state(it + 1))
     if checkpoint:
@@ -403,8 +427,14 @@ def train(
     total = seconds0 + time.perf_counter() - t0
     ema = ema.cpu().eval()
     prov = dict(mcfg.provenance)
-    prov.update({"train": cfg.to_dict(), "iterations": cfg.iterations, "train_seconds": round(total, 1),
-                 "train_step": step_name})
+    prov.update(
+        {
+            "train": cfg.to_dict(),
+            "iterations": cfg.iterations,
+            "train_seconds": round(total, 1),
+            "train_step": step_name,
+        }
+    )
     final = OctreeNCA(mcfg.replace(provenance=prov))
     final.load_state_dict(ema.state_dict())
     return TrainResult(final.eval(), history, total, cfg.iterations)
