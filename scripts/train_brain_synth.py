@@ -34,9 +34,9 @@ import torch
 from _budget import print_progress, train_with_budget
 from train_brain import GRID, SPACING, _rotation, augmented_copies
 
-from napari_octreenca.baselines import otsu_brain_mask
 from napari_octreenca.data_sources import ITK_DATA, MRICRON, load_nifti_zyx
 from napari_octreenca.nca.modelfile import load_model, read_extra, save_model
+from napari_octreenca.run.baselines import otsu_brain_mask
 from napari_octreenca.run.resample import segment_at_model_spacing
 from napari_octreenca.run.training import TrainConfig, TrainPair, hard_dice
 

@@ -29,10 +29,10 @@ import numpy as np
 import torch
 from _budget import print_progress, train_with_budget
 
-from napari_octreenca.baselines import prior_video_mask
 from napari_octreenca.data_sources import davis_sequence
 from napari_octreenca.nca.config import preset
 from napari_octreenca.nca.modelfile import save_model
+from napari_octreenca.run.baselines import prior_video_mask
 from napari_octreenca.run.resample import resample_to_model_spacing, segment_at_model_spacing
 from napari_octreenca.run.training import TrainConfig, TrainPair
 

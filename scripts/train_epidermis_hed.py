@@ -26,9 +26,9 @@ import torch
 from _budget import print_progress, train_with_budget
 from train_epidermis import split, to_model_grid
 
-from napari_octreenca.baselines import otsu_epidermis_mask
 from napari_octreenca.data_sources import cmu_epidermis_region, skin_sample
 from napari_octreenca.nca.modelfile import load_model, read_extra, save_model
+from napari_octreenca.run.baselines import otsu_epidermis_mask
 from napari_octreenca.run.resample import segment_at_model_spacing
 from napari_octreenca.run.training import TrainConfig, TrainPair, hard_dice
 

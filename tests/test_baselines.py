@@ -7,9 +7,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from napari_octreenca.baselines import otsu_brain_mask, run_baseline
 from napari_octreenca.cli import main
 from napari_octreenca.nca.errors import InputError
+from napari_octreenca.run.baselines import otsu_brain_mask, run_baseline
 from napari_octreenca.run.training import hard_dice
 
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 from models_common import check_file_and_card, close_to_card
 
-from napari_octreenca.baselines import otsu_epidermis_mask
 from napari_octreenca.data_sources import skin_sample
+from napari_octreenca.run.baselines import otsu_epidermis_mask
 from napari_octreenca.run.resample import segment_at_model_spacing
 from napari_octreenca.run.training import hard_dice
 

@@ -171,10 +171,10 @@ if numba is not None:
         return nf
 
     @njit(fastmath=_FASTMATH, cache=True, nogil=True)
-    def _mlp_tile(xt, w0, b0, w1, ht, dt, kn):
-        """dt[:, :kn] = fc1 @ relu(fc0 @ xt[:, :kn] + b0) for kn cells (cells innermost)."""
+    def _hidden_tile(xt, w0, b0, ht, kn):
+        """ht[:, :kn] = relu(fc0 @ xt[:, :kn] + b0): the 64-wide hidden layer (the training backward
+        recomputes it with this same function instead of storing it)."""
         hidden = w0.shape[0]
-        cu = w1.shape[0]
         for j in range(hidden):
             hj = ht[j]
             for k in range(kn):
@@ -185,6 +185,12 @@ if numba is not None:
             for k in range(kn):
                 if hj[k] < 0:
                     hj[k] = 0.0
+
+    @njit(fastmath=_FASTMATH, cache=True, nogil=True)
+    def _mlp_tile(xt, w0, b0, w1, ht, dt, kn):
+        """dt[:, :kn] = fc1 @ relu(fc0 @ xt[:, :kn] + b0) for kn cells (cells innermost)."""
+        cu = w1.shape[0]
+        _hidden_tile(xt, w0, b0, ht, kn)
         for c in range(cu):
             dc = dt[c]
             for k in range(kn):

@@ -38,6 +38,7 @@ if numba is not None:
         _accumulate,
         _firing,
         _gather_tile,
+        _hidden_tile,
         _load_rows,
         _perceive,
         _reflect,
@@ -89,17 +90,7 @@ if numba is not None:
     def _mlp_backward_tile(xt, gd, w0, b0, w1t, w0t, ht, gh, gx, kn, a_w0, a_b0, a_w1):
         """Backward of fc1(relu(fc0 x + b0)) for kn cells: gx = d/dx, weight gradients added to a_*."""
         hidden = b0.shape[0]
-        # Recompute the hidden layer: h = relu(fc0 x + b0).
-        for j in range(hidden):
-            hj = ht[j]
-            for k in range(kn):
-                hj[k] = b0[j]
-        _accumulate(ht, w0, xt, kn)
-        for j in range(hidden):
-            hj = ht[j]
-            for k in range(kn):
-                if hj[k] < 0:
-                    hj[k] = 0.0
+        _hidden_tile(xt, w0, b0, ht, kn)  # recomputed, not stored
         # fc1: dW1 += gd h^T; gh = W1^T gd, masked by the ReLU.
         _dot_rows(a_w1, gd, ht, kn)
         for j in range(hidden):

@@ -168,7 +168,7 @@ def run_segment(
     estimate (``run.quality``), reported to ``progress`` as stage ``quality`` and stored in the
     output's metadata (``octreenca segment`` runs 3 by default). ``model`` may also name a classical baseline (``baselines.BASELINE_MODELS``, e.g. ``otsu-brain``).
     """
-    from ..baselines import BASELINE_MODELS
+    from .baselines import BASELINE_MODELS
 
     if model in BASELINE_MODELS:
         return _run_baseline(inputs, output, model, progress)
@@ -440,7 +440,7 @@ def _prepare_output(dest: Path, resuming: bool) -> None:
 
 def _run_baseline(inputs: list[str], output: str, name: str, progress: Progress) -> list[Path]:
     """``run_segment`` for a classical baseline: the same inputs and outputs, no NCA."""
-    from ..baselines import BASELINE_MODELS, run_baseline
+    from .baselines import BASELINE_MODELS, run_baseline
 
     kind = BASELINE_MODELS[name]
     paths = expand_inputs(list(inputs))

@@ -90,7 +90,7 @@ def run_baseline(name: str, image: Any, axes: str, scale: Sequence[float] | None
     ``axes`` names the image's axes (``ZYX`` for MRI, ``YXC`` for RGB); ``scale`` is the voxel
     size per spatial axis (mm for MRI; used by ``otsu-brain``'s morphology).
     """
-    from .nca.errors import InputError
+    from ..nca.errors import InputError
 
     if name not in BASELINE_MODELS:
         raise InputError(f"unknown baseline {name!r}; choose one of {', '.join(BASELINE_MODELS)}")
