@@ -25,7 +25,7 @@ BASELINE_MODELS: dict[str, dict[str, Any]] = {
 def _ellipsoid(radius_mm: float, spacing: Sequence[float]) -> np.ndarray:
     r = [max(1, int(round(radius_mm / s))) for s in spacing]
     grids = np.ogrid[tuple(slice(-n, n + 1) for n in r)]
-    return sum((g * s / radius_mm) ** 2 for g, s in zip(grids, spacing)) <= 1.0
+    return np.asarray(sum((g * s / radius_mm) ** 2 for g, s in zip(grids, spacing)) <= 1.0)
 
 
 def _largest_component(mask: np.ndarray) -> np.ndarray:
