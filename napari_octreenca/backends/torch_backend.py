@@ -15,7 +15,8 @@ import torch
 import torch.nn.functional as F
 
 from ..nca.firemask import fire_mask_torch
-from ..nca.step import nca_delta, pad_reflect, reflect_index, step_differentiable
+from ..nca.octree import reference_level_steps
+from ..nca.step import nca_delta, pad_reflect, reflect_index
 from ..nca.weights import BackboneNCA
 from .base import Backend, LevelRun, StepCallback
 
@@ -130,16 +131,12 @@ def cast_weights(nca: BackboneNCA, dtype: torch.dtype, device: torch.device) -> 
     return copy.deepcopy(nca).to(device=device, dtype=dtype)
 
 
-class LayerwiseTorchBackend(Backend):
+class LayerwiseTorchBackend(TorchBackend):
     """The whole level through the reference step at once (all intermediates alive), as the
     published OctreeNCA code runs inference: the yardstick of the benchmarks, never picked by
     ``auto``."""
 
     name = "torch-layerwise"
-
-    @classmethod
-    def availability(cls) -> tuple[bool, str]:
-        return True, ""
 
     @torch.no_grad()
     def run_level(
@@ -151,15 +148,7 @@ class LayerwiseTorchBackend(Backend):
         callback: StepCallback | None = None,
     ) -> torch.Tensor:
         weights = cast_weights(nca, state.dtype, state.device)
-        image = image.to(state.dtype)
         origin = run.origin or (0,) * (state.dim() - 2)
-        for step in range(run.steps):
-            mask = None
-            if run.fire_rate < 1:
-                mask = fire_mask_torch(
-                    tuple(state.shape[2:]), origin, run.seed, run.level, step, run.fire_rate, state.device
-                )[None, None].to(state.dtype)
-            state = step_differentiable(weights, image, state, mask)
-            if callback is not None:
-                callback(step, state)
-        return state
+        return reference_level_steps(
+            weights, image.to(state.dtype), state, run.level, run.steps, [run.seed], origin, run.fire_rate, callback
+        )

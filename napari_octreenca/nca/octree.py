@@ -146,10 +146,12 @@ def reference_level_steps(
     seeds: Sequence[int],
     origin: tuple[int, ...],
     fire_rate: float,
+    callback: Callable[[int, torch.Tensor], None] | None = None,
 ) -> torch.Tensor:
     """``steps`` differentiable reference steps (autograd through ``step_differentiable``).
 
-    Sample b fires with the hashed mask of seeds[b] at global ``origin``.
+    Sample b fires with the hashed mask of seeds[b] at global ``origin``; ``callback(step, state)``
+    runs after every step.
     """
     for step in range(steps):
         mask = None
@@ -159,6 +161,8 @@ def reference_level_steps(
             ]
             mask = torch.stack(masks).unsqueeze(1).to(state.dtype)
         state = step_differentiable(nca, img, state, mask)
+        if callback is not None:
+            callback(step, state)
     return state
 
 

@@ -52,17 +52,7 @@ def tile_settings(plan: RunPlan) -> Any:
     """The plan's numbers for ``tiling.segment_tiled``."""
     from .tiling import TileSettings
 
-    o = plan.options
-    return TileSettings(
-        tile=plan.tile,
-        backend=o.backend,
-        dtype=o.dtype,
-        device=o.device,
-        seed=o.seed,
-        runs=o.runs,
-        steps=list(plan.steps),
-        fire_rate=o.fire_rate,
-    )
+    return TileSettings(tile=plan.tile, **_common(plan))
 
 
 def run_whole(model: Any, plan: RunPlan, image: Any, *, callback: Any = None, cancel: Any = None) -> Segmentation:

@@ -36,12 +36,6 @@ def config_of(name: str) -> Any:
     return read_config(CATALOG.path(name))
 
 
-def level_scale(src: Any) -> tuple[float, ...]:
-    """World size of a pixel of the pyramid level being segmented (the input spacing)."""
-    f = [n0 / n for n0, n in zip(src.level_shapes[0], src.spatial_shape)]
-    return tuple(s * fi for s, fi in zip(src.scale, f))
-
-
 def free_prefix(viewer: Any, base: str, suffixes: Iterable[str]) -> str:
     """``base``, else ``base #2``, ``base #3``...: the first prefix with which none of the layer
     names ``prefix + suffix`` is taken (a kept run's layers keep their names; the next run's
@@ -97,7 +91,6 @@ __all__ = [
     "image_layer_choices",
     "labels_layer_choices",
     "config_of",
-    "level_scale",
     "free_prefix",
     "remove_layers",
     "add_layers",
