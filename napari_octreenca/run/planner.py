@@ -24,7 +24,7 @@ import numpy as np
 
 from ..nca.config import ModelConfig
 from ..nca.errors import InputError
-from .inputs import plan_axes
+from .inputs import AxisPlan, plan_axes
 
 #: Share of the free memory a whole-image run may plan to use (the rest is headroom).
 HEADROOM = 0.6
@@ -265,16 +265,22 @@ def plan_grid(config: ModelConfig, geometry: InputGeometry) -> Grid:
     return Grid(ap.input_axes, in_shape, model_grid_shape(in_shape, sp, msp), sp, msp)
 
 
+def grid_axis_plan(config: ModelConfig, grid: Grid) -> AxisPlan:
+    """The axis plan of an array on ``grid`` (input axes, the model's axis order)."""
+    shape = iter(grid.grid_shape)
+    return plan_axes(tuple(config.input_channels if a == "C" else next(shape) for a in grid.axes), config, grid.axes)
+
+
+def grid_model_shape(config: ModelConfig, grid: Grid) -> tuple[int, ...]:
+    """The grid's spatial shape in the model's axis order (what the NCA's levels are built on)."""
+    ap = grid_axis_plan(config, grid)
+    by_axis = dict(zip(ap.spatial_input_axes, grid.grid_shape))
+    return tuple(by_axis[a] for a in ap.model_axes)
+
+
 def grid_steps(config: ModelConfig, grid: Grid) -> tuple[int, ...]:
     """The model's own steps per level for a run on ``grid``."""
-    ap = plan_axes(tuple(_grid_array_shape(grid)), config, grid.axes)
-    by_axis = dict(zip(ap.spatial_input_axes, grid.grid_shape))
-    return tuple(config.steps_for(tuple(by_axis[a] for a in ap.model_axes)))
-
-
-def _grid_array_shape(grid: Grid) -> tuple[int, ...]:
-    shape = iter(grid.grid_shape)
-    return tuple(3 if a == "C" else next(shape) for a in grid.axes)
+    return tuple(config.steps_for(grid_model_shape(config, grid)))
 
 
 def plan_run(

@@ -21,8 +21,7 @@ import numpy as np
 from magicgui.widgets import CheckBox, ComboBox, LineEdit, ProgressBar, PushButton, SpinBox
 
 from ..run.execute import execute
-from ..run.inputs import plan_axes
-from ..run.planner import Grid, RunOptions, RunPlan, plan_run
+from ..run.planner import Grid, RunOptions, RunPlan, grid_axis_plan, grid_model_shape, plan_run
 from ..run.recorder import (
     Frame,
     LevelReading,
@@ -393,10 +392,8 @@ class InspectorWidget(DockContainer):
             raise ValueError("choose an image and a model")
         cfg = _config_of(self.model.value)
         grid = self._run_plan(cfg, layer_input(layer, self.level.value), steps=None).grid
-        ap = plan_axes(_with_channels(grid), cfg, grid.axes)
         # Record what the NCA sees: the grid the planner chose (model spacing, RAS+ for NIfTI).
-        by_axis = dict(zip(ap.spatial_input_axes, grid.grid_shape))
-        return cfg, tuple(by_axis[a] for a in ap.model_axes), ap
+        return cfg, grid_model_shape(cfg, grid), grid_axis_plan(cfg, grid)
 
     def _run_plan(self, cfg: Any, src: Any, steps: list[int] | None) -> RunPlan:
         """The run Segment would make for this input (same planner), whole image, these steps."""
@@ -674,12 +671,6 @@ class InspectorWidget(DockContainer):
         self.cancel_button.enabled = False
         if self.job is not None and self.job.cancelled:
             self.status.value = "cancelled"
-
-
-def _with_channels(grid: Grid) -> tuple[int, ...]:
-    """An array shape on ``grid`` (3 for a colour axis) for axis planning."""
-    it = iter(grid.grid_shape)
-    return tuple(3 if a == "C" else next(it) for a in grid.axes)
 
 
 def _to_grid_order(grid: Grid, values: tuple[float, ...]) -> tuple[float, ...]:
