@@ -58,6 +58,27 @@ def test_fused_level_matches_torch(shape, fire_rate) -> None:
     assert (out - ref).abs().max().item() < 1e-5
 
 
+@pytest.mark.parametrize("shape", [(70, 29), (7, 21, 13)], ids=lambda s: "x".join(map(str, s)))
+def test_fused_runs_and_chunks_match_torch_and_any_thread_count(shape) -> None:
+    """Shapes with many row chunks and y-runs (incl. short last runs): equal to the torch path,
+    and bitwise the same with 1 and 2 threads (fixed chunks, any worker takes any chunk)."""
+    dims = len(shape)
+    nca = random_level(16, 1, 64, dims, seed=3)
+    g = torch.Generator().manual_seed(4)
+    image, state = torch.randn((2, 1) + shape, generator=g), torch.randn((2, 15) + shape, generator=g)
+    run = LevelRun(level=0, steps=2, seed=11, fire_rate=0.5, origin=(3,) * dims)
+    ref = TorchBackend().run_level(nca, image, state.clone(), run)
+    one = CpuFusedBackend(num_threads=1).run_level(nca, image, state.clone(), run)
+    two = CpuFusedBackend(num_threads=2).run_level(nca, image, state.clone(), run)
+    assert (one - ref).abs().max().item() < 1e-5
+    assert torch.equal(one, two)
+    b1 = CpuFusedBackend(num_threads=1).run_level(nca, image.bfloat16(), state.bfloat16(), run)
+    b2 = CpuFusedBackend(num_threads=2).run_level(nca, image.bfloat16(), state.bfloat16(), run)
+    assert torch.equal(b1, b2)
+    ref16 = TorchBackend().run_level(nca, image.bfloat16().float(), state.bfloat16().float(), run)
+    assert ((b1.float() - ref16).abs() / ref16.abs().clamp_min(1.0)).max().item() < 2e-2
+
+
 @pytest.mark.parametrize("dims", [2, 3])
 def test_odd_channel_counts(dims) -> None:
     """Channel and hidden counts that are not multiples of the loop blocking (remainder paths)."""

@@ -38,7 +38,7 @@ def _grads(runner, nca, image, state, **kw) -> tuple[torch.Tensor, list[torch.Te
 
 @pytest.mark.parametrize(
     "shape",
-    [(1, 1), (2, 5), (3, 3), (7, 9), (13, 6), (1, 2, 3), (2, 2, 2), (3, 3, 3), (4, 5, 3), (6, 1, 5)],
+    [(1, 1), (2, 5), (3, 3), (7, 9), (13, 6), (40, 29), (1, 2, 3), (2, 2, 2), (3, 3, 3), (4, 5, 3), (6, 1, 5), (5, 19, 11)],
     ids=lambda s: "x".join(map(str, s)),
 )
 @pytest.mark.parametrize("fire_rate", [0.5, 1.0])

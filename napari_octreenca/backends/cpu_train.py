@@ -35,13 +35,16 @@ if numba is not None:
     from .cpu_fused import (
         _FASTMATH,
         _TILE,
+        _YBLOCK,
         _accumulate,
         _firing,
         _gather_tile,
         _hidden_tile,
-        _load_rows,
         _perceive,
         _reflect,
+        _row_zy,
+        _run_length,
+        _tap_rows,
     )
 
     #: Row chunks per backward pass (fixed: weight gradients are summed chunk by chunk in order).
@@ -116,90 +119,126 @@ if numba is not None:
         _accumulate(gx, w0t, gh, kn)
 
     @njit(cache=True, nogil=True)
-    def _scatter_tile(gx, kn, pos_row, pos_x, gin, gp):
-        """gin[cell] += gx[centre state channels], gp[cell] = gx[perception] for the tile's cells."""
-        c_all, nz, ny = gp.shape[1], gp.shape[2], gp.shape[3]
-        cu = gin.shape[1]
+    def _scatter_tile(gx, kn, pos_b, pos_s, gin_flat, gp_flat, cu, c_all, plane):
+        """gin[cell] += gx[centre state channels], gp[cell] = gx[perception] for the tile's cells
+        (flat views: gin (B*CU*plane), gp (B*C*plane))."""
         cin = c_all - cu
-        for k in range(kn):
-            row = pos_row[k]
-            x = pos_x[k]
-            b = row // (nz * ny)
-            zy = row - b * nz * ny
-            z = zy // ny
-            y = zy - z * ny
-            for c in range(cu):
-                gin[b, c, z, y, x] += gx[cin + c, k]
-            for c in range(c_all):
-                gp[b, c, z, y, x] = gx[c_all + c, k]
+        for c in range(cu):
+            gxc = gx[cin + c]
+            for k in range(kn):
+                gin_flat[(pos_b[k] * cu + c) * plane + pos_s[k]] += gxc[k]
+        for c in range(c_all):
+            gxc = gx[c_all + c]
+            for k in range(kn):
+                gp_flat[(pos_b[k] * c_all + c) * plane + pos_s[k]] = gxc[k]
 
     @njit(parallel=True, fastmath=_FASTMATH, cache=True, nogil=True)
     def _backward_mlp(
-        img, state, gout, gin, gp, cw, cb, w0, b0, w1, w0t, w1t, dims, oz, oy, ox, keys, thresh, acc_w0, acc_b0, acc_w1
+        img,
+        state,
+        gout,
+        gin,
+        gp,
+        cw,
+        cb,
+        w0,
+        b0,
+        w1,
+        w0t,
+        w1t,
+        dims,
+        oz,
+        oy,
+        ox,
+        keys,
+        thresh,
+        acc_w0,
+        acc_b0,
+        acc_w1,
+        threads,
     ):
         """Pass 1 of one step's backward (see the module docstring).
 
         img (B, IN, nz, ny, nx) and state (B, CU, ...) are the step's inputs, gout the gradient of
         its output; writes gin (B, CU, ...) = gout + centre gradient and gp (B, C, ...) = the
-        perception gradient; adds the MLP's weight gradients to acc_*[chunk]. Firing cells of
-        consecutive rows share tiles, so short rows (coarse levels, 3D patches) fill them too.
+        perception gradient; adds the MLP's weight gradients to acc_*[chunk]. Rows go in the
+        forward kernel's order and runs; firing cells of consecutive rows share tiles, so short
+        rows (coarse levels, 3D patches) fill them too. ``threads``: numba's thread count.
         """
         nb, cin, nz, ny, nx = img.shape
         cu = state.shape[1]
         c_all = cin + cu
         hidden = b0.shape[0]
         rows = nb * nz * ny
+        plane = nz * ny * nx
         taps = 9 if dims == 3 else 3
+        centre = taps // 2
         nchunks = acc_w0.shape[0]
         per = (rows + nchunks - 1) // nchunks
-        for ch in prange(nchunks):
-            buf = np.empty((taps, c_all, nx + 2), np.float32)
-            idx = np.empty(nx, np.int64)
-            prow = np.empty((c_all, nx), np.float32)
+        img2 = img.reshape((nb * cin * nz * ny, nx))
+        st2 = state.reshape((nb * cu * nz * ny, nx))
+        gin_flat = gin.reshape(nb * cu * plane)
+        gp_flat = gp.reshape(nb * c_all * plane)
+        nw = max(1, min(threads, nchunks))
+        for w in prange(nw):
+            ridx = np.empty((_YBLOCK, taps, c_all), np.int64)
+            idx = np.empty((_YBLOCK, nx), np.int64)
+            nfs = np.zeros(_YBLOCK, np.int64)
+            prow = np.empty((_YBLOCK, c_all, nx), np.float32)
             xt = np.empty((2 * c_all, _TILE), np.float32)
             ht = np.empty((hidden, _TILE), np.float32)
             gd = np.empty((cu, _TILE), np.float32)
             gh = np.empty((hidden, _TILE), np.float32)
             gx = np.empty((2 * c_all, _TILE), np.float32)
-            pos_row = np.empty(_TILE, np.int64)
-            pos_x = np.empty(_TILE, np.int64)
-            a_w0, a_b0, a_w1 = acc_w0[ch], acc_b0[ch], acc_w1[ch]
-            fill = 0
-            for row in range(ch * per, min(rows, (ch + 1) * per)):
-                b = row // (nz * ny)
-                zy = row - b * nz * ny
-                z = zy // ny
-                y = zy - z * ny
-                for c in range(cu):
-                    gin[b, c, z, y, :] = gout[b, c, z, y, :]
-                for c in range(c_all):
-                    gp[b, c, z, y, :] = 0.0
-                nf = _firing(idx, keys[b], dims, oz + z, oy + y, ox, thresh)
-                if nf == 0:
-                    continue
-                _load_rows(img, state, buf, b, z, y, dims, False)
-                _perceive(buf, cw, cb, prow)
-                k0 = 0
-                while k0 < nf:
-                    kn = min(nf - k0, _TILE - fill)
-                    _gather_tile(buf, prow, idx, k0, kn, xt, fill)
-                    for c in range(cu):
-                        src = gout[b, c, z, y]
-                        gdc = gd[c]
-                        for k in range(kn):
-                            gdc[fill + k] = src[idx[k0 + k]]
-                    for k in range(kn):
-                        pos_row[fill + k] = row
-                        pos_x[fill + k] = idx[k0 + k]
-                    fill += kn
-                    k0 += kn
-                    if fill == _TILE:
-                        _mlp_backward_tile(xt, gd, w0, b0, w1t, w0t, ht, gh, gx, fill, a_w0, a_b0, a_w1)
-                        _scatter_tile(gx, fill, pos_row, pos_x, gin, gp)
-                        fill = 0
-            if fill:
-                _mlp_backward_tile(xt, gd, w0, b0, w1t, w0t, ht, gh, gx, fill, a_w0, a_b0, a_w1)
-                _scatter_tile(gx, fill, pos_row, pos_x, gin, gp)
+            pos_b = np.empty(_TILE, np.int64)
+            pos_s = np.empty(_TILE, np.int64)
+            for ch in range(w, nchunks, nw):
+                a_w0, a_b0, a_w1 = acc_w0[ch], acc_b0[ch], acc_w1[ch]
+                fill = 0
+                row = ch * per
+                end = min(rows, (ch + 1) * per)
+                while row < end:
+                    nrun = _run_length(row, end, nz, ny, False)
+                    b = row // (nz * ny)
+                    z, y0 = _row_zy(row - b * nz * ny, nz, ny)
+                    any_fired = 0
+                    for j in range(nrun):
+                        y = y0 + j
+                        for c in range(cu):
+                            gin[b, c, z, y, :] = gout[b, c, z, y, :]
+                        for c in range(c_all):
+                            gp[b, c, z, y, :] = 0.0
+                        nfs[j] = _firing(idx[j], keys[b], dims, oz + z, oy + y, ox, thresh)
+                        any_fired += nfs[j]
+                        _tap_rows(ridx[j], cin, cu, nz, ny, b, z, y, dims)
+                    if any_fired:
+                        _perceive(img2, st2, cin, ridx, cw, cb, prow, nrun)
+                    for j in range(nrun):
+                        nf = nfs[j]
+                        y = y0 + j
+                        zy = z * ny + y
+                        k0 = 0
+                        while k0 < nf:
+                            kn = min(nf - k0, _TILE - fill)
+                            _gather_tile(img2, st2, cin, ridx[j, centre], prow[j], idx[j], k0, kn, xt, fill)
+                            for c in range(cu):
+                                src = gout[b, c, z, y]
+                                gdc = gd[c]
+                                for k in range(kn):
+                                    gdc[fill + k] = src[idx[j, k0 + k]]
+                            for k in range(kn):
+                                pos_b[fill + k] = b
+                                pos_s[fill + k] = zy * nx + idx[j, k0 + k]
+                            fill += kn
+                            k0 += kn
+                            if fill == _TILE:
+                                _mlp_backward_tile(xt, gd, w0, b0, w1t, w0t, ht, gh, gx, fill, a_w0, a_b0, a_w1)
+                                _scatter_tile(gx, fill, pos_b, pos_s, gin_flat, gp_flat, cu, c_all, plane)
+                                fill = 0
+                    row += nrun
+                if fill:
+                    _mlp_backward_tile(xt, gd, w0, b0, w1t, w0t, ht, gh, gx, fill, a_w0, a_b0, a_w1)
+                    _scatter_tile(gx, fill, pos_b, pos_s, gin_flat, gp_flat, cu, c_all, plane)
 
     @njit(parallel=True, fastmath=_FASTMATH, cache=True, nogil=True)
     def _backward_conv(img, state, gp, gin, cw, dims, inv_z, n_z, inv_y, n_y, acc_cw, acc_cb):
@@ -211,13 +250,19 @@ if numba is not None:
         entry (0, 0)).
         """
         nb, c_all, nz, ny, nx = gp.shape
-        cin = c_all - gin.shape[1]
+        cu = gin.shape[1]
+        cin = c_all - cu
         rows = nb * nz * ny
         taps = 9 if dims == 3 else 3
         nchunks = acc_cw.shape[0]
         per = (rows + nchunks - 1) // nchunks
+        img2 = img.reshape((nb * cin * nz * ny, nx))
+        st2 = state.reshape((nb * cu * nz * ny, nx))
+        m = nx - 1
+        xl = 1 if nx > 1 else 0  # reflected neighbours of the two end cells
+        xr = nx - 2 if nx > 1 else 0
         for ch in prange(nchunks):
-            buf = np.empty((taps, c_all, nx + 2), np.float32)
+            ridx = np.empty((taps, c_all), np.int64)
             tmp = np.empty(nx + 2, np.float32)
             a_cw, a_cb = acc_cw[ch], acc_cb[ch]
             for row in range(ch * per, min(rows, (ch + 1) * per)):
@@ -226,7 +271,7 @@ if numba is not None:
                 z = zy // ny
                 y = zy - z * ny
                 # Perception weights: dcw[c, tap] += sum_x G[c, x] * (the tap's neighbour of x).
-                _load_rows(img, state, buf, b, z, y, dims, False)
+                _tap_rows(ridx, cin, cu, nz, ny, b, z, y, dims)
                 for c in range(c_all):
                     g = gp[b, c, z, y]
                     s = np.float32(0.0)
@@ -234,15 +279,15 @@ if numba is not None:
                         s += g[x]
                     a_cb[c] += s
                     for t in range(taps):
-                        rowt = buf[t, c]
-                        s0 = np.float32(0.0)
+                        r = img2[ridx[t, c]] if c < cin else st2[ridx[t, c]]
+                        s0 = g[0] * r[xl]
                         s1 = np.float32(0.0)
-                        s2 = np.float32(0.0)
+                        s2 = g[m] * r[xr]
                         for x in range(nx):
-                            gv = g[x]
-                            s0 += gv * rowt[x]
-                            s1 += gv * rowt[x + 1]
-                            s2 += gv * rowt[x + 2]
+                            s1 += g[x] * r[x]
+                        for x in range(nx - 1):
+                            s0 += g[x + 1] * r[x]
+                            s2 += g[x] * r[x + 1]
                         a_cw[c, 3 * t] += s0
                         a_cw[c, 3 * t + 1] += s1
                         a_cw[c, 3 * t + 2] += s2
@@ -335,6 +380,7 @@ class FusedLevelSteps(torch.autograd.Function):
                     keys[t],
                     np.uint64(thresh),
                     False,
+                    numba.get_num_threads(),
                 )
         ctx.saved = (img, states, weights, dims, (oz, oy, ox), keys, thresh)
         ctx.param_shapes = [p.shape for p in (conv_w, conv_b, fc0_w, fc0_b, fc1_w)]
@@ -382,6 +428,7 @@ class FusedLevelSteps(torch.autograd.Function):
                     acc[2],
                     acc[3],
                     acc[4],
+                    numba.get_num_threads(),
                 )
                 _backward_conv(img, states[t], gp, gin, cw, dims, inv_z, n_z, inv_y, n_y, acc[0], acc[1])
                 g, gin = gin, g
