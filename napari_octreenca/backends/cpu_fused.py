@@ -109,7 +109,7 @@ if numba is not None:
             for i in range(n):
                 dst[i] = src[i]
 
-    @njit(fastmath=_FASTMATH, cache=True, nogil=True, inline="always")
+    @njit(fastmath=_FASTMATH, cache=True, nogil=True)
     def _accumulate(out, w, x, kn):
         """out[r, :kn] += sum_i w[r, i] * x[i, :kn] for every row r (out and x cells innermost).
 
@@ -242,7 +242,7 @@ if numba is not None:
                         _load_row(state[b, c - cin, zz, yy], buf[t * c_all + c], True)
                     ridx[t, c] = t * c_all + c
 
-    @njit(fastmath=_FASTMATH, cache=True, nogil=True, inline="always")
+    @njit(fastmath=_FASTMATH, cache=True, nogil=True)
     def _perceive(src_in, src_st, cin, ridx, cw, cb, prow, nrows):
         """prow[j, c] = depthwise 3-wide conv of the tap-rows ridx[j, :, c] (rows of src_in for
         c < cin, else of src_st), reflected at both x ends, for the run's rows j < nrows.
@@ -302,7 +302,7 @@ if numba is not None:
             n += 1
         return n
 
-    @njit(inline="always", cache=True)
+    @njit(cache=True, nogil=True)
     def _gather_tile(src_in, src_st, cin, crow, prow, idx, k0, kn, xt, d0=0):
         """xt[:C, d0:d0+kn] = centre values (rows crow), xt[C:, ...] = perception of cells idx[k0:k0+kn]."""
         c_all = prow.shape[0]
@@ -316,7 +316,7 @@ if numba is not None:
                 xc_[d0 + k] = src[xk]
                 pc_[d0 + k] = pr[xk]
 
-    @njit(cache=True, nogil=True, inline="always")
+    @njit(cache=True, nogil=True)
     def _add_tile(dt, kn, pos_b, pos_s, out_flat, cu, plane):
         """out[b, c, cell] += dt[c, k] for the tile's cells (float32 state, flat (B*CU*plane) view)."""
         for c in range(cu):
