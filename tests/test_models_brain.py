@@ -79,3 +79,23 @@ def test_brain_quality_flags_the_skull_stripped_scan(itk_brain) -> None:
     assert res.quality["score"] < head.quality["score"] < entry["threshold"]  # ... the spread cannot see
     assert res.quality["agreement"]["brain"] < entry["agreement"]["threshold"]
     assert res.quality["flagged"] and "disagrees with the otsu-brain baseline" in res.verdict, res.verdict
+
+
+def test_cli_prints_and_stores_the_skull_stripped_flag(itk_brain, tmp_path, capsys) -> None:
+    """`octreenca segment` on the skull-stripped scan (a NIfTI file, as a user has it): FLAGGED on
+    stderr with the agreement per label, and the estimate in the output's metadata."""
+    import nibabel as nib
+
+    from napari_octreenca.cli import main
+    from napari_octreenca.io.writers import read_labels_metadata
+
+    nii = nib.load(str(itk_brain[0]))
+    mask = np.asarray(nib.load(str(itk_brain[1])).dataobj) > 0
+    stripped = nib.Nifti1Image((np.asarray(nii.dataobj) * mask).astype(np.uint8), nii.affine, nii.header)
+    nib.save(stripped, tmp_path / "stripped.nii.gz")
+    out = tmp_path / "brain.nii.gz"
+    assert main(["segment", str(tmp_path / "stripped.nii.gz"), str(out), "--model", "brain_mri", "--quiet"]) == 0
+    err = capsys.readouterr().err
+    assert "FLAGGED" in err and "agreement with otsu-brain: brain 0.4" in err and "disagrees" in err
+    q = read_labels_metadata(out)["quality"]
+    assert q["flagged"] and q["agreement"]["brain"] < q["agreement_threshold"]
