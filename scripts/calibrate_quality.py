@@ -207,8 +207,8 @@ def _thresholds(measured: dict[str, dict[str, dict[str, Any]]], two_signals: boo
     usable = {g: [q for q in c.values() if q["segmented"]] for g, c in measured.items()}
     good_s = [q["score"] for q in usable["good"]]
     bad_s = [q["score"] for q in usable["failing"]]
-    if not two_signals:
-        return calibrate_threshold(good_s, bad_s), None
+    if not two_signals:  # from the scores as stored (5 decimals), as this rule always was
+        return calibrate_threshold([round(v, 5) for v in good_s], [round(v, 5) for v in bad_s]), None
     spread_t, caught = one_sided_threshold(good_s, bad_s, flag_above=True)
     missed = [q for i, q in enumerate(usable["failing"]) if i not in caught]
     good_a = [min(q["agreement"].values()) for q in usable["good"]]
