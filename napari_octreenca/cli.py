@@ -49,6 +49,12 @@ def _describe(cfg: Any, source: str) -> str:
             f"quality:      flagged above {quality['threshold']} (spread between {quality['runs']} runs; "
             "calibrated on held-out inputs, see the model card)"
         )
+        agree = quality.get("agreement")
+        if isinstance(agree, dict):
+            lines.append(
+                f"              and below Dice {agree['threshold']} with the {agree['baseline']} baseline "
+                f"({agree['label']}; catches confident misses the spread cannot see)"
+            )
     return "\n".join(lines)
 
 
@@ -150,6 +156,9 @@ def _print_quality(info: dict[str, Any]) -> None:
         print(f"quality: {info['path']}: {info['verdict']}", file=sys.stderr, flush=True)
         return
     labels = ", ".join(f"{k} {v:.4f}" for k, v in q["per_label"].items())
+    agree = q.get("agreement")
+    if agree:  # the second signal: Dice with the model's baseline, per checked label
+        labels += "; agreement with " + str(q["baseline"]) + ": " + ", ".join(f"{k} {v:.3f}" for k, v in agree.items())
     flag = "FLAGGED" if q["flagged"] else "ok"
     print(f"quality: {info['path']}: {flag}; per label: {labels}; {q['verdict']}", file=sys.stderr, flush=True)
 

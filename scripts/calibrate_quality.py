@@ -14,12 +14,20 @@ Cases (all installed by scripts/setup.sh, except the DAVIS frame from ../shared/
 - he_epidermis: good = the held-out right third of skin.tif and its upper and lower halves;
   failing = the annotated region of cmu_small_region.svs (another slide; Dice 0.67 before the HED
   retrain), a Colin27 MRI slice as RGB and a DAVIS 2016 video frame (other modalities).
-- brain_mri: good = the ITK subject's head scan; failing = the ITK subject with inverted contrast
-  (T2-like) and the H&E skin section stacked into a volume (other modalities). Also measured, not
-  used for the threshold: the ITK subject skull-stripped (a failure of this model, Dice 0.50, that
-  the runs agree on, so the spread cannot flag it) and Colin27 (its training subject).
+- brain_mri: two signals, the spread and the agreement with the ``otsu-brain`` baseline (Dice on the
+  model's grid), each with a one-sided threshold (``quality.one_sided_threshold``): the spread's just
+  beyond every good case, half-way to the nearest failing one; the agreement's likewise, towards the
+  failing cases the spread misses. A failing case needs to be caught by one of them.
+  The ITK subject is the held-out test and sets nothing. Calibration inputs, all from Debian
+  mricron-data: good = Colin27 ch2 (the training subject; no other head T1 with a mask ships in a
+  package registry) as it is and transformed (2x2x3 mm thick slices, plus noise, a smooth bias field,
+  a 10 degree rotation); failing = Colin27's skull strips ch2bet (1 mm and 2x2x3 mm) and ch2better
+  (0.5 mm), the INIA19 macaque brain template (another species, skull-stripped), Colin27 with
+  inverted contrast (T2-like) and the H&E skin section stacked into a volume (other modalities).
+  Test (scored and stored, never used for the thresholds): the ITK subject's head scan, the same
+  skull-stripped (Dice about 0.5: a confident failure) and with inverted contrast.
 
-Groups other than good and failing ("measured") are scored and stored but do not set the threshold.
+Groups other than good and failing ("measured", "test") are scored and stored but set nothing.
 """
 
 from __future__ import annotations
@@ -41,7 +49,7 @@ from napari_octreenca.data_sources import (
     skin_sample,
 )
 from napari_octreenca.nca.modelfile import load_model, read_extra, save_model
-from napari_octreenca.run.quality import DEFAULT_RUNS, calibrate_threshold
+from napari_octreenca.run.quality import DEFAULT_MAX_FRACTION, DEFAULT_RUNS, calibrate_threshold, one_sided_threshold
 from napari_octreenca.run.resample import segment_at_model_spacing
 
 DAVIS = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "davis2016"
@@ -85,8 +93,39 @@ def _itk(stripped: bool = False, inverted: bool = False) -> Case:
     return load
 
 
-def _colin() -> tuple[np.ndarray, tuple[float, ...], str]:
-    return load_nifti_zyx(MRICRON / "ch2.nii.gz") + ("ZYX",)
+def _thick(img: np.ndarray, spacing: tuple[float, ...], to: tuple[float, ...]) -> np.ndarray:
+    """``img`` as if scanned at voxel size ``to`` (blur along the coarser axes, then linear down-sampling)."""
+    from scipy import ndimage
+
+    f = [t / s for t, s in zip(to, spacing)]
+    return ndimage.zoom(ndimage.gaussian_filter(img, [0.4 * x for x in f]), [1 / x for x in f], order=1)
+
+
+def _template(
+    name: str, thick: bool = False, noise: float = 0.0, bias: bool = False, rotate: float = 0.0, inverted: bool = False
+) -> Case:
+    """A Debian mricron-data template (Colin27 ch2, its skull strips, INIA19), optionally degraded."""
+
+    def load() -> tuple[np.ndarray, tuple[float, ...], str]:
+        from scipy import ndimage
+
+        img, sp = load_nifti_zyx(MRICRON / f"{name}.nii.gz")
+        rng = np.random.default_rng(0)
+        if rotate:
+            img = ndimage.rotate(img, rotate, axes=(0, 1), reshape=False, order=1)
+        if bias:  # a smooth multiplicative field, 0.7-1.4 across the head (coil inhomogeneity)
+            z, y, x = np.meshgrid(*[np.linspace(-1, 1, n) for n in img.shape], indexing="ij")
+            img = img * np.exp(0.35 * (0.6 * z - 0.8 * y + 0.5 * x * y))
+        if thick:
+            sp_new = (3.0, 2.0, 2.0)
+            img, sp = _thick(img, sp, sp_new), sp_new
+        if noise:
+            img = np.clip(img + rng.normal(0, noise * float(img.max()), img.shape), 0, None)
+        if inverted:
+            img = np.where(img > 10, img.max() - img, 0)
+        return np.asarray(img, np.float32), sp, "ZYX"
+
+    return load
 
 
 def _skin_stack() -> tuple[np.ndarray, tuple[float, ...], str]:
@@ -109,24 +148,72 @@ CASES: dict[str, dict[str, dict[str, Case]]] = {
         },
     },
     "brain_mri": {
-        "good": {"ITK subject, head": _itk()},
+        "good": {
+            "Colin27 ch2, 1 mm head (training subject)": _template("ch2"),
+            "Colin27 ch2 at 2x2x3 mm (thick slices)": _template("ch2", thick=True),
+            "Colin27 ch2 at 2x2x3 mm, noise 3 %": _template("ch2", thick=True, noise=0.03),
+            "Colin27 ch2, bias field": _template("ch2", bias=True),
+            "Colin27 ch2, rotated 10 degrees": _template("ch2", rotate=10.0),
+        },
         "failing": {
-            "ITK subject, inverted contrast (T2-like)": _itk(inverted=True),
+            "Colin27 ch2bet, skull-stripped, 1 mm": _template("ch2bet"),
+            "Colin27 ch2bet, skull-stripped, 2x2x3 mm": _template("ch2bet", thick=True),
+            "Colin27 ch2better, skull-stripped, 0.5 mm": _template("ch2better"),
+            "INIA19 macaque T1 brain (another species, skull-stripped)": _template("inia19-t1-brain"),
+            "Colin27 ch2, inverted contrast (T2-like)": _template("ch2", inverted=True),
             "H&E skin section stacked as a volume": _skin_stack,
         },
-        "measured": {
+        "test": {
+            "ITK subject, head": _itk(),
             "ITK subject, skull-stripped (Dice about 0.5: a confident failure)": _itk(stripped=True),
-            "Colin27 ch2, 1 mm whole head (training subject)": _colin,
+            "ITK subject, inverted contrast (T2-like)": _itk(inverted=True),
         },
     },
 }
 
+#: Models whose estimate also compares the result with a classical baseline (``quality.baseline_agreement``).
+AGREEMENT: dict[str, dict[str, str]] = {"brain_mri": {"baseline": "otsu-brain", "label": "brain"}}
 
-def score(model: Any, case: Case, runs: int) -> tuple[float, bool]:
-    """(quality score, whether anything was segmented) of one case."""
+
+def measure(model: Any, case: Case, runs: int) -> dict[str, Any]:
+    """The quality estimate (``Quality.to_dict()``) of one case."""
     img, spacing, axes = case()
     seg = segment_at_model_spacing(model, img, spacing, axes=axes, runs=runs, seed=0)
-    return float(seg.quality["score"]), bool(seg.quality["segmented"])
+    return dict(seg.quality)
+
+
+def _flags(q: dict[str, Any], threshold: float, agree_at: float | None, max_fraction: float) -> list[str]:
+    """Which checks flag a measured case under the calibrated thresholds (the rules of ``quality.assess``)."""
+    out = []
+    if not q["segmented"]:
+        out.append("nothing segmented")
+    elif max(q["coverage"].values()) > max_fraction:
+        out.append("coverage")
+    else:
+        if q["score"] > threshold:
+            out.append("spread")
+        if agree_at is not None and q["agreement"] and min(q["agreement"].values()) < agree_at:
+            out.append("baseline agreement")
+    return out
+
+
+def _thresholds(measured: dict[str, dict[str, dict[str, Any]]], two_signals: bool) -> tuple[float, float | None]:
+    """(spread threshold, agreement threshold or None) from the good and failing groups.
+
+    With two signals the spread (the primary, published metric) is set first; the agreement threshold
+    is then placed between the good cases and the failing ones the spread misses, so a failing case
+    that the spread already catches does not push it towards the good ones.
+    """
+    usable = {g: [q for q in c.values() if q["segmented"]] for g, c in measured.items()}
+    good_s = [q["score"] for q in usable["good"]]
+    bad_s = [q["score"] for q in usable["failing"]]
+    if not two_signals:  # from the scores as stored (5 decimals), as this rule always was
+        return calibrate_threshold([round(v, 5) for v in good_s], [round(v, 5) for v in bad_s]), None
+    spread_t, caught = one_sided_threshold(good_s, bad_s, flag_above=True)
+    missed = [q for i, q in enumerate(usable["failing"]) if i not in caught]
+    good_a = [min(q["agreement"].values()) for q in usable["good"]]
+    agree_t, _ = one_sided_threshold(good_a, [min(q["agreement"].values()) for q in missed], flag_above=False)
+    return spread_t, agree_t
 
 
 def main() -> None:
@@ -138,34 +225,73 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(1)
     model = load_model(args.model)
-    scores: dict[str, dict[str, float]] = {}
-    empty: list[str] = []  # flagged anyway: nothing segmented; they do not set the threshold
+    agreement = AGREEMENT.get(args.cases)
+    # Measure with no thresholds yet (agreement threshold 0: its Dice is recorded, nothing flagged by it).
+    probe = {"agreement": dict(agreement, threshold=0.0)} if agreement else {}
+    model.config = model.config.replace(provenance=dict(model.config.provenance, quality=probe))
+    measured: dict[str, dict[str, dict[str, Any]]] = {}
     for group, cases in CASES[args.cases].items():
-        scores[group] = {}
+        measured[group] = {}
         for name, case in cases.items():
-            value, segmented = score(model, case, args.runs)
-            scores[group][name] = round(value, 5)
-            if not segmented:
-                empty.append(name)
-            print(f"{group:8s} {value:.5f}  {name}" + ("  (nothing segmented)" if not segmented else ""), flush=True)
-    usable = {g: [v for n, v in c.items() if n not in empty] for g, c in scores.items()}
-    threshold = round(calibrate_threshold(usable["good"], usable["failing"]), 5)
-    print(f"threshold {threshold}", flush=True)
+            q = measured[group][name] = measure(model, case, args.runs)
+            agree = "" if not q.get("agreement") else f"  agreement {min(q['agreement'].values()):.3f}"
+            empty = "" if q["segmented"] else "  (nothing segmented)"
+            print(f"{group:8s} {q['score']:.5f}{agree}  {name}{empty}", flush=True)
+    spread_t, agree_t = _thresholds(measured, agreement is not None)
+    spread_t = round(spread_t, 5)
+    agree_t = None if agree_t is None else round(agree_t, 3)
+    print(f"threshold {spread_t}" + ("" if agree_t is None else f", agreement threshold {agree_t}"), flush=True)
+    entry = _entry(measured, spread_t, agree_t, agreement, args.runs)
+    print(json.dumps(entry, indent=1))
     if args.dry_run:
         return
-    entry = {
-        "threshold": threshold,
-        "metric": "mean over voxels of the std of sigmoid(logit) between runs",
-        "runs": args.runs,
-        "seeds_from": 0,
-        "calibrated_on": scores,
-        "nothing_segmented": empty,
-        "rule": "geometric mean of the largest good and the smallest failing score",
-    }
     prov = dict(model.config.provenance, quality=entry)
     model.config = model.config.replace(provenance=prov)
     save_model(model, args.model, extra=read_extra(args.model))
-    print(json.dumps(entry, indent=1))
+
+
+def _entry(
+    measured: dict[str, dict[str, dict[str, Any]]],
+    spread_t: float,
+    agree_t: float | None,
+    agreement: dict[str, str] | None,
+    runs: int,
+) -> dict[str, Any]:
+    """The model file's ``quality`` entry: thresholds, how they were set, and every case measured."""
+    entry: dict[str, Any] = {
+        "threshold": spread_t,
+        "metric": "mean over voxels of the std of sigmoid(logit) between runs",
+        "runs": runs,
+        "seeds_from": 0,
+    }
+    if agreement is None:
+        entry["calibrated_on"] = {g: {n: round(q["score"], 5) for n, q in c.items()} for g, c in measured.items()}
+        entry["rule"] = "geometric mean of the largest good and the smallest failing score"
+    else:
+        entry["agreement"] = dict(
+            agreement,
+            threshold=agree_t,
+            metric="Dice between the median labels and the baseline's mask, both on the model's grid",
+        )
+        entry["calibrated_on"] = {
+            g: {
+                n: {
+                    "score": round(q["score"], 5),
+                    "agreement": round(min(q["agreement"].values()), 3) if q.get("agreement") else None,
+                    "flagged_by": _flags(q, spread_t, agree_t, DEFAULT_MAX_FRACTION),
+                }
+                for n, q in c.items()
+            }
+            for g, c in measured.items()
+        }
+        entry["rule"] = (
+            "spread: half-way between the largest good score and the nearest failing score above it; agreement: "
+            "half-way between the lowest good agreement and the nearest failing case below it that the spread "
+            "misses (arithmetic means); a result is flagged when either signal flags it"
+        )
+        entry["missed"] = [n for n, v in entry["calibrated_on"]["failing"].items() if not v["flagged_by"]]
+    entry["nothing_segmented"] = [n for c in measured.values() for n, q in c.items() if not q["segmented"]]
+    return entry
 
 
 if __name__ == "__main__":

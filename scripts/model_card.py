@@ -157,6 +157,8 @@ def _quality_section(cfg: Any) -> list[str]:
             f"{DEFAULT_MAX_FRACTION:.0%} of the image is flagged as implausible.",
             "",
         ]
+    if q.get("agreement"):
+        return _quality_two_signals(q)
     lines = [
         "## Quality estimate",
         "",
@@ -181,6 +183,42 @@ def _quality_section(cfg: Any) -> list[str]:
         f"A label covering more than {q.get('max_fraction', 0.9):.0%} of the image is flagged as implausible as "
         "well (the spread cannot see a model that labels everything and is sure of it), and so is a result "
         "with nothing segmented.",
+    ]
+    return lines + [""]
+
+
+def _quality_two_signals(q: dict[str, Any]) -> list[str]:
+    """The quality section of a model whose estimate also checks the agreement with a baseline."""
+    a = q["agreement"]
+    lines = [
+        "## Quality estimate",
+        "",
+        f"Every segmentation with 2 or more runs ({q['runs']} by default, seeds from {q['seeds_from']}) is "
+        "checked by two independent signals and flagged as unreliable when either fires:",
+        "",
+        f"- the spread, {q['metric']}: flagged above **{q['threshold']}**;",
+        f"- the agreement with the `{a['baseline']}` baseline, {a['metric']} (label {a['label']}): flagged "
+        f"below **{a['threshold']}**. This catches the confident miss the spread cannot see (an already "
+        "skull-stripped scan: the model labels only the central core and its runs agree).",
+        "",
+        f"Thresholds: {q['rule']}. Measured on these inputs (none used for training or model selection; the "
+        "test group is the held-out subject that the tests check and that sets nothing; "
+        "`python scripts/calibrate_quality.py` reproduces them):",
+        "",
+        "| group | input | spread | agreement | flagged by |",
+        "|---|---|---|---|---|",
+    ]
+    for group, cases in q["calibrated_on"].items():
+        for name, v in cases.items():
+            agree = "-" if v["agreement"] is None else f"{v['agreement']:.3f}"
+            lines.append(f"| {group} | {name} | {v['score']:.4f} | {agree} | {', '.join(v['flagged_by']) or '-'} |")
+    missed = q.get("missed") or []
+    lines += [
+        "",
+        "Failing calibration inputs that neither signal flags: " + (", ".join(missed) if missed else "none") + ".",
+        "",
+        f"A label covering more than {q.get('max_fraction', 0.9):.0%} of the image is flagged as implausible as "
+        "well, and so is a result with nothing segmented.",
     ]
     return lines + [""]
 

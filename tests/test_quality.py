@@ -10,7 +10,15 @@ import torch
 from helpers import random_model
 
 from napari_octreenca.cli import main
-from napari_octreenca.run.quality import DEFAULT_THRESHOLD, assess, calibrate_threshold, label_scores
+from napari_octreenca.run.quality import (
+    DEFAULT_THRESHOLD,
+    Agreement,
+    assess,
+    baseline_agreement,
+    calibrate_threshold,
+    label_scores,
+    one_sided_threshold,
+)
 
 MODELS = Path(__file__).resolve().parents[1] / "models"
 
@@ -55,6 +63,70 @@ def test_assess_needs_two_runs_and_threshold_needs_separable_groups() -> None:
     assert 0.01 < calibrate_threshold([0.004, 0.006], [0.03, 0.04]) < 0.03
     with pytest.raises(ValueError, match="overlap"):
         calibrate_threshold([0.02], [0.01])
+
+
+def test_disagreement_with_the_baseline_flags_a_confident_result() -> None:
+    """The runs agree perfectly (spread 0), yet the result is far from the baseline's: flagged."""
+    half = torch.full((1, 10, 10), -4.0)
+    half[:, :5] = 4.0
+    calib = {"threshold": 0.01}
+    miss = assess([half] * 3, ("brain",), calib, Agreement("otsu-brain", "brain", 0.48, 0.775))
+    assert miss.score == 0.0 and miss.flagged and miss.verdict.startswith("unreliable")
+    assert "disagrees with the otsu-brain baseline (brain: Dice 0.480 < 0.775)" in miss.verdict
+    assert miss.agreement == {"brain": 0.48} and miss.agreement_threshold == 0.775 and miss.baseline == "otsu-brain"
+    fine = assess([half] * 3, ("brain",), calib, Agreement("otsu-brain", "brain", 0.82, 0.775))
+    assert not fine.flagged and "agrees with the otsu-brain baseline (Dice 0.820 >= 0.775)" in fine.verdict
+    assert assess([half] * 3, ("brain",), calib).agreement is None
+
+
+def test_baseline_agreement_is_the_dice_with_the_baseline_mask() -> None:
+    from napari_octreenca.run.baselines import otsu_brain_mask
+
+    zz, yy, xx = np.mgrid[:40, :48, :44]
+    head = ((zz - 20) ** 2 + (yy - 24) ** 2 + (xx - 22) ** 2 < 17**2) * 60.0  # scalp
+    brain = (zz - 20) ** 2 + (yy - 24) ** 2 + (xx - 22) ** 2 < 12**2
+    img = np.where(brain, 200.0, head).astype(np.float32)
+    img[(zz - 20) ** 2 + (yy - 24) ** 2 + (xx - 22) ** 2 < 3**2] = 120.0
+    mask = otsu_brain_mask(img, (3.0, 3.0, 3.0))
+    entry = {"baseline": "otsu-brain", "label": "brain", "threshold": 0.7}
+    same = baseline_agreement(mask.astype(np.uint8), img, "ZYX", (3.0, 3.0, 3.0), ("brain",), entry)
+    assert same.dice == 1.0 and same.threshold == 0.7
+    core = brain & (zz < 20)  # labels only half of it
+    half = baseline_agreement(core.astype(np.uint8), img, "ZYX", (3.0, 3.0, 3.0), ("brain",), entry)
+    expected = 2 * (core & mask).sum() / (core.sum() + mask.sum())
+    assert half.dice == pytest.approx(expected) and half.dice < 0.7
+
+
+def test_one_sided_thresholds_leave_the_blind_spot_to_the_other_signal() -> None:
+    t, caught = one_sided_threshold([0.02, 0.03], [0.01, 0.05, 0.04], flag_above=True)
+    assert t == pytest.approx(0.035) and caught == [1, 2]
+    t, caught = one_sided_threshold([0.85, 0.9], [0.7, 0.5, 0.88], flag_above=False)
+    assert t == pytest.approx(0.775) and caught == [0, 1]
+    with pytest.raises(ValueError, match="separates none"):
+        one_sided_threshold([0.9], [0.95], flag_above=False)
+
+
+def test_segment_checks_the_baseline_the_calibration_names() -> None:
+    """A model whose calibration names a baseline gets its agreement, in the input's axis order and
+    spacing (the radiology preset runs YXZ; the input is ZYX)."""
+    from napari_octreenca import segment
+    from napari_octreenca.run.baselines import otsu_brain_mask
+
+    m = random_model("radiology", seed=3, spacing=(2.0, 1.0, 3.0))  # Y, X, Z in mm
+    entry = {"baseline": "otsu-brain", "label": "foreground", "threshold": 0.5}
+    m.config = m.config.replace(provenance={"quality": {"threshold": 1.0, "agreement": entry}})
+    rng = np.random.default_rng(0)
+    zz, yy, xx = np.mgrid[:24, :28, :20]
+    img = np.where((zz - 12) ** 2 + (yy - 14) ** 2 + (xx - 10) ** 2 < 64, 200.0, 20.0) + rng.normal(0, 5, zz.shape)
+    seg = segment(m, img.astype(np.float32), axes="ZYX", runs=2)
+    q = seg.quality
+    assert q["baseline"] == "otsu-brain" and q["agreement_threshold"] == 0.5
+    mask = otsu_brain_mask(img.astype(np.float32), (3.0, 2.0, 1.0))  # Z, Y, X
+    ours = np.asarray(seg.labels) == 1
+    expected = 2 * (ours & mask).sum() / max(1, ours.sum() + mask.sum())
+    assert q["agreement"]["foreground"] == pytest.approx(expected)
+    assert q["agreement"]["foreground"] < 0.5 and q["flagged"]  # the random model misses the ball
+    assert "disagrees with the otsu-brain baseline (foreground: Dice" in q["verdict"]
 
 
 def test_segment_records_quality_only_for_ensembles() -> None:

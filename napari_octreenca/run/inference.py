@@ -16,7 +16,7 @@ from ..nca.config import check_fire_rate, check_seed, check_steps
 from ..nca.device import check_device
 from ..nca.errors import Cancelled, InputError
 from ..nca.octree import OctreeNCA, downsample, upsample
-from .inputs import AxisPlan, prepare
+from .inputs import AxisPlan, prepare, to_tensor
 
 if TYPE_CHECKING:
     import zarr
@@ -198,7 +198,8 @@ def segment(
         check_steps(steps, model.config.levels)
     t0 = time.perf_counter()
     device = check_device(device)
-    x, plan = prepare(image, model.config, axes, device)
+    raw = to_tensor(image)  # kept (no copy for numpy) for the quality estimate's baseline check
+    x, plan = prepare(raw, model.config, axes, device)
     dt = resolve_dtype(dtype)
     x = x.to(dt)  # in bfloat16 this frees the float32 copy of the input
     be = get_backend(backend, device, dt) if isinstance(backend, str) else backend
@@ -221,10 +222,11 @@ def segment(
         outs.append(out[0].cpu())
     steps_used = list(steps) if steps is not None else model.config.steps_for(tuple(x.shape[2:]))
     del x
-    quality = _quality(outs, model.config)
     logits, spread = combine_runs(outs)
     order = plan.to_input_order()
     logits = logits.permute(0, *(o + 1 for o in order)).contiguous()
+    labels = labels_from_logits(logits)
+    quality = _quality(outs, model.config, labels, raw, plan)
     if spread is not None:
         spread = spread.permute(0, *(o + 1 for o in order)).contiguous()
     cfg = model.config
@@ -241,7 +243,7 @@ def segment(
     if quality is not None:
         record["quality"] = quality
     return Segmentation(
-        labels=labels_from_logits(logits),
+        labels=labels,
         logits=logits.numpy(),
         spread=None if spread is None else spread.numpy(),
         class_names=cfg.class_names,
@@ -252,13 +254,38 @@ def segment(
     )
 
 
-def _quality(outs: list[torch.Tensor], config: Any) -> dict[str, Any] | None:
-    """The NCA quality estimate of an ensemble (``run.quality``), on the model's grid; None for one run."""
+def _quality(
+    outs: list[torch.Tensor], config: Any, labels: np.ndarray, raw: torch.Tensor, plan: AxisPlan
+) -> dict[str, Any] | None:
+    """The NCA quality estimate of an ensemble (``run.quality``), on the model's grid; None for one run.
+
+    ``labels`` come from the runs' median and ``raw`` is the input before normalisation, both in the
+    input's axis order: the baseline check, where the model's calibration asks for one, compares them.
+    """
     from .quality import MIN_RUNS, assess, model_calibration
 
     if len(outs) < MIN_RUNS:
         return None
-    return assess(outs, config.class_names, model_calibration(config)).to_dict()
+    calibration = model_calibration(config)
+    entry = (calibration or {}).get("agreement")
+    check = _baseline_check(entry, config, labels, raw, plan) if isinstance(entry, dict) else None
+    return assess(outs, config.class_names, calibration, check).to_dict()
+
+
+def _baseline_check(entry: dict[str, Any], config: Any, labels: np.ndarray, raw: torch.Tensor, plan: AxisPlan) -> Any:
+    """The median labels' agreement with the calibrated baseline, both on the model's grid, in the
+    input's axis order (the grid is at the model's spacing when the run went through ``run.resample``)."""
+    from .quality import baseline_agreement
+
+    # The model's spacing (network order) in the input's order; 1 per axis for models without one.
+    order = plan.to_input_order()
+    spacing = tuple(float(config.spacing[o]) for o in order) if config.spacing else (1.0,) * len(order)
+    cpu = raw.detach().cpu()
+    image = (cpu.float() if cpu.dtype == torch.bfloat16 else cpu).numpy()
+    try:
+        return baseline_agreement(labels, image, plan.input_axes, spacing, config.class_names, entry)
+    except InputError:  # the baseline cannot read this input's layout: the other checks still apply
+        return None
 
 
 def combine_runs(outs: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:

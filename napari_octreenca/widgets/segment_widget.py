@@ -78,7 +78,8 @@ class SegmentWidget(DockContainer):
         self.quality = ElidedLabel(label="quality", value="")
         self.quality.tooltip = (
             "how far to trust the result: the spread between the ensemble runs (needs 2 or "
-            "more runs), calibrated per model"
+            "more runs) and, where the model's calibration names one, the agreement with a classical "
+            "baseline; calibrated per model"
         )
         self.show_advanced, self.advanced = advanced_group(
             [
