@@ -15,6 +15,11 @@ d/d(centre)`` and the perception gradient ``G`` (zero where no cell fired); (2) 
 perception weight and bias gradients, and add the transposed, reflect-folded depthwise
 convolution of ``G`` to ``grad_state``. Weight gradients are summed per fixed chunk of
 rows and the chunks are added in order, so results do not depend on the thread count.
+
+These kernels call the inference kernels' pieces (``cpu_fused``). numba's on-disk cache
+(``cache=True``) tracks only the file a kernel is defined in: after editing ``cpu_fused.py``
+alone, delete the ``__pycache__/*.nbi`` and ``*.nbc`` files, or the cached training kernels keep
+the old pieces (a fresh install has no cache).
 """
 
 from __future__ import annotations
