@@ -24,7 +24,15 @@ import sys
 import time
 from pathlib import Path
 
-from napari_octreenca.bench import format_table, machine_description, machine_load, ratio_lines, run_bench
+from napari_octreenca.bench import (
+    efficiency_lines,
+    format_table,
+    machine_description,
+    machine_load,
+    ratio_lines,
+    run_bench,
+    sgemm_fma_rate,
+)
 
 #: (preset, dims, sizes) of the inference cases.
 INFERENCE = [("pathology", 2, "1024,2048"), ("radiology", 3, "128")]
@@ -92,6 +100,8 @@ def main(argv: list[str] | None = None) -> int:
             format_table(rows),
             "",
             *ratio_lines(rows),
+            "",
+            *efficiency_lines(rows, sgemm_fma_rate()),
             "",
         ]
     )

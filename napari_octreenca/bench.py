@@ -358,6 +358,51 @@ def ratio_lines(rows: list[dict[str, Any]]) -> list[str]:
     return out
 
 
+def fmas_per_cell_step(cfg: ModelConfig, fire_rate: float | None = None) -> float:
+    """Multiply-adds the fused CPU step does per cell-step of ``cfg``'s finest level: the
+    depthwise perception of every cell (a row is perceived whole when any of its cells fires)
+    plus fc0 and fc1 for the firing share of the cells."""
+    rate = cfg.fire_rate if fire_rate is None else fire_rate
+    c, h = cfg.channels, cfg.hidden
+    taps = 3**cfg.spatial_dims
+    return c * taps + rate * (2 * c * h + h * cfg.update_channels)
+
+
+def sgemm_fma_rate(seconds: float = 0.5) -> float:
+    """Multiply-adds per second of one core in torch's float32 matrix product (oneDNN/MKL reach
+    most of the FMA units' peak there): the practical per-core peak the fused kernels are
+    measured against."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        a, b = torch.randn(512, 512), torch.randn(512, 512)
+        torch.mm(a, b)
+        n, t0 = 0, time.perf_counter()
+        while time.perf_counter() - t0 < seconds:
+            torch.mm(a, b)
+            n += 1
+        return n * 512**3 / (time.perf_counter() - t0)
+    finally:
+        torch.set_num_threads(previous)
+
+
+def efficiency_lines(rows: list[dict[str, Any]], peak: float) -> list[str]:
+    """Per-core multiply-add rate of each cpu-fused inference row against ``peak`` (FMA/s of one
+    core). Pipeline rows include the non-step work (normalisation, resampling), so this is a lower
+    bound for the step itself."""
+    out = []
+    for r in rows:
+        if r["backend"] != "cpu-fused" or r["mode"] == "train":
+            continue
+        per_core = r["cell_steps_per_s"] * fmas_per_cell_step(preset(r["preset"])) / max(1, r.get("threads") or 1)
+        out.append(
+            f"- {r['mode']} {r['preset']} {r['size']} {r['dtype']} cpu-fused: {r['cell_steps_per_s'] / max(1, r.get('threads') or 1):.3g} "
+            f"cell-steps/s per core = {per_core / 1e9:.1f} GFMA/s per core, {100 * per_core / peak:.0f}% of this core's "
+            f"float32 sgemm rate ({peak / 1e9:.1f} GFMA/s)"
+        )
+    return out
+
+
 def machine_load() -> str:
     """The load averages (1, 5, 15 min) and CPU count: the machine is shared, say how busy it was."""
     try:

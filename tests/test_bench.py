@@ -49,3 +49,18 @@ def test_train_mode_rows_and_ratios() -> None:
         assert r["seconds"] > 0
     (line,) = ratio_lines(rows)
     assert "cpu-fused vs autograd" in line and "x faster" in line
+
+
+def test_fma_efficiency_lines() -> None:
+    """The FMA count per cell-step follows the model (perception of every cell + the MLP of the
+    firing share) and each cpu-fused inference row gets a line against the core's sgemm rate."""
+    from napari_octreenca.bench import efficiency_lines, fmas_per_cell_step, sgemm_fma_rate
+    from napari_octreenca.nca.config import preset
+
+    assert fmas_per_cell_step(preset("radiology"), 0.5) == 16 * 27 + 0.5 * (2 * 16 * 64 + 64 * 15)
+    assert fmas_per_cell_step(preset("pathology"), 1.0) == 16 * 9 + 2 * 16 * 64 + 64 * 13
+    peak = sgemm_fma_rate(0.05)
+    assert peak > 1e8
+    rows = run_bench(["cpu-fused", "torch"], [16], mode="pipeline", threads=1, isolate=False)
+    lines = efficiency_lines(rows, peak)
+    assert len(lines) == 1 and "cpu-fused" in lines[0] and "GFMA/s per core" in lines[0]
