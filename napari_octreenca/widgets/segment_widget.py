@@ -26,8 +26,8 @@ from ._models import CATALOG, follow_catalog
 from ._settings import plugin_setting
 from ._workers import Job, Throttle
 from .qt_helpers import DockContainer, ElidedLabel, advanced_group, on_dock_closed
-from .shared import add_layers, free_prefix, image_layer_choices, remove_layers
 from .shared import config_of as _config_of
+from .shared import free_prefix, image_layer_choices, place_layers
 
 if TYPE_CHECKING:
     import napari
@@ -265,20 +265,26 @@ class SegmentWidget(DockContainer):
         want_prob, want_unc = self.probability.value, self.uncertainty.value
         self.last_error = None
 
-        def work(job: Job) -> tuple[Any, dict[str, Any]]:
-            return _run(job, src, settings)
+        def work(job: Job) -> tuple[Any, dict[str, Any], list[Any]]:
+            seg, record = _run(job, src, settings)
+            # The layers' data (probabilities, pyramids) is made here, off the GUI thread.
+            uncertainty = want_unc and seg.spread is not None
+            layers = output_layers(seg, src, record=record, probability=want_prob, uncertainty=uncertainty)
+            return seg, record, layers
 
-        def done(result: tuple[Any, dict[str, Any]]) -> None:
-            seg, record = result
-            at = remove_layers(self.viewer, [] if self.keep.value else self.result_layers)
-            layers = output_layers(
-                seg, src, record=record, probability=want_prob, uncertainty=want_unc and seg.spread is not None
-            )
+        def done(result: tuple[Any, dict[str, Any], list[Any]]) -> None:
+            seg, record, layers = result
+            replace = [] if self.keep.value else list(self.result_layers)
             # Kept runs' layers keep their names; this run's say which run it is (not napari's [1]).
             ends = [kw["name"].removeprefix(src.name) for _, kw, _ in layers]
-            prefix = free_prefix(self.viewer, src.name, ends)
+            prefix = free_prefix(self.viewer, src.name, ends, ignore=replace)
             layers = [(d, {**kw, "name": prefix + end}, k) for (d, kw, k), end in zip(layers, ends)]
-            self.result_layers = add_layers(self.viewer, layers, at=at)
+            job = self.job
+            if job is not None:
+                job.hold()  # the run ends when its layers are all shown
+            self.result_layers = place_layers(
+                self.viewer, layers, replace=replace, owner=self.native, on_placed=job.release if job else None
+            )
             self.status.value = f"done in {record['timings']['seconds']:.1f} s" + (
                 " (tiled)" if record.get("tiled") else ""
             )
