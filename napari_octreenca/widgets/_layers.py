@@ -8,10 +8,6 @@ from typing import Any
 
 import numpy as np
 
-# Imported with the dock, not at the end of the first run: the import holds the GIL for about
-# 0.2 s (C extensions), which stalls the GUI even when a worker thread does it.
-import pandas as pd
-
 from ..run.inference import Segmentation
 from ..run.planner import InputGeometry
 
@@ -151,6 +147,8 @@ def output_layers(
     if src.affine is not None:
         geo["affine"] = src.affine
     class_names = ["background", *seg.class_names]
+    import pandas as pd
+
     features = pd.DataFrame({"index": np.arange(len(class_names)), "class": class_names})
     meta = {
         "octreenca": {
