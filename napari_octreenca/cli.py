@@ -75,6 +75,11 @@ def cmd_info(args: argparse.Namespace) -> int:
         metrics = extra.get("metrics")
         if metrics:
             print(f"metrics:      {json.dumps(metrics)}")
+        from .run.baselines import baseline_advice
+
+        advice = baseline_advice(extra)
+        if advice is not None:
+            print(f"hint:         {advice.cli_hint()}")
     return 0
 
 
@@ -101,6 +106,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
         print("  " + " ".join(parts), file=sys.stderr, flush=True)
 
     _check_seed_arg(args.seed, args.runs or 3)
+    _print_baseline_hint(args.model)
     try:
         written = run_segment(
             inputs,
@@ -133,6 +139,15 @@ def cmd_segment(args: argparse.Namespace) -> int:
     if not args.quiet:
         print(f"done: {len(written)} output(s) in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
     return 0
+
+
+def _print_baseline_hint(model: str) -> None:
+    """One line on stderr when the model's own held-out comparison says a baseline did better."""
+    from .run.baselines import model_baseline_advice
+
+    advice = model_baseline_advice(model)
+    if advice is not None:
+        print(f"octreenca: hint: {advice.cli_hint()}", file=sys.stderr, flush=True)
 
 
 def _check_seed_arg(seed: int, runs: int = 1) -> None:

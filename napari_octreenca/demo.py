@@ -81,6 +81,7 @@ def run_demo(out: str | Path = "octreenca-demo", device: str = "cpu", quick: boo
     from .io.writers import write_labels
     from .nca.registry import open_model
     from .resources import bundled_models
+    from .run.baselines import model_baseline_advice
     from .run.execute import execute
     from .run.planner import InputGeometry, RunOptions, plan_run
     from .run.training import hard_dice
@@ -116,6 +117,9 @@ def run_demo(out: str | Path = "octreenca-demo", device: str = "cpu", quick: boo
         path = write_labels(out / case.output, res.labels, like=like, class_names=list(model.config.class_names))
         print(f"{case.name:45s} {case.model:13s} {str(tuple(ref.shape)):>18s} {seconds:8.1f} {dice:6.3f}")
         print(f"    -> {path}   ({case.note})")
+        advice = model_baseline_advice(case.model)
+        if advice is not None:  # the demo shows the NCA; the user's own scans should get the better baseline
+            print(f"    hint: {advice.cli_hint()}")
         ran += 1
     if not ran:
         print("octreenca: error: no demo could run (install the sample data with scripts/setup.sh)", file=sys.stderr)

@@ -26,6 +26,29 @@ def _load_notes(name: str) -> dict[str, Any]:
     return json.loads(p.read_text()) if p.exists() else {}
 
 
+def _load_baseline_spec(name: str) -> dict[str, Any] | None:
+    """This model's entry of ``card_baselines.json``: which runnable baseline it was compared with and
+    which ``metrics`` keys hold the two scores per held-out input (kept apart from the card notes)."""
+    p = Path(__file__).with_name("card_baselines.json")
+    return json.loads(p.read_text()).get(name) if p.exists() else None
+
+
+def baseline_comparison(spec: dict[str, Any], metrics: dict[str, Any]) -> dict[str, Any]:
+    """The ``baseline_comparison`` fact of a model file (read by ``run.baselines.baseline_advice``):
+    the spec with each input's model and baseline scores looked up in the card's metrics."""
+    from napari_octreenca.run.baselines import BASELINE_MODELS
+
+    if spec["baseline"] not in BASELINE_MODELS:
+        raise SystemExit(f"card_baselines.json: {spec['baseline']!r} is not a baseline that runs by name")
+    inputs = []
+    for label, (model_key, baseline_key) in spec["inputs"].items():
+        if model_key not in metrics or baseline_key not in metrics:
+            raise SystemExit(f"card_baselines.json: {model_key!r} or {baseline_key!r} is not in the card's metrics")
+        inputs.append({"input": label, "model": metrics[model_key], "baseline": metrics[baseline_key]})
+    keep = ("baseline", "baseline_label", "metric", "data")
+    return {**{k: spec[k] for k in keep if k in spec}, "inputs": inputs}
+
+
 def _summary(extra: dict[str, Any]) -> dict[str, float]:
     """The headline figures (what ``octreenca info`` prints) from the detailed ones."""
     held, base = extra["held_out_metrics"], extra["baseline"]
@@ -114,6 +137,7 @@ def render(name: str, cfg: Any, extra: dict[str, Any]) -> str:
         ]
     if extra.get("recommendation"):
         lines += [f"**Recommended:** {extra['recommendation']}", ""]
+    lines += _baseline_section(extra)
     lines += _quality_section(cfg)
     lines += [
         "## Reproduce",
@@ -141,6 +165,22 @@ def render(name: str, cfg: Any, extra: dict[str, Any]) -> str:
     if extra.get("notes"):
         lines += ["## Notes: what was tried", ""] + [f"- {s}" for s in extra["notes"]] + [""]
     return "\n".join(lines)
+
+
+def _baseline_section(extra: dict[str, Any]) -> list[str]:
+    """What the Segment dock and ``octreenca segment`` say when this model is chosen."""
+    from napari_octreenca.run.baselines import baseline_advice
+
+    advice = baseline_advice(extra)
+    if advice is None:
+        return []
+    return [
+        f"**Not the default:** the baseline `{advice.baseline}` did better on every held-out input "
+        f"({advice.details}). When this model is chosen, the Segment dock offers a one-click switch to "
+        f"`{advice.baseline}` and `octreenca segment` prints: `{advice.cli_hint()}` (from the "
+        "`baseline_comparison` key of the model file's metadata, written from `scripts/card_baselines.json`).",
+        "",
+    ]
 
 
 def _quality_section(cfg: Any) -> list[str]:
@@ -233,6 +273,11 @@ def main() -> None:
         notes = _load_notes(name)
         if "metrics" not in extra:  # files written before the training scripts stored this summary
             notes.setdefault("metrics", _summary(extra))
+        spec = _load_baseline_spec(name)
+        if spec:
+            notes["baseline_comparison"] = baseline_comparison(
+                spec, {**extra.get("metrics", {}), **notes.get("metrics", {})}
+            )
         if notes:
             extra.update(notes)
             save_model(load_model(path), path, extra=extra)  # same weights, updated facts

@@ -9,11 +9,17 @@ import pytest
 
 from napari_octreenca.cli import main
 from napari_octreenca.nca.errors import InputError
-from napari_octreenca.run.baselines import otsu_brain_mask, run_baseline
+from napari_octreenca.run.baselines import (
+    BASELINE_MODELS,
+    baseline_advice,
+    model_baseline_advice,
+    otsu_brain_mask,
+    run_baseline,
+)
 from napari_octreenca.run.training import hard_dice
 
 
-def test_otsu_brain_by_name_from_the_cli(tmp_path: Path, itk_brain: tuple[Path, Path]) -> None:
+def test_otsu_brain_by_name_from_the_cli(tmp_path: Path, itk_brain: tuple[Path, Path], capsys) -> None:
     """`--model otsu-brain` writes the baseline's mask on the input's grid; its Dice is the card's 0.952."""
     import nibabel as nib
 
@@ -22,6 +28,7 @@ def test_otsu_brain_by_name_from_the_cli(tmp_path: Path, itk_brain: tuple[Path, 
 
     out = tmp_path / "brain.nii.gz"
     assert main(["segment", str(itk_brain[0]), str(out), "--model", "otsu-brain", "--quiet"]) == 0
+    assert "octreenca: hint" not in capsys.readouterr().err  # the baseline itself gets no advice
     got = nib.load(out)
     ref = nib.load(itk_brain[0])
     assert got.shape == ref.shape
@@ -40,3 +47,83 @@ def test_baseline_errors_are_one_line() -> None:
         run_baseline("otsu-brain", np.zeros((4, 4, 3)), "YXC")
     with pytest.raises(InputError, match="needs an RGB"):
         run_baseline("otsu-epidermis", np.zeros((4, 4, 4)), "ZYX")
+
+
+BRAIN_HINT = "On held-out scans the Otsu baseline did better (Dice 0.95 vs 0.88): use --model otsu-brain"
+
+
+def test_cli_hints_the_better_baseline(tmp_path: Path, itk_brain: tuple[Path, Path], capsys) -> None:
+    """`octreenca segment --model brain_mri` prints one line naming the baseline that did better on
+    held-out scans (read from the model file), then segments with the model as asked."""
+    out = tmp_path / "brain.nii.gz"
+    assert main(["segment", str(itk_brain[0]), str(out), "--model", "brain_mri", "--runs", "1", "--quiet"]) == 0
+    err = capsys.readouterr().err
+    assert [ln for ln in err.splitlines() if ln.startswith("octreenca: hint")] == [f"octreenca: hint: {BRAIN_HINT}"]
+    assert out.exists()
+    assert main(["info", "brain_mri"]) == 0
+    assert f"hint:         {BRAIN_HINT}" in capsys.readouterr().out
+
+
+def test_bundled_models_baseline_advice() -> None:
+    """brain_mri's file carries its held-out comparison (the card's figures); he_epidermis beats its
+    baseline, so it gets none; a baseline's name gets none."""
+    advice = model_baseline_advice("brain_mri")
+    assert advice is not None and advice.baseline == "otsu-brain" and advice.baseline in BASELINE_MODELS
+    assert advice.inputs == (
+        ("ITK subject, head scan", 0.8804, 0.9519),
+        ("ITK subject, skull-stripped", 0.4956, 0.966),
+    )
+    assert advice.cli_hint() == BRAIN_HINT
+    assert model_baseline_advice("he_epidermis") is None
+    assert model_baseline_advice("otsu-brain") is None
+    assert model_baseline_advice("no-such-model") is None
+
+
+def _comparison(model_scores: list[float], baseline: str = "otsu-brain") -> dict:
+    return {
+        "baseline_comparison": {
+            "baseline": baseline,
+            "baseline_label": "the Otsu baseline",
+            "metric": "Dice",
+            "data": "held-out scans",
+            "inputs": [{"input": f"case {k}", "model": m, "baseline": 0.9} for k, m in enumerate(model_scores)],
+        }
+    }
+
+
+def test_baseline_advice_only_when_the_baseline_wins_everywhere(tmp_path: Path) -> None:
+    """Data-driven: the advice follows the scores stored in a model file, not the model's name."""
+    from napari_octreenca import OctreeNCA, preset, save_model
+
+    model = OctreeNCA(preset("radiology").replace(name="brain_mri"))
+    worse = save_model(model, tmp_path / "worse.safetensors", extra=_comparison([0.5, 0.8]))
+    advice = model_baseline_advice(worse)
+    assert (
+        advice is not None and advice.sentence == "On held-out scans the Otsu baseline did better (Dice 0.90 vs 0.50)"
+    )
+    mixed = save_model(model, tmp_path / "mixed.safetensors", extra=_comparison([0.5, 0.95]))
+    assert model_baseline_advice(mixed) is None
+    # A comparison with a baseline that cannot run by name cannot be offered as a switch.
+    assert baseline_advice(_comparison([0.1], baseline="spatial-prior")) is None
+    assert baseline_advice({}) is None
+
+
+def test_model_card_writes_the_comparison_from_its_spec() -> None:
+    """The bundled file's comparison is what scripts/model_card.py builds from card_baselines.json and
+    the card's metrics: the tooling and the shipped file agree."""
+    import importlib.util
+    import json
+
+    from napari_octreenca.nca.modelfile import read_extra
+    from napari_octreenca.resources import bundled_models
+
+    scripts = Path(__file__).resolve().parents[1] / "scripts"
+    spec = importlib.util.spec_from_file_location("model_card", scripts / "model_card.py")
+    assert spec is not None and spec.loader is not None
+    card = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(card)
+    extra = read_extra(bundled_models()["brain_mri"])
+    wanted = json.loads((scripts / "card_baselines.json").read_text())["brain_mri"]
+    assert card.baseline_comparison(wanted, extra["metrics"]) == extra["baseline_comparison"]
+    text = card.render("brain_mri", __import__("napari_octreenca").open_model("brain_mri").config, extra)
+    assert f"`{BRAIN_HINT}`" in text

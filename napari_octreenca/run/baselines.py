@@ -10,10 +10,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from .inference import Segmentation
 
 #: Baselines that ``octreenca segment --model NAME`` and :func:`run_baseline` run by name.
 BASELINE_MODELS: dict[str, dict[str, Any]] = {
@@ -106,4 +112,90 @@ def run_baseline(name: str, image: Any, axes: str, scale: Sequence[float] | None
     return otsu_epidermis_mask(arr).astype(np.uint8)
 
 
-__all__ = ["BASELINE_MODELS", "run_baseline", "otsu_brain_mask", "otsu_epidermis_mask", "prior_video_mask"]
+def baseline_segmentation(name: str, image: Any, axes: str, scale: Sequence[float] | None = None) -> Segmentation:
+    """:func:`run_baseline` as a :class:`~.inference.Segmentation` (labels only: no logits, no
+    quality estimate), so that a GUI shows it like a model's result."""
+    from .inference import Segmentation
+
+    t0 = time.perf_counter()
+    labels = run_baseline(name, image, axes, scale)
+    spatial = axes.upper().replace("C", "")
+    return Segmentation(
+        labels=labels,
+        logits=None,
+        spread=None,
+        class_names=(str(BASELINE_MODELS[name]["class"]),),
+        axes=spatial,
+        seeds=[],
+        seconds=time.perf_counter() - t0,
+        record={"baseline": name, "quality": None},
+    )
+
+
+@dataclass(frozen=True)
+class BaselineAdvice:
+    """A model's held-out comparison with a classical baseline that did better on every input."""
+
+    baseline: str  # the name it runs by (``BASELINE_MODELS``), e.g. "otsu-brain"
+    label: str  # in plain words, e.g. "the Otsu baseline"
+    metric: str  # e.g. "Dice"
+    data: str  # what it was measured on, e.g. "held-out scans"
+    inputs: tuple[tuple[str, float, float], ...]  # (input, model score, baseline score), headline first
+
+    @property
+    def sentence(self) -> str:
+        """E.g. "On held-out scans the Otsu baseline did better (Dice 0.95 vs 0.88)"."""
+        _, model, base = self.inputs[0]
+        return f"On {self.data} {self.label} did better ({self.metric} {base:.2f} vs {model:.2f})"
+
+    @property
+    def details(self) -> str:
+        """Every compared input, e.g. for a tooltip."""
+        return "; ".join(f"{name}: {self.metric} {b:.3f} vs {m:.3f}" for name, m, b in self.inputs)
+
+    def cli_hint(self) -> str:
+        """The command line's one-line hint."""
+        return f"{self.sentence}: use --model {self.baseline}"
+
+
+def baseline_advice(extra: Mapping[str, Any]) -> BaselineAdvice | None:
+    """The advice stored in a model file's ``extra`` JSON (key ``baseline_comparison``, written by
+    ``scripts/model_card.py``), or None: no comparison, a baseline that cannot run by name, or
+    a model that beats the baseline on at least one held-out input."""
+    comp = extra.get("baseline_comparison")
+    if not comp or comp.get("baseline") not in BASELINE_MODELS or not comp.get("inputs"):
+        return None
+    inputs = tuple((str(c["input"]), float(c["model"]), float(c["baseline"])) for c in comp["inputs"])
+    if any(model >= base for _, model, base in inputs):
+        return None
+    label = str(comp.get("baseline_label", comp["baseline"]))
+    data = str(comp.get("data", "held-out data"))
+    return BaselineAdvice(str(comp["baseline"]), label, str(comp["metric"]), data, inputs)
+
+
+def model_baseline_advice(model: str | Path) -> BaselineAdvice | None:
+    """:func:`baseline_advice` of a bundled model name or model file; None for anything else
+    (a baseline's own name, a preset, a missing or unreadable file: the run reports those)."""
+    from ..nca.errors import ModelFileError
+    from ..nca.modelfile import read_extra
+    from ..nca.registry import resolve_model_path
+
+    if str(model) in BASELINE_MODELS:
+        return None
+    try:
+        return baseline_advice(read_extra(resolve_model_path(model)))
+    except (ModelFileError, OSError, ValueError):
+        return None
+
+
+__all__ = [
+    "BASELINE_MODELS",
+    "BaselineAdvice",
+    "baseline_advice",
+    "model_baseline_advice",
+    "baseline_segmentation",
+    "run_baseline",
+    "otsu_brain_mask",
+    "otsu_epidermis_mask",
+    "prior_video_mask",
+]

@@ -71,6 +71,8 @@ class Job:
         self.returned_at: float | None = None  # when ``fn`` returned, before the GUI adds results
         self.cancelled = False
         self.error: BaseException | None = None
+        self._holds = 0  # the GUI still adds results: the job ends when they are all shown
+        self._worker_done = False
         self._on_done, self._on_finished = on_done, on_finished
         self._on_cancelled, self._on_error = on_cancelled, on_error
 
@@ -99,6 +101,16 @@ class Job:
     def running(self) -> bool:
         return self.finished_at is None
 
+    def hold(self) -> None:
+        """Keep the job running after the worker returned (results still being added, one per
+        event-loop turn); :meth:`release` ends it."""
+        self._holds += 1
+
+    def release(self) -> None:
+        self._holds = max(0, self._holds - 1)
+        if self._holds == 0 and self._worker_done and self.finished_at is None:
+            self._finish()
+
     def _returned(self, result: Any) -> None:
         try:
             self._on_done(result)
@@ -118,6 +130,11 @@ class Job:
             self._on_error(exc)
 
     def _finished(self) -> None:
+        self._worker_done = True
+        if self._holds == 0:
+            self._finish()
+
+    def _finish(self) -> None:
         self.finished_at = time.monotonic()
         self._on_finished()
 

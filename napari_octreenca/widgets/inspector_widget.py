@@ -39,8 +39,8 @@ from ._models import CATALOG, follow_catalog
 from ._settings import plugin_setting
 from ._workers import Job
 from .qt_helpers import DockContainer, ElidedLabel, advanced_group, on_dock_closed
-from .shared import add_layers, free_prefix, image_layer_choices, remove_layers
 from .shared import config_of as _config_of
+from .shared import free_prefix, image_layer_choices, place_layers, remove_layers, update_layer
 
 if TYPE_CHECKING:
     import napari
@@ -471,6 +471,12 @@ class InspectorWidget(DockContainer):
         model_name, device = self.model.value, self.device.value
         live, interval = self.live.value, self.interval.value / 1000.0
         base = f"{layer.name} NCA"
+        # The live layers are the run's "hidden RGB" and "logits" layers from the start (the
+        # previous run's when they are replaced): at the end they take the whole evolution, and
+        # napari neither adds nor removes a layer (each removal costs it a full gc.collect()).
+        replace = [] if self.keep.value else list(self.result_layers)
+        run_prefix = free_prefix(self.viewer, base, [" hidden RGB", " logits", " labels"], ignore=replace)
+        channel = int(self.channel.value)
         self.memory.value = plan.describe()
 
         def work(job: Job) -> Any:
@@ -482,17 +488,13 @@ class InspectorWidget(DockContainer):
             # Without live mode the frames (small copies) still drive the progress bar.
             rec = NCARecorder(plan, on_frame=on_frame, throttle=interval)
             seg = execute(model, run_plan, src.array, callback=rec, cancel=job.cancel)
-            return rec.recording, seg
+            # The layers' data is made here, off the GUI thread (on it, it took 0.3-0.5 s).
+            return rec.recording, seg, _result_layers(rec.recording, seg, src, scale, translate, grid, channel)
 
         def done(result: Any) -> None:
-            recording, seg = result
-            self._remove_live()
+            recording, seg, (layers, hidden) = result
             self.segmentation = seg
-            labels = [
-                (d, {**kw, "name": " labels"}, kind)
-                for d, kw, kind in output_layers(seg, src, record={"engine": dict(seg.record)})
-            ]
-            self._show_recording(recording, scale, translate, base, len(src.scale), grid, labels)
+            self._show_recording(recording, layers, hidden, base, len(src.scale))
 
         self.job = Job(
             work,
@@ -502,7 +504,7 @@ class InspectorWidget(DockContainer):
             on_error=lambda exc: self._remove_live(),
             what="NCA recording",
         )
-        self.job.relay.frame.connect(lambda f: self._on_frame(f, plan, scale, translate, base, live))
+        self.job.relay.frame.connect(lambda f: self._on_frame(f, plan, scale, translate, run_prefix, live))
         self.run_button.enabled = False
         self.cancel_button.enabled = True
         self.bar.max, self.bar.value = plan.total_steps, 0
@@ -517,7 +519,7 @@ class InspectorWidget(DockContainer):
                 plan,
                 scale,
                 translate,
-                base,
+                run_prefix,
             )
         self._frame_shown, self._frame_gap = -math.inf, 0.0
         self.plot.setup(plan.steps, plan.config.steps, plan.config.fire_rate)
@@ -525,33 +527,39 @@ class InspectorWidget(DockContainer):
         return self.job
 
     def _show_recording(
-        self,
-        recording: Any,
-        scale: tuple[float, ...],
-        translate: tuple[float, ...],
-        base: str,
-        n_spatial: int,
-        grid: Grid,
-        extra: list[Any],
+        self, recording: Any, probe: list[Any], hidden: dict[int, Any], base: str, n_spatial: int
     ) -> None:
-        """Add the recording's layers (replacing the previous recording's unless kept), put the
-        sliders on the result (finest level, last step) and read the convergence."""
-        plan = recording.plan
+        """Show the recording's layers (in place of the previous recording's unless kept; the live
+        layers become its evolution layers), then put the sliders on the result (finest level, last
+        step) and read the convergence. The job ends once every layer is shown (one per event-loop
+        turn)."""
         self.recording = recording
-        self._hidden = recording.in_input_order().hidden
-        channels = max((h.shape[0] for h in self._hidden.values()), default=0)
+        self._hidden = hidden
+        channels = max((h.shape[0] for h in hidden.values()), default=0)
         self.channel.max = max(0, channels - 1)
         self.channel.enabled = channels > 1
-        k = min(self.channel.value, self.channel.max)
-        at = remove_layers(self.viewer, [] if self.keep.value else self.result_layers)
-        # Recorded on the planner's grid (RAS+ for a NIfTI volume): shown in the file's axis order.
-        probe = [
-            (*_to_file_order(grid, d, kw), kind)
-            for d, kw, kind in recording_layers(recording, scale=scale, translate=translate, prefix="", channel=k)
-        ] + extra
-        prefix = free_prefix(self.viewer, base, [kw["name"] for _, kw, _ in probe])
+        replace = [] if self.keep.value else list(self.result_layers)
+        live = list(self.live_layers.values())
+        self.live_layers = {}
+        prefix = free_prefix(self.viewer, base, [kw["name"] for _, kw, _ in probe], ignore=replace + live)
         layers = [(d, {**kw, "name": prefix + kw["name"]}, t) for d, kw, t in probe]
-        self.result_layers = add_layers(self.viewer, layers, at=at)
+        job = self.job
+        if job is not None:
+            job.hold()
+
+        def placed() -> None:
+            try:
+                self._after_recording_shown(recording, n_spatial)
+            finally:
+                if job is not None:
+                    job.release()
+
+        self.result_layers = place_layers(
+            self.viewer, layers, replace=replace, drop=live, owner=self.native, on_placed=placed
+        )
+
+    def _after_recording_shown(self, recording: Any, n_spatial: int) -> None:
+        plan = recording.plan
         if plan.record_evolution:
             # The result: finest level, its last step; the sliders then replay the automaton.
             level_axis = self.viewer.dims.ndim - n_spatial - 2
@@ -639,21 +647,39 @@ class InspectorWidget(DockContainer):
             rgb, kw_rgb = _to_file_order(self._grid, rgb, {"rgb": True, "scale": scale, "translate": translate})
             logits, _ = _to_file_order(self._grid, logits, {})
             scale, translate = kw_rgb["scale"], kw_rgb["translate"]
-        for key, data, kw in (
-            ("rgb", rgb, {"rgb": True, "opacity": 0.8}),
-            ("logits", logits[0] if logits.shape[0] == 1 else logits, {"colormap": "magma", "visible": False}),
+        # The result layers' axes from the start (class,) level, step, space: the frame at every
+        # level and step (a broadcast view, no copy), so the layer takes the whole evolution at
+        # the end without a change of axes.
+        ls = (plan.config.levels, max(1, max(plan.steps)))
+        if logits.shape[0] == 1:
+            live_logits = np.broadcast_to(logits[0], ls + logits.shape[1:])
+        else:
+            live_logits = np.broadcast_to(logits[:, None, None], logits.shape[:1] + ls + logits.shape[1:])
+        n_lead = live_logits.ndim - len(scale)
+        for key, name, data, kw in (
+            ("rgb", " hidden RGB", np.broadcast_to(rgb, ls + rgb.shape), {"rgb": True, "opacity": 0.8}),
+            ("logits", " logits", live_logits, {"colormap": "magma", "visible": False, "contrast_limits": (-1, 1)}),
         ):
             layer = self.live_layers.get(key)
             if layer is None or layer not in self.viewer.layers:
-                self.live_layers[key] = self.viewer.add_image(
-                    data,
-                    name=f"{prefix} live {key}",
-                    scale=((1.0,) if data.ndim > len(scale) + (key == "rgb") else ()) + scale,
-                    translate=((0.0,) if data.ndim > len(scale) + (key == "rgb") else ()) + translate,
-                    **kw,
-                )
+                lead = n_lead if key == "logits" else 2
+                geo = {"scale": (1.0,) * lead + scale, "translate": (0.0,) * lead + translate}
+                self.live_layers[key] = self._live_layer(prefix + name, data, {**geo, **kw})
             elif layer.visible:  # an invisible layer gets the newest data when the run ends
                 layer.data = data
+
+    def _live_layer(self, name: str, data: np.ndarray, kwargs: dict[str, Any]) -> Any:
+        """The previous run's layer of that name (replaced, not kept) showing the live frames,
+        else a new layer."""
+        from napari.layers import Image
+
+        replaced = [] if self.keep.value else self.result_layers
+        old = next((ly for ly in replaced if ly.name == name and ly in self.viewer.layers), None)
+        rgb = bool(kwargs.get("rgb", False))
+        if old is not None and isinstance(old, Image) and bool(old.rgb) == rgb and old.ndim == data.ndim - rgb:
+            update_layer(old, data, {k: v for k, v in kwargs.items() if k in ("scale", "translate")})
+            return old
+        return self.viewer.add_image(data, name=name, **kwargs)
 
     def _frame_cost(self, started: float, live: bool) -> None:
         """Space the next shown frame by five times what this one cost the GUI thread."""
@@ -661,9 +687,7 @@ class InspectorWidget(DockContainer):
         self._frame_gap = max(interval, 5.0 * (time.perf_counter() - started))
 
     def _remove_live(self) -> None:
-        for layer in self.live_layers.values():
-            if layer in self.viewer.layers:
-                self.viewer.layers.remove(layer)
+        remove_layers(self.viewer, self.live_layers.values())
         self.live_layers = {}
 
     def _finished(self) -> None:
@@ -671,6 +695,32 @@ class InspectorWidget(DockContainer):
         self.cancel_button.enabled = False
         if self.job is not None and self.job.cancelled:
             self.status.value = "cancelled"
+
+
+def _result_layers(
+    recording: Any,
+    seg: Any,
+    src: Any,
+    scale: tuple[float, ...],
+    translate: tuple[float, ...],
+    grid: Grid,
+    channel: int,
+) -> tuple[list[Any], dict[int, Any]]:
+    """The recording's layer-data tuples (names without the run's prefix) in the file's axis
+    order, the labels last, and the hidden states per level (worker thread: no napari object)."""
+    hidden = recording.in_input_order().hidden
+    channels = max((h.shape[0] for h in hidden.values()), default=0)
+    k = min(channel, max(0, channels - 1))
+    # Recorded on the planner's grid (RAS+ for a NIfTI volume): shown in the file's axis order.
+    layers = [
+        (*_to_file_order(grid, d, kw), kind)
+        for d, kw, kind in recording_layers(recording, scale=scale, translate=translate, prefix="", channel=k)
+    ]
+    layers += [
+        (d, {**kw, "name": " labels"}, kind)
+        for d, kw, kind in output_layers(seg, src, record={"engine": dict(seg.record)})
+    ]
+    return layers, hidden
 
 
 def _to_grid_order(grid: Grid, values: tuple[float, ...]) -> tuple[float, ...]:

@@ -12,8 +12,11 @@ import time
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
-from magicgui.widgets import CheckBox, ComboBox, FileEdit, ProgressBar, PushButton, SpinBox
+from magicgui.widgets import CheckBox, ComboBox, Container, FileEdit, Label, ProgressBar, PushButton, SpinBox
+from qtpy.QtWidgets import QSizePolicy
 
+from ..nca.errors import ModelFileError
+from ..run.baselines import BASELINE_MODELS, BaselineAdvice, baseline_segmentation, model_baseline_advice
 from ..run.execute import execute
 from ..run.inference import StepInfo
 from ..run.planner import RunOptions, plan_run
@@ -23,8 +26,8 @@ from ._models import CATALOG, follow_catalog
 from ._settings import plugin_setting
 from ._workers import Job, Throttle
 from .qt_helpers import DockContainer, ElidedLabel, advanced_group, on_dock_closed
-from .shared import add_layers, free_prefix, image_layer_choices, remove_layers
 from .shared import config_of as _config_of
+from .shared import free_prefix, image_layer_choices, place_layers
 
 if TYPE_CHECKING:
     import napari
@@ -36,13 +39,23 @@ class SegmentWidget(DockContainer):
     A few main controls (image, model, device, Segment/Cancel, progress); precision, seed,
     ensemble runs, output layers, pyramid level and tiling are folded under "advanced settings".
     A new run's layers replace the previous run's unless "keep previous results" is ticked.
+    The classical baselines are listed after the models; when the chosen model's file says a
+    baseline did better on held-out data, a notice offers a one-click switch to it.
     """
 
     def __init__(self, napari_viewer: napari.viewer.Viewer) -> None:
         super().__init__()
         self.viewer = napari_viewer
         self.image = ComboBox(label="image", choices=lambda _w: image_layer_choices(self.viewer))
-        self.model = ComboBox(label="model", choices=lambda _w: CATALOG.names())
+        self.model = ComboBox(label="model", choices=lambda _w: CATALOG.names() + list(BASELINE_MODELS))
+        self.advice_text = Label(value="")
+        self.advice_text.native.setWordWrap(True)
+        # Wraps to the dock's width instead of widening the dock.
+        self.advice_text.native.setSizePolicy(QSizePolicy.Policy.Ignored, QSizePolicy.Policy.Preferred)
+        self.use_baseline = PushButton(text="use the baseline")
+        self.advice = Container(widgets=[self.advice_text, self.use_baseline], labels=False, visible=False)
+        self.advice.margins = (0, 0, 0, 0)
+        self.advice_shown: BaselineAdvice | None = None
         self.model_file = FileEdit(label="model file", mode="r", filter="*.safetensors")
         self.device = ComboBox(label="device", choices=[(d.label, d.id) for d in list_devices()])
         self.precision = ComboBox(
@@ -98,6 +111,7 @@ class SegmentWidget(DockContainer):
             [
                 self.image,
                 self.model,
+                self.advice,
                 self.device,
                 self.plan,
                 self.show_advanced,
@@ -117,6 +131,8 @@ class SegmentWidget(DockContainer):
         self.notices: list[str] = []
         self._throttle = Throttle(0.1)
         self.model_file.changed.connect(self._add_model_file)
+        self.model.changed.connect(self._update_advice)
+        self.use_baseline.changed.connect(self._switch_to_baseline)
         self.image.changed.connect(self._suggest_model)
         for w in (self.image, self.model, self.device, self.precision, self.runs, self.level, self.tiling):
             w.changed.connect(self._update_plan)
@@ -134,6 +150,7 @@ class SegmentWidget(DockContainer):
         if default_model in CATALOG.names():
             self.model.value = default_model
         self._update_plan()
+        self._update_advice()
         self.end_layout()
 
     # -- choices --------------------------------------------------------------------------------
@@ -157,6 +174,26 @@ class SegmentWidget(DockContainer):
         if name and name in CATALOG.names():
             self.model.value = name
 
+    def _update_advice(self, *_: Any) -> None:
+        """Show the notice when the chosen model's held-out comparison says a baseline did better."""
+        name = self.model.value
+        advice = None
+        if name and name not in BASELINE_MODELS:
+            try:
+                advice = model_baseline_advice(CATALOG.path(name))
+            except ModelFileError:  # not a model any more: the plan line and the run report it
+                advice = None
+        self.advice_shown = advice
+        self.advice.visible = advice is not None
+        if advice is not None:
+            self.advice_text.value = f"{advice.sentence}: use it?"
+            self.advice_text.tooltip = advice.details
+            self.use_baseline.text = f"use {advice.baseline}"
+
+    def _switch_to_baseline(self, *_: Any) -> None:
+        if self.advice_shown is not None:
+            self.model.value = self.advice_shown.baseline
+
     def _add_model_file(self, path: Any) -> None:
         if not path or not str(path).endswith(".safetensors"):
             return
@@ -174,6 +211,10 @@ class SegmentWidget(DockContainer):
         layer = self.image.value
         if layer is None or not self.model.value:
             self.plan.value = "choose an image and a model"
+            return
+        if self.model.value in BASELINE_MODELS:
+            kind = BASELINE_MODELS[self.model.value]
+            self.plan.value = f"classical baseline (no NCA, no quality estimate): {kind['input']}"
             return
         try:
             if layer.multiscale:
@@ -194,7 +235,11 @@ class SegmentWidget(DockContainer):
         return {
             "image": getattr(layer, "name", None),
             "model": self.model.value,
-            "model_file": str(CATALOG.path(self.model.value)) if self.model.value else None,
+            "model_file": (
+                str(CATALOG.path(self.model.value))
+                if self.model.value and self.model.value not in BASELINE_MODELS
+                else None
+            ),
             "device": self.device.value,
             "precision": self.precision.value,
             "seed": self.seed.value,
@@ -221,24 +266,30 @@ class SegmentWidget(DockContainer):
         want_prob, want_unc = self.probability.value, self.uncertainty.value
         self.last_error = None
 
-        def work(job: Job) -> tuple[Any, dict[str, Any]]:
-            return _run(job, src, settings)
+        def work(job: Job) -> tuple[Any, dict[str, Any], list[Any]]:
+            seg, record = _run(job, src, settings)
+            # The layers' data (probabilities, pyramids) is made here, off the GUI thread.
+            uncertainty = want_unc and seg.spread is not None
+            layers = output_layers(seg, src, record=record, probability=want_prob, uncertainty=uncertainty)
+            return seg, record, layers
 
-        def done(result: tuple[Any, dict[str, Any]]) -> None:
-            seg, record = result
-            at = remove_layers(self.viewer, [] if self.keep.value else self.result_layers)
-            layers = output_layers(
-                seg, src, record=record, probability=want_prob, uncertainty=want_unc and seg.spread is not None
-            )
+        def done(result: tuple[Any, dict[str, Any], list[Any]]) -> None:
+            seg, record, layers = result
+            replace = [] if self.keep.value else list(self.result_layers)
             # Kept runs' layers keep their names; this run's say which run it is (not napari's [1]).
             ends = [kw["name"].removeprefix(src.name) for _, kw, _ in layers]
-            prefix = free_prefix(self.viewer, src.name, ends)
+            prefix = free_prefix(self.viewer, src.name, ends, ignore=replace)
             layers = [(d, {**kw, "name": prefix + end}, k) for (d, kw, k), end in zip(layers, ends)]
-            self.result_layers = add_layers(self.viewer, layers, at=at)
+            job = self.job
+            if job is not None:
+                job.hold()  # the run ends when its layers are all shown
+            self.result_layers = place_layers(
+                self.viewer, layers, replace=replace, owner=self.native, on_placed=job.release if job else None
+            )
             self.status.value = f"done in {record['timings']['seconds']:.1f} s" + (
                 " (tiled)" if record.get("tiled") else ""
             )
-            self.quality.value = seg.verdict
+            self.quality.value = "classical baseline: no quality estimate" if record.get("baseline") else seg.verdict
 
         self.job = Job(
             work,
@@ -295,6 +346,8 @@ def _run(job: Job, src: Any, settings: dict[str, Any]) -> tuple[Any, dict[str, A
     """The worker-thread part: load the model, plan the run (the CLI's planner), segment."""
     t0 = time.perf_counter()
     started = datetime.now(UTC).isoformat(timespec="seconds")
+    if settings["model"] in BASELINE_MODELS:
+        return _run_baseline(src, settings, started, t0)
     device = settings["device"]
     model = CATALOG.load(settings["model"], device)
     throttle = Throttle(0.1)
@@ -352,6 +405,28 @@ def _run(job: Job, src: Any, settings: dict[str, Any]) -> tuple[Any, dict[str, A
             "segment_s": round(seg.seconds, 3),
             "seconds": round(seconds, 3),
         },
+    }
+    return seg, record
+
+
+def _run_baseline(src: Any, settings: dict[str, Any], started: str, t0: float) -> tuple[Any, dict[str, Any]]:
+    """The worker-thread part for a classical baseline: the chosen level of the layer, its spacing."""
+    import numpy as np
+
+    name = settings["model"]
+    array = np.asarray(src.array)
+    # A plain 3D grey layer is a volume; RGB layers come with axes "YXC" (layer_input).
+    axes = src.axes or ("ZYX" if array.ndim == 3 else "YX")
+    seg = baseline_segmentation(name, array, axes, src.level_scale)
+    record = {
+        "model": name,
+        "model_file": None,
+        "baseline": name,
+        "settings": settings,
+        "quality": None,
+        "verdict": None,
+        "class_names": list(seg.class_names),
+        "timings": {"started": started, "seconds": round(time.perf_counter() - t0, 3)},
     }
     return seg, record
 

@@ -30,13 +30,17 @@ def test_inspector_layers_for_every_level_and_step_axis(viewer, qtbot, catalog, 
     assert w.steps.value == "3, 3, 3, 4"
     w.steps.value = "3, 3, 3, 6"  # more test-time steps at the coarsest level
     assert "15 steps" in w.memory.value and "MB" in w.memory.value
-    seen: set[str] = set()
-    viewer.layers.events.inserted.connect(lambda e: seen.add(e.value.name))
+    seen: list[str] = []
+    viewer.layers.events.inserted.connect(lambda e: seen.append(e.value.name))
     job = w.start()
+    # Live mode shows the evolving state during the run in the run's own evolution layers...
+    live = w.live_layers["rgb"]
+    assert live.name == "he NCA hidden RGB" and live in viewer.layers
     _wait(qtbot, job)
     assert job.error is None
-    assert "he NCA live rgb" in seen  # live mode showed the evolving state during the run
-    assert "he NCA live rgb" not in viewer.layers  # and made way for the full recording
+    # ...which take the full recording at the end: nothing added twice, nothing removed.
+    assert viewer.layers["he NCA hidden RGB"] is live
+    assert sorted(seen) == sorted(ly.name for ly in viewer.layers if ly.name != "he")
     shapes = cfg.level_shapes(rgb_image.shape[:2])
     for level in range(cfg.levels):
         layer = viewer.layers[f"he NCA L{level} hidden"]
@@ -80,7 +84,8 @@ def test_inspector_cancel_leaves_no_layer(viewer, qtbot, catalog, model_file_slo
     w.model.value = name
     w.interval.value = 20
     job = w.start()
-    qtbot.waitUntil(lambda: "he NCA live rgb" in viewer.layers, timeout=60000)
+    qtbot.waitUntil(lambda: w.bar.value > 0, timeout=60000)
+    assert "he NCA hidden RGB" in viewer.layers  # the live view
     w.request_cancel()
     _wait(qtbot, job, 30)
     assert job.cancelled
@@ -240,7 +245,7 @@ def test_live_run_appends_to_the_plot(viewer, qtbot, catalog, model_file_slow, r
     w.interval.value = 20
     w.plot.min_interval = 0.2
     job = w.start()
-    assert "he NCA live rgb" in viewer.layers  # added before the run, never mid-run
+    assert "he NCA hidden RGB" in viewer.layers  # the live view: added before the run, never mid-run
     qtbot.waitUntil(lambda: len(w.plot.update.get(1, [])) >= 5, timeout=60000)
     _wait(qtbot, job)
     assert job.error is None, job.error
