@@ -183,9 +183,9 @@ def _train_runner(name: str) -> Any:
     if name == "autograd":
         return reference_level_steps
     if name == "cpu-fused":
-        from .backends.cpu_train import run_level_fused
+        from .backends.cpu_train import FusedLevelRunner
 
-        return run_level_fused
+        return FusedLevelRunner()
     raise ValueError(f"unknown training step {name!r}; choose one of {TRAIN_STEPS}")
 
 

@@ -38,7 +38,20 @@ def _grads(runner, nca, image, state, **kw) -> tuple[torch.Tensor, list[torch.Te
 
 @pytest.mark.parametrize(
     "shape",
-    [(1, 1), (2, 5), (3, 3), (7, 9), (13, 6), (40, 29), (1, 2, 3), (2, 2, 2), (3, 3, 3), (4, 5, 3), (6, 1, 5), (5, 19, 11)],
+    [
+        (1, 1),
+        (2, 5),
+        (3, 3),
+        (7, 9),
+        (13, 6),
+        (40, 29),
+        (1, 2, 3),
+        (2, 2, 2),
+        (3, 3, 3),
+        (4, 5, 3),
+        (6, 1, 5),
+        (5, 19, 11),
+    ],
     ids=lambda s: "x".join(map(str, s)),
 )
 @pytest.mark.parametrize("fire_rate", [0.5, 1.0])
@@ -85,6 +98,30 @@ def test_octree_gradients_equal_autograd(name, shape, patch) -> None:
     assert _rel(out, ref) < 1e-5
     for a, b in zip(grads, ref_g):
         assert _rel(a, b) < 1e-4
+
+
+@pytest.mark.parametrize("name,shape,patch", [("pathology", (40, 36), None), ("radiology", (20, 18, 12), (8, 8, 6))])
+def test_runner_pool_reuses_buffers_with_the_same_gradients(name, shape, patch) -> None:
+    """A FusedLevelRunner reuses its step arrays from the second iteration on (the pool does not
+    grow) and the gradients are bitwise those of fresh arrays: every pooled byte is written
+    before it is read."""
+    cfg = preset(name, steps=(3, 3, 2, 2, 4))
+    model = OctreeNCA(cfg)
+    _randomise(model, seed=4)
+    image = torch.randn((2, cfg.input_channels) + shape, generator=torch.Generator().manual_seed(2))
+    runner = cpu_train.FusedLevelRunner()
+    pooled = []
+    for it in range(3):
+        grads = []
+        for step in (cpu_train.run_level_fused, runner):
+            model.zero_grad(set_to_none=True)
+            gen = torch.Generator().manual_seed(20 + it)
+            logits, _ = model.forward_train(image, [it, it + 7], patch_size=patch, generator=gen, level_steps=step)
+            (logits * torch.linspace(-1, 1, logits.numel()).reshape(logits.shape)).sum().backward()
+            grads.append([p.grad.clone() for p in model.parameters()])
+        assert all(torch.equal(a, b) for a, b in zip(*grads))
+        pooled.append(sum(len(v) for v in runner.pool._free.values()))
+    assert pooled[0] > 0 and pooled[0] == pooled[1] == pooled[2]
 
 
 def _toy_pairs():

@@ -24,6 +24,7 @@ the old pieces (a fresh install has no cache).
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
 
 import numpy as np
@@ -116,8 +117,9 @@ if numba is not None:
             r += 1
 
     @njit(fastmath=_FASTMATH, cache=True, nogil=True)
-    def _mlp_backward_tile(xt, gd, w0, b0, w1t, w0t, ht, gh, gx, kn, a_w0, a_b0, a_w1):
-        """Backward of fc1(relu(fc0 x + b0)) for kn cells: gx = d/dx, weight gradients added to a_*."""
+    def _mlp_backward_tile(xt, gd, w0, b0, w1t, w0t, ht, gh, gx, kn, a_w0, a_b0, a_w1, cin):
+        """Backward of fc1(relu(fc0 x + b0)) for kn cells: gx = d/dx (rows cin: on), weight
+        gradients added to a_*."""
         hidden = b0.shape[0]
         _hidden_tile(xt, w0, b0, ht, kn)  # recomputed, not stored
         # fc1: dW1 += gd h^T; gh = W1^T gd, masked by the ReLU.
@@ -136,13 +138,14 @@ if numba is not None:
                     ghj[k] = 0.0
                 s += ghj[k]
             a_b0[j] += s
-        # fc0: dW0 += gh x^T; gx = W0^T gh.
+        # fc0: dW0 += gh x^T; gx = W0^T gh, except the image channels' centre rows (x[:cin]):
+        # the image is not trained, nothing reads their gradient.
         _dot_rows(a_w0, gh, xt, kn)
-        for i in range(gx.shape[0]):
+        for i in range(cin, gx.shape[0]):
             gxi = gx[i]
             for k in range(kn):
                 gxi[k] = 0.0
-        _accumulate(gx, w0t, gh, kn)
+        _accumulate(gx[cin:], w0t[cin:], gh, kn)
 
     @njit(cache=True, nogil=True)
     def _scatter_tile(gx, kn, pos_b, pos_s, gin_flat, gp_flat, cu, c_all, plane):
@@ -258,12 +261,12 @@ if numba is not None:
                             fill += kn
                             k0 += kn
                             if fill == _TILE:
-                                _mlp_backward_tile(xt, gd, w0, b0, w1t, w0t, ht, gh, gx, fill, a_w0, a_b0, a_w1)
+                                _mlp_backward_tile(xt, gd, w0, b0, w1t, w0t, ht, gh, gx, fill, a_w0, a_b0, a_w1, cin)
                                 _scatter_tile(gx, fill, pos_b, pos_s, gin_flat, gp_flat, cu, c_all, plane)
                                 fill = 0
                     row += nrun
                 if fill:
-                    _mlp_backward_tile(xt, gd, w0, b0, w1t, w0t, ht, gh, gx, fill, a_w0, a_b0, a_w1)
+                    _mlp_backward_tile(xt, gd, w0, b0, w1t, w0t, ht, gh, gx, fill, a_w0, a_b0, a_w1, cin)
                     _scatter_tile(gx, fill, pos_b, pos_s, gin_flat, gp_flat, cu, c_all, plane)
 
     @njit(fastmath=_FASTMATH, cache=True, nogil=True)
@@ -515,6 +518,38 @@ def _weights(nca: BackboneNCA) -> tuple[np.ndarray, ...]:
     return cw, cb, w0, b0, w1, np.ascontiguousarray(w0.T), np.ascontiguousarray(w1.T)
 
 
+class BufferPool:
+    """Arrays of the training steps kept for the next iteration instead of freed.
+
+    A fresh array of tens of MB is mapped anew by the allocator, and the kernel faults in and
+    zeroes every page on first touch: a level's 10 forward steps into fresh state arrays took
+    2.3x as long as into reused ones (256^2, batch 2). A pool lives as long as its
+    :class:`FusedLevelRunner` (one training run) and holds what one iteration holds anyway.
+    """
+
+    def __init__(self) -> None:
+        self._free: dict[tuple[int, ...], list[np.ndarray]] = {}
+        self._lock = threading.Lock()
+
+    def take(self, shape: tuple[int, ...]) -> np.ndarray:
+        """A float32 array of ``shape`` (contents undefined): a returned one if any, else new."""
+        with self._lock:
+            free = self._free.get(tuple(shape))
+            if free:
+                return free.pop()
+        return np.empty(shape, np.float32)
+
+    def give(self, *arrays: np.ndarray) -> None:
+        """Return arrays that nothing else refers to any more."""
+        with self._lock:
+            for a in arrays:
+                self._free.setdefault(a.shape, []).append(a)
+
+
+def _take(pool: BufferPool | None, shape: tuple[int, ...]) -> np.ndarray:
+    return pool.take(shape) if pool is not None else np.empty(shape, np.float32)
+
+
 def _as5d(a: np.ndarray, dims: int) -> np.ndarray:
     """(B, C, *spatial) -> (B, C, nz, ny, nx) (2D gets nz = 1)."""
     return a.reshape(a.shape[:2] + (1,) + a.shape[2:]) if dims == 2 else a
@@ -524,14 +559,14 @@ class FusedLevelSteps(torch.autograd.Function):
     """``steps`` NCA steps of one level (per-sample fire-mask seeds), differentiable, on the CPU."""
 
     @staticmethod
-    def forward(ctx, image, state, conv_w, conv_b, fc0_w, fc0_b, fc1_w, nca, keys, thresh, origin):
+    def forward(ctx, image, state, conv_w, conv_b, fc0_w, fc0_b, fc1_w, nca, keys, thresh, origin, pool):
         dims = nca.spatial_dims
         weights = _weights(nca)
         cw, cb, w0, b0, w1 = weights[:5]
         img = _as5d(image.detach().float().contiguous().numpy(), dims)
         s0 = _as5d(state.detach().float().contiguous().numpy(), dims)
         steps = keys.shape[0]
-        states = np.empty((steps + 1,) + s0.shape, np.float32)
+        states = _take(pool, (steps + 1,) + s0.shape)
         states[0] = s0
         oz, oy, ox = (0,) + tuple(origin) if dims == 2 else tuple(origin)
         for t in range(steps):
@@ -555,6 +590,7 @@ class FusedLevelSteps(torch.autograd.Function):
                     numba.get_num_threads(),
                 )
         ctx.saved = (img, states, weights, dims, (oz, oy, ox), keys, thresh)
+        ctx.pool = pool
         ctx.param_shapes = [p.shape for p in (conv_w, conv_b, fc0_w, fc0_b, fc1_w)]
         return torch.from_numpy(states[steps].reshape(state.shape).copy())
 
@@ -568,9 +604,10 @@ class FusedLevelSteps(torch.autograd.Function):
         rows = nb * nz * ny
         nch = min(rows, _CHUNKS)
         acc = [np.zeros((nch,) + a.shape, np.float32) for a in (cw, cb, w0, b0, w1)]
-        g = _as5d(grad_out.detach().float().contiguous().numpy(), dims).copy()
-        gin = np.empty_like(g)
-        gp = np.empty((nb, c_all, nz, ny, nx), np.float32)
+        pool = ctx.pool
+        g = _as5d(grad_out.detach().float().contiguous().numpy(), dims).copy()  # becomes the result
+        gin = _take(pool, g.shape)
+        gp = _take(pool, (nb, c_all, nz, ny, nx))
         inv_y, n_y = _inverse_reflect(ny)
         if dims == 3:
             inv_z, n_z = _inverse_reflect(nz)
@@ -606,7 +643,11 @@ class FusedLevelSteps(torch.autograd.Function):
                 g, gin = gin, g
         grads = [torch.from_numpy(a.sum(axis=0)).reshape(shape) for a, shape in zip(acc, ctx.param_shapes)]
         grad_state = torch.from_numpy(g).reshape(grad_out.shape)
-        return (None, grad_state, *grads, None, None, None, None)
+        if pool is not None:
+            # g goes to autograd; the other state-gradient buffer, gp and the states are free.
+            pool.give(gin, gp, states)
+            ctx.saved = None  # a second backward through this graph is an error, not a silent reuse
+        return (None, grad_state, *grads, None, None, None, None, None)
 
 
 def run_level_fused(
@@ -618,11 +659,13 @@ def run_level_fused(
     seeds: Sequence[int],
     origin: tuple[int, ...],
     fire_rate: float,
+    pool: BufferPool | None = None,
 ) -> torch.Tensor:
     """``steps`` differentiable NCA steps of ``nca`` on a batch, sample b with fire-mask seed seeds[b].
 
     Same signature as :func:`napari_octreenca.nca.octree.reference_level_steps`, which it replaces
-    in ``OctreeNCA.forward_train`` on the CPU.
+    in ``OctreeNCA.forward_train`` on the CPU; ``pool`` (see :class:`FusedLevelRunner`) reuses
+    the step arrays between iterations.
     """
     thresh = threshold(fire_rate)  # 1.0 -> 2**24: every cell fires, as with no mask
     keys = np.array([[base_key(s, level, t) & MASK32 for s in seeds] for t in range(steps)], dtype=np.uint64).reshape(
@@ -640,7 +683,29 @@ def run_level_fused(
         keys,
         thresh,
         tuple(origin),
+        pool,
     )
+
+
+class FusedLevelRunner:
+    """The fused level step for one training run: :func:`run_level_fused` with a
+    :class:`BufferPool` that lives as long as this object (train() and the benchmark make one)."""
+
+    def __init__(self) -> None:
+        self.pool = BufferPool()
+
+    def __call__(
+        self,
+        nca: BackboneNCA,
+        image: torch.Tensor,
+        state: torch.Tensor,
+        level: int,
+        steps: int,
+        seeds: Sequence[int],
+        origin: tuple[int, ...],
+        fire_rate: float,
+    ) -> torch.Tensor:
+        return run_level_fused(nca, image, state, level, steps, seeds, origin, fire_rate, pool=self.pool)
 
 
 def available() -> bool:

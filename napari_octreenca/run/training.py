@@ -300,7 +300,7 @@ def level_steps_for(model: OctreeNCA, cfg: TrainConfig, device: torch.device) ->
     levels = cast(list[BackboneNCA], list(model.levels))
     if not cpu_train.available() or not all(check_fusable(nca)[0] for nca in levels):
         return None, "autograd"
-    return cpu_train.run_level_fused, "cpu-fused"
+    return cpu_train.FusedLevelRunner(), "cpu-fused"
 
 
 def train(
