@@ -10,16 +10,12 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
-
-if TYPE_CHECKING:
-    from .inference import Segmentation
 
 #: Baselines that ``octreenca segment --model NAME`` and :func:`run_baseline` run by name.
 BASELINE_MODELS: dict[str, dict[str, Any]] = {
@@ -112,26 +108,6 @@ def run_baseline(name: str, image: Any, axes: str, scale: Sequence[float] | None
     return otsu_epidermis_mask(arr).astype(np.uint8)
 
 
-def baseline_segmentation(name: str, image: Any, axes: str, scale: Sequence[float] | None = None) -> Segmentation:
-    """:func:`run_baseline` as a :class:`~.inference.Segmentation` (labels only: no logits, no
-    quality estimate), so that a GUI shows it like a model's result."""
-    from .inference import Segmentation
-
-    t0 = time.perf_counter()
-    labels = run_baseline(name, image, axes, scale)
-    spatial = axes.upper().replace("C", "")
-    return Segmentation(
-        labels=labels,
-        logits=None,
-        spread=None,
-        class_names=(str(BASELINE_MODELS[name]["class"]),),
-        axes=spatial,
-        seeds=[],
-        seconds=time.perf_counter() - t0,
-        record={"baseline": name, "quality": None},
-    )
-
-
 @dataclass(frozen=True)
 class BaselineAdvice:
     """A model's held-out comparison with a classical baseline that did better on every input."""
@@ -193,7 +169,6 @@ __all__ = [
     "BaselineAdvice",
     "baseline_advice",
     "model_baseline_advice",
-    "baseline_segmentation",
     "run_baseline",
     "otsu_brain_mask",
     "otsu_epidermis_mask",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeAlias
 
@@ -302,3 +302,23 @@ def combine_runs(outs: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor |
 
 
 __all__ = ["segment", "run_octree", "Segmentation", "StepInfo", "labels_from_logits", "AxisPlan"]
+
+
+def baseline_segmentation(name: str, image: Any, axes: str, scale: Sequence[float] | None = None) -> Segmentation:
+    """:func:`~.baselines.run_baseline` as a :class:`Segmentation` (labels only: no logits, no
+    quality estimate), so that a GUI shows it like a model's result."""
+    from .baselines import BASELINE_MODELS, run_baseline
+
+    t0 = time.perf_counter()
+    labels = run_baseline(name, image, axes, scale)
+    spatial = axes.upper().replace("C", "")
+    return Segmentation(
+        labels=labels,
+        logits=None,
+        spread=None,
+        class_names=(str(BASELINE_MODELS[name]["class"]),),
+        axes=spatial,
+        seeds=[],
+        seconds=time.perf_counter() - t0,
+        record={"baseline": name, "quality": None},
+    )

@@ -16,7 +16,7 @@ from magicgui.widgets import CheckBox, ComboBox, Container, FileEdit, Label, Pro
 from qtpy.QtWidgets import QSizePolicy
 
 from ..nca.errors import ModelFileError
-from ..run.baselines import BASELINE_MODELS, BaselineAdvice, baseline_segmentation, model_baseline_advice
+from ..run.baselines import BASELINE_MODELS, BaselineAdvice, model_baseline_advice
 from ..run.execute import execute
 from ..run.inference import StepInfo
 from ..run.planner import RunOptions, plan_run
@@ -417,6 +417,8 @@ def _run_baseline(src: Any, settings: dict[str, Any], started: str, t0: float) -
     array = np.asarray(src.array)
     # A plain 3D grey layer is a volume; RGB layers come with axes "YXC" (layer_input).
     axes = src.axes or ("ZYX" if array.ndim == 3 else "YX")
+    from ..run.inference import baseline_segmentation
+
     seg = baseline_segmentation(name, array, axes, src.level_scale)
     record = {
         "model": name,
