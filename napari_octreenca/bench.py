@@ -461,6 +461,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"# {machine_description(args.device)}, {stamp}, {machine_load()}")
     print(format_table(rows))
     print("\n".join(ratio_lines(rows)))
+    if any(r["backend"] == "cpu-fused" and r["mode"] != "train" for r in rows):
+        print("\n".join(efficiency_lines(rows, sgemm_fma_rate())))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)

@@ -64,3 +64,8 @@ def test_fma_efficiency_lines() -> None:
     rows = run_bench(["cpu-fused", "torch"], [16], mode="pipeline", threads=1, isolate=False)
     lines = efficiency_lines(rows, peak)
     assert len(lines) == 1 and "cpu-fused" in lines[0] and "GFMA/s per core" in lines[0]
+
+
+def test_cli_main_prints_fma_efficiency(capsys) -> None:
+    assert main(["--backends", "cpu-fused", "--sizes", "16", "--steps", "1", "--no-isolate"]) == 0
+    assert "GFMA/s per core" in capsys.readouterr().out
