@@ -10,8 +10,8 @@ patch logic stay in torch (``run/training.py``); ``step.py`` stays the reference
 equal autograd's within float rounding (tests/test_cpu_train.py).
 
 Per step the backward is two passes over rows: (1) recompute the firing cells' MLP on tiles
-shared by consecutive rows, accumulate the fc0/fc1 gradients, write ``grad_state = grad_out +
-d/d(centre)`` and the perception gradient ``G`` (zero where no cell fired); (2) per row, the
+shared by consecutive rows, accumulate the fc0/fc1 gradients, add ``d/d(centre)`` to the state
+gradient in place (it holds ``grad_out`` on entry) and write the perception gradient ``G`` (zero where no cell fired); (2) per row, the
 perception weight and bias gradients, and add the transposed, reflect-folded depthwise
 convolution of ``G`` to ``grad_state``. Weight gradients are summed per fixed chunk of
 rows and the chunks are added in order, so results do not depend on the thread count.
@@ -24,6 +24,7 @@ the old pieces (a fresh install has no cache).
 
 from __future__ import annotations
 
+import functools
 import threading
 from collections.abc import Sequence
 
@@ -165,8 +166,7 @@ if numba is not None:
     def _backward_mlp(
         img,
         state,
-        gout,
-        gin,
+        g,
         gp,
         cw,
         cb,
@@ -188,9 +188,10 @@ if numba is not None:
     ):
         """Pass 1 of one step's backward (see the module docstring).
 
-        img (B, IN, nz, ny, nx) and state (B, CU, ...) are the step's inputs, gout the gradient of
-        its output; writes gin (B, CU, ...) = gout + centre gradient and gp (B, C, ...) = the
-        perception gradient; adds the MLP's weight gradients to acc_*[chunk]. Rows go in the
+        img (B, IN, nz, ny, nx) and state (B, CU, ...) are the step's inputs; g (B, CU, ...) holds
+        the gradient of its output and gets the centre gradient added in place (a cell's own value
+        is read into its tile before the tile adds to it; no other cell reads it): no copy. Writes
+        gp (B, C, ...) = the perception gradient; adds the MLP's weight gradients to acc_*[chunk]. Rows go in the
         forward kernel's order and runs; firing cells of consecutive rows share tiles, so short
         rows (coarse levels, 3D patches) fill them too. ``threads``: numba's thread count.
         """
@@ -206,7 +207,7 @@ if numba is not None:
         per = (rows + nchunks - 1) // nchunks
         img2 = img.reshape((nb * cin * nz * ny, nx))
         st2 = state.reshape((nb * cu * nz * ny, nx))
-        gin_flat = gin.reshape(nb * cu * plane)
+        g_flat = g.reshape(nb * cu * plane)
         gp_flat = gp.reshape(nb * c_all * plane)
         nw = max(1, min(threads, nchunks))
         for w in prange(nw):
@@ -233,8 +234,6 @@ if numba is not None:
                     any_fired = 0
                     for j in range(nrun):
                         y = y0 + j
-                        for c in range(cu):
-                            gin[b, c, z, y, :] = gout[b, c, z, y, :]
                         for c in range(c_all):
                             gp[b, c, z, y, :] = 0.0
                         nfs[j] = _firing(idx[j], keys[b], dims, oz + z, oy + y, ox, thresh)
@@ -251,7 +250,7 @@ if numba is not None:
                             kn = min(nf - k0, _TILE - fill)
                             _gather_tile(img2, st2, cin, ridx[j, centre], prow[j], idx[j], k0, kn, xt, fill)
                             for c in range(cu):
-                                src = gout[b, c, z, y]
+                                src = g[b, c, z, y]
                                 gdc = gd[c]
                                 for k in range(kn):
                                     gdc[fill + k] = src[idx[j, k0 + k]]
@@ -262,12 +261,12 @@ if numba is not None:
                             k0 += kn
                             if fill == _TILE:
                                 _mlp_backward_tile(xt, gd, w0, b0, w1t, w0t, ht, gh, gx, fill, a_w0, a_b0, a_w1, cin)
-                                _scatter_tile(gx, fill, pos_b, pos_s, gin_flat, gp_flat, cu, c_all, plane)
+                                _scatter_tile(gx, fill, pos_b, pos_s, g_flat, gp_flat, cu, c_all, plane)
                                 fill = 0
                     row += nrun
                 if fill:
                     _mlp_backward_tile(xt, gd, w0, b0, w1t, w0t, ht, gh, gx, fill, a_w0, a_b0, a_w1, cin)
-                    _scatter_tile(gx, fill, pos_b, pos_s, gin_flat, gp_flat, cu, c_all, plane)
+                    _scatter_tile(gx, fill, pos_b, pos_s, g_flat, gp_flat, cu, c_all, plane)
 
     @njit(fastmath=_FASTMATH, cache=True, nogil=True)
     def _conv_weight_grads(g, r0, r1, r2, acc, t):
@@ -492,6 +491,7 @@ if numba is not None:
                 row += n
 
 
+@functools.lru_cache(maxsize=64)
 def _inverse_reflect(n: int) -> tuple[np.ndarray, np.ndarray]:
     """For every row p of an axis of n: the (source row q, tap a) with reflect(q + a - 1) == p."""
     inv = np.zeros((n, 6, 2), np.int64)  # at most 5 (n = 3: the middle row)
@@ -605,8 +605,8 @@ class FusedLevelSteps(torch.autograd.Function):
         nch = min(rows, _CHUNKS)
         acc = [np.zeros((nch,) + a.shape, np.float32) for a in (cw, cb, w0, b0, w1)]
         pool = ctx.pool
-        g = _as5d(grad_out.detach().float().contiguous().numpy(), dims).copy()  # becomes the result
-        gin = _take(pool, g.shape)
+        # The state gradient, updated in place step by step back to the level's input.
+        g = _as5d(grad_out.detach().float().contiguous().numpy(), dims).copy()
         gp = _take(pool, (nb, c_all, nz, ny, nx))
         inv_y, n_y = _inverse_reflect(ny)
         if dims == 3:
@@ -619,7 +619,6 @@ class FusedLevelSteps(torch.autograd.Function):
                     img,
                     states[t],
                     g,
-                    gin,
                     gp,
                     cw,
                     cb,
@@ -639,13 +638,12 @@ class FusedLevelSteps(torch.autograd.Function):
                     acc[4],
                     numba.get_num_threads(),
                 )
-                _backward_conv(img, states[t], gp, gin, cw, dims, inv_z, n_z, inv_y, n_y, acc[0], acc[1])
-                g, gin = gin, g
+                _backward_conv(img, states[t], gp, g, cw, dims, inv_z, n_z, inv_y, n_y, acc[0], acc[1])
         grads = [torch.from_numpy(a.sum(axis=0)).reshape(shape) for a, shape in zip(acc, ctx.param_shapes)]
         grad_state = torch.from_numpy(g).reshape(grad_out.shape)
         if pool is not None:
-            # g goes to autograd; the other state-gradient buffer, gp and the states are free.
-            pool.give(gin, gp, states)
+            # g goes to autograd; gp and the states are free.
+            pool.give(gp, states)
             ctx.saved = None  # a second backward through this graph is an error, not a silent reuse
         return (None, grad_state, *grads, None, None, None, None, None)
 
