@@ -1,15 +1,17 @@
 """Fused CPU backend: one multi-threaded pass per NCA step, two state buffers, no compiler needed.
 
-numba compiles the loop at first use (and caches it). Per step, each thread takes a fixed chunk
-of whole rows (scratch allocated once per chunk; the chunking does not depend on the thread
-count, so results are bitwise the same for any number of threads). Per row it gathers the 3 (2D)
-or 9 (3D) neighbouring rows of all channels into a small float32 buffer (reflect at every
-border), tests the counter-based fire mask of every cell (the engine's hash), computes the
-row's perception and collects the firing cells into tiles of ``_TILE`` cells shared by
-consecutive rows; fc0 -> ReLU -> fc1 run per tile (cells innermost, blocked 2 outputs x 8
-inputs) and the update is added to the firing cells only; the others keep their value. No
-intermediate tensor larger than a few rows ever exists, so the level needs the state, one
-output buffer and the compact image. ``backends/cpu_train.py`` reuses these pieces for training.
+numba compiles the loop at first use (and caches it). Per step, the rows are cut into fixed
+chunks (the same for any thread count, so results are bitwise the same for any number of threads
+and any tile layout); each thread allocates its scratch once and takes every n-th chunk. Rows go
+in blocks of 8 y with z inside a block (a 3D step reuses the rows it reads while they are in
+cache). Per run of consecutive rows of one plane it tests the counter-based fire mask of every
+cell (the engine's hash), copies the unchanged cells, computes the run's perception channel by
+channel straight from the state and image rows (reflect at every border, nothing copied) and
+collects the firing cells into tiles of ``_TILE`` cells shared by consecutive rows; fc0 -> ReLU
+-> fc1 run per tile (cells innermost, blocked 2 outputs x 8 inputs) and the update is added to
+the firing cells only. No intermediate tensor larger than a few rows ever exists, so the level
+needs the state, one output buffer and the compact image. ``backends/cpu_train.py`` reuses
+these pieces for training.
 
 bfloat16 state is accepted: values are read into float32, computed in float32 and rounded once
 (nearest even, like PyTorch) when stored.
