@@ -287,22 +287,21 @@ if numba is not None:
                         )
 
     @njit(inline="always", cache=True)
-    def _run_length(row, end, nz, ny, bf16):
-        """How many rows from ``row`` (before ``end``) form a run: same sample and plane,
-        consecutive y, at most _YBLOCK (bf16 widens its rows one at a time: runs of 1)."""
-        if bf16:
-            return 1
+    def _run_at(row, end, nz, ny, bf16):
+        """The run of rows that starts at ``row`` (before ``end``): (length, sample b, z, first y).
+        A run is rows of one sample and plane with consecutive y, at most _YBLOCK long (bf16
+        widens its rows one at a time: runs of 1)."""
         b = row // (nz * ny)
         z, y = _row_zy(row - b * nz * ny, nz, ny)
         n = 1
-        while n < _YBLOCK and row + n < end:
+        while not bf16 and n < _YBLOCK and row + n < end:
             r = row + n
             b2 = r // (nz * ny)
             z2, y2 = _row_zy(r - b2 * nz * ny, nz, ny)
             if b2 != b or z2 != z or y2 != y + n:
                 break
             n += 1
-        return n
+        return n, b, z, y
 
     @njit(cache=True, nogil=True)
     def _gather_tile(src_in, src_st, cin, crow, prow, idx, k0, kn, xt, d0=0):
@@ -377,9 +376,7 @@ if numba is not None:
                 while row < end:
                     # A run of rows (consecutive y of one plane): fire masks, unchanged cells, then
                     # the run's perception at once, then each row's firing cells through the MLP.
-                    nrun = _run_length(row, end, nz, ny, bf16)
-                    b = row // (nz * ny)
-                    z, y0 = _row_zy(row - b * nz * ny, nz, ny)
+                    nrun, b, z, y0 = _run_at(row, end, nz, ny, bf16)
                     any_fired = 0
                     for j in range(nrun):
                         y = y0 + j

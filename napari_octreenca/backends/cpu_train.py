@@ -48,8 +48,7 @@ if numba is not None:
         _gather_tile,
         _hidden_tile,
         _perceive,
-        _row_zy,
-        _run_length,
+        _run_at,
         _tap_rows,
     )
 
@@ -228,9 +227,7 @@ if numba is not None:
                 row = ch * per
                 end = min(rows, (ch + 1) * per)
                 while row < end:
-                    nrun = _run_length(row, end, nz, ny, False)
-                    b = row // (nz * ny)
-                    z, y0 = _row_zy(row - b * nz * ny, nz, ny)
+                    nrun, b, z, y0 = _run_at(row, end, nz, ny, False)
                     any_fired = 0
                     for j in range(nrun):
                         y = y0 + j
