@@ -226,23 +226,28 @@ if numba is not None:
                         ridx[a * 3 + d, c] = ((b * cu + c - cin) * nz + zz) * ny + yy
 
     @njit(inline="always", cache=True)
-    def _load_rows(img, state, buf, ridx, b, z, y, dims):
-        """bf16 state: buf[t * C + c] = tap-row t of channel c widened to float32; ridx points at them."""
+    def _load_run(img, state, buf, ridx, b, z, y0, nrun, dims):
+        """bf16 state: widen the rows a run reads (3 planes in 3D x the run's y +- 1, every
+        channel) into buf once each, and point ridx[j, t, c] at them."""
         cin = img.shape[1]
         nz, ny = img.shape[2], img.shape[3]
-        c_all = ridx.shape[1]
+        c_all = ridx.shape[2]
         zt = 3 if dims == 3 else 1
         for a in range(zt):
             zz = _reflect(z + a - 1, nz) if dims == 3 else z
-            for d in range(3):
-                yy = _reflect(y + d - 1, ny)
-                t = a * 3 + d
+            for q in range(nrun + 2):
+                yy = _reflect(y0 + q - 1, ny)
+                slot = (a * (_YBLOCK + 2) + q) * c_all
                 for c in range(c_all):
                     if c < cin:
-                        _load_row(img[b, c, zz, yy], buf[t * c_all + c], True)
+                        _load_row(img[b, c, zz, yy], buf[slot + c], True)
                     else:
-                        _load_row(state[b, c - cin, zz, yy], buf[t * c_all + c], True)
-                    ridx[t, c] = t * c_all + c
+                        _load_row(state[b, c - cin, zz, yy], buf[slot + c], True)
+            for j in range(nrun):
+                for d in range(3):
+                    slot = (a * (_YBLOCK + 2) + j + d) * c_all
+                    for c in range(c_all):
+                        ridx[j, a * 3 + d, c] = slot + c
 
     @njit(fastmath=_FASTMATH, cache=True, nogil=True)
     def _perceive(src_in, src_st, cin, ridx, cw, cb, prow, nrows):
@@ -287,14 +292,13 @@ if numba is not None:
                         )
 
     @njit(inline="always", cache=True)
-    def _run_at(row, end, nz, ny, bf16):
+    def _run_at(row, end, nz, ny):
         """The run of rows that starts at ``row`` (before ``end``): (length, sample b, z, first y).
-        A run is rows of one sample and plane with consecutive y, at most _YBLOCK long (bf16
-        widens its rows one at a time: runs of 1)."""
+        A run is rows of one sample and plane with consecutive y, at most _YBLOCK long."""
         b = row // (nz * ny)
         z, y = _row_zy(row - b * nz * ny, nz, ny)
         n = 1
-        while not bf16 and n < _YBLOCK and row + n < end:
+        while n < _YBLOCK and row + n < end:
             r = row + n
             b2 = r // (nz * ny)
             z2, y2 = _row_zy(r - b2 * nz * ny, nz, ny)
@@ -338,8 +342,8 @@ if numba is not None:
         each thread allocates its scratch once and takes every nw-th chunk. float32 rows are read
         in place; firing cells of consecutive rows of a chunk share the fc0/fc1 tiles (short rows
         of coarse levels and 3D blocks fill them too) and the update is added to ``out`` when a
-        tile is full. bfloat16: rows are widened into a small buffer and each row's tile is
-        finished before the row is rounded and stored.
+        tile is full. bfloat16: the rows a run reads are widened once into a small buffer and
+        each row's tile is finished before the row is rounded and stored.
         """
         nb, cin, nz, ny, nx = img.shape
         cu = state.shape[1]
@@ -358,11 +362,12 @@ if numba is not None:
         nw = max(1, min(threads, nchunks))
         fired = np.zeros(nchunks, np.int64)
         for w in prange(nw):
-            buf = np.empty((taps * c_all if bf16 else 1, nx), np.float32)
+            zt = 3 if dims == 3 else 1
+            buf = np.empty((zt * (_YBLOCK + 2) * c_all if bf16 else 1, nx), np.float32)
             ridx = np.empty((_YBLOCK, taps, c_all), np.int64)
             idx = np.empty((_YBLOCK, nx), np.int64)
             nfs = np.zeros(_YBLOCK, np.int64)
-            res = np.empty((cu, nx), np.float32)
+            res = np.empty((_YBLOCK if bf16 else 1, cu, nx), np.float32)
             prow = np.empty((_YBLOCK, c_all, nx), np.float32)
             xt = np.empty((2 * c_all, _TILE), np.float32)
             ht = np.empty((hidden, _TILE), np.float32)
@@ -376,17 +381,18 @@ if numba is not None:
                 while row < end:
                     # A run of rows (consecutive y of one plane): fire masks, unchanged cells, then
                     # the run's perception at once, then each row's firing cells through the MLP.
-                    nrun, b, z, y0 = _run_at(row, end, nz, ny, bf16)
+                    nrun, b, z, y0 = _run_at(row, end, nz, ny)
+                    if bf16:
+                        _load_run(img, state, buf, ridx, b, z, y0, nrun, dims)
                     any_fired = 0
                     for j in range(nrun):
                         y = y0 + j
                         nfs[j] = _firing(idx[j], keys[b], dims, oz + z, oy + y, ox, thresh)
                         any_fired += nfs[j]
                         if bf16:
-                            _load_rows(img, state, buf, ridx[j], b, z, y, dims)
                             for c in range(cu):
                                 src = buf[ridx[j, centre, cin + c]]
-                                rc = res[c]
+                                rc = res[j, c]
                                 for x in range(nx):
                                     rc[x] = src[x]
                         else:
@@ -422,7 +428,7 @@ if numba is not None:
                                 _mlp_tile(xt, w0, b0, w1, ht, dt, fill)
                                 if bf16:
                                     for c in range(cu):
-                                        rc = res[c]
+                                        rc = res[j, c]
                                         dc = dt[c]
                                         for k in range(fill):
                                             rc[pos_s[k] - zy * nx] += dc[k]
@@ -431,7 +437,7 @@ if numba is not None:
                                 fill = 0
                         if bf16:
                             for c in range(cu):
-                                _store_row(res[c], out[b, c, z, y0 + j], bf16)
+                                _store_row(res[j, c], out[b, c, z, y0 + j], bf16)
                     row += nrun
                 if fill:
                     _mlp_tile(xt, w0, b0, w1, ht, dt, fill)

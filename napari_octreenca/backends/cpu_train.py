@@ -227,7 +227,7 @@ if numba is not None:
                 row = ch * per
                 end = min(rows, (ch + 1) * per)
                 while row < end:
-                    nrun, b, z, y0 = _run_at(row, end, nz, ny, False)
+                    nrun, b, z, y0 = _run_at(row, end, nz, ny)
                     any_fired = 0
                     for j in range(nrun):
                         y = y0 + j
