@@ -124,6 +124,22 @@ def test_runner_pool_reuses_buffers_with_the_same_gradients(name, shape, patch) 
     assert pooled[0] > 0 and pooled[0] == pooled[1] == pooled[2]
 
 
+def test_runner_pool_drops_old_shapes() -> None:
+    """When the batch shape changes, the pool lets go of the old shapes' arrays (no pile-up)."""
+    cfg = preset("pathology", steps=(2, 2, 3), factors=((2, 2),) * 2)
+    model = OctreeNCA(cfg)
+    _randomise(model, seed=5)
+    runner = cpu_train.FusedLevelRunner()
+    held = []
+    for size in (32, 48, 32, 48):
+        image = torch.randn((2, cfg.input_channels, size, size), generator=torch.Generator().manual_seed(size))
+        logits, _ = model.forward_train(image, [1, 2], level_steps=runner)
+        logits.sum().backward()
+        held.append(runner.pool.pooled_bytes())
+    assert held[0] > 0 and held[1] > held[0]  # 48^2 arrays are bigger
+    assert held[2] == held[0] and held[3] == held[1]  # the other size's arrays were dropped
+
+
 def _toy_pairs():
     import numpy as np
 

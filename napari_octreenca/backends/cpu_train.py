@@ -529,12 +529,22 @@ class BufferPool:
         self._lock = threading.Lock()
 
     def take(self, shape: tuple[int, ...]) -> np.ndarray:
-        """A float32 array of ``shape`` (contents undefined): a returned one if any, else new."""
+        """A float32 array of ``shape`` (contents undefined): a returned one if any, else new.
+
+        A miss means the shapes changed (another crop or image size): everything pooled is
+        dropped then, so arrays of old shapes never pile up beside the new ones.
+        """
         with self._lock:
             free = self._free.get(tuple(shape))
             if free:
                 return free.pop()
+            self._free.clear()
         return np.empty(shape, np.float32)
+
+    def pooled_bytes(self) -> int:
+        """Bytes held for reuse."""
+        with self._lock:
+            return sum(a.nbytes for free in self._free.values() for a in free)
 
     def give(self, *arrays: np.ndarray) -> None:
         """Return arrays that nothing else refers to any more."""
