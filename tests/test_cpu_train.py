@@ -125,19 +125,26 @@ def test_runner_pool_reuses_buffers_with_the_same_gradients(name, shape, patch) 
 
 
 def test_runner_pool_drops_old_shapes() -> None:
-    """When the batch shape changes, the pool lets go of the old shapes' arrays (no pile-up)."""
+    """When the batch shape changes, the pool lets go of shapes the last iteration did not use:
+    it holds at most the last two iterations' arrays, never a pile of old sizes."""
     cfg = preset("pathology", steps=(2, 2, 3), factors=((2, 2),) * 2)
     model = OctreeNCA(cfg)
     _randomise(model, seed=5)
-    runner = cpu_train.FusedLevelRunner()
-    held = []
-    for size in (32, 48, 32, 48):
+
+    def iteration(runner, size: int) -> int:
         image = torch.randn((2, cfg.input_channels, size, size), generator=torch.Generator().manual_seed(size))
         logits, _ = model.forward_train(image, [1, 2], level_steps=runner)
         logits.sum().backward()
-        held.append(runner.pool.pooled_bytes())
-    assert held[0] > 0 and held[1] > held[0]  # 48^2 arrays are bigger
-    assert held[2] == held[0] and held[3] == held[1]  # the other size's arrays were dropped
+        return runner.pool.pooled_bytes()
+
+    sizes = (32, 48, 40, 56, 56)
+    alone = {s: iteration(cpu_train.FusedLevelRunner(), s) for s in set(sizes)}
+    runner = cpu_train.FusedLevelRunner()
+    held = [iteration(runner, s) for s in sizes]
+    assert held[0] == alone[32] > 0
+    for k in (1, 2, 3):
+        assert held[k] == alone[sizes[k]] + alone[sizes[k - 1]]
+    assert held[4] == alone[56]  # the same size again: only its arrays, all reused
 
 
 def _toy_pairs():

@@ -526,31 +526,37 @@ class BufferPool:
 
     def __init__(self) -> None:
         self._free: dict[tuple[int, ...], list[np.ndarray]] = {}
+        self._taken: set[tuple[int, ...]] = set()
         self._lock = threading.Lock()
 
     def take(self, shape: tuple[int, ...]) -> np.ndarray:
-        """A float32 array of ``shape`` (contents undefined): a returned one if any, else new.
-
-        A miss means the shapes changed (another crop or image size): everything pooled is
-        dropped then, so arrays of old shapes never pile up beside the new ones.
-        """
+        """A float32 array of ``shape`` (contents undefined): a returned one if any, else new."""
         with self._lock:
+            self._taken.add(tuple(shape))
             free = self._free.get(tuple(shape))
             if free:
                 return free.pop()
-            self._free.clear()
         return np.empty(shape, np.float32)
-
-    def pooled_bytes(self) -> int:
-        """Bytes held for reuse."""
-        with self._lock:
-            return sum(a.nbytes for free in self._free.values() for a in free)
 
     def give(self, *arrays: np.ndarray) -> None:
         """Return arrays that nothing else refers to any more."""
         with self._lock:
             for a in arrays:
                 self._free.setdefault(a.shape, []).append(a)
+
+    def new_round(self) -> None:
+        """A new iteration starts: drop the arrays of shapes the last one did not use (another
+        crop or image size), so old shapes never pile up; at most the last two iterations'
+        shapes are held."""
+        with self._lock:
+            for shape in [s for s in self._free if s not in self._taken]:
+                del self._free[shape]
+            self._taken = set()
+
+    def pooled_bytes(self) -> int:
+        """Bytes held for reuse."""
+        with self._lock:
+            return sum(a.nbytes for free in self._free.values() for a in free)
 
 
 def _take(pool: BufferPool | None, shape: tuple[int, ...]) -> np.ndarray:
@@ -698,6 +704,7 @@ class FusedLevelRunner:
 
     def __init__(self) -> None:
         self.pool = BufferPool()
+        self._last_level: int | None = None
 
     def __call__(
         self,
@@ -710,6 +717,10 @@ class FusedLevelRunner:
         origin: tuple[int, ...],
         fire_rate: float,
     ) -> torch.Tensor:
+        # forward_train runs the levels coarse to fine: a level above the last one starts an iteration.
+        if self._last_level is not None and level > self._last_level:
+            self.pool.new_round()
+        self._last_level = level
         return run_level_fused(nca, image, state, level, steps, seeds, origin, fire_rate, pool=self.pool)
 
 
