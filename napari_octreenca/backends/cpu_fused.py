@@ -83,16 +83,11 @@ if numba is not None:
         return i
 
     @njit(inline="always", cache=True)
-    def _load_row(src, dst, bf16):
-        """dst = src as float32 (bf16 words are widened)."""
-        n = src.shape[0]
-        if bf16:
-            bits = dst.view(np.uint32)
-            for i in range(n):
-                bits[i] = np.uint32(np.uint16(src[i])) << np.uint32(16)
-        else:
-            for i in range(n):
-                dst[i] = src[i]
+    def _widen_row(src, dst):
+        """dst = the bf16 words of src as float32."""
+        bits = dst.view(np.uint32)
+        for i in range(src.shape[0]):
+            bits[i] = np.uint32(np.uint16(src[i])) << np.uint32(16)
 
     @njit(inline="always", cache=True)
     def _store_row(src, dst, bf16):
@@ -240,9 +235,9 @@ if numba is not None:
                 slot = (a * (_YBLOCK + 2) + q) * c_all
                 for c in range(c_all):
                     if c < cin:
-                        _load_row(img[b, c, zz, yy], buf[slot + c], True)
+                        _widen_row(img[b, c, zz, yy], buf[slot + c])
                     else:
-                        _load_row(state[b, c - cin, zz, yy], buf[slot + c], True)
+                        _widen_row(state[b, c - cin, zz, yy], buf[slot + c])
             for j in range(nrun):
                 for d in range(3):
                     slot = (a * (_YBLOCK + 2) + j + d) * c_all

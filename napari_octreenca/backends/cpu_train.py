@@ -266,53 +266,28 @@ if numba is not None:
                     _scatter_tile(gx, fill, pos_b, pos_s, g_flat, gp_flat, cu, c_all, plane)
 
     @njit(fastmath=_FASTMATH, cache=True, nogil=True)
-    def _conv_weight_grads(g, r0, r1, r2, acc, t):
+    def _conv_weight_grads(g, r0, r1, r2, acc, t, nx):
         """acc[3t + 3j + (0, 1, 2)] += sum_x g[x] * (left, centre, right neighbour of x in rj) for
-        three tap-rows at once (x ends reflected): nine running sums share each load of g."""
-        nx = g.shape[0]
-        m = nx - 1
-        xl = 1 if nx > 1 else 0
-        xr = nx - 2 if nx > 1 else 0
-        s00 = g[0] * r0[xl]
-        s10 = g[0] * r1[xl]
-        s20 = g[0] * r2[xl]
-        s02 = g[m] * r0[xr]
-        s12 = g[m] * r1[xr]
-        s22 = g[m] * r2[xr]
-        s01 = g[m] * r0[m]
-        s11 = g[m] * r1[m]
-        s21 = g[m] * r2[m]
-        for x in range(nx - 1):
-            g0 = g[x]
-            g1 = g[x + 1]
-            s00 += g1 * r0[x]
-            s01 += g0 * r0[x]
-            s02 += g0 * r0[x + 1]
-            s10 += g1 * r1[x]
-            s11 += g0 * r1[x]
-            s12 += g0 * r1[x + 1]
-            s20 += g1 * r2[x]
-            s21 += g0 * r2[x]
-            s22 += g0 * r2[x + 1]
-        k = 3 * t
-        acc[k] += s00
-        acc[k + 1] += s01
-        acc[k + 2] += s02
-        acc[k + 3] += s10
-        acc[k + 4] += s11
-        acc[k + 5] += s12
-        acc[k + 6] += s20
-        acc[k + 7] += s21
-        acc[k + 8] += s22
+        three tap-rows at once (x ends reflected); nine running sums share each load of g.
 
-    @njit(fastmath=_FASTMATH, cache=True, nogil=True)
-    def _conv_weight_grads_run(g, r0, r1, r2, acc, t, nx):
-        """``_conv_weight_grads`` over L consecutive rows at once (g, r0..r2 hold L rows of nx
-        flattened): the sums run over the whole stretch (short 3D rows would spend most of their
-        time reducing), then the row ends are put right: a row's first cell has its left
-        neighbour at x = 1 and its last its right neighbour at x = nx - 2 (reflect), not in the
-        adjacent row. Needs nx >= 2."""
+        g and r0..r2 hold L consecutive rows of nx (flattened, L >= 1): the sums run over the
+        whole stretch (short 3D rows would spend most of their time reducing), then the row ends
+        are put right: a row's first cell has its left neighbour at x = 1 and its last its right
+        neighbour at x = nx - 2 (reflect), not in the adjacent row.
+        """
         n = g.shape[0]
+        k = 3 * t
+        if nx == 1:  # every tap of a cell reads the cell itself
+            s0 = s1 = s2 = np.float32(0.0)
+            for i in range(n):
+                s0 += g[i] * r0[i]
+                s1 += g[i] * r1[i]
+                s2 += g[i] * r2[i]
+            for d in range(3):
+                acc[k + d] += s0
+                acc[k + 3 + d] += s1
+                acc[k + 6 + d] += s2
+            return
         s00 = s01 = s02 = s10 = s11 = s12 = s20 = s21 = s22 = np.float32(0.0)
         for i in range(n - 1):
             g0 = g[i]
@@ -346,7 +321,6 @@ if numba is not None:
                 s02 -= g[e] * r0[e + 1]
                 s12 -= g[e] * r1[e + 1]
                 s22 -= g[e] * r2[e + 1]
-        k = 3 * t
         acc[k] += s00
         acc[k + 1] += s01
         acc[k + 2] += s02
@@ -358,27 +332,18 @@ if numba is not None:
         acc[k + 8] += s22
 
     @njit(fastmath=_FASTMATH, cache=True, nogil=True)
-    def _conv_transpose_row(g, w_a, w_b, w_c, dst):
-        """dst += the gradient that a row of perception gradients g sends to the row it read with
-        taps (w_a, w_b, w_c) at x - 1, x, x + 1, the reflected ends folded back; one pass."""
-        nx = g.shape[0]
-        if nx == 1:
-            dst[0] += (w_a + w_b + w_c) * g[0]
-            return
-        m = nx - 1
-        for x in range(nx - 2):
-            dst[x + 1] += w_a * g[x + 2] + w_b * g[x + 1] + w_c * g[x]
-        dst[0] += w_a * g[1] + w_b * g[0]
-        dst[m] += w_b * g[m] + w_c * g[m - 1]
-        dst[1] += w_a * g[0]  # cell 0's left neighbour is x = 1 (reflect)
-        dst[m - 1] += w_c * g[m]  # cell m's right neighbour is x = m - 1
+    def _conv_transpose(g, w_a, w_b, w_c, dst, nx):
+        """dst += the gradient that perception gradients g send to the rows they read with taps
+        (w_a, w_b, w_c) at x - 1, x, x + 1, the reflected ends folded back.
 
-    @njit(fastmath=_FASTMATH, cache=True, nogil=True)
-    def _conv_transpose_run(g, w_a, w_b, w_c, dst, nx):
-        """``_conv_transpose_row`` over L consecutive rows at once (g and dst hold L rows of nx
-        flattened), then the row ends put right (no tap reaches into the adjacent row; the
-        reflected ends fold back into their own row). Needs nx >= 2."""
+        g and dst hold L consecutive rows of nx (flattened, L >= 1): one pass over the stretch,
+        then the row ends put right (no tap reaches into the adjacent row).
+        """
         n = g.shape[0]
+        if nx == 1:  # every tap of a cell reads the cell itself
+            for i in range(n):
+                dst[i] += (w_a + w_b + w_c) * g[i]
+            return
         for i in range(n - 2):
             dst[i + 1] += w_a * g[i + 2] + w_b * g[i + 1] + w_c * g[i]
         dst[0] += w_a * g[1] + w_b * g[0]
@@ -407,8 +372,6 @@ if numba is not None:
         taps = 9 if dims == 3 else 3
         nchunks = acc_cw.shape[0]
         per = (rows + nchunks - 1) // nchunks
-        img2 = img.reshape((nb * cin * nz * ny, nx))
-        st2 = state.reshape((nb * cu * nz * ny, nx))
         img_flat = img.reshape(nb * cin * nz * ny * nx)
         st_flat = state.reshape(nb * cu * nz * ny * nx)
         gp_flat = gp.reshape(nb * c_all * nz * ny * nx)
@@ -437,20 +400,15 @@ if numba is not None:
                     for x in range(n * nx):
                         s += g[x]
                     a_cb[c] += s
-                    if n == 1:
-                        src = img2 if c < cin else st2
-                        for t in range(0, taps, 3):
-                            _conv_weight_grads(g, src[ridx[t, c]], src[ridx[t + 1, c]], src[ridx[t + 2, c]], a_cw[c], t)
-                    else:
-                        flat = img_flat if c < cin else st_flat
-                        for t in range(0, taps, 3):
-                            r0 = ridx[t, c] * nx
-                            r1 = ridx[t + 1, c] * nx
-                            r2 = ridx[t + 2, c] * nx
-                            ln = n * nx
-                            _conv_weight_grads_run(
-                                g, flat[r0 : r0 + ln], flat[r1 : r1 + ln], flat[r2 : r2 + ln], a_cw[c], t, nx
-                            )
+                    flat = img_flat if c < cin else st_flat
+                    ln = n * nx
+                    for t in range(0, taps, 3):
+                        r0 = ridx[t, c] * nx
+                        r1 = ridx[t + 1, c] * nx
+                        r2 = ridx[t + 2, c] * nx
+                        _conv_weight_grads(
+                            g, flat[r0 : r0 + ln], flat[r1 : r1 + ln], flat[r2 : r2 + ln], a_cw[c], t, nx
+                        )
                 row += n
             row = ch * per
             while row < end:
@@ -475,14 +433,14 @@ if numba is not None:
                             for my in range(n_y[y]):
                                 qy, ay = inv_y[y, my, 0], inv_y[y, my, 1]
                                 t = az * 3 + ay
-                                _conv_transpose_row(
-                                    gp[b, c, qz, qy], cw[c, 3 * t], cw[c, 3 * t + 1], cw[c, 3 * t + 2], dst
+                                _conv_transpose(
+                                    gp[b, c, qz, qy], cw[c, 3 * t], cw[c, 3 * t + 1], cw[c, 3 * t + 2], dst, nx
                                 )
                         else:
                             for ay in range(3):
                                 t = az * 3 + ay
                                 g0 = (((b * c_all + c) * nz + qz) * ny + y + 1 - ay) * nx
-                                _conv_transpose_run(
+                                _conv_transpose(
                                     gp_flat[g0 : g0 + ln], cw[c, 3 * t], cw[c, 3 * t + 1], cw[c, 3 * t + 2], dst, nx
                                 )
                 row += n
