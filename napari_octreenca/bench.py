@@ -400,9 +400,10 @@ def efficiency_lines(rows: list[dict[str, Any]], peak: float) -> list[str]:
     for r in rows:
         if r["backend"] != "cpu-fused" or r["mode"] == "train":
             continue
-        per_core = r["cell_steps_per_s"] * fmas_per_cell_step(preset(r["preset"])) / max(1, r.get("threads") or 1)
+        cells_per_core = r["cell_steps_per_s"] / max(1, r.get("threads") or 1)
+        per_core = cells_per_core * fmas_per_cell_step(preset(r["preset"]))
         out.append(
-            f"- {r['mode']} {r['preset']} {r['size']} {r['dtype']} cpu-fused: {r['cell_steps_per_s'] / max(1, r.get('threads') or 1):.3g} "
+            f"- {r['mode']} {r['preset']} {r['size']} {r['dtype']} cpu-fused: {cells_per_core:.3g} "
             f"cell-steps/s per core = {per_core / 1e9:.1f} GFMA/s per core, {100 * per_core / peak:.0f}% of this core's "
             f"float32 sgemm rate ({peak / 1e9:.1f} GFMA/s)"
         )
