@@ -12,7 +12,7 @@ Three modes:
   published patch scheme, patch ``size/2`` on the two finest levels). Backends are the training
   steps: ``autograd`` (autograd through the layer-wise reference step, as the published code
   trains: the yardstick) and ``cpu-fused`` (``backends/cpu_train.py``). ``steps`` is the number
-  of timed iterations; ``seconds`` is per iteration.
+  of timed iterations; ``seconds`` is the median iteration.
 
 Peak memory: on CUDA the allocator's peak above what was allocated before the case; on the CPU
 each case runs in a fresh subprocess (``--isolate``, the default there) and the peak resident
@@ -230,13 +230,15 @@ def _train_case(case: Case, device: torch.device) -> dict[str, Any]:
         with _Probe(device) as probe:
             iteration(0, image, target, patch)
             cells[0] = 0
-            t0 = time.perf_counter()
+            times = []
             for i in range(iterations):
+                t0 = time.perf_counter()
                 iteration(i + 1, image, target, patch)
-            seconds = time.perf_counter() - t0
+                times.append(time.perf_counter() - t0)
+    # The median iteration: on a shared machine one slowed iteration of a few would move the mean.
     return {
         "cell_steps": cells[0] // iterations,
-        "seconds": seconds / iterations,
+        "seconds": float(np.median(times)),
         "peak_bytes": probe.peak,
         "pixels": int(np.prod(shape)) * case.batch,
     }
