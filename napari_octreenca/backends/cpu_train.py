@@ -359,6 +359,29 @@ if numba is not None:
             dst[a + 1] += w_a * g[a]  # a row's first cell reads x = 1 as its left neighbour
             dst[e - 1] += w_c * g[e]  # and its last cell x = nx - 2 as its right one
 
+    @njit(fastmath=_FASTMATH, cache=True, nogil=True)
+    def _conv_transpose3(g0, g1, g2, w, t, dst, nx):
+        """_conv_transpose of three gradient stretches at once (taps 3t..3t+8 of w: rows g0, g1,
+        g2 with taps t, t + 1, t + 2): one load and store of dst per 9 FMAs instead of per 3."""
+        n = g0.shape[0]
+        a0, b0, c0 = w[3 * t], w[3 * t + 1], w[3 * t + 2]
+        a1, b1, c1 = w[3 * t + 3], w[3 * t + 4], w[3 * t + 5]
+        a2, b2, c2 = w[3 * t + 6], w[3 * t + 7], w[3 * t + 8]
+        for i in range(n - 2):
+            dst[i + 1] += (a0 * g0[i + 2] + b0 * g0[i + 1] + c0 * g0[i]) + (
+                (a1 * g1[i + 2] + b1 * g1[i + 1] + c1 * g1[i]) + (a2 * g2[i + 2] + b2 * g2[i + 1] + c2 * g2[i])
+            )
+        dst[0] += (a0 * g0[1] + b0 * g0[0]) + ((a1 * g1[1] + b1 * g1[0]) + (a2 * g2[1] + b2 * g2[0]))
+        m = n - 1
+        dst[m] += (b0 * g0[m] + c0 * g0[m - 1]) + ((b1 * g1[m] + c1 * g1[m - 1]) + (b2 * g2[m] + c2 * g2[m - 1]))
+        for a in range(0, n, nx):
+            e = a + nx - 1
+            if a > 0:
+                dst[a] -= (c0 * g0[a - 1] + c1 * g1[a - 1]) + c2 * g2[a - 1]
+                dst[a - 1] -= (a0 * g0[a] + a1 * g1[a]) + a2 * g2[a]
+            dst[a + 1] += (a0 * g0[a] + a1 * g1[a]) + a2 * g2[a]
+            dst[e - 1] += (c0 * g0[e] + c1 * g1[e]) + c2 * g2[e]
+
     @njit(parallel=True, fastmath=_FASTMATH, cache=True, nogil=True)
     def _backward_conv(img, state, gp, gin, cw, dims, inv_z, n_z, inv_y, n_y, acc_cw, acc_cb):
         """Pass 2: the perception's backward from its gradient gp (B, C, nz, ny, nx).
@@ -440,12 +463,17 @@ if numba is not None:
                                     gp[b, c, qz, qy], cw[c, 3 * t], cw[c, 3 * t + 1], cw[c, 3 * t + 2], dst, nx
                                 )
                         else:
-                            for ay in range(3):
-                                t = az * 3 + ay
-                                g0 = (((b * c_all + c) * nz + qz) * ny + y + 1 - ay) * nx
-                                _conv_transpose(
-                                    gp_flat[g0 : g0 + ln], cw[c, 3 * t], cw[c, 3 * t + 1], cw[c, 3 * t + 2], dst, nx
-                                )
+                            # Taps ay = 0, 1, 2 read this run from the rows y + 1, y, y - 1.
+                            g0 = (((b * c_all + c) * nz + qz) * ny + y + 1) * nx
+                            _conv_transpose3(
+                                gp_flat[g0 : g0 + ln],
+                                gp_flat[g0 - nx : g0 - nx + ln],
+                                gp_flat[g0 - 2 * nx : g0 - 2 * nx + ln],
+                                cw[c],
+                                az * 3,
+                                dst,
+                                nx,
+                            )
                 row += n
 
 
