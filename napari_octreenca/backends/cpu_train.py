@@ -41,6 +41,7 @@ if numba is not None:
 
     from .cpu_fused import (
         _FASTMATH,
+        _NO_REASSOC,
         _TILE,
         _YBLOCK,
         _accumulate,
@@ -334,7 +335,7 @@ if numba is not None:
         acc[k + 7] += s21
         acc[k + 8] += s22
 
-    @njit(fastmath=_FASTMATH, cache=True, nogil=True)
+    @njit(fastmath=_NO_REASSOC, cache=True, nogil=True)
     def _conv_transpose(g, w_a, w_b, w_c, dst, nx):
         """dst += the gradient that perception gradients g send to the rows they read with taps
         (w_a, w_b, w_c) at x - 1, x, x + 1, the reflected ends folded back.
@@ -359,7 +360,7 @@ if numba is not None:
             dst[a + 1] += w_a * g[a]  # a row's first cell reads x = 1 as its left neighbour
             dst[e - 1] += w_c * g[e]  # and its last cell x = nx - 2 as its right one
 
-    @njit(fastmath=_FASTMATH, cache=True, nogil=True)
+    @njit(fastmath=_NO_REASSOC, cache=True, nogil=True)
     def _conv_transpose3(g0, g1, g2, w, t, dst, nx):
         """_conv_transpose of three gradient stretches at once (taps 3t..3t+8 of w: rows g0, g1,
         g2 with taps t, t + 1, t + 2): one load and store of dst per 9 FMAs instead of per 3."""
