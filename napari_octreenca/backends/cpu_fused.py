@@ -56,6 +56,9 @@ _FASTMATH = {"reassoc", "contract", "nsz", "arcp"}
 # Element-wise loops need no reassociation to vectorise, and without it LLVM keeps the written
 # sum trees instead of chaining every product of a cell into one dependent FMA sequence.
 _NO_REASSOC = {"contract", "nsz", "arcp"}
+# The leaf kernels (no allocation) are compiled with numba's ``_nrt=False`` target option: every
+# row view made inside them otherwise costs an atomic reference count increment and decrement
+# (the perception's row ends take 9 views per row and channel): 10-18 % of a forward step.
 #: Firing cells per fc0/fc1 tile (64 hidden x 256 cells x 4 bytes = 64 KiB, in L2).
 _TILE = 256
 #: Row chunks per step (fixed, so results never depend on the thread count).
@@ -122,7 +125,7 @@ if numba is not None:
             for i in range(n):
                 dst[i] = src[i]
 
-    @njit(fastmath=_NO_REASSOC, cache=True, nogil=True)
+    @njit(fastmath=_NO_REASSOC, cache=True, nogil=True, _nrt=False)
     def _acc_rows8(out, w, x, kn, r):
         """out[r:r+8, :kn] += w[r:r+8] @ x[:, :kn] (see _accumulate)."""
         n_in = x.shape[0]
@@ -166,7 +169,7 @@ if numba is not None:
                 o7[k] += h0 * v0
             i += 1
 
-    @njit(fastmath=_NO_REASSOC, cache=True, nogil=True)
+    @njit(fastmath=_NO_REASSOC, cache=True, nogil=True, _nrt=False)
     def _acc_rows4(out, w, x, kn, r):
         """out[r:r+4, :kn] += w[r:r+4] @ x[:, :kn] (see _accumulate)."""
         n_in = x.shape[0]
@@ -196,7 +199,7 @@ if numba is not None:
                 o3[k] += d0 * v0
             i += 1
 
-    @njit(fastmath=_NO_REASSOC, cache=True, nogil=True)
+    @njit(fastmath=_NO_REASSOC, cache=True, nogil=True, _nrt=False)
     def _acc_row(out, w, x, kn, r):
         """out[r, :kn] += w[r] @ x[:, :kn] (see _accumulate)."""
         n_in = x.shape[0]
@@ -215,7 +218,7 @@ if numba is not None:
                 o0[k] += a0 * x0[k]
             i += 1
 
-    @njit(cache=True, nogil=True)
+    @njit(cache=True, nogil=True, _nrt=False)
     def _accumulate(out, w, x, kn):
         """out[r, :kn] += sum_i w[r, i] * x[i, :kn] for every row r (out and x cells innermost).
 
@@ -252,7 +255,7 @@ if numba is not None:
                 nf += 1
         return nf
 
-    @njit(fastmath=_FASTMATH, cache=True, nogil=True)
+    @njit(fastmath=_FASTMATH, cache=True, nogil=True, _nrt=False)
     def _hidden_tile(xt, w0, b0, ht, kn):
         """ht[:, :kn] = relu(fc0 @ xt[:, :kn] + b0): the 64-wide hidden layer (the training backward
         recomputes it with this same function instead of storing it)."""
@@ -268,7 +271,7 @@ if numba is not None:
                 if hj[k] < 0:
                     hj[k] = 0.0
 
-    @njit(fastmath=_FASTMATH, cache=True, nogil=True)
+    @njit(fastmath=_FASTMATH, cache=True, nogil=True, _nrt=False)
     def _mlp_tile(xt, w0, b0, w1, ht, dt, kn):
         """dt[:, :kn] = fc1 @ relu(fc0 @ xt[:, :kn] + b0) for kn cells (cells innermost)."""
         cu = w1.shape[0]
@@ -339,7 +342,7 @@ if numba is not None:
                     return False
         return True
 
-    @njit(fastmath=_FASTMATH, cache=True, nogil=True)
+    @njit(fastmath=_FASTMATH, cache=True, nogil=True, _nrt=False)
     def _perceive(src_in, src_st, cin, ridx, cw, cb, prow, nrows):
         """prow[c, j] = depthwise 3-wide conv of the tap-rows ridx[j, :, c] (rows of src_in for
         c < cin, else of src_st), reflected at both x ends, for the run's rows j < nrows.
@@ -443,7 +446,7 @@ if numba is not None:
             n += 1
         return n, b, z, y
 
-    @njit(cache=True, nogil=True)
+    @njit(cache=True, nogil=True, _nrt=False)
     def _gather_tile(src_in, src_st, cin, crow, prow, j, idx, k0, kn, xt, d0=0):
         """xt[:C, d0:d0+kn] = centre values (rows crow), xt[C:, ...] = perception of cells idx[k0:k0+kn]."""
         c_all = prow.shape[0]
@@ -457,7 +460,7 @@ if numba is not None:
                 xc_[d0 + k] = src[xk]
                 pc_[d0 + k] = pr[xk]
 
-    @njit(cache=True, nogil=True)
+    @njit(cache=True, nogil=True, _nrt=False)
     def _add_tile(dt, kn, pos_b, pos_s, out_flat, cu, plane):
         """out[b, c, cell] += dt[c, k] for the tile's cells (float32 state, flat (B*CU*plane) view)."""
         for c in range(cu):

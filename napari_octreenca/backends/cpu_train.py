@@ -56,7 +56,7 @@ if numba is not None:
     #: Row chunks per backward pass (fixed: weight gradients are summed chunk by chunk in order).
     _CHUNKS = 64
 
-    @njit(fastmath=_FASTMATH, cache=True, nogil=True)
+    @njit(fastmath=_FASTMATH, cache=True, nogil=True, _nrt=False)
     def _dot_rows(acc, a, b, kn):
         """acc[r, i] += sum_k a[r, k] * b[i, k] (weight gradient of a tile, cells innermost).
 
@@ -117,7 +117,7 @@ if numba is not None:
                 acc[r, i] += s
             r += 1
 
-    @njit(fastmath=_FASTMATH, cache=True, nogil=True)
+    @njit(fastmath=_FASTMATH, cache=True, nogil=True, _nrt=False)
     def _mlp_backward_tile(xt, gd, w0, b0, w1t, w0t, ht, gh, gx, kn, a_w0, a_b0, a_w1, cin):
         """Backward of fc1(relu(fc0 x + b0)) for kn cells: gx = d/dx (rows cin: on), weight
         gradients added to a_*."""
@@ -148,7 +148,7 @@ if numba is not None:
                 gxi[k] = 0.0
         _accumulate(gx[cin:], w0t[cin:], gh, kn)
 
-    @njit(cache=True, nogil=True)
+    @njit(cache=True, nogil=True, _nrt=False)
     def _scatter_tile(gx, kn, pos_b, pos_s, gin_flat, gp_flat, cu, c_all, plane):
         """gin[cell] += gx[centre state channels], gp[cell] = gx[perception] for the tile's cells
         (flat views: gin (B*CU*plane), gp (B*C*plane))."""
@@ -269,7 +269,7 @@ if numba is not None:
                     _mlp_backward_tile(xt, gd, w0, b0, w1t, w0t, ht, gh, gx, fill, a_w0, a_b0, a_w1, cin)
                     _scatter_tile(gx, fill, pos_b, pos_s, g_flat, gp_flat, cu, c_all, plane)
 
-    @njit(fastmath=_FASTMATH, cache=True, nogil=True)
+    @njit(fastmath=_FASTMATH, cache=True, nogil=True, _nrt=False)
     def _conv_weight_grads(g, r0, r1, r2, acc, t, nx):
         """acc[3t + 3j + (0, 1, 2)] += sum_x g[x] * (left, centre, right neighbour of x in rj) for
         three tap-rows at once (x ends reflected); nine running sums share each load of g.
@@ -335,7 +335,7 @@ if numba is not None:
         acc[k + 7] += s21
         acc[k + 8] += s22
 
-    @njit(fastmath=_NO_REASSOC, cache=True, nogil=True)
+    @njit(fastmath=_NO_REASSOC, cache=True, nogil=True, _nrt=False)
     def _conv_transpose(g, w_a, w_b, w_c, dst, nx):
         """dst += the gradient that perception gradients g send to the rows they read with taps
         (w_a, w_b, w_c) at x - 1, x, x + 1, the reflected ends folded back.
@@ -360,7 +360,7 @@ if numba is not None:
             dst[a + 1] += w_a * g[a]  # a row's first cell reads x = 1 as its left neighbour
             dst[e - 1] += w_c * g[e]  # and its last cell x = nx - 2 as its right one
 
-    @njit(fastmath=_NO_REASSOC, cache=True, nogil=True)
+    @njit(fastmath=_NO_REASSOC, cache=True, nogil=True, _nrt=False)
     def _conv_transpose3(g0, g1, g2, w, t, dst, nx):
         """_conv_transpose of three gradient stretches at once (taps 3t..3t+8 of w: rows g0, g1,
         g2 with taps t, t + 1, t + 2): one load and store of dst per 9 FMAs instead of per 3."""
