@@ -461,6 +461,16 @@ if numba is not None:
                 pc_[d0 + k] = pr[xk]
 
     @njit(cache=True, nogil=True, _nrt=False)
+    def _copy_centre(st2, out2, ridx, j, centre, cin, row0, stride):
+        """out2[row0 + c * stride] = the state row tap-row ``centre`` of run row j reads, every
+        state channel c (the step's unchanged cells; the firing ones get their update added)."""
+        for c in range(ridx.shape[2] - cin):
+            src = st2[ridx[j, centre, cin + c]]
+            dst = out2[row0 + c * stride]
+            for x in range(dst.shape[0]):
+                dst[x] = src[x]
+
+    @njit(cache=True, nogil=True, _nrt=False)
     def _add_tile(dt, kn, pos_b, pos_s, out_flat, cu, plane):
         """out[b, c, cell] += dt[c, k] for the tile's cells (float32 state, flat (B*CU*plane) view)."""
         for c in range(cu):
@@ -536,11 +546,7 @@ if numba is not None:
                                     rc[x] = src[x]
                         else:
                             _tap_rows(ridx[j], cin, cu, nz, ny, b, z, y, dims)
-                            for c in range(cu):
-                                src = st2[ridx[j, centre, cin + c]]
-                                dst = out2[((b * cu + c) * nz + z) * ny + y]
-                                for x in range(nx):
-                                    dst[x] = src[x]
+                            _copy_centre(st2, out2, ridx, j, centre, cin, ((b * cu) * nz + z) * ny + y, nz * ny)
                     fired[ch] += any_fired
                     if any_fired:
                         if bf16:

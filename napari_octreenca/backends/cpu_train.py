@@ -162,6 +162,16 @@ if numba is not None:
             for k in range(kn):
                 gp_flat[(pos_b[k] * c_all + c) * plane + pos_s[k]] = gxc[k]
 
+    @njit(cache=True, nogil=True, _nrt=False)
+    def _gather_grad(g_flat, b, cu, plane, at, idx, j, k0, kn, gd, fill):
+        """gd[c, fill + k] = the state gradient of cell idx[j, k0 + k] of the row at flat offset
+        ``at`` in sample b, every state channel c (g_flat: (B*CU*plane))."""
+        for c in range(cu):
+            o = (b * cu + c) * plane + at
+            gdc = gd[c]
+            for k in range(kn):
+                gdc[fill + k] = g_flat[o + idx[j, k0 + k]]
+
     @njit(parallel=True, fastmath=_FASTMATH, cache=True, nogil=True)
     def _backward_mlp(
         img,
@@ -250,11 +260,7 @@ if numba is not None:
                         while k0 < nf:
                             kn = min(nf - k0, _TILE - fill)
                             _gather_tile(img2, st2, cin, ridx[j, centre], prow, j, idx[j], k0, kn, xt, fill)
-                            for c in range(cu):
-                                src = g[b, c, z, y]
-                                gdc = gd[c]
-                                for k in range(kn):
-                                    gdc[fill + k] = src[idx[j, k0 + k]]
+                            _gather_grad(g_flat, b, cu, plane, zy * nx, idx, j, k0, kn, gd, fill)
                             for k in range(kn):
                                 pos_b[fill + k] = b
                                 pos_s[fill + k] = zy * nx + idx[j, k0 + k]
