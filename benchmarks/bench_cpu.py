@@ -48,7 +48,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--backends", default="torch-layerwise,torch,cpu-fused")
     p.add_argument("--fused-dtypes", default="float32,bfloat16")
     p.add_argument(
-        "--train-iterations", type=int, default=7, help="timed iterations per training case (the median counts); 0 skips"
+        "--train-iterations",
+        type=int,
+        default=7,
+        help="timed iterations per training case (the median counts); 0 skips",
     )
     p.add_argument("--train-batch", type=int, default=2)
     p.add_argument("--append", type=Path, help="append the Markdown section to this file")

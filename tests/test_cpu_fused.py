@@ -181,3 +181,34 @@ def test_bf16_segmentation_agrees_with_fp32_on_real_input(skin_files) -> None:
     bf16 = segment_at_model_spacing(model, image, axes="YXC", backend="cpu-fused", dtype="bfloat16", seed=0)
     assert fp32.labels.any()
     assert hard_dice(bf16.labels, fp32.labels) >= 0.99
+
+
+def test_tile_product_every_block_shape() -> None:
+    """The fc0/fc1 tile product (8 x 4 blocks, rows left over by 4 and 1, inputs by 1) equals a
+    float64 matrix product for every remainder of rows and inputs, and leaves the cells past kn."""
+    from napari_octreenca.backends import cpu_fused
+
+    rng = np.random.default_rng(0)
+    for rows in range(1, 18):
+        for n_in in range(1, 10):
+            w = rng.standard_normal((rows, n_in)).astype(np.float32)
+            x = rng.standard_normal((n_in, 40)).astype(np.float32)
+            out = rng.standard_normal((rows, 40)).astype(np.float32)
+            want = out.astype(np.float64) + w.astype(np.float64) @ x.astype(np.float64)
+            before = out.copy()
+            cpu_fused._accumulate(out, w, x, 33)
+            assert np.allclose(out[:, :33], want[:, :33], rtol=1e-5, atol=1e-5), (rows, n_in)
+            assert np.array_equal(out[:, 33:], before[:, 33:])
+
+
+def test_chunks_depend_on_the_shape_alone() -> None:
+    """Row chunks: at most the cap, at least _MIN_CHUNK_CELLS cells (short 3D rows made 2-row
+    chunks of ~16-cell tiles), a function of (rows, nx) only."""
+    from napari_octreenca.backends.cpu_fused import _MIN_CHUNK_CELLS, chunk_rows
+
+    assert chunk_rows(512, 16, 256) * 16 >= _MIN_CHUNK_CELLS
+    assert chunk_rows(16384, 128, 256) == 64  # large levels: the cap decides
+    assert chunk_rows(7, 8, 256) == 7  # never more than the rows
+    for rows, nx in [(2048, 32), (64, 16), (100000, 1)]:
+        per = chunk_rows(rows, nx, 256)
+        assert -(-rows // per) <= 256 and (per * nx >= _MIN_CHUNK_CELLS or per == rows)

@@ -8,7 +8,7 @@ cache). Per run of consecutive rows of one plane it tests the counter-based fire
 cell (the engine's hash), copies the unchanged cells, computes the run's perception channel by
 channel straight from the state and image rows (reflect at every border, nothing copied) and
 collects the firing cells into tiles of ``_TILE`` cells shared by consecutive rows; fc0 -> ReLU
--> fc1 run per tile (cells innermost, blocked 2 outputs x 8 inputs) and the update is added to
+-> fc1 run per tile (cells innermost, blocked 8 outputs x 4 inputs) and the update is added to
 the firing cells only. No intermediate tensor larger than a few rows ever exists, so the level
 needs the state, one output buffer and the compact image. ``backends/cpu_train.py`` reuses
 these pieces for training.
