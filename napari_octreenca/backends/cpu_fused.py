@@ -332,17 +332,89 @@ if numba is not None:
                         ridx[j, a * 3 + d, c] = (a * c_all + c) * (_YBLOCK + 2) + j + d
 
     @njit(inline="always", cache=True)
-    def _run_is_flat(ridx, c, nrows):
-        """Whether every tap-row of channel c moves one row down per row of the run (no reflected y
-        or z inside the run): then the run's tap-rows are nrows * nx contiguous values."""
+    def _steps_down(ridx, c, j):
+        """Whether every tap-row of channel c at run row j + 1 is the one below that of row j."""
         for t in range(ridx.shape[1]):
-            r0 = ridx[0, t, c]
-            for j in range(1, nrows):
-                if ridx[j, t, c] != r0 + j:
-                    return False
+            if ridx[j + 1, t, c] != ridx[j, t, c] + 1:
+                return False
         return True
 
     @njit(fastmath=_FASTMATH, cache=True, nogil=True, _nrt=False)
+    def _perceive_rows_flat(src, ridx, c, j0, j1, cw, cb, pc):
+        """pc[j0:j1] = channel c's perception of run rows j0..j1-1 whose tap-rows step down one
+        row per run row: one flat loop over (j1 - j0) * nx cells, then the row ends redone (the
+        flat loop read the neighbouring row there, not the reflection)."""
+        nx = pc.shape[1]
+        m = nx - 1
+        taps = ridx.shape[1]
+        n = (j1 - j0) * nx
+        pf = pc.reshape(pc.size)[j0 * nx : j0 * nx + n]
+        sf = src.reshape(src.size)
+        for p in range(n):
+            pf[p] = cb[c]
+        for t in range(0, taps, 3):
+            o0 = ridx[j0, t, c] * nx
+            o1 = ridx[j0, t + 1, c] * nx
+            o2 = ridx[j0, t + 2, c] * nx
+            r0 = sf[o0 : o0 + n]
+            r1 = sf[o1 : o1 + n]
+            r2 = sf[o2 : o2 + n]
+            a0, b0, c0 = cw[c, 3 * t], cw[c, 3 * t + 1], cw[c, 3 * t + 2]
+            a1, b1, c1 = cw[c, 3 * t + 3], cw[c, 3 * t + 4], cw[c, 3 * t + 5]
+            a2, b2, c2 = cw[c, 3 * t + 6], cw[c, 3 * t + 7], cw[c, 3 * t + 8]
+            for x in range(n - 2):
+                pf[x + 1] += (a0 * r0[x] + b0 * r0[x + 1] + c0 * r0[x + 2]) + (
+                    (a1 * r1[x] + b1 * r1[x + 1] + c1 * r1[x + 2]) + (a2 * r2[x] + b2 * r2[x + 1] + c2 * r2[x + 2])
+                )
+        for j in range(j0, j1):
+            pc[j, 0] = cb[c]
+            pc[j, m] = cb[c]
+        for t in range(0, taps, 3):
+            a0, b0, c0 = cw[c, 3 * t], cw[c, 3 * t + 1], cw[c, 3 * t + 2]
+            a1, b1, c1 = cw[c, 3 * t + 3], cw[c, 3 * t + 4], cw[c, 3 * t + 5]
+            a2, b2, c2 = cw[c, 3 * t + 6], cw[c, 3 * t + 7], cw[c, 3 * t + 8]
+            for j in range(j0, j1):
+                r0 = src[ridx[j, t, c]]
+                r1 = src[ridx[j, t + 1, c]]
+                r2 = src[ridx[j, t + 2, c]]
+                pc[j, 0] += (a0 * r0[1] + b0 * r0[0] + c0 * r0[1]) + (
+                    (a1 * r1[1] + b1 * r1[0] + c1 * r1[1]) + (a2 * r2[1] + b2 * r2[0] + c2 * r2[1])
+                )
+                pc[j, m] += (a0 * r0[m - 1] + b0 * r0[m] + c0 * r0[m - 1]) + (
+                    (a1 * r1[m - 1] + b1 * r1[m] + c1 * r1[m - 1]) + (a2 * r2[m - 1] + b2 * r2[m] + c2 * r2[m - 1])
+                )
+
+    @njit(fastmath=_FASTMATH, cache=True, nogil=True, _nrt=False)
+    def _perceive_row(src, ridx, c, j, cw, cb, pc):
+        """pc[j] = channel c's perception of run row j alone (x ends reflected)."""
+        nx = pc.shape[1]
+        m = nx - 1
+        xl = 1 if nx > 1 else 0  # reflected neighbours of the two end cells
+        xr = nx - 2 if nx > 1 else 0
+        pr = pc[j]
+        for x in range(nx):
+            pr[x] = cb[c]
+        for t in range(0, ridx.shape[1], 3):
+            r0 = src[ridx[j, t, c]]
+            r1 = src[ridx[j, t + 1, c]]
+            r2 = src[ridx[j, t + 2, c]]
+            a0, b0, c0 = cw[c, 3 * t], cw[c, 3 * t + 1], cw[c, 3 * t + 2]
+            a1, b1, c1 = cw[c, 3 * t + 3], cw[c, 3 * t + 4], cw[c, 3 * t + 5]
+            a2, b2, c2 = cw[c, 3 * t + 6], cw[c, 3 * t + 7], cw[c, 3 * t + 8]
+            pr[0] += (a0 * r0[xl] + b0 * r0[0] + c0 * r0[xl]) + (
+                (a1 * r1[xl] + b1 * r1[0] + c1 * r1[xl]) + (a2 * r2[xl] + b2 * r2[0] + c2 * r2[xl])
+            )
+            # x + 1 for the cell (never x - 1: a possibly negative index stops vectorisation).
+            for x in range(nx - 2):
+                pr[x + 1] += (a0 * r0[x] + b0 * r0[x + 1] + c0 * r0[x + 2]) + (
+                    (a1 * r1[x] + b1 * r1[x + 1] + c1 * r1[x + 2]) + (a2 * r2[x] + b2 * r2[x + 1] + c2 * r2[x + 2])
+                )
+            if nx > 1:
+                pr[m] += (a0 * r0[xr] + b0 * r0[m] + c0 * r0[xr]) + (
+                    (a1 * r1[xr] + b1 * r1[m] + c1 * r1[xr]) + (a2 * r2[xr] + b2 * r2[m] + c2 * r2[xr])
+                )
+
+    @njit(cache=True, nogil=True, _nrt=False)
     def _perceive(src_in, src_st, cin, ridx, cw, cb, prow, nrows):
         """prow[c, j] = depthwise 3-wide conv of the tap-rows ridx[j, :, c] (rows of src_in for
         c < cin, else of src_st), reflected at both x ends, for the run's rows j < nrows.
@@ -351,84 +423,36 @@ if numba is not None:
         consecutive y of one plane, so each channel's tap-rows are short contiguous stretches of
         memory (the prefetcher follows them; row by row, the 16 channels' 9 rows each were 144
         separate streams and the step waited on memory). Three tap-rows per pass: 9 FMAs per
-        load and store of the result, 1.3x faster than one. Where the run's tap-rows are
-        contiguous (all but the runs at a y or z border) the run is one flat loop of nrows * nx
-        cells and the row ends are redone after it: short rows (16-32 cells on the coarse 3D
-        levels and patches) no longer run in the loop's scalar remainder. Each cell's sum is the
-        same expression either way, so results do not depend on where a run starts.
+        load and store of the result, 1.3x faster than one. The rows whose tap-rows step down
+        one row per run row (all but a row at a y border, whose y - 1 or y + 1 is reflected) go
+        as one flat loop, so short rows (16-32 cells on the coarse 3D levels and patches) do not
+        run in the loop's scalar remainder; a border row goes alone. Each cell's sum is the same
+        expression either way, so results do not depend on where a run starts.
         """
         nx = prow.shape[2]
-        m = nx - 1
-        xl = 1 if nx > 1 else 0  # reflected neighbours of the two end cells
-        xr = nx - 2 if nx > 1 else 0
-        taps = ridx.shape[1]
         for c in range(prow.shape[0]):
             src = src_in if c < cin else src_st
             pc = prow[c]
-            if nrows > 1 and nx > 2 and _run_is_flat(ridx, c, nrows):
-                n = nrows * nx
-                pf = pc.reshape(pc.size)
-                sf = src.reshape(src.size)
-                for p in range(n):
-                    pf[p] = cb[c]
-                for t in range(0, taps, 3):
-                    o0 = ridx[0, t, c] * nx
-                    o1 = ridx[0, t + 1, c] * nx
-                    o2 = ridx[0, t + 2, c] * nx
-                    r0 = sf[o0 : o0 + n]
-                    r1 = sf[o1 : o1 + n]
-                    r2 = sf[o2 : o2 + n]
-                    a0, b0, c0 = cw[c, 3 * t], cw[c, 3 * t + 1], cw[c, 3 * t + 2]
-                    a1, b1, c1 = cw[c, 3 * t + 3], cw[c, 3 * t + 4], cw[c, 3 * t + 5]
-                    a2, b2, c2 = cw[c, 3 * t + 6], cw[c, 3 * t + 7], cw[c, 3 * t + 8]
-                    for x in range(n - 2):
-                        pf[x + 1] += (a0 * r0[x] + b0 * r0[x + 1] + c0 * r0[x + 2]) + (
-                            (a1 * r1[x] + b1 * r1[x + 1] + c1 * r1[x + 2])
-                            + (a2 * r2[x] + b2 * r2[x + 1] + c2 * r2[x + 2])
-                        )
-                # The row ends read the neighbouring row above: redo them with the reflection.
-                for j in range(nrows):
-                    pc[j, 0] = cb[c]
-                    pc[j, m] = cb[c]
-                for t in range(0, taps, 3):
-                    a0, b0, c0 = cw[c, 3 * t], cw[c, 3 * t + 1], cw[c, 3 * t + 2]
-                    a1, b1, c1 = cw[c, 3 * t + 3], cw[c, 3 * t + 4], cw[c, 3 * t + 5]
-                    a2, b2, c2 = cw[c, 3 * t + 6], cw[c, 3 * t + 7], cw[c, 3 * t + 8]
-                    for j in range(nrows):
-                        r0 = src[ridx[j, t, c]]
-                        r1 = src[ridx[j, t + 1, c]]
-                        r2 = src[ridx[j, t + 2, c]]
-                        pc[j, 0] += (a0 * r0[xl] + b0 * r0[0] + c0 * r0[xl]) + (
-                            (a1 * r1[xl] + b1 * r1[0] + c1 * r1[xl]) + (a2 * r2[xl] + b2 * r2[0] + c2 * r2[xl])
-                        )
-                        pc[j, m] += (a0 * r0[xr] + b0 * r0[m] + c0 * r0[xr]) + (
-                            (a1 * r1[xr] + b1 * r1[m] + c1 * r1[xr]) + (a2 * r2[xr] + b2 * r2[m] + c2 * r2[xr])
-                        )
-                continue
+            j0 = 0
+            j1 = nrows
+            if nx > 2:
+                if j1 - j0 > 1 and not _steps_down(ridx, c, j0):
+                    j0 += 1
+                if j1 - j0 > 1 and not _steps_down(ridx, c, j1 - 2):
+                    j1 -= 1
+                flat = j1 - j0 > 1
+                for j in range(j0, j1 - 1):
+                    if not _steps_down(ridx, c, j):
+                        flat = False
+            else:
+                flat = False
+            if flat:
+                _perceive_rows_flat(src, ridx, c, j0, j1, cw, cb, pc)
+            else:
+                j0 = j1 = nrows
             for j in range(nrows):
-                pr = pc[j]
-                for x in range(nx):
-                    pr[x] = cb[c]
-                for t in range(0, taps, 3):
-                    r0 = src[ridx[j, t, c]]
-                    r1 = src[ridx[j, t + 1, c]]
-                    r2 = src[ridx[j, t + 2, c]]
-                    a0, b0, c0 = cw[c, 3 * t], cw[c, 3 * t + 1], cw[c, 3 * t + 2]
-                    a1, b1, c1 = cw[c, 3 * t + 3], cw[c, 3 * t + 4], cw[c, 3 * t + 5]
-                    a2, b2, c2 = cw[c, 3 * t + 6], cw[c, 3 * t + 7], cw[c, 3 * t + 8]
-                    pr[0] += (a0 * r0[xl] + b0 * r0[0] + c0 * r0[xl]) + (
-                        (a1 * r1[xl] + b1 * r1[0] + c1 * r1[xl]) + (a2 * r2[xl] + b2 * r2[0] + c2 * r2[xl])
-                    )
-                    # x + 1 for the cell (never x - 1: a possibly negative index stops vectorisation).
-                    for x in range(nx - 2):
-                        pr[x + 1] += (a0 * r0[x] + b0 * r0[x + 1] + c0 * r0[x + 2]) + (
-                            (a1 * r1[x] + b1 * r1[x + 1] + c1 * r1[x + 2])
-                            + (a2 * r2[x] + b2 * r2[x + 1] + c2 * r2[x + 2])
-                        )
-                    if nx > 1:
-                        pr[m] += (a0 * r0[xr] + b0 * r0[m] + c0 * r0[xr]) + (
-                            (a1 * r1[xr] + b1 * r1[m] + c1 * r1[xr]) + (a2 * r2[xr] + b2 * r2[m] + c2 * r2[xr])
-                        )
+                if j < j0 or j >= j1:
+                    _perceive_row(src, ridx, c, j, cw, cb, pc)
 
     @njit(inline="always", cache=True)
     def _run_at(row, end, nz, ny):
