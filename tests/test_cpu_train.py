@@ -217,3 +217,19 @@ def test_training_scripts_use_the_fused_step(monkeypatch, tmp_path) -> None:
     )
     assert done == 1 and sorted(calls) == [0, 1, 2]
     assert model.config.provenance["train_step"] == "cpu-fused"
+
+
+def test_weight_gradient_dot_every_block_shape() -> None:
+    """The tiles' weight-gradient product (4 x 4 blocks, then 4 x 2, then single rows and columns)
+    equals a float64 product over the first kn cells for every remainder of rows and columns."""
+    import numpy as np
+
+    rng = np.random.default_rng(1)
+    for ra in range(1, 10):
+        for rb in range(1, 10):
+            a = rng.standard_normal((ra, 40)).astype(np.float32)
+            b = rng.standard_normal((rb, 40)).astype(np.float32)
+            acc = rng.standard_normal((ra, rb)).astype(np.float32)
+            want = acc.astype(np.float64) + a[:, :33].astype(np.float64) @ b[:, :33].T.astype(np.float64)
+            cpu_train._dot_rows(acc, a, b, 33)
+            assert np.allclose(acc, want, rtol=1e-5, atol=1e-5), (ra, rb)

@@ -60,8 +60,9 @@ if numba is not None:
     def _dot_rows(acc, a, b, kn):
         """acc[r, i] += sum_k a[r, k] * b[i, k] (weight gradient of a tile, cells innermost).
 
-        Blocked 4 x 2: eight running sums (vectorised over k) share each pair of loaded b
-        vectors; 7x faster than 2 x 2 blocks with conditional rows, which did not vectorise.
+        Blocked 4 x 4 (then 4 x 2, then one at a time): sixteen running sums (vectorised over k)
+        share each four loaded b vectors, 1.3x faster than 4 x 2 (64 x 32: 58 -> 79 GFMA/s a
+        core), which was 7x faster than 2 x 2 blocks with conditional rows (those did not vectorise).
         """
         ra = a.shape[0]
         rb = b.shape[0]
@@ -69,6 +70,52 @@ if numba is not None:
         while r + 4 <= ra:
             a0, a1, a2, a3 = a[r], a[r + 1], a[r + 2], a[r + 3]
             i = 0
+            while i + 4 <= rb:
+                b0, b1, b2, b3 = b[i], b[i + 1], b[i + 2], b[i + 3]
+                s00 = s01 = s02 = s03 = s10 = s11 = s12 = s13 = np.float32(0.0)
+                s20 = s21 = s22 = s23 = s30 = s31 = s32 = s33 = np.float32(0.0)
+                for k in range(kn):
+                    v0 = b0[k]
+                    v1 = b1[k]
+                    v2 = b2[k]
+                    v3 = b3[k]
+                    u = a0[k]
+                    s00 += u * v0
+                    s01 += u * v1
+                    s02 += u * v2
+                    s03 += u * v3
+                    u = a1[k]
+                    s10 += u * v0
+                    s11 += u * v1
+                    s12 += u * v2
+                    s13 += u * v3
+                    u = a2[k]
+                    s20 += u * v0
+                    s21 += u * v1
+                    s22 += u * v2
+                    s23 += u * v3
+                    u = a3[k]
+                    s30 += u * v0
+                    s31 += u * v1
+                    s32 += u * v2
+                    s33 += u * v3
+                acc[r, i] += s00
+                acc[r, i + 1] += s01
+                acc[r, i + 2] += s02
+                acc[r, i + 3] += s03
+                acc[r + 1, i] += s10
+                acc[r + 1, i + 1] += s11
+                acc[r + 1, i + 2] += s12
+                acc[r + 1, i + 3] += s13
+                acc[r + 2, i] += s20
+                acc[r + 2, i + 1] += s21
+                acc[r + 2, i + 2] += s22
+                acc[r + 2, i + 3] += s23
+                acc[r + 3, i] += s30
+                acc[r + 3, i + 1] += s31
+                acc[r + 3, i + 2] += s32
+                acc[r + 3, i + 3] += s33
+                i += 4
             while i + 2 <= rb:
                 b0, b1 = b[i], b[i + 1]
                 s00 = s01 = s10 = s11 = np.float32(0.0)
