@@ -171,7 +171,9 @@ if numba is not None:
 
     @njit(fastmath=_NO_REASSOC, cache=True, nogil=True, _nrt=False)
     def _acc_rows4(out, w, x, kn, r):
-        """out[r:r+4, :kn] += w[r:r+4] @ x[:, :kn] (see _accumulate)."""
+        """out[r:r+4, :kn] += w[r:r+4] @ x[:, :kn] (see _accumulate): _acc_rows8 with four rows,
+        written out because the blocking needs each row and weight as its own variable; it takes
+        four of the rows left over by the 13-15 and 29-31-row products."""
         n_in = x.shape[0]
         o0, o1, o2, o3 = out[r], out[r + 1], out[r + 2], out[r + 3]
         i = 0
@@ -339,6 +341,25 @@ if numba is not None:
                 return False
         return True
 
+    @njit(inline="always", cache=True)
+    def _flat_rows(ridx, c, nrows, nx):
+        """The run rows [j0, j1) of channel c that one flat loop can take: all of them but a
+        y-border row at either end (its reflected tap-row breaks the step), or (0, 0) when fewer
+        than two rows step down together or the rows are too short for the loop (nx <= 2)."""
+        j0, j1 = 0, nrows
+        if nx <= 2:
+            return 0, 0
+        if j1 - j0 > 1 and not _steps_down(ridx, c, j0):
+            j0 += 1
+        if j1 - j0 > 1 and not _steps_down(ridx, c, j1 - 2):
+            j1 -= 1
+        if j1 - j0 < 2:
+            return 0, 0
+        for j in range(j0, j1 - 1):
+            if not _steps_down(ridx, c, j):
+                return 0, 0
+        return j0, j1
+
     @njit(fastmath=_FASTMATH, cache=True, nogil=True, _nrt=False)
     def _perceive_rows_flat(src, ridx, c, j0, j1, cw, cb, pc):
         """pc[j0:j1] = channel c's perception of run rows j0..j1-1 whose tap-rows step down one
@@ -429,29 +450,14 @@ if numba is not None:
         run in the loop's scalar remainder; a border row goes alone. Each cell's sum is the same
         expression either way, so results do not depend on where a run starts.
         """
-        nx = prow.shape[2]
         for c in range(prow.shape[0]):
             src = src_in if c < cin else src_st
             pc = prow[c]
-            j0 = 0
-            j1 = nrows
-            if nx > 2:
-                if j1 - j0 > 1 and not _steps_down(ridx, c, j0):
-                    j0 += 1
-                if j1 - j0 > 1 and not _steps_down(ridx, c, j1 - 2):
-                    j1 -= 1
-                flat = j1 - j0 > 1
-                for j in range(j0, j1 - 1):
-                    if not _steps_down(ridx, c, j):
-                        flat = False
-            else:
-                flat = False
-            if flat:
+            j0, j1 = _flat_rows(ridx, c, nrows, prow.shape[2])
+            if j1 > j0:
                 _perceive_rows_flat(src, ridx, c, j0, j1, cw, cb, pc)
-            else:
-                j0 = j1 = nrows
             for j in range(nrows):
-                if j < j0 or j >= j1:
+                if not j0 <= j < j1:
                     _perceive_row(src, ridx, c, j, cw, cb, pc)
 
     @njit(inline="always", cache=True)
