@@ -12,8 +12,10 @@ the layer-wise reference step, as the published code runs inference: the yardsti
 Training (one iteration = forward through every step of every level, loss, backward, Adam):
 pathology 256^2 batch 2 and radiology 64^3 batch 2 with 32^3 patches on the two finest levels,
 ``autograd`` (autograd through the layer-wise step, the published training step: the yardstick)
-against ``cpu-fused`` (``backends/cpu_train.py``). The machine's load is printed before and after:
-other jobs on a shared machine slow every case, so compare ratios within one run.
+against ``cpu-fused`` (``backends/cpu_train.py``), each the median of ``--train-iterations``
+iterations in one process, the two in turn for ``--train-rounds`` rounds; the fastest round of
+each counts and every round is printed. The machine's load is printed before and after: other
+jobs on a shared machine slow every case, so compare ratios within one run.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from napari_octreenca.bench import (
     machine_description,
     machine_load,
     ratio_lines,
+    round_lines,
     run_bench,
     sgemm_fma_rate,
 )
@@ -54,6 +57,12 @@ def main(argv: list[str] | None = None) -> int:
         help="timed iterations per training case (the median counts); 0 skips",
     )
     p.add_argument("--train-batch", type=int, default=2)
+    p.add_argument(
+        "--train-rounds",
+        type=int,
+        default=3,
+        help="training: the yardstick and the fused step in turn, this many rounds (the fastest counts)",
+    )
     p.add_argument("--append", type=Path, help="append the Markdown section to this file")
     args = p.parse_args(argv)
     load_before = machine_load()
@@ -89,6 +98,7 @@ def main(argv: list[str] | None = None) -> int:
                 threads=args.threads,
                 isolate=True,
                 batch=args.train_batch,
+                rounds=args.train_rounds,
             )
             rows += new
             print(format_table(new), file=sys.stderr, flush=True)
@@ -105,6 +115,7 @@ def main(argv: list[str] | None = None) -> int:
             format_table(rows),
             "",
             *ratio_lines(rows),
+            *round_lines(rows),
             "",
             *efficiency_lines(rows, sgemm_fma_rate()),
             "",

@@ -51,6 +51,30 @@ def test_train_mode_rows_and_ratios() -> None:
     assert "cpu-fused vs autograd" in line and "x faster" in line
 
 
+def test_rounds_keep_the_fastest_round_and_every_round() -> None:
+    """Cases measured in rounds, in turn: the fastest round's seconds, the highest peak, every
+    round's seconds listed; one round gives plain rows."""
+    from napari_octreenca.bench import fastest_round, round_lines
+
+    rows = run_bench(["autograd", "cpu-fused"], [8], mode="train", steps=1, isolate=False, batch=1, rounds=2)
+    assert [r["backend"] for r in rows] == ["autograd", "cpu-fused"]
+    for r in rows:
+        assert len(r["round_seconds"]) == 2 and r["seconds"] == min(r["round_seconds"])
+    lines = round_lines(rows)
+    assert len(lines) == 2 and lines[0].startswith("- rounds, train pathology 8x8 autograd: ")
+    merged = fastest_round(
+        [
+            {"seconds": 2.0, "peak_bytes": 10, "pixels": 5},
+            {"seconds": 1.0, "peak_bytes": 4, "pixels": 5},
+        ]
+    )
+    assert merged["seconds"] == 1.0 and merged["peak_bytes"] == 10 and merged["bytes_per_pixel"] == 2.0
+    assert merged["round_seconds"] == [2.0, 1.0]
+    assert round_lines([dict(merged, round_seconds=[1.0])]) == []
+    with pytest.raises(ValueError, match="rounds"):
+        run_bench(["torch"], [8], rounds=0)
+
+
 def test_fma_efficiency_lines() -> None:
     """The FMA count per cell-step follows the model (perception of every cell + the MLP of the
     firing share) and each cpu-fused inference row gets a line against the core's sgemm rate."""
