@@ -25,12 +25,20 @@ def _ints(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(f"expected integers like 64,64,32, got {text!r}") from None
 
 
+def _input_text(cfg: Any) -> str:
+    """``3 image`` or ``3 image + 1 derived (motion)``."""
+    text = f"{cfg.image_channels} image"
+    if cfg.input_features:
+        text += f" + {len(cfg.input_features)} derived ({', '.join(cfg.input_features)})"
+    return text
+
+
 def _describe(cfg: Any, source: str) -> str:
     lines = [
         f"model:        {cfg.name}  ({source})",
         f"description:  {cfg.description or '-'}",
         f"dimensions:   {cfg.spatial_dims}D, axes {cfg.axes}",
-        f"channels:     {cfg.channels} = {cfg.input_channels} image + {cfg.output_channels} logits + {cfg.hidden_channels} hidden",
+        f"channels:     {cfg.channels} = {_input_text(cfg)} + {cfg.output_channels} logits + {cfg.hidden_channels} hidden",
         f"hidden size:  {cfg.hidden}, kernel {cfg.kernel_size}, fire rate {cfg.fire_rate}",
         f"levels:       {cfg.levels} (finest first), steps {list(cfg.steps)}, factors {[list(f) for f in cfg.factors]}",
         f"resize:       {cfg.resize}; normalisation {cfg.normalization.mode}",

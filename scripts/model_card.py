@@ -76,7 +76,9 @@ def render(name: str, cfg: Any, extra: dict[str, Any]) -> str:
     lines += [
         f"- Architecture: OctreeNCA, {cfg.spatial_dims}D, axes `{cfg.axes}`, {cfg.levels} levels, "
         f"factors {[list(f) for f in cfg.factors]}, steps {list(cfg.steps)}, {cfg.channels} channels "
-        f"({cfg.input_channels} image + {cfg.output_channels} logits + {cfg.hidden_channels} hidden), "
+        f"({cfg.image_channels} image"
+        + (f" + {len(cfg.input_features)} derived: {', '.join(cfg.input_features)}" if cfg.input_features else "")
+        + f" + {cfg.output_channels} logits + {cfg.hidden_channels} hidden), "
         f"hidden size {cfg.hidden}, fire rate {cfg.fire_rate}; {cfg.parameter_count():,} parameters.",
         f"- Classes: {', '.join(cfg.class_names)}.",
         f"- Fixed spacing: `{list(cfg.spacing)}` (axes `{cfg.axes}`); inputs are resampled to it and the "

@@ -33,6 +33,7 @@ from napari_octreenca.data_sources import davis_sequence
 from napari_octreenca.nca.config import preset
 from napari_octreenca.nca.modelfile import save_model
 from napari_octreenca.run.baselines import prior_video_mask
+from napari_octreenca.run.features import MOTION_CLIP, motion_saliency
 from napari_octreenca.run.resample import resample_to_model_spacing, segment_at_model_spacing
 from napari_octreenca.run.training import TrainConfig, TrainPair
 
@@ -71,8 +72,37 @@ def video_metrics(pred: np.ndarray, truth: np.ndarray) -> dict[str, float]:
     return {"J": round(j, 4), "consecutive_iou_pred": round(stab_pred, 4), "consecutive_iou_truth": round(stab_true, 4)}
 
 
-def evaluate_held_out(model: torch.nn.Module, root: Path, names=HELD_OUT, train_names=None) -> dict[str, dict]:
-    """Per held-out sequence: the model's J and stability, and the prior baseline's J."""
+#: Thresholds tried for the motion baseline, in units of a frame's median + std motion.
+MOTION_THRESHOLDS = (0.75, 1.0, 1.5, 2.0, 2.5)
+
+
+def motion_baseline_j(frames: np.ndarray, masks: np.ndarray, ks) -> list[float]:
+    """J of the classical motion baseline (the model's motion channel above ``k``, in units of
+    the frame's median + std motion) for each ``k`` in ``ks``."""
+    from skimage.transform import resize
+
+    small, _ = to_model_grid(frames, masks)
+    sal = resize(motion_saliency(small), masks.shape, order=1)
+    return [float(np.mean([iou(p, t) for p, t in zip(sal > k / MOTION_CLIP, masks > 0)])) for k in ks]
+
+
+def choose_motion_threshold(root: Path, train_names) -> float:
+    """The motion baseline's threshold with the best mean J on the training sequences only."""
+    scores: dict[float, list[float]] = {k: [] for k in MOTION_THRESHOLDS}
+    for n in train_names:
+        frames, masks = davis_sequence(root, n)
+        for k, j in zip(MOTION_THRESHOLDS, motion_baseline_j(frames, masks, MOTION_THRESHOLDS)):
+            scores[k].append(j)
+    best = max(MOTION_THRESHOLDS, key=lambda k: float(np.mean(scores[k])))
+    print("motion baseline on training sequences:", {k: round(float(np.mean(v)), 4) for k, v in scores.items()})
+    return best
+
+
+def evaluate_held_out(
+    model: torch.nn.Module, root: Path, names=HELD_OUT, train_names=None, motion_k: float | None = None
+) -> dict[str, dict]:
+    """Per held-out sequence: the model's J and stability, and the baselines' J (the spatial
+    prior and, with ``motion_k``, the motion threshold)."""
     out: dict[str, dict] = {}
     train_masks = None
     if train_names:
@@ -86,6 +116,8 @@ def evaluate_held_out(model: torch.nn.Module, root: Path, names=HELD_OUT, train_
         if train_masks is not None:
             prior = prior_video_mask(train_masks, masks.shape[1:], len(masks))
             m["baseline_prior_J"] = round(float(np.mean([iou(p, t) for p, t in zip(prior, masks > 0)])), 4)
+        if motion_k is not None:
+            m["baseline_motion_J"] = round(motion_baseline_j(frames, masks, (motion_k,))[0], 4)
         out[name] = m
         print(name, m, flush=True)
     return out
@@ -117,6 +149,11 @@ def main() -> None:
         default=VALIDATION,
         help="training-source sequence kept out of training for the ship decision ('' trains on all twelve)",
     )
+    ap.add_argument(
+        "--features",
+        default="motion",
+        help="derived input channels ('motion': camera-compensated optical flow; '' for RGB only)",
+    )
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
@@ -126,6 +163,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     names = sequences(args.data)
+    features = tuple(f for f in args.features.split(",") if f)
     train_names = [n for n in names if n not in HELD_OUT and n != args.validation]
     if args.validation and args.validation not in names:
         raise SystemExit(f"validation sequence {args.validation!r} is not in {args.data}")
@@ -141,7 +179,12 @@ def main() -> None:
     if args.eval_only:
         from napari_octreenca.nca.modelfile import load_model
 
-        print(json.dumps(evaluate_held_out(load_model(args.out), args.data, train_names=train_names), indent=1))
+        k = choose_motion_threshold(args.data, train_names)
+        print(
+            json.dumps(
+                evaluate_held_out(load_model(args.out), args.data, train_names=train_names, motion_k=k), indent=1
+            )
+        )
         return
 
     t_start = time.perf_counter()
@@ -163,6 +206,8 @@ def main() -> None:
         spacing=SPACING_YXT,
         train_size=crop,
         scale_coarsest_steps=False,  # whole clips are long in T; the coarsest level already spans a frame
+        input_channels=3 + len(features),
+        input_features=features,
     )
     tcfg = TrainConfig(
         iterations=args.iterations,
@@ -187,12 +232,13 @@ def main() -> None:
         max_minutes=args.max_minutes,
     )
     del pairs
+    motion_k = choose_motion_threshold(args.data, train_names)
     validation = (
-        evaluate_held_out(model, args.data, names=(args.validation,), train_names=train_names)
+        evaluate_held_out(model, args.data, names=(args.validation,), train_names=train_names, motion_k=motion_k)
         if args.validation
         else {}
     )
-    metrics = evaluate_held_out(model, args.data, train_names=train_names)
+    metrics = evaluate_held_out(model, args.data, train_names=train_names, motion_k=motion_k)
     clip = clip_metric(model, args.data)
     wall = time.perf_counter() - t_start
     mean_j = round(float(np.mean([m["J"] for m in metrics.values()])), 4)
@@ -208,8 +254,14 @@ def main() -> None:
             else ""
         ),
         "held_out_data": "whole DAVIS 2016 sequences never seen in training: " + ", ".join(HELD_OUT),
-        "preprocessing": "frames down-sampled 4x (anti-aliased) to 120 x 214, (RGB / 255 - 0.5) / 0.25, whole "
-        "clip as one (Y, X, T) volume; logits up-sampled back linearly to 480 x 854",
+        "preprocessing": "frames down-sampled 4x (anti-aliased) to 120 x 214, (RGB / 255 - 0.5) / 0.25"
+        + (
+            ", plus a motion channel (run.features: TV-L1 optical flow minus the median flow, averaged over 5 "
+            "frames, blurred, in units of the frame's median + std motion)"
+            if features
+            else ""
+        )
+        + ", whole clip as one (Y, X, T) volume; logits up-sampled back linearly to 480 x 854",
         "training_sequences": train_names,
         "held_out_metrics": {"mean_J": mean_j, "per_sequence": metrics, "clip": clip},
         "validation_sequence": args.validation or None,
@@ -218,7 +270,9 @@ def main() -> None:
             "held_out_mean_J": mean_j,
             **{f"J_{k}": v["J"] for k, v in metrics.items()},
             "baseline_prior_mean_J": round(float(np.mean([m["baseline_prior_J"] for m in metrics.values()])), 4),
+            "baseline_motion_mean_J": round(float(np.mean([m["baseline_motion_J"] for m in metrics.values()])), 4),
         },
+        "motion_baseline_threshold": motion_k,
         "baseline": {
             "method": "fixed spatial prior: mean training mask thresholded at the best training IoU",
             "mean_J": round(float(np.mean([m["baseline_prior_J"] for m in metrics.values()])), 4),
@@ -226,7 +280,7 @@ def main() -> None:
         "seed": args.seed,
         "iterations": done,
         "train_command": f"python scripts/train_davis.py --iterations {args.iterations} --batch {args.batch} "
-        f"--seed {args.seed} --threads {args.threads} --validation '{args.validation}'",
+        f"--seed {args.seed} --threads {args.threads} --validation '{args.validation}' --features '{args.features}'",
         "train_wall_seconds": round(wall, 0),
         "train_loop_seconds": round(train_seconds, 0),
         "train_machine": f"2-core CPU dev machine, {args.threads} torch thread(s) ({platform.machine()})",

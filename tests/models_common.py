@@ -38,7 +38,8 @@ def check_file_and_card(name: str, preset_name: str) -> tuple[Any, dict[str, Any
     assert path.stat().st_size < 1_000_000
     cfg = read_config(path)
     base = preset(preset_name)
-    assert (cfg.channels, cfg.hidden, cfg.levels, cfg.factors, cfg.input_channels) == (
+    # Derived input channels (e.g. davis_video's motion) take the place of hidden ones.
+    assert (cfg.channels, cfg.hidden, cfg.levels, cfg.factors, cfg.image_channels) == (
         base.channels,
         base.hidden,
         base.levels,

@@ -15,6 +15,9 @@ from .errors import ConfigError
 FORMAT_VERSION = 1
 RESIZE_MODES = ("nearest", "average")
 NORM_MODES = ("fixed", "zscore", "percentile", "none")
+#: Channels the run layer derives from the image and appends after its own channels
+#: (``run.features``): ``motion`` = camera-compensated optical-flow magnitude per frame (videos).
+INPUT_FEATURES = ("motion",)
 
 # Bounds a model header must respect, checked before anything is allocated: a hostile or broken
 # file must fail here, not by running for days or asking for gigabytes. They are far above any
@@ -154,6 +157,9 @@ class ModelConfig:
     #: inputs far outside it get a warning (``run.inputs.check_range``).
     input_range: tuple[float, float] | None = None
     input_dtype: str | None = None
+    #: Derived input channels (names from ``INPUT_FEATURES``), appended after the image's own
+    #: channels: ``input_channels`` counts both, the user supplies ``image_channels``.
+    input_features: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         self.validate()
@@ -162,6 +168,11 @@ class ModelConfig:
     @property
     def levels(self) -> int:
         return len(self.steps)
+
+    @property
+    def image_channels(self) -> int:
+        """Channels the user's image must have (the input channels less the derived features)."""
+        return self.input_channels - len(self.input_features)
 
     @property
     def hidden_channels(self) -> int:
@@ -212,6 +223,12 @@ class ModelConfig:
 
         need(self.spatial_dims in (2, 3), f"spatial_dims must be 2 or 3, got {self.spatial_dims}")
         need(self.input_channels >= 1, "input_channels must be >= 1")
+        for feat in self.input_features:
+            need(feat in INPUT_FEATURES, f"input_features entries must be in {INPUT_FEATURES}, got {feat!r}")
+        need(len(set(self.input_features)) == len(self.input_features), "input_features must not repeat")
+        need(self.image_channels >= 1, "input_channels must exceed the number of input_features")
+        if "motion" in self.input_features:
+            need("T" in self.axes, f"the motion feature needs a time axis; the model's axes are {self.axes!r}")
         need(self.output_channels >= 1, f"output_channels (classes) must be >= 1, got {self.output_channels}")
         need(self.channels <= MAX_CHANNELS, f"channels must be <= {MAX_CHANNELS}, got {self.channels}")
         need(self.hidden <= MAX_HIDDEN, f"hidden must be <= {MAX_HIDDEN}, got {self.hidden}")
@@ -247,7 +264,7 @@ class ModelConfig:
         if norm.mode == "fixed":
             for key in ("mean", "std"):
                 n = len(getattr(norm, key))
-                need(n in (1, self.input_channels), f"normalization {key} needs 1 or {self.input_channels} values")
+                need(n in (1, self.image_channels), f"normalization {key} needs 1 or {self.image_channels} values")
         if self.train_size is not None:
             need(len(self.train_size) == self.spatial_dims, "train_size must have one entry per spatial axis")
             need(
@@ -279,6 +296,10 @@ class ModelConfig:
         for key in ("input_range", "input_dtype"):
             if d[key] is None:
                 del d[key]
+        if self.input_features:
+            d["input_features"] = list(self.input_features)
+        else:
+            del d["input_features"]
         if self.input_range is not None:
             d["input_range"] = list(self.input_range)
         return d
@@ -307,6 +328,8 @@ class ModelConfig:
                 d["spacing"] = tuple(float(s) for s in d["spacing"])
             if d.get("input_range") is not None:
                 d["input_range"] = tuple(float(s) for s in d["input_range"])
+            if "input_features" in d:
+                d["input_features"] = tuple(str(f) for f in d["input_features"])
             if "normalization" in d:
                 d["normalization"] = Normalization.from_dict(d["normalization"])
             return ModelConfig(**d)

@@ -6,6 +6,8 @@
   epidermis is the densely nucleated, purple layer), closing/opening, largest component.
 - :func:`prior_video_mask`: a fixed spatial prior (the mean training mask, thresholded): what a
   video model gets for free by predicting "the object is where objects usually are".
+- :func:`motion_video_mask`: the classical unsupervised cue: what moves against the camera
+  (``run.features.motion_saliency`` above a threshold chosen on the training sequences).
 """
 
 from __future__ import annotations
@@ -21,7 +23,15 @@ import numpy as np
 BASELINE_MODELS: dict[str, dict[str, Any]] = {
     "otsu-brain": {"class": "brain", "input": "3D T1 head MRI (Z, Y, X), any spacing"},
     "otsu-epidermis": {"class": "epidermis", "input": "2D H&E RGB image (Y, X, 3)"},
+    "motion-video": {"class": "object", "input": "video (T, Y, X, 3) or (T, Y, X)"},
 }
+
+#: ``motion_video_mask``'s threshold in units of a frame's median + std motion: the best mean J
+#: on the 11 DAVIS 2016 training sequences of ``davis_video`` (``scripts/train_davis.py``
+#: prints the choice; no held-out sequence took part).
+MOTION_THRESHOLD = 1.0
+#: Frames are down-sampled by this factor (as ``davis_video`` does) before the flow is computed.
+MOTION_FACTOR = 4.0
 
 
 def _ellipsoid(radius_mm: float, spacing: Sequence[float]) -> np.ndarray:
@@ -86,6 +96,25 @@ def prior_video_mask(train_masks: Sequence[np.ndarray], shape: tuple[int, int], 
     return np.repeat((mean > best)[None], frames, axis=0)
 
 
+def motion_video_mask(
+    frames: np.ndarray, threshold: float = MOTION_THRESHOLD, factor: float = MOTION_FACTOR
+) -> np.ndarray:
+    """Moving-object mask of a ``(T, Y, X, C)`` or ``(T, Y, X)`` clip (bool ``(T, Y, X)``): the
+    camera-compensated motion, computed at 1/``factor`` of the frame size, above ``threshold``
+    times the frame's median + std motion, brought back to the frame size."""
+    from skimage.transform import resize
+
+    from .features import MOTION_CLIP, motion_saliency
+    from .resample import resample_to_model_spacing
+
+    arr = np.asarray(frames)
+    if arr.ndim == 3:
+        arr = arr[..., None]
+    small = resample_to_model_spacing(arr, (1.0, 1.0, 1.0), (1.0, factor, factor), channel_axis=-1)
+    sal = resize(motion_saliency(small), arr.shape[:3], order=1)
+    return np.asarray(sal > threshold / MOTION_CLIP)
+
+
 def run_baseline(name: str, image: Any, axes: str, scale: Sequence[float] | None = None) -> np.ndarray:
     """Labels (uint8, 1 = the baseline's class) of ``image`` with the baseline ``name``.
 
@@ -103,6 +132,10 @@ def run_baseline(name: str, image: Any, axes: str, scale: Sequence[float] | None
             raise InputError(f"otsu-brain needs a 3D (Z, Y, X) volume, got axes {axes!r}")
         spacing = tuple(scale) if scale is not None else (1.0, 1.0, 1.0)
         return otsu_brain_mask(arr, spacing).astype(np.uint8)
+    if name == "motion-video":
+        if axes not in ("TYXC", "TYX") or arr.ndim != len(axes):
+            raise InputError(f"motion-video needs a video (T, Y, X, C) or (T, Y, X), got axes {axes!r}")
+        return motion_video_mask(arr).astype(np.uint8)
     if axes != "YXC" or arr.ndim != 3 or arr.shape[-1] < 3:
         raise InputError(f"otsu-epidermis needs an RGB (Y, X, 3) image, got axes {axes!r} and shape {arr.shape}")
     return otsu_epidermis_mask(arr).astype(np.uint8)
@@ -173,4 +206,6 @@ __all__ = [
     "otsu_brain_mask",
     "otsu_epidermis_mask",
     "prior_video_mask",
+    "motion_video_mask",
+    "MOTION_THRESHOLD",
 ]

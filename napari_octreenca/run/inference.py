@@ -199,7 +199,7 @@ def segment(
     t0 = time.perf_counter()
     device = check_device(device)
     raw = to_tensor(image)  # kept (no copy for numpy) for the quality estimate's baseline check
-    x, plan = prepare(raw, model.config, axes, device)
+    x, plan = prepare(raw, model.config, axes, device, cancel=lambda: is_cancelled(cancel))
     dt = resolve_dtype(dtype)
     x = x.to(dt)  # in bfloat16 this frees the float32 copy of the input
     be = get_backend(backend, device, dt) if isinstance(backend, str) else backend

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -33,7 +34,7 @@ class AxisPlan:
 
 
 def _guess_axes(shape: tuple[int, ...], config: ModelConfig) -> str:
-    nd, sd, cin = len(shape), config.spatial_dims, config.input_channels
+    nd, sd, cin = len(shape), config.spatial_dims, config.image_channels
     # Arrays conventionally put the slice/time axis first, whatever order the network uses.
     spatial = "YX" if sd == 2 else ("TYX" if "T" in config.axes else "ZYX")
     if nd == sd:
@@ -72,13 +73,13 @@ def plan_axes(shape: tuple[int, ...], config: ModelConfig, axes: str | None = No
     has_c = "C" in axes
     if has_c:
         c = shape[axes.index("C")]
-        if c != config.input_channels:
+        if c != config.image_channels:
             raise InputError(
-                f"the input has {c} channels but the model expects {config.input_channels}; "
+                f"the input has {c} channels but the model expects {config.image_channels}; "
                 "convert the image (e.g. RGB for H&E models, a single channel for MRI models)"
             )
-    elif config.input_channels != 1:
-        raise InputError(f"the input has no channel axis but the model expects {config.input_channels} channels")
+    elif config.image_channels != 1:
+        raise InputError(f"the input has no channel axis but the model expects {config.image_channels} channels")
     # Rename the input's axes to the model's letters, then order as (C, *model_axes).
     renamed = "".join(trans.get(a, a) if a not in model_axes and a != "C" else a for a in axes)
     order = (["C"] if has_c else []) + list(model_axes)
@@ -239,9 +240,19 @@ def normalize(x: torch.Tensor, norm: Normalization, stats: NormStats | None = No
 
 
 def prepare(
-    image: object, config: ModelConfig, axes: str | None = None, device: torch.device | str = "cpu"
+    image: object,
+    config: ModelConfig,
+    axes: str | None = None,
+    device: torch.device | str = "cpu",
+    cancel: Callable[[], bool] | None = None,
 ) -> tuple[torch.Tensor, AxisPlan]:
-    """Validate, permute to ``(1, C, *spatial)`` and normalise an input on ``device``."""
+    """Validate, permute to ``(1, C, *spatial)`` and normalise an input on ``device``.
+
+    Models with ``input_features`` get their derived channels appended after the image's
+    (``cancel`` is asked while they are computed).
+    """
+    from .features import derived_channels
+
     x = to_tensor(image)
     plan = plan_axes(tuple(x.shape), config, axes)
     check_values(x)
@@ -249,6 +260,9 @@ def prepare(
     x = x.permute(plan.permutation)
     if not plan.has_channel:
         x = x.unsqueeze(0)
+    extra = derived_channels(x, config, cancel)
     # Upload in the source dtype (uint8 stays 1 byte/px) and normalise on the device.
     x = normalize(x.to(device), config.normalization)
+    if extra is not None:
+        x = torch.cat([x, extra.to(x.device)])
     return x.unsqueeze(0).contiguous(), plan

@@ -268,7 +268,7 @@ def plan_grid(config: ModelConfig, geometry: InputGeometry) -> Grid:
 def grid_axis_plan(config: ModelConfig, grid: Grid) -> AxisPlan:
     """The axis plan of an array on ``grid`` (input axes, the model's axis order)."""
     shape = iter(grid.grid_shape)
-    return plan_axes(tuple(config.input_channels if a == "C" else next(shape) for a in grid.axes), config, grid.axes)
+    return plan_axes(tuple(config.image_channels if a == "C" else next(shape) for a in grid.axes), config, grid.axes)
 
 
 def grid_model_shape(config: ModelConfig, grid: Grid) -> tuple[int, ...]:
@@ -299,6 +299,17 @@ def plan_run(
     )
     forced = options.tile is not None or options.scheduler is not None
     if options.tiling == "tiled" or (options.tiling == "auto" and (forced or (budget is not None and est > budget))):
+        if config.input_features:
+            # Motion is computed over the whole clip; tiles would each see another camera motion.
+            why = (
+                "tiles were asked for"
+                if options.tiling == "tiled" or forced
+                else (f"the whole clip would need {fmt_bytes(est)} of {fmt_bytes(budget or 0)} allowed")
+            )
+            raise InputError(
+                f"model {config.name!r} derives {', '.join(config.input_features)} from the whole clip and runs "
+                f"only whole, but {why}; segment a shorter or smaller clip"
+            )
         tile = fitting_tile(config, grid.grid_shape, options, free)
         n = math.prod(math.ceil(s / tile) for s in grid.grid_shape)
         why = (
