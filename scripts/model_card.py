@@ -106,14 +106,17 @@ def render(name: str, cfg: Any, extra: dict[str, Any]) -> str:
     lines += [""]
     if "per_sequence" in extra["held_out_metrics"]:
         lines += [
-            "| held-out sequence | J (mean IoU) | consecutive-frame IoU, prediction | same, ground truth | "
-            "baseline J (spatial prior) |",
-            "|---|---|---|---|---|",
+            "| sequence | J (mean IoU) | consecutive-frame IoU, prediction | same, ground truth | "
+            "baseline J (spatial prior) | baseline J (motion) |",
+            "|---|---|---|---|---|---|",
         ]
-        for seq, v in extra["held_out_metrics"]["per_sequence"].items():
+        rows = list(extra["held_out_metrics"]["per_sequence"].items())
+        rows += [(f"{k} (validation)", v) for k, v in (extra.get("validation_metrics") or {}).items() if "J" in v]
+        for seq, v in rows:
             lines += [
                 f"| {seq} | {_fmt(v['J'])} | {_fmt(v['consecutive_iou_pred'])} | "
-                f"{_fmt(v['consecutive_iou_truth'])} | {_fmt(v.get('baseline_prior_J', '-'))} |"
+                f"{_fmt(v['consecutive_iou_truth'])} | {_fmt(v.get('baseline_prior_J', '-'))} | "
+                f"{_fmt(v.get('baseline_motion_J', '-'))} |"
             ]
         lines += [""]
     if "clip" in extra["held_out_metrics"]:

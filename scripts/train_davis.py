@@ -32,8 +32,8 @@ from _budget import print_progress, train_with_budget
 from napari_octreenca.data_sources import davis_sequence
 from napari_octreenca.nca.config import preset
 from napari_octreenca.nca.modelfile import save_model
-from napari_octreenca.run.baselines import prior_video_mask
-from napari_octreenca.run.features import MOTION_CLIP, motion_saliency
+from napari_octreenca.run.baselines import MOTION_FACTOR, motion_video_saliency, prior_video_mask
+from napari_octreenca.run.features import MOTION_CLIP
 from napari_octreenca.run.resample import resample_to_model_spacing, segment_at_model_spacing
 from napari_octreenca.run.training import TrainConfig, TrainPair
 
@@ -79,10 +79,7 @@ MOTION_THRESHOLDS = (0.75, 1.0, 1.5, 2.0, 2.5)
 def motion_baseline_j(frames: np.ndarray, masks: np.ndarray, ks) -> list[float]:
     """J of the classical motion baseline (the model's motion channel above ``k``, in units of
     the frame's median + std motion) for each ``k`` in ``ks``."""
-    from skimage.transform import resize
-
-    small, _ = to_model_grid(frames, masks)
-    sal = resize(motion_saliency(small), masks.shape, order=1)
+    sal = motion_video_saliency(frames, MOTION_FACTOR)  # what `--model motion-video` runs
     return [float(np.mean([iou(p, t) for p, t in zip(sal > k / MOTION_CLIP, masks > 0)])) for k in ks]
 
 
@@ -137,6 +134,32 @@ def clip_metric(model: torch.nn.Module, root: Path, names=HELD_OUT) -> dict[str,
     return {"sequence": name, "frames": CLIP_FRAMES, **m}
 
 
+def motion_metrics(per_sequence: dict[str, dict]) -> dict[str, float]:
+    """The motion baseline's card figures: its mean J and its J per held-out sequence."""
+    return {
+        "baseline_motion_mean_J": round(float(np.mean([m["baseline_motion_J"] for m in per_sequence.values()])), 4),
+        **{f"motion_J_{k}": v["baseline_motion_J"] for k, v in per_sequence.items()},
+    }
+
+
+def update_motion_baseline(path: str, root: Path, train_names, validation: str) -> None:
+    """Add the motion baseline's figures to an existing model file's facts (held-out and validation)."""
+    from napari_octreenca.nca.modelfile import load_model, read_extra
+
+    model, extra = load_model(path), read_extra(path)
+    k = choose_motion_threshold(root, train_names)
+    held = extra["held_out_metrics"]["per_sequence"]
+    for name in list(held) + ([validation] if validation else []):
+        frames, masks = davis_sequence(root, name)
+        j = round(motion_baseline_j(frames, masks, (k,))[0], 4)
+        target = held[name] if name in held else extra.setdefault("validation_metrics", {}).setdefault(name, {})
+        target["baseline_motion_J"] = j
+        print(name, "motion baseline J", j, flush=True)
+    extra["metrics"].update(motion_metrics(held))
+    extra["motion_baseline_threshold"] = k
+    save_model(model, path, extra=extra)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", type=Path, default=DEFAULT_DATA)
@@ -160,6 +183,9 @@ def main() -> None:
     ap.add_argument("--max-minutes", type=float, default=None, help="stop training after this wall time")
     ap.add_argument("--eval-only", action="store_true")
     ap.add_argument("--update-clip", action="store_true", help="add the short-clip figure to --out's facts")
+    ap.add_argument(
+        "--update-motion-baseline", action="store_true", help="add the motion baseline's figures to --out's facts"
+    )
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     names = sequences(args.data)
@@ -175,6 +201,9 @@ def main() -> None:
         extra["held_out_metrics"]["clip"] = clip_metric(model, args.data)
         print(extra["held_out_metrics"]["clip"], flush=True)
         save_model(model, args.out, extra=extra)
+        return
+    if args.update_motion_baseline:
+        update_motion_baseline(args.out, args.data, train_names, args.validation)
         return
     if args.eval_only:
         from napari_octreenca.nca.modelfile import load_model
@@ -270,7 +299,7 @@ def main() -> None:
             "held_out_mean_J": mean_j,
             **{f"J_{k}": v["J"] for k, v in metrics.items()},
             "baseline_prior_mean_J": round(float(np.mean([m["baseline_prior_J"] for m in metrics.values()])), 4),
-            "baseline_motion_mean_J": round(float(np.mean([m["baseline_motion_J"] for m in metrics.values()])), 4),
+            **motion_metrics(metrics),
         },
         "motion_baseline_threshold": motion_k,
         "baseline": {

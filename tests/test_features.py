@@ -131,3 +131,22 @@ def test_motion_baseline_finds_the_moving_square() -> None:
     assert labels.dtype == np.uint8 and labels.shape == masks.shape
     with pytest.raises(InputError, match="motion-video needs a video"):
         run_baseline("motion-video", clip[0], "YXC")
+
+
+def test_motion_baseline_by_name_from_the_cli(tmp_path) -> None:
+    """`octreenca segment FRAMES_FOLDER out.tif --model motion-video` labels the moving square."""
+    from skimage.io import imsave
+
+    from napari_octreenca.cli import main
+    from napari_octreenca.io.readers import read_image
+
+    clip, masks = panning_clip()
+    folder = tmp_path / "frames"
+    folder.mkdir()
+    for t, frame in enumerate(clip):
+        imsave(folder / f"{t:05d}.png", frame, check_contrast=False)
+    out = tmp_path / "moving.tif"
+    assert main(["segment", str(folder), str(out), "--model", "motion-video", "--quiet"]) == 0
+    labels = np.asarray(read_image(out).data)
+    assert labels.shape == masks.shape
+    assert (labels.astype(bool) & masks).sum() / masks.sum() > 0.5

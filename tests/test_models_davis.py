@@ -6,6 +6,7 @@ import numpy as np
 from models_common import check_file_and_card, close_to_card
 
 from napari_octreenca.data_sources import davis_sequence
+from napari_octreenca.run.baselines import baseline_advice
 from napari_octreenca.run.resample import segment_at_model_spacing
 
 
@@ -20,6 +21,13 @@ def test_davis_model_file_and_card() -> None:
     per_seq = extra["held_out_metrics"]["per_sequence"]
     assert len(per_seq) >= 3
     assert not set(per_seq) & set(extra["training_sequences"])  # whole sequences held out
+    assert model.config.input_features == ("motion",) and model.config.image_channels == 3
+    # Compared with the motion baseline per held-out sequence; no advice to switch, since the
+    # model beats it on at least one of them.
+    comp = extra["baseline_comparison"]
+    assert comp["baseline"] == "motion-video" and len(comp["inputs"]) == len(per_seq)
+    assert any(c["model"] > c["baseline"] for c in comp["inputs"])
+    assert baseline_advice(extra) is None
 
 
 def test_davis_held_out_J_matches_card(shared_data) -> None:

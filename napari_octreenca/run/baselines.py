@@ -23,13 +23,13 @@ import numpy as np
 BASELINE_MODELS: dict[str, dict[str, Any]] = {
     "otsu-brain": {"class": "brain", "input": "3D T1 head MRI (Z, Y, X), any spacing"},
     "otsu-epidermis": {"class": "epidermis", "input": "2D H&E RGB image (Y, X, 3)"},
-    "motion-video": {"class": "object", "input": "video (T, Y, X, 3) or (T, Y, X)"},
+    "motion-video": {"class": "object", "input": "video (T, Y, X, 3) or (T, Y, X)", "video": True},
 }
 
 #: ``motion_video_mask``'s threshold in units of a frame's median + std motion: the best mean J
 #: on the 11 DAVIS 2016 training sequences of ``davis_video`` (``scripts/train_davis.py``
 #: prints the choice; no held-out sequence took part).
-MOTION_THRESHOLD = 1.0
+MOTION_THRESHOLD = 1.5
 #: Frames are down-sampled by this factor (as ``davis_video`` does) before the flow is computed.
 MOTION_FACTOR = 4.0
 
@@ -96,23 +96,31 @@ def prior_video_mask(train_masks: Sequence[np.ndarray], shape: tuple[int, int], 
     return np.repeat((mean > best)[None], frames, axis=0)
 
 
-def motion_video_mask(
-    frames: np.ndarray, threshold: float = MOTION_THRESHOLD, factor: float = MOTION_FACTOR
-) -> np.ndarray:
-    """Moving-object mask of a ``(T, Y, X, C)`` or ``(T, Y, X)`` clip (bool ``(T, Y, X)``): the
-    camera-compensated motion, computed at 1/``factor`` of the frame size, above ``threshold``
-    times the frame's median + std motion, brought back to the frame size."""
+def motion_video_saliency(frames: np.ndarray, factor: float = MOTION_FACTOR) -> np.ndarray:
+    """``run.features.motion_saliency`` of a ``(T, Y, X, C)`` or ``(T, Y, X)`` clip computed at
+    1/``factor`` of the frame size (anti-aliased), brought back to the frame size: float ``(T, Y, X)``."""
     from skimage.transform import resize
 
-    from .features import MOTION_CLIP, motion_saliency
-    from .resample import resample_to_model_spacing
+    from .features import motion_saliency
 
     arr = np.asarray(frames)
     if arr.ndim == 3:
         arr = arr[..., None]
-    small = resample_to_model_spacing(arr, (1.0, 1.0, 1.0), (1.0, factor, factor), channel_axis=-1)
-    sal = resize(motion_saliency(small), arr.shape[:3], order=1)
-    return np.asarray(sal > threshold / MOTION_CLIP)
+    t, y, x, c = arr.shape
+    small_shape = (t, max(1, round(y / factor)), max(1, round(x / factor)), c)
+    small = resize(arr.astype(np.float32), small_shape, order=1, anti_aliasing=factor > 1, preserve_range=True)
+    return np.asarray(resize(motion_saliency(small), (t, y, x), order=1))
+
+
+def motion_video_mask(
+    frames: np.ndarray, threshold: float = MOTION_THRESHOLD, factor: float = MOTION_FACTOR
+) -> np.ndarray:
+    """Moving-object mask of a ``(T, Y, X, C)`` or ``(T, Y, X)`` clip (bool ``(T, Y, X)``): the
+    camera-compensated motion (:func:`motion_video_saliency`) above ``threshold`` times the
+    frame's median + std motion."""
+    from .features import MOTION_CLIP
+
+    return motion_video_saliency(frames, factor) > threshold / MOTION_CLIP
 
 
 def run_baseline(name: str, image: Any, axes: str, scale: Sequence[float] | None = None) -> np.ndarray:
@@ -207,5 +215,6 @@ __all__ = [
     "otsu_epidermis_mask",
     "prior_video_mask",
     "motion_video_mask",
+    "motion_video_saliency",
     "MOTION_THRESHOLD",
 ]

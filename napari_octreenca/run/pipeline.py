@@ -443,7 +443,7 @@ def _run_baseline(inputs: list[str], output: str, name: str, progress: Progress)
     from .baselines import BASELINE_MODELS, run_baseline
 
     kind = BASELINE_MODELS[name]
-    paths = expand_inputs(list(inputs))
+    paths = expand_inputs(list(inputs), video_model=bool(kind.get("video")))
     out = Path(output)
     single = len(paths) == 1 and _has_output_suffix(out)
     if not single:
