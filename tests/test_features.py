@@ -96,8 +96,11 @@ def test_prepare_appends_the_motion_channel_and_takes_rgb() -> None:
 def test_segment_with_a_motion_model_and_cancel_during_motion() -> None:
     clip, _ = panning_clip(6)
     model = OctreeNCA(motion_config())
-    res = segment(model, clip, axes="TYXC", steps=[1, 1, 1, 1, 1])
+    told: list[dict] = []
+    res = segment(model, clip, axes="TYXC", steps=[1, 1, 1, 1, 1], prepare_callback=told.append)
     assert res.labels.shape == clip.shape[:3]
+    assert [t["frame"] for t in told] == list(range(1, 7)) and {t["frames"] for t in told} == {6}
+    assert {t["stage"] for t in told} == {"motion"}
     ev = threading.Event()
     ev.set()
     with pytest.raises(Cancelled, match="motion"):

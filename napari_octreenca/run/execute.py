@@ -55,12 +55,14 @@ def tile_settings(plan: RunPlan) -> Any:
     return TileSettings(tile=plan.tile, **_common(plan))
 
 
-def run_whole(model: Any, plan: RunPlan, image: Any, *, callback: Any = None, cancel: Any = None) -> Segmentation:
+def run_whole(
+    model: Any, plan: RunPlan, image: Any, *, callback: Any = None, cancel: Any = None, prepare_callback: Any = None
+) -> Segmentation:
     """The whole image at once (resampled and reoriented as the plan says)."""
     from .resample import segment_at_model_spacing
 
     g = plan.grid
-    kw = dict(_common(plan), callback=callback, cancel=cancel)
+    kw = dict(_common(plan), callback=callback, cancel=cancel, prepare_callback=prepare_callback)
     data = image if hasattr(image, "detach") else to_numpy(image)
     if g.affine is not None:
         seg = segment_at_model_spacing(model, data, axes="ZYX", affine=g.affine, **kw)
@@ -236,6 +238,7 @@ def execute(
     pyramid: list[Any] | None = None,
     logits: bool = True,
     notice: Notice | None = None,
+    prepare_callback: Any = None,
 ) -> Any:
     """Run ``plan`` on ``image`` (numpy, dask or zarr in the geometry it was planned for).
 
@@ -243,11 +246,12 @@ def execute(
     (tiled runs). ``store`` (a folder) makes a tiled run out of core and resumable; ``sink``
     receives the finished label tiles (e.g. an OME-Zarr writer). A whole run that runs out of
     memory is retried tiled when the plan allows it; ``notice`` is told why.
+    ``prepare_callback`` gets a dict per frame while derived input channels (motion) are computed.
     Returns a ``run.inference.Segmentation`` on the input's grid.
     """
     if not plan.tiled:
         try:
-            return run_whole(model, plan, image, callback=callback, cancel=cancel)
+            return run_whole(model, plan, image, callback=callback, cancel=cancel, prepare_callback=prepare_callback)
         except Exception as exc:
             if not (plan.options.retry_tiled and is_out_of_memory(exc)):
                 raise

@@ -13,6 +13,7 @@ that. Computed on the model's grid (after resampling), the whole clip at once.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -36,11 +37,16 @@ def _grey(frames: np.ndarray) -> np.ndarray:
     return np.clip((g - lo) / max(float(hi - lo), 1e-6), 0.0, 1.0)
 
 
-def motion_saliency(frames: np.ndarray, cancel: Callable[[], bool] | None = None) -> np.ndarray:
+def motion_saliency(
+    frames: np.ndarray,
+    cancel: Callable[[], bool] | None = None,
+    progress: Callable[[int, int], Any] | None = None,
+) -> np.ndarray:
     """Camera-compensated motion magnitude of a ``(T, Y, X, C)`` clip: ``(T, Y, X)`` float32 in [0, 1].
 
     ``cancel`` is asked between frame pairs; when it returns True the computation stops with
-    ``Cancelled``. A single frame has no motion (all zeros).
+    ``Cancelled``. ``progress(done, frames)`` is told after each frame. A single frame has no
+    motion (all zeros).
     """
     from scipy import ndimage as ndi
     from skimage.registration import optical_flow_tvl1
@@ -60,6 +66,8 @@ def motion_saliency(frames: np.ndarray, cancel: Callable[[], bool] | None = None
         flow = sign * optical_flow_tvl1(g[t], g[other])  # (2, Y, X): row and column displacement
         camera = np.median(flow.reshape(2, -1), axis=1)
         resid[t] = np.linalg.norm(flow - camera[:, None, None], axis=0)
+        if progress is not None:
+            progress(t + 1, t_len)
     w = MOTION_WINDOW
     smooth = np.stack([resid[max(0, t - w) : t + w + 1].mean(axis=0) for t in range(t_len)])
     smooth = ndi.gaussian_filter(smooth, (0, MOTION_BLUR, MOTION_BLUR))
@@ -68,11 +76,15 @@ def motion_saliency(frames: np.ndarray, cancel: Callable[[], bool] | None = None
 
 
 def derived_channels(
-    x: torch.Tensor, config: ModelConfig, cancel: Callable[[], bool] | None = None
+    x: torch.Tensor,
+    config: ModelConfig,
+    cancel: Callable[[], bool] | None = None,
+    progress: Callable[[dict[str, Any]], Any] | None = None,
 ) -> torch.Tensor | None:
     """The ``config.input_features`` channels for a raw ``(C, *model spatial)`` image, as
     network input ``(F, *model spatial)`` float32 (each feature's [0, 1] mapped like RGB / 255
-    with mean 0.5 and std 0.25); None when the model has no features."""
+    with mean 0.5 and std 0.25); None when the model has no features. ``progress`` gets
+    ``{"stage": "motion", "frame": k, "frames": n}`` after each frame."""
     if not config.input_features:
         return None
     out = []
@@ -83,7 +95,8 @@ def derived_channels(
         rest = [i for i in range(config.spatial_dims) if i != t_ax]
         # (C, *spatial) -> (T, Y, X, C), and the saliency back into the model's axis order.
         clip = x.permute(1 + t_ax, *(1 + i for i in rest), 0).cpu().numpy()
-        sal = torch.from_numpy(motion_saliency(clip, cancel))
+        tell = None if progress is None else (lambda k, n: progress({"stage": "motion", "frame": k, "frames": n}))
+        sal = torch.from_numpy(motion_saliency(clip, cancel, tell))
         dims = [t_ax] + rest
         sal = sal.permute(*[dims.index(d) for d in range(config.spatial_dims)])
         out.append((sal - 0.5) / 0.25)

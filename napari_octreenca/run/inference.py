@@ -179,6 +179,7 @@ def segment(
     steps: list[int] | None = None,
     callback: StepHook | None = None,
     cancel: CancelCheck = None,
+    prepare_callback: Callable[[dict[str, Any]], Any] | None = None,
 ) -> Segmentation:
     """Segment ``image`` (numpy, torch or dask array) with ``model``.
 
@@ -187,6 +188,7 @@ def segment(
     ``seed .. seed + runs - 1``: the logits are the median and ``spread`` the per-voxel standard
     deviation of the probabilities. ``callback`` gets a :class:`StepInfo` after every step and
     ``cancel`` (an Event or a callable) stops the run within one step by raising ``Cancelled``.
+    ``prepare_callback`` gets a dict per frame while derived input channels (motion) are computed.
     """
     if runs < 1:
         raise InputError(f"runs must be >= 1, got {runs}")
@@ -199,7 +201,7 @@ def segment(
     t0 = time.perf_counter()
     device = check_device(device)
     raw = to_tensor(image)  # kept (no copy for numpy) for the quality estimate's baseline check
-    x, plan = prepare(raw, model.config, axes, device, cancel=lambda: is_cancelled(cancel))
+    x, plan = prepare(raw, model.config, axes, device, cancel=lambda: is_cancelled(cancel), progress=prepare_callback)
     dt = resolve_dtype(dtype)
     x = x.to(dt)  # in bfloat16 this frees the float32 copy of the input
     be = get_backend(backend, device, dt) if isinstance(backend, str) else backend

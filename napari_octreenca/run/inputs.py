@@ -5,6 +5,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -245,11 +246,12 @@ def prepare(
     axes: str | None = None,
     device: torch.device | str = "cpu",
     cancel: Callable[[], bool] | None = None,
+    progress: Callable[[dict[str, Any]], Any] | None = None,
 ) -> tuple[torch.Tensor, AxisPlan]:
     """Validate, permute to ``(1, C, *spatial)`` and normalise an input on ``device``.
 
     Models with ``input_features`` get their derived channels appended after the image's
-    (``cancel`` is asked while they are computed).
+    (``cancel`` is asked and ``progress`` told while they are computed).
     """
     from .features import derived_channels
 
@@ -260,7 +262,7 @@ def prepare(
     x = x.permute(plan.permutation)
     if not plan.has_channel:
         x = x.unsqueeze(0)
-    extra = derived_channels(x, config, cancel)
+    extra = derived_channels(x, config, cancel, progress)
     # Upload in the source dtype (uint8 stays 1 byte/px) and normalise on the device.
     x = normalize(x.to(device), config.normalization)
     if extra is not None:

@@ -314,6 +314,10 @@ class SegmentWidget(DockContainer):
             self.status.value = "cancelling"
 
     def _progress(self, p: dict[str, Any]) -> None:
+        if "frames" in p:  # derived input channels, before the first step
+            self.bar_step.max, self.bar_step.value = max(1, p["frames"]), p["frame"]
+            self.status.value = f"computing {p.get('stage', 'input')}: frame {p['frame']}/{p['frames']}"
+            return
         if "tiles" in p:
             self.bar_tile.visible = True
             self.bar_tile.max, self.bar_tile.value = p["tiles"], p["tile"]
@@ -371,6 +375,10 @@ def _run(job: Job, src: Any, settings: dict[str, Any]) -> tuple[Any, dict[str, A
     def on_tile(p: dict[str, Any]) -> None:
         job.relay.progress.emit(dict(p))
 
+    def on_prepare(p: dict[str, Any]) -> None:
+        if throttle(force=p["frame"] == p["frames"]):
+            job.relay.progress.emit(dict(p))
+
     options = RunOptions(
         device=device,
         dtype=settings["precision"],
@@ -381,7 +389,14 @@ def _run(job: Job, src: Any, settings: dict[str, Any]) -> tuple[Any, dict[str, A
     plan = plan_run(model.config, src.geometry(), options)
     load_s = time.perf_counter() - t0
     seg = execute(
-        model, plan, src.array, callback=on_step, tile_callback=on_tile, cancel=job.cancel, notice=job.relay.notice.emit
+        model,
+        plan,
+        src.array,
+        callback=on_step,
+        tile_callback=on_tile,
+        cancel=job.cancel,
+        notice=job.relay.notice.emit,
+        prepare_callback=on_prepare,
     )
     seconds = time.perf_counter() - t0
     retried = bool(seg.record.get("retried_tiled_after_oom", False))

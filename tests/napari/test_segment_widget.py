@@ -254,6 +254,39 @@ def test_video_sample_segments_every_frame(viewer, qtbot, catalog, tmp_path: Pat
     assert labels.metadata["octreenca"]["record"]["engine"]["input_axes"] == "TYXC"
 
 
+def test_motion_model_shows_progress_while_motion_is_computed(viewer, qtbot, catalog, tmp_path: Path):
+    from napari_octreenca import OctreeNCA, preset, save_model
+    from napari_octreenca.sample_data import VIDEO_LAYER_NAME
+    from napari_octreenca.widgets.segment_widget import SegmentWidget
+
+    cfg = preset("surgery", steps=(1, 1, 1), factors=((2, 2, 2), (2, 2, 2))).replace(
+        input_channels=4, input_features=("motion",)
+    )
+    name = catalog.add(save_model(OctreeNCA(cfg), tmp_path / "motion.safetensors"))
+    try:
+        viewer.open_sample("napari-octreenca", "video")
+    except (FileNotFoundError, ImportError) as exc:
+        pytest.skip(str(exc))
+    clip = viewer.layers[VIDEO_LAYER_NAME]
+    clip.data = np.asarray(clip.data)[:12, ::8, ::8]
+    w = SegmentWidget(viewer)
+    seen: list[str] = []
+    shown = w._progress
+
+    def progress(p):  # the dock's own handler, with what it shows recorded
+        shown(p)
+        seen.append(str(w.status.value))
+
+    w._progress = progress  # start() connects the job's progress to it
+    w.image.value = clip
+    w.model.value = name
+    job = w.start()
+    _wait(qtbot, job, 120)
+    assert job.error is None, job.error
+    assert "computing motion: frame 12/12" in seen
+    assert viewer.layers[f"{VIDEO_LAYER_NAME} labels"].data.shape == (12, 45, 80)
+
+
 @pytest.mark.parametrize(
     "sample, image_name, reference, min_dice",
     [
