@@ -75,6 +75,15 @@ def motion_saliency(
     return (np.clip(smooth / np.maximum(ref, 1e-6), 0.0, MOTION_CLIP) / MOTION_CLIP).astype(np.float32)
 
 
+def refuse_tiles(config: ModelConfig, why: str) -> None:
+    """The one error for a tiled run of a model with derived channels: they are computed over the
+    whole clip, so each tile would see another camera motion."""
+    raise InputError(
+        f"model {config.name!r} derives {', '.join(config.input_features)} from the whole clip and runs only "
+        f"whole, not in tiles ({why}); segment a shorter or smaller clip"
+    )
+
+
 def derived_channels(
     x: torch.Tensor,
     config: ModelConfig,
@@ -103,4 +112,4 @@ def derived_channels(
     return torch.stack(out).to(x.device)
 
 
-__all__ = ["motion_saliency", "derived_channels", "MOTION_WINDOW", "MOTION_BLUR", "MOTION_CLIP"]
+__all__ = ["motion_saliency", "derived_channels", "refuse_tiles", "MOTION_WINDOW", "MOTION_BLUR", "MOTION_CLIP"]

@@ -300,15 +300,13 @@ def plan_run(
     forced = options.tile is not None or options.scheduler is not None
     if options.tiling == "tiled" or (options.tiling == "auto" and (forced or (budget is not None and est > budget))):
         if config.input_features:
-            # Motion is computed over the whole clip; tiles would each see another camera motion.
-            why = (
+            from .features import refuse_tiles
+
+            refuse_tiles(
+                config,
                 "tiles were asked for"
                 if options.tiling == "tiled" or forced
-                else (f"the whole clip would need {fmt_bytes(est)} of {fmt_bytes(budget or 0)} allowed")
-            )
-            raise InputError(
-                f"model {config.name!r} derives {', '.join(config.input_features)} from the whole clip and runs "
-                f"only whole, but {why}; segment a shorter or smaller clip"
+                else f"the whole clip would need {fmt_bytes(est)} of {fmt_bytes(budget or 0)} allowed",
             )
         tile = fitting_tile(config, grid.grid_shape, options, free)
         n = math.prod(math.ceil(s / tile) for s in grid.grid_shape)

@@ -582,10 +582,9 @@ def segment_tiled(
     if unknown:
         raise TypeError(f"segment_tiled() got unexpected keyword arguments {sorted(unknown)}")
     if model.config.input_features:
-        raise InputError(
-            f"model {model.config.name!r} derives {', '.join(model.config.input_features)} from the whole clip: "
-            "it runs only whole (segment), not in tiles"
-        )
+        from .features import refuse_tiles
+
+        refuse_tiles(model.config, "segment_tiled was called; use segment")
     settings = replace(settings or TileSettings(), **{k: v for k, v in options.items() if k in _SETTINGS})
     outputs = replace(outputs or TileOutputs(), **{k: v for k, v in options.items() if k in _OUTPUTS})
     t0 = time.perf_counter()
