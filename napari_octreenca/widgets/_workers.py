@@ -19,6 +19,34 @@ from superqt.utils import create_worker
 
 from ..nca.errors import Cancelled
 
+_warm_up_thread: threading.Thread | None = None
+
+
+def warm_up_in_background() -> threading.Thread:
+    """Load the engine's kernels in a daemon thread, once per process (``run.warmup``).
+
+    The docks call this when they open: the first run then starts with the kernels (and pandas,
+    which the result layers need) loaded, so the lock-holding loading work does not stall the GUI
+    during it. A failure here is ignored:
+    the real run meets the same problem and reports it.
+    """
+    global _warm_up_thread
+    if _warm_up_thread is None:
+        from ..run.warmup import warm_up
+
+        def work() -> None:
+            try:
+                warm_up("cpu")
+                # The result layers' class table is a pandas DataFrame: its first import (hundreds
+                # of modules, 0.2-0.4 s) stalled the GUI at the end of a first run.
+                import pandas  # noqa: F401
+            except Exception:  # noqa: S110 - reported by the first real run instead
+                pass
+
+        _warm_up_thread = threading.Thread(target=work, name="octreenca-warm-up", daemon=True)
+        _warm_up_thread.start()
+    return _warm_up_thread
+
 
 class Relay(QObject):
     """Signals from the worker thread to the GUI thread (queued connections)."""

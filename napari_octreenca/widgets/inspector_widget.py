@@ -37,7 +37,7 @@ from ._devices import list_devices
 from ._layers import layer_input, output_layers
 from ._models import CATALOG, follow_catalog
 from ._settings import plugin_setting
-from ._workers import Job
+from ._workers import Job, warm_up_in_background
 from .qt_helpers import DockContainer, ElidedLabel, advanced_group, on_dock_closed
 from .shared import config_of as _config_of
 from .shared import free_prefix, image_layer_choices, place_layers, remove_layers, update_layer
@@ -354,6 +354,7 @@ class InspectorWidget(DockContainer):
         self.channel.changed.connect(self._show_channel)
         on_dock_closed(self, self.request_cancel)
         follow_catalog(self, self.model.reset_choices)
+        warm_up_in_background()  # the first run then does not stall the GUI loading kernels
         ev = self.viewer.layers.events
         for e in (ev.inserted, ev.removed, ev.reordered):
             e.connect(self._layers_changed)

@@ -174,6 +174,10 @@ def place_layers(
     return layers
 
 
+#: Milliseconds between two layers added or updated in turn: room for a repaint between them.
+PER_TURN_MS = 15
+
+
 def _run_per_turn(actions: list[Any], owner: Any, on_placed: Any) -> None:
     """Run ``actions`` one per event-loop turn (all at once without ``owner``), then ``on_placed``."""
     if owner is None or len(actions) <= 1:
@@ -186,7 +190,9 @@ def _run_per_turn(actions: list[Any], owner: Any, on_placed: Any) -> None:
 
     pending = list(actions)
     timer = QTimer(owner)  # dies with the widget: nothing runs after the dock is gone
-    timer.setInterval(0)
+    # Not 0: Qt ran a zero-interval timer's calls back to back, other timers and the canvas's
+    # repaint waiting until all were done (a first run's 7 layers blocked the GUI 377 ms).
+    timer.setInterval(PER_TURN_MS)
 
     def step() -> None:
         pending.pop(0)()

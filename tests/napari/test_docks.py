@@ -100,3 +100,22 @@ def test_closing_the_segment_dock_cancels_its_run(viewer, qtbot, catalog, model_
     _wait(qtbot, job, 30)
     assert job.cancelled
     assert [ly.name for ly in viewer.layers] == ["he"]
+
+
+def test_docks_load_the_engine_before_the_first_run(viewer, qtbot):
+    """Opening the Segment or inspector dock starts the engine warm-up in a background thread
+    (once per process): the first run then starts with the kernels and pandas loaded."""
+    import sys
+
+    from napari_octreenca.run.warmup import warmed_up
+    from napari_octreenca.widgets import _workers
+    from napari_octreenca.widgets.inspector_widget import InspectorWidget
+    from napari_octreenca.widgets.segment_widget import SegmentWidget
+
+    SegmentWidget(viewer)
+    thread = _workers.warm_up_in_background()
+    assert thread.name == "octreenca-warm-up"
+    InspectorWidget(viewer)
+    assert _workers.warm_up_in_background() is thread  # one per process
+    qtbot.waitUntil(lambda: not thread.is_alive(), timeout=60000)
+    assert warmed_up("cpu") and "pandas" in sys.modules

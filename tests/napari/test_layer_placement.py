@@ -82,3 +82,31 @@ def test_new_layers_one_per_event_loop_turn(viewer, qtbot):
     assert all(a is b for a, b in zip(again, layers))
     assert int(viewer.layers["run labels"].data.max()) == 2
     owner.deleteLater()
+
+
+def test_other_timers_run_between_added_layers(viewer, qtbot):
+    """Between two layers added in turn the event loop runs other timers (and repaints): a
+    zero-interval timer had run all the additions back to back, a first run's 7 layers
+    blocking the GUI for 377 ms."""
+    from qtpy.QtCore import QTimer
+    from qtpy.QtWidgets import QWidget
+
+    from napari_octreenca.widgets.shared import place_layers
+
+    ticks: list[int] = []
+    at_insert: list[int] = []
+    timer = QTimer()
+    timer.timeout.connect(lambda: ticks.append(1))
+    timer.start(1)
+    viewer.layers.events.inserted.connect(lambda e: at_insert.append(len(ticks)))
+    owner = QWidget()
+    done: list[int] = []
+    data = [
+        (np.zeros((8, 8), np.float32), {"name": f"layer {i}", "contrast_limits": (0, 1)}, "image") for i in range(4)
+    ]
+    place_layers(viewer, data, owner=owner, on_placed=lambda: done.append(1))
+    qtbot.waitUntil(lambda: bool(done), timeout=5000)
+    timer.stop()
+    assert len(at_insert) == 4
+    assert all(b > a for a, b in zip(at_insert, at_insert[1:])), at_insert  # a tick between every two
+    owner.deleteLater()
