@@ -33,9 +33,14 @@ def main() -> None:
     parser.add_argument("--inspector", action="store_true", help="also measure the inspector's live mode")
     parser.add_argument("--only-inspector", action="store_true", help="measure the inspector's live mode only")
     parser.add_argument("--crop", type=int, default=192, help="edge of the H&E crop the inspector records")
+    parser.add_argument(
+        "--order",
+        default="NLLNNL",
+        help="the inspector runs in turn, N not live, L live (LNNLLN: a session's first run is live)",
+    )
     args = parser.parse_args()
     if args.only_inspector:
-        bench_inspector(args.crop)
+        bench_inspector(args.crop, args.order)
         return
 
     import napari
@@ -125,10 +130,10 @@ def main() -> None:
         f"{mem['total'] / 2**20:.0f} MB; {plan.describe()}"
     )
     if args.inspector:
-        bench_inspector(args.crop)
+        bench_inspector(args.crop, args.order)
 
 
-def bench_inspector(crop: int) -> None:
+def bench_inspector(crop: int, order: str = "NLLNNL") -> None:
     """Inspector: live vs non-live wall time and the longest GUI stall, on real data."""
     import napari
     from qtpy.QtCore import QTimer
@@ -156,7 +161,9 @@ def bench_inspector(crop: int) -> None:
         app.processEvents()
         time.sleep(0.01)
     results: dict[bool, list[tuple[float, float, int]]] = {False: [], True: []}
-    for live in (False, True, True, False, False, True):
+    if set(order) - set("NL") or not {"N", "L"} <= set(order):
+        raise SystemExit(f"--order takes N and L, both at least once; got {order!r}")
+    for live in [c == "L" for c in order]:
         w.live.value = live
         gaps: list[tuple[float, float]] = []  # (tick time, gap before it)
         last = [time.monotonic()]
