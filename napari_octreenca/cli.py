@@ -107,9 +107,13 @@ def cmd_segment(args: argparse.Namespace) -> int:
         if info.get("stage") == "quality":
             _print_quality(info)
             return
-        if args.quiet or time.perf_counter() - last[0] < 1.0:
+        final = "frames" in info and info["frame"] == info["frames"]
+        if args.quiet or (time.perf_counter() - last[0] < 1.0 and not final):
             return
         last[0] = time.perf_counter()
+        if "frames" in info:  # a derived input channel (motion), before the first step
+            print(f"  computing {info['stage']}: frame {info['frame']}/{info['frames']}", file=sys.stderr, flush=True)
+            return
         parts = [f"{k}={v}" for k, v in info.items() if v is not None]
         print("  " + " ".join(parts), file=sys.stderr, flush=True)
 

@@ -153,3 +153,25 @@ def test_motion_baseline_by_name_from_the_cli(tmp_path) -> None:
     labels = np.asarray(read_image(out).data)
     assert labels.shape == masks.shape
     assert (labels.astype(bool) & masks).sum() / masks.sum() > 0.5
+
+
+def test_cli_prints_motion_progress(tmp_path, capsys) -> None:
+    """`octreenca segment FRAMES_FOLDER out.tif --model motion.safetensors`: the motion channel
+    (seconds on a real clip, before the first step) reports its progress on stderr."""
+    from skimage.io import imsave
+
+    from napari_octreenca.cli import main
+    from napari_octreenca.nca.modelfile import save_model
+
+    clip, _ = panning_clip(5)
+    folder = tmp_path / "frames"
+    folder.mkdir()
+    for t, frame in enumerate(clip):
+        imsave(folder / f"{t:05d}.png", frame, check_contrast=False)
+    cfg = motion_config().replace(steps=(1, 1, 1, 1, 1))
+    model = save_model(OctreeNCA(cfg), tmp_path / "motion.safetensors")
+    out = tmp_path / "labels.tif"
+    assert main(["segment", str(folder), str(out), "--model", str(model), "--runs", "1"]) == 0
+    err = capsys.readouterr().err
+    assert "computing motion: frame 5/5" in err
+    assert out.exists()

@@ -268,7 +268,7 @@ def _segment_file(
             _check_sample(im, cfg)
             _segment_tiled(net, plan, im, src, dest, progress=progress, keep_work=keep_work, use_pyramid=use_pyramid)
         else:
-            seg = execute(net, plan, im.data, callback=_step_progress(progress))
+            seg = execute(net, plan, im.data, callback=_step_progress(progress), prepare_callback=progress)
             _prepare_output(dest, resuming=False)
             meta = {"model": cfg.name, "seeds": list(seg.seeds), "quality": seg.quality}
             write_labels(dest, seg.labels, like=im, class_names=cfg.class_names, metadata=meta)

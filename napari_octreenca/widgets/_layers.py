@@ -65,10 +65,29 @@ def _channel_index(layer: Any, axes: str | None) -> int | None:
     return None
 
 
+#: Axis labels (lower case) that name an engine axis.
+_LABEL_AXES = {"t": "T", "time": "T", "z": "Z", "depth": "Z", "y": "Y", "x": "X", "c": "C", "channel": "C"}
+
+
+def _axes_from_labels(layer: Any) -> str | None:
+    """The layer's axes from its napari axis labels (e.g. ``("t", "y", "x")`` -> ``TYX``, plus
+    ``C`` for an RGB layer), or None unless every label names a distinct axis."""
+    labels = [str(a).strip().lower() for a in getattr(layer, "axis_labels", ())]
+    axes = "".join(_LABEL_AXES.get(a, "?") for a in labels)
+    if len(labels) != layer.ndim or "?" in axes or len(set(axes)) != len(axes):
+        return None
+    if layer.rgb:
+        return None if "C" in axes else axes + "C"
+    return axes
+
+
 def layer_input(layer: Any, level: int = 0) -> LayerInput:
-    """The engine input of an Image layer at pyramid ``level`` (clamped to the levels it has)."""
+    """The engine input of an Image layer at pyramid ``level`` (clamped to the levels it has).
+
+    Its axes come from the plugin's own metadata (``metadata["octreenca"]["axes"]``), else from
+    napari's axis labels when they name them (t, z, y, x, c), else from the layer's shape."""
     meta = dict(layer.metadata or {})
-    axes = (meta.get("octreenca") or {}).get("axes")
+    axes = (meta.get("octreenca") or {}).get("axes") or _axes_from_labels(layer)
     if axes is None and layer.rgb:
         # napari knows the last axis is colour; say so (a 3D model must not take it for depth).
         axes = "TZYX"[-(layer.ndim) :] + "C" if layer.ndim > 2 else "YXC"

@@ -37,7 +37,7 @@ from ._devices import list_devices
 from ._layers import layer_input, output_layers
 from ._models import CATALOG, follow_catalog
 from ._settings import plugin_setting
-from ._workers import Job, warm_up_in_background
+from ._workers import Job, Throttle, warm_up_in_background
 from .qt_helpers import DockContainer, ElidedLabel, advanced_group, on_dock_closed
 from .shared import config_of as _config_of
 from .shared import free_prefix, image_layer_choices, place_layers, remove_layers, update_layer
@@ -480,15 +480,21 @@ class InspectorWidget(DockContainer):
         channel = int(self.channel.value)
         self.memory.value = plan.describe()
 
+        throttle = Throttle(0.1)
+
         def work(job: Job) -> Any:
             model = CATALOG.load(model_name, device)
 
             def on_frame(frame: Frame) -> None:
                 job.relay.frame.emit(frame)
 
+            def on_prepare(p: dict[str, Any]) -> None:  # a motion channel, before the first step
+                if throttle(force=p["frame"] == p["frames"]):
+                    job.relay.progress.emit(dict(p))
+
             # Without live mode the frames (small copies) still drive the progress bar.
             rec = NCARecorder(plan, on_frame=on_frame, throttle=interval)
-            seg = execute(model, run_plan, src.array, callback=rec, cancel=job.cancel)
+            seg = execute(model, run_plan, src.array, callback=rec, cancel=job.cancel, prepare_callback=on_prepare)
             # The layers' data is made here, off the GUI thread (on it, it took 0.3-0.5 s).
             return rec.recording, seg, _result_layers(rec.recording, seg, src, scale, translate, grid, channel)
 
@@ -506,6 +512,7 @@ class InspectorWidget(DockContainer):
             what="NCA recording",
         )
         self.job.relay.frame.connect(lambda f: self._on_frame(f, plan, scale, translate, run_prefix, live))
+        self.job.relay.progress.connect(self._on_prepare)
         self.run_button.enabled = False
         self.cancel_button.enabled = True
         self.bar.max, self.bar.value = plan.total_steps, 0
@@ -595,6 +602,10 @@ class InspectorWidget(DockContainer):
         if self.job is not None and self.job.running:
             self.job.request_cancel()
             self.status.value = "cancelling"
+
+    def _on_prepare(self, p: dict[str, Any]) -> None:
+        """Progress of a derived input channel (a video model's motion), before the first step."""
+        self.status.value = f"computing {p.get('stage', 'input')}: frame {p['frame']}/{p['frames']}"
 
     def _on_frame(
         self,

@@ -104,3 +104,20 @@ def test_epidermis_mask_lies_between_the_annotations():
     # Every column has epidermis, above the dermal-epidermal junction path.
     assert mask.any(axis=0).mean() > 0.98
     assert mask[:100].sum() == 0 and mask[700:].sum() == 0  # not in the air nor the deep dermis
+
+
+def test_layer_axes_from_napari_axis_labels():
+    """A layer's axis labels name its axes when the plugin's metadata does not: an RGB stack
+    labelled t, y, x is a video (TYXC), not a volume; unlabelled it stays a volume (ZYXC)."""
+    from napari.layers import Image
+
+    from napari_octreenca.widgets._layers import layer_input
+
+    clip = np.zeros((4, 6, 8, 3), np.uint8)
+    assert layer_input(Image(clip, rgb=True, axis_labels=("t", "y", "x"))).axes == "TYXC"
+    assert layer_input(Image(clip, rgb=True, axis_labels=("Time", "y", "x"))).axes == "TYXC"
+    assert layer_input(Image(clip, rgb=True)).axes == "ZYXC"  # napari's default labels name nothing
+    assert layer_input(Image(clip[..., 0], axis_labels=("z", "y", "x"))).axes == "ZYX"
+    assert layer_input(Image(clip[..., 0], axis_labels=("y", "y", "x"))).axes is None  # not distinct
+    meta = {"octreenca": {"axes": "ZYXC"}}  # the plugin's own metadata wins
+    assert layer_input(Image(clip, rgb=True, axis_labels=("t", "y", "x"), metadata=meta)).axes == "ZYXC"

@@ -253,3 +253,35 @@ def test_live_run_appends_to_the_plot(viewer, qtbot, catalog, model_file_slow, r
     frames = w.bar.value
     assert frames == 120
     assert 2 <= w.plot.draws < 120 / 2  # throttled: far fewer draws than steps
+
+
+def test_inspector_shows_progress_while_motion_is_computed(viewer, qtbot, catalog, tmp_path):
+    """A video model with a motion channel: the inspector's status line counts the frames of
+    the motion computation (seconds on a real clip) before the first step."""
+    from napari_octreenca import OctreeNCA, preset, save_model
+    from napari_octreenca.widgets.inspector_widget import InspectorWidget
+
+    cfg = preset("surgery", steps=(1, 1, 1), factors=((2, 2, 2), (2, 2, 2))).replace(
+        input_channels=4, input_features=("motion",)
+    )
+    name = catalog.add(save_model(OctreeNCA(cfg), tmp_path / "motion.safetensors"))
+    rng = np.random.default_rng(0)
+    clip = viewer.add_image((rng.random((8, 40, 48, 3)) * 255).astype(np.uint8), rgb=True, name="clip")
+    clip.axis_labels = ("t", "y", "x")
+    w = InspectorWidget(viewer)
+    seen: list[str] = []
+    shown = w._on_prepare
+
+    def on_prepare(p):  # the dock's own handler, with what it shows recorded
+        shown(p)
+        seen.append(str(w.status.value))
+
+    w._on_prepare = on_prepare  # start() connects the job's progress to it
+    w.image.value = clip
+    w.model.value = name
+    w.live.value = False
+    job = w.start()
+    assert job is not None
+    _wait(qtbot, job, 120)
+    assert job.error is None, job.error
+    assert "computing motion: frame 8/8" in seen
