@@ -258,25 +258,16 @@ def test_live_run_appends_to_the_plot(viewer, qtbot, catalog, model_file_slow, r
 def test_inspector_shows_progress_while_motion_is_computed(viewer, qtbot, catalog, tmp_path):
     """A video model with a motion channel: the inspector's status line counts the frames of
     the motion computation (seconds on a real clip) before the first step."""
-    from napari_octreenca import OctreeNCA, preset, save_model
+    from napari_helpers import motion_model, record_status
+
     from napari_octreenca.widgets.inspector_widget import InspectorWidget
 
-    cfg = preset("surgery", steps=(1, 1, 1), factors=((2, 2, 2), (2, 2, 2))).replace(
-        input_channels=4, input_features=("motion",)
-    )
-    name = catalog.add(save_model(OctreeNCA(cfg), tmp_path / "motion.safetensors"))
+    name = motion_model(catalog, tmp_path)
     rng = np.random.default_rng(0)
     clip = viewer.add_image((rng.random((8, 40, 48, 3)) * 255).astype(np.uint8), rgb=True, name="clip")
     clip.axis_labels = ("t", "y", "x")
     w = InspectorWidget(viewer)
-    seen: list[str] = []
-    shown = w._on_prepare
-
-    def on_prepare(p):  # the dock's own handler, with what it shows recorded
-        shown(p)
-        seen.append(str(w.status.value))
-
-    w._on_prepare = on_prepare  # start() connects the job's progress to it
+    seen = record_status(w, "_on_prepare")
     w.image.value = clip
     w.model.value = name
     w.live.value = False

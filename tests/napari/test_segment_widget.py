@@ -255,14 +255,12 @@ def test_video_sample_segments_every_frame(viewer, qtbot, catalog, tmp_path: Pat
 
 
 def test_motion_model_shows_progress_while_motion_is_computed(viewer, qtbot, catalog, tmp_path: Path):
-    from napari_octreenca import OctreeNCA, preset, save_model
+    from napari_helpers import motion_model, record_status
+
     from napari_octreenca.sample_data import VIDEO_LAYER_NAME
     from napari_octreenca.widgets.segment_widget import SegmentWidget
 
-    cfg = preset("surgery", steps=(1, 1, 1), factors=((2, 2, 2), (2, 2, 2))).replace(
-        input_channels=4, input_features=("motion",)
-    )
-    name = catalog.add(save_model(OctreeNCA(cfg), tmp_path / "motion.safetensors"))
+    name = motion_model(catalog, tmp_path)
     try:
         viewer.open_sample("napari-octreenca", "video")
     except (FileNotFoundError, ImportError) as exc:
@@ -270,14 +268,7 @@ def test_motion_model_shows_progress_while_motion_is_computed(viewer, qtbot, cat
     clip = viewer.layers[VIDEO_LAYER_NAME]
     clip.data = np.asarray(clip.data)[:12, ::8, ::8]
     w = SegmentWidget(viewer)
-    seen: list[str] = []
-    shown = w._progress
-
-    def progress(p):  # the dock's own handler, with what it shows recorded
-        shown(p)
-        seen.append(str(w.status.value))
-
-    w._progress = progress  # start() connects the job's progress to it
+    seen = record_status(w, "_progress")
     w.image.value = clip
     w.model.value = name
     job = w.start()
