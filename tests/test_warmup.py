@@ -43,3 +43,29 @@ def test_warm_up_leaves_the_global_random_state_alone(monkeypatch):
     torch.manual_seed(123)
     warmup.warm_up("cpu")
     np.testing.assert_array_equal(torch.rand(3).numpy(), expected.numpy())
+
+
+def test_training_warm_up_runs_once_and_keeps_the_random_state(monkeypatch):
+    """One tiny training iteration, once; train() seeds torch's generator, the warm-up hands the
+    user's state back unchanged."""
+    import torch
+
+    from napari_octreenca.run import training
+
+    monkeypatch.setattr(warmup, "_done", {})
+    calls: list[int] = []
+    real = training.train
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(training, "train", counting)
+    torch.manual_seed(7)
+    expected = torch.rand(3)
+    torch.manual_seed(7)
+    assert warmup.warm_up_training("cpu") > 0
+    assert warmup.warm_up_training("cpu") == 0.0
+    assert calls == [1]
+    assert warmup.warmed_up("cpu", training=True) and not warmup.warmed_up("cpu")
+    np.testing.assert_array_equal(torch.rand(3).numpy(), expected.numpy())

@@ -46,9 +46,32 @@ def warm_up(device: str = "cpu") -> float:
         return _done[device]
 
 
-def warmed_up(device: str = "cpu") -> bool:
-    """Whether :func:`warm_up` has run for ``device`` in this process."""
-    return device in _done
+def warm_up_training(device: str = "cpu") -> float:
+    """One training iteration on an image of a few pixels, once per process: loads the training
+    step's kernels (the fused CPU backward: a first training run's GUI stall was 150 ms without).
+
+    Returns the seconds it took (0.0 after the first call); thread-safe like :func:`warm_up`.
+    """
+    from .training import TrainConfig, TrainPair, train
+
+    key = f"train:{device}"
+    with _lock:
+        if key in _done:
+            return 0.0
+        t0 = time.perf_counter()
+        cfg = preset("pathology", steps=(1, 1), factors=((2, 2),)).replace(output_channels=1, class_names=("a",))
+        image = np.zeros((8, 8, cfg.input_channels), np.uint8)
+        labels = np.zeros((8, 8), np.uint8)
+        labels[2:6, 2:6] = 1
+        with torch.random.fork_rng(devices=[]):  # train() seeds torch's global generator
+            train(cfg, [TrainPair(image, labels, "YXC")], TrainConfig(iterations=1, batch_size=1), device=device)
+        _done[key] = time.perf_counter() - t0
+        return _done[key]
 
 
-__all__ = ["warm_up", "warmed_up"]
+def warmed_up(device: str = "cpu", training: bool = False) -> bool:
+    """Whether :func:`warm_up` (or :func:`warm_up_training`) has run for ``device`` in this process."""
+    return (f"train:{device}" if training else device) in _done
+
+
+__all__ = ["warm_up", "warm_up_training", "warmed_up"]

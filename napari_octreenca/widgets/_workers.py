@@ -19,23 +19,27 @@ from superqt.utils import create_worker
 
 from ..nca.errors import Cancelled
 
-_warm_up_thread: threading.Thread | None = None
+_warm_up_threads: dict[str, threading.Thread] = {}
 
 
-def warm_up_in_background() -> threading.Thread:
+def warm_up_in_background(training: bool = False) -> threading.Thread:
     """Load the engine's kernels in a daemon thread, once per process (``run.warmup``).
 
-    The docks call this when they open: the first run then starts with the kernels (and pandas,
-    which the result layers need) loaded, so the lock-holding loading work does not stall the GUI
-    during it. A failure here is ignored:
-    the real run meets the same problem and reports it.
+    The docks call this when they open: the first run then starts with the kernels and pandas
+    (which the result layers need) loaded, so the lock-holding loading work does not stall the
+    GUI during it. ``training`` (the Train dock): the training step's kernels instead. A failure
+    here is ignored: the real run meets the same problem and reports it.
     """
-    global _warm_up_thread
-    if _warm_up_thread is None:
-        from ..run.warmup import warm_up
+    what = "training" if training else "inference"
+    thread = _warm_up_threads.get(what)
+    if thread is None:
+        from ..run.warmup import warm_up, warm_up_training
 
         def work() -> None:
             try:
+                if training:
+                    warm_up_training("cpu")
+                    return
                 warm_up("cpu")
                 # The result layers' class table is a pandas DataFrame: its first import (hundreds
                 # of modules, 0.2-0.4 s) stalled the GUI at the end of a first run.
@@ -43,9 +47,10 @@ def warm_up_in_background() -> threading.Thread:
             except Exception:  # noqa: S110 - reported by the first real run instead
                 pass
 
-        _warm_up_thread = threading.Thread(target=work, name="octreenca-warm-up", daemon=True)
-        _warm_up_thread.start()
-    return _warm_up_thread
+        thread = threading.Thread(target=work, name=f"octreenca-warm-up-{what}", daemon=True)
+        _warm_up_threads[what] = thread
+        thread.start()
+    return thread
 
 
 class Relay(QObject):

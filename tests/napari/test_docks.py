@@ -104,18 +104,23 @@ def test_closing_the_segment_dock_cancels_its_run(viewer, qtbot, catalog, model_
 
 def test_docks_load_the_engine_before_the_first_run(viewer, qtbot):
     """Opening the Segment or inspector dock starts the engine warm-up in a background thread
-    (once per process): the first run then starts with the kernels and pandas loaded."""
+    (once per process): the first run then starts with the kernels and pandas loaded. The Train
+    dock warms the training step's kernels the same way."""
     import sys
 
     from napari_octreenca.run.warmup import warmed_up
     from napari_octreenca.widgets import _workers
     from napari_octreenca.widgets.inspector_widget import InspectorWidget
     from napari_octreenca.widgets.segment_widget import SegmentWidget
+    from napari_octreenca.widgets.training_widget import TrainingWidget
 
     SegmentWidget(viewer)
     thread = _workers.warm_up_in_background()
-    assert thread.name == "octreenca-warm-up"
+    assert thread.name == "octreenca-warm-up-inference"
     InspectorWidget(viewer)
     assert _workers.warm_up_in_background() is thread  # one per process
-    qtbot.waitUntil(lambda: not thread.is_alive(), timeout=60000)
-    assert warmed_up("cpu") and "pandas" in sys.modules
+    TrainingWidget(viewer)
+    training = _workers.warm_up_in_background(training=True)
+    assert training is not thread and training.name == "octreenca-warm-up-training"
+    qtbot.waitUntil(lambda: not thread.is_alive() and not training.is_alive(), timeout=60000)
+    assert warmed_up("cpu") and warmed_up("cpu", training=True) and "pandas" in sys.modules
