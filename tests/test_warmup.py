@@ -6,8 +6,18 @@ from __future__ import annotations
 import threading
 
 import numpy as np
+import pytest
 
 from napari_octreenca.run import warmup
+
+
+@pytest.fixture(autouse=True)
+def no_background_warm_up():
+    """A dock opened by an earlier test may still be warming up in the background: let it finish
+    before these tests swap the module's state."""
+    for t in threading.enumerate():
+        if t.name.startswith("octreenca-warm-up"):
+            t.join(timeout=600)
 
 
 def test_warm_up_runs_once_and_is_thread_safe(monkeypatch):

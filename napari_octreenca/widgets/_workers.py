@@ -8,6 +8,7 @@ queues onto the GUI thread. ``job.cancel`` is the ``threading.Event`` handed to 
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -22,15 +23,25 @@ from ..nca.errors import Cancelled
 _warm_up_threads: dict[str, threading.Thread] = {}
 
 
+#: Environment variable that turns the docks' background warm-up off ("0").
+WARM_UP_ENV = "NAPARI_OCTREENCA_WARM_UP"
+
+
 def warm_up_in_background(training: bool = False) -> threading.Thread:
     """Load the engine's kernels in a daemon thread, once per process (``run.warmup``).
 
     The docks call this when they open: the first run then starts with the kernels and pandas
     (which the result layers need) loaded, so the lock-holding loading work does not stall the
     GUI during it. ``training`` (the Train dock): the training step's kernels instead. A failure
-    here is ignored: the real run meets the same problem and reports it.
+    here is ignored: the real run meets the same problem and reports it. With the environment
+    variable ``NAPARI_OCTREENCA_WARM_UP=0`` nothing is loaded ahead (the returned thread does
+    nothing): the first run loads what it needs, as before.
     """
     what = "training" if training else "inference"
+    if os.environ.get(WARM_UP_ENV, "1") == "0":
+        off = threading.Thread(target=lambda: None, name=f"octreenca-warm-up-{what}-off", daemon=True)
+        off.start()
+        return off
     thread = _warm_up_threads.get(what)
     if thread is None:
         from ..run.warmup import warm_up, warm_up_training

@@ -11,6 +11,15 @@ import torch
 from napari_octreenca import OctreeNCA, preset, save_model
 
 
+@pytest.fixture(autouse=True)
+def no_background_warm_up(monkeypatch):
+    """The docks' background warm-up off (it compiles every kernel on a fresh install, a minute
+    of background work while later tests open and close widgets); its own test turns it on."""
+    from napari_octreenca.widgets._workers import WARM_UP_ENV
+
+    monkeypatch.setenv(WARM_UP_ENV, "0")
+
+
 def _nonzero(model: torch.nn.Module, seed: int) -> torch.nn.Module:
     """A fresh model updates nothing (fc1 starts at zero): give fc1 small random weights so the
     automaton actually evolves, as a trained one does."""

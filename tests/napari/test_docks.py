@@ -102,7 +102,7 @@ def test_closing_the_segment_dock_cancels_its_run(viewer, qtbot, catalog, model_
     assert [ly.name for ly in viewer.layers] == ["he"]
 
 
-def test_docks_load_the_engine_before_the_first_run(viewer, qtbot):
+def test_docks_load_the_engine_before_the_first_run(viewer, qtbot, monkeypatch):
     """Opening the Segment or inspector dock starts the engine warm-up in a background thread
     (once per process): the first run then starts with the kernels and pandas loaded. The Train
     dock warms the training step's kernels the same way."""
@@ -110,17 +110,19 @@ def test_docks_load_the_engine_before_the_first_run(viewer, qtbot):
 
     from napari_octreenca.run.warmup import warmed_up
     from napari_octreenca.widgets import _workers
-    from napari_octreenca.widgets.inspector_widget import InspectorWidget
-    from napari_octreenca.widgets.segment_widget import SegmentWidget
-    from napari_octreenca.widgets.training_widget import TrainingWidget
 
-    SegmentWidget(viewer)
+    monkeypatch.setenv(_workers.WARM_UP_ENV, "1")  # the other tests run with it off
+    widgets, docks = _docks(viewer)  # Segment, inspector and Train, docked as napari does
     thread = _workers.warm_up_in_background()
     assert thread.name == "octreenca-warm-up-inference"
-    InspectorWidget(viewer)
-    assert _workers.warm_up_in_background() is thread  # one per process
-    TrainingWidget(viewer)
+    assert _workers.warm_up_in_background() is thread  # one per process, whichever dock asked
     training = _workers.warm_up_in_background(training=True)
     assert training is not thread and training.name == "octreenca-warm-up-training"
-    qtbot.waitUntil(lambda: not thread.is_alive() and not training.is_alive(), timeout=60000)
+    # A fresh install compiles the kernels here (no numba cache yet): minutes on 2 cores.
+    qtbot.waitUntil(lambda: not thread.is_alive() and not training.is_alive(), timeout=600_000)
     assert warmed_up("cpu") and warmed_up("cpu", training=True) and "pandas" in sys.modules
+    assert len(widgets) == len(docks) == 3
+    monkeypatch.setenv(_workers.WARM_UP_ENV, "0")
+    off = _workers.warm_up_in_background()
+    off.join(5)
+    assert off.name.endswith("-off") and not off.is_alive()  # turned off: nothing loads
