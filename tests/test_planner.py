@@ -121,3 +121,14 @@ def test_nifti_volume_in_tiles_equals_the_whole_run() -> None:
     assert b.record["tiled"] and b.record["reoriented"] == "RAS+" and a.record["reoriented"] == "RAS+"
     np.testing.assert_allclose(b.logits, a.logits, atol=1e-4)
     np.testing.assert_array_equal(b.labels, a.labels)
+
+
+def test_video_time_counts_in_frames_not_seconds() -> None:
+    """A video file's time scale is seconds per frame (1 / fps); a video model's spacing along T
+    is frames per cell: a 25 fps clip keeps its 132 frames on the model's grid (it had become 5)."""
+    cfg = preset("surgery").replace(spacing=(4.0, 4.0, 1.0))  # axes YXT, like davis_video
+    grid = plan_run(cfg, InputGeometry(shape=(132, 72, 128, 3), axes="TYXC", scale=(0.04, 1.0, 1.0)), RunOptions()).grid
+    assert grid.grid_shape == (132, 18, 32)
+    two = preset("surgery").replace(spacing=(4.0, 4.0, 2.0))  # every other frame
+    grid = plan_run(two, InputGeometry(shape=(132, 72, 128, 3), axes="TYXC", scale=(0.04, 1.0, 1.0)), RunOptions()).grid
+    assert grid.grid_shape == (66, 18, 32)

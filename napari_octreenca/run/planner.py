@@ -262,6 +262,11 @@ def plan_grid(config: ModelConfig, geometry: InputGeometry) -> Grid:
             np.asarray(geometry.affine, float),
         )
     sp = tuple(float(s) for s in geometry.scale) if geometry.scale is not None else (1.0,) * len(in_shape)
+    # Time counts in frames: a video model's spacing along T is frames per cell (it was trained
+    # frame by frame). A file's time scale is seconds (1 / fps) and is for display only: read as
+    # a spacing, a 25 fps clip of 132 frames became 5 frames on the model's grid.
+    spatial = [a for a in ap.input_axes if a != "C"]
+    sp = tuple(1.0 if a == "T" else s for a, s in zip(spatial, sp))
     return Grid(ap.input_axes, in_shape, model_grid_shape(in_shape, sp, msp), sp, msp)
 
 

@@ -133,7 +133,7 @@ def _verdict(
     if reasons:
         return True, (
             "unreliable: " + "; ".join(reasons) + "; the input may be unlike the model's training data (another "
-            f"modality, an already skull-stripped or cropped scan?) - check it or try a baseline{note}"
+            f"modality, stain, field of view or preprocessing?) - check it or try a baseline{note}"
         )
     agrees = (
         ""
