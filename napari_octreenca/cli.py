@@ -343,16 +343,31 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("segment", parents=[common], help="segment images (files, folders or globs) with a model")
-    s.add_argument("paths", nargs="+", metavar="INPUT... OUTPUT")
+    s.add_argument(
+        "paths",
+        nargs="+",
+        metavar="INPUT... OUTPUT",
+        help="image files, folders (of files or of video frames) or globs, then the output file or folder",
+    )
     s.add_argument(
         "--model",
         required=True,
         help="bundled model name, model file, or a classical baseline (otsu-brain, otsu-epidermis)",
     )
     s.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
-    s.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    s.add_argument("--backend", default="auto", choices=["auto", "torch", "cpu-fused", "cuda"])
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument(
+        "--dtype",
+        default="float32",
+        choices=["float32", "bfloat16"],
+        help="precision of the state (default: %(default)s)",
+    )
+    s.add_argument(
+        "--backend",
+        default="auto",
+        choices=["auto", "torch", "cpu-fused", "cuda"],
+        help="the step's implementation (default: the fastest that runs here)",
+    )
+    s.add_argument("--seed", type=int, default=0, help="fire-mask seed of the first run (default: %(default)s)")
     s.add_argument(
         "--runs",
         type=int,
@@ -383,57 +398,83 @@ def build_parser() -> argparse.ArgumentParser:
         "(default: on for folders and globs)",
     )
     _run_setting_args(s, "instead of the model's own")
-    s.add_argument("--quiet", action="store_true")
+    s.add_argument("--quiet", action="store_true", help="no progress lines")
     s.set_defaults(func=cmd_segment)
 
     t = sub.add_parser("train", parents=[common], help="train a model from image/label pairs")
-    t.add_argument("--pair", nargs=2, action="append", metavar=("IMAGE", "LABELS"), default=[])
-    t.add_argument("--preset", default="pathology", choices=["pathology", "radiology", "surgery"])
+    t.add_argument(
+        "--pair",
+        nargs=2,
+        action="append",
+        metavar=("IMAGE", "LABELS"),
+        default=[],
+        help="an image file and its label file (0 = background, k = class k); repeat for more pairs",
+    )
+    t.add_argument(
+        "--preset",
+        default="pathology",
+        choices=["pathology", "radiology", "surgery"],
+        help="architecture to start from: 2D slides, 3D volumes or videos (default: %(default)s)",
+    )
     t.add_argument("--model", default=None, help="start from this model (fine-tune) instead of a preset")
-    t.add_argument("--classes", type=int, default=None)
+    t.add_argument("--classes", type=int, default=None, help="number of classes (default: the preset's or model's)")
     t.add_argument("--steps", type=_ints, default=None, help="steps per level, finest first, e.g. 10,10,10,10,20")
-    t.add_argument("--name", default=None)
-    t.add_argument("--iterations", type=int, default=1000)
-    t.add_argument("--batch-size", type=int, default=4)
-    t.add_argument("--crop", type=_ints, default=None)
-    t.add_argument("--level-patch", type=_ints, default=None)
-    t.add_argument("--lr", type=float, default=1.6e-3)
-    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--name", default=None, help="the model's name, stored in its file")
+    t.add_argument("--iterations", type=int, default=1000, help="training iterations (default: %(default)s)")
+    t.add_argument("--batch-size", type=int, default=4, help="crops per iteration (default: %(default)s)")
+    t.add_argument(
+        "--crop", type=_ints, default=None, help="random crop size per sample, e.g. 256,256 (default: whole)"
+    )
+    t.add_argument(
+        "--level-patch",
+        type=_ints,
+        default=None,
+        help="3D: the two finest levels run only on a random patch of this size, e.g. 32,32,32",
+    )
+    t.add_argument("--lr", type=float, default=1.6e-3, help="learning rate (default: %(default)s)")
+    t.add_argument("--seed", type=int, default=0, help="seed of weights, crops and fire masks (default: %(default)s)")
     t.add_argument("--binarize", action="store_true", help="treat every label > 0 as class 1")
-    t.add_argument("--checkpoint", default=None)
-    t.add_argument("--checkpoint-every", type=int, default=100)
-    t.add_argument("--resume", default=None)
-    t.add_argument("--device", default="cpu")
+    t.add_argument("--checkpoint", default=None, help="write a resumable checkpoint to this file")
+    t.add_argument(
+        "--checkpoint-every", type=int, default=100, help="iterations between checkpoints (default: %(default)s)"
+    )
+    t.add_argument("--resume", default=None, help="continue from this checkpoint (same data and settings)")
+    t.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: %(default)s)")
     t.add_argument(
         "--autograd",
         action="store_true",
         help="train with autograd through the reference step instead of the fused CPU step",
     )
-    t.add_argument("--log-every", type=int, default=50)
-    t.add_argument("--out", required=True)
+    t.add_argument("--log-every", type=int, default=50, help="iterations between progress lines (default: %(default)s)")
+    t.add_argument("--out", required=True, help="the trained model file to write (.safetensors)")
     t.set_defaults(func=cmd_train)
 
     i = sub.add_parser("info", parents=[common], help="print a model's architecture and parameter count")
     i.add_argument("model", help="preset name, bundled model name or model file")
-    i.add_argument("--json", action="store_true")
+    i.add_argument("--json", action="store_true", help="the config and metadata as JSON")
     i.set_defaults(func=cmd_info)
 
     m = sub.add_parser("import", parents=[common], help="convert a checkpoint of the published OctreeNCA code")
-    m.add_argument("checkpoint")
-    m.add_argument("out")
-    m.add_argument("--preset", default="pathology", choices=["pathology", "radiology", "surgery"])
-    m.add_argument("--classes", type=int, default=None)
-    m.add_argument("--steps", type=_ints, default=None)
+    m.add_argument("checkpoint", help="the published code's checkpoint (.pth)")
+    m.add_argument("out", help="the model file to write (.safetensors)")
+    m.add_argument(
+        "--preset",
+        default="pathology",
+        choices=["pathology", "radiology", "surgery"],
+        help="the architecture the checkpoint was trained with (default: %(default)s)",
+    )
+    m.add_argument("--classes", type=int, default=None, help="number of classes (default: the preset's)")
+    m.add_argument("--steps", type=_ints, default=None, help="steps per level, finest first (default: the preset's)")
     _run_setting_args(m, "stored in the converted model; default: the preset's")
     m.set_defaults(func=cmd_import)
 
     b = sub.add_parser("bench", help="benchmark the backends (cell-steps/s, seconds, peak memory)")
-    b.add_argument("rest", nargs=argparse.REMAINDER)
+    b.add_argument("rest", nargs=argparse.REMAINDER, help="the benchmark's own options (octreenca bench -h)")
     b.set_defaults(func=cmd_bench)
 
     d = sub.add_parser("demo", parents=[common], help="segment the bundled samples with the bundled models")
-    d.add_argument("--out", default="octreenca-demo")
-    d.add_argument("--device", default="cpu")
+    d.add_argument("--out", default="octreenca-demo", help="folder for the outputs (default: %(default)s)")
+    d.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: %(default)s)")
     d.add_argument("--quick", action="store_true", help="smaller inputs, for a fast check")
     d.set_defaults(func=cmd_demo)
     return p

@@ -68,3 +68,19 @@ def test_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str])
         == 2
     )
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_every_option_says_what_it_does() -> None:
+    """`octreenca CMD --help` explains every argument of every subcommand."""
+    import argparse
+
+    from napari_octreenca.cli import build_parser
+
+    parser = build_parser()
+    subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    missing = {
+        name: [a.option_strings or [a.dest] for a in sub._actions if a.help is None]
+        for name, sub in subparsers.choices.items()
+    }
+    assert set(missing) >= {"segment", "train", "info", "import", "bench", "demo"}
+    assert not any(missing.values()), missing
