@@ -20,16 +20,22 @@ def no_background_warm_up():
             t.join(timeout=600)
 
 
-def test_warm_up_runs_once_and_is_thread_safe(monkeypatch):
-    monkeypatch.setattr(warmup, "_done", {})
+def _count_calls(monkeypatch, module, name: str) -> list[int]:
+    """Replace ``module.name`` by a wrapper that records each call; returns the record."""
     calls: list[int] = []
-    real = warmup.segment
+    real = getattr(module, name)
 
     def counting(*args, **kwargs):
         calls.append(1)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(warmup, "segment", counting)
+    monkeypatch.setattr(module, name, counting)
+    return calls
+
+
+def test_warm_up_runs_once_and_is_thread_safe(monkeypatch):
+    monkeypatch.setattr(warmup, "_done", {})
+    calls = _count_calls(monkeypatch, warmup, "segment")
     results: list[float] = []
     threads = [threading.Thread(target=lambda: results.append(warmup.warm_up("cpu"))) for _ in range(3)]
     for t in threads:
@@ -63,14 +69,7 @@ def test_training_warm_up_runs_once_and_keeps_the_random_state(monkeypatch):
     from napari_octreenca.run import training
 
     monkeypatch.setattr(warmup, "_done", {})
-    calls: list[int] = []
-    real = training.train
-
-    def counting(*args, **kwargs):
-        calls.append(1)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(training, "train", counting)
+    calls = _count_calls(monkeypatch, training, "train")
     torch.manual_seed(7)
     expected = torch.rand(3)
     torch.manual_seed(7)
