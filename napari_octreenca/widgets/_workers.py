@@ -136,6 +136,16 @@ class Job:
         self.started = time.monotonic()
         self.worker.start()
 
+    def prepare_callback(self, throttle: Throttle) -> Callable[[dict[str, Any]], None]:
+        """The engine's ``prepare_callback`` (a derived channel's frame k of T) as throttled
+        ``relay.progress`` signals; the last frame always goes through."""
+
+        def on_prepare(p: dict[str, Any]) -> None:
+            if throttle(force=p["frame"] == p["frames"]):
+                self.relay.progress.emit(dict(p))
+
+        return on_prepare
+
     def request_cancel(self) -> None:
         """Ask the engine to stop; it raises ``Cancelled`` within one step."""
         self.cancel.set()

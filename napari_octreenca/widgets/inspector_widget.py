@@ -488,13 +488,16 @@ class InspectorWidget(DockContainer):
             def on_frame(frame: Frame) -> None:
                 job.relay.frame.emit(frame)
 
-            def on_prepare(p: dict[str, Any]) -> None:  # a motion channel, before the first step
-                if throttle(force=p["frame"] == p["frames"]):
-                    job.relay.progress.emit(dict(p))
-
             # Without live mode the frames (small copies) still drive the progress bar.
             rec = NCARecorder(plan, on_frame=on_frame, throttle=interval)
-            seg = execute(model, run_plan, src.array, callback=rec, cancel=job.cancel, prepare_callback=on_prepare)
+            seg = execute(
+                model,
+                run_plan,
+                src.array,
+                callback=rec,
+                cancel=job.cancel,
+                prepare_callback=job.prepare_callback(throttle),
+            )
             # The layers' data is made here, off the GUI thread (on it, it took 0.3-0.5 s).
             return rec.recording, seg, _result_layers(rec.recording, seg, src, scale, translate, grid, channel)
 

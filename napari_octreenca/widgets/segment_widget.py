@@ -376,10 +376,6 @@ def _run(job: Job, src: Any, settings: dict[str, Any]) -> tuple[Any, dict[str, A
     def on_tile(p: dict[str, Any]) -> None:
         job.relay.progress.emit(dict(p))
 
-    def on_prepare(p: dict[str, Any]) -> None:
-        if throttle(force=p["frame"] == p["frames"]):
-            job.relay.progress.emit(dict(p))
-
     options = RunOptions(
         device=device,
         dtype=settings["precision"],
@@ -397,7 +393,7 @@ def _run(job: Job, src: Any, settings: dict[str, Any]) -> tuple[Any, dict[str, A
         tile_callback=on_tile,
         cancel=job.cancel,
         notice=job.relay.notice.emit,
-        prepare_callback=on_prepare,
+        prepare_callback=job.prepare_callback(throttle),
     )
     seconds = time.perf_counter() - t0
     retried = bool(seg.record.get("retried_tiled_after_oom", False))
