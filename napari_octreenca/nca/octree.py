@@ -42,7 +42,8 @@ def upsample(x: torch.Tensor, factor: tuple[int, ...], size: tuple[int, ...]) ->
     for ax, (f, n) in enumerate(zip(factor, size)):
         if f != 1:
             x = x.repeat_interleave(f, dim=2 + ax)
-        x = x.narrow(2 + ax, 0, n)
+        if n < x.shape[2 + ax]:  # a no-op narrow would still cost its backward a full-size zero fill
+            x = x.narrow(2 + ax, 0, n)
     return x.contiguous()
 
 
@@ -176,7 +177,8 @@ def upsample_raw(x: torch.Tensor, factor: tuple[int, ...]) -> torch.Tensor:
 
 def _crop(x: torch.Tensor, start: tuple[int, ...], size: tuple[int, ...]) -> torch.Tensor:
     for ax, (s, n) in enumerate(zip(start, size)):
-        x = x.narrow(2 + ax, s, n)
+        if s or n < x.shape[2 + ax]:  # as in upsample: no no-op narrows in the graph
+            x = x.narrow(2 + ax, s, n)
     return x
 
 
