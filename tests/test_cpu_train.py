@@ -219,17 +219,67 @@ def test_training_scripts_use_the_fused_step(monkeypatch, tmp_path) -> None:
     assert model.config.provenance["train_step"] == "cpu-fused"
 
 
-def test_weight_gradient_dot_every_block_shape() -> None:
-    """The tiles' weight-gradient product (4 x 4 blocks, then 4 x 2, then single rows and columns)
-    equals a float64 product over the first kn cells for every remainder of rows and columns."""
+def test_tile_view_moves_a_partial_tile_into_a_contiguous_block() -> None:
+    """The BLAS tiles: the first kn cells of every row of a (rows, _TILE) buffer become one
+    contiguous (rows, kn) array with the same values, for every kn (a full tile stays put)."""
     import numpy as np
 
+    from napari_octreenca.backends import cpu_fused
+
     rng = np.random.default_rng(1)
-    for ra in range(1, 10):
-        for rb in range(1, 10):
-            a = rng.standard_normal((ra, 40)).astype(np.float32)
-            b = rng.standard_normal((rb, 40)).astype(np.float32)
-            acc = rng.standard_normal((ra, rb)).astype(np.float32)
-            want = acc.astype(np.float64) + a[:, :33].astype(np.float64) @ b[:, :33].T.astype(np.float64)
-            cpu_train._dot_rows(acc, a, b, 33)
-            assert np.allclose(acc, want, rtol=1e-5, atol=1e-5), (ra, rb)
+    for kn in (1, 2, 7, 100, cpu_fused._TILE - 1, cpu_fused._TILE):
+        buf = rng.standard_normal((33, cpu_fused._TILE)).astype(np.float32)
+        want = buf[:, :kn].copy()
+        view = cpu_fused._tile_view(buf, kn)
+        assert view.shape == (33, kn) and view.flags.c_contiguous
+        assert np.shares_memory(view, buf)
+        np.testing.assert_array_equal(view, want)
+
+
+def test_blas_runs_one_thread_inside_the_kernels_and_the_setting_comes_back() -> None:
+    """The training kernels call BLAS from numba's workers: one BLAS thread while they run, the
+    user's setting afterwards (a multi-threaded OpenBLAS under numba's workers oversubscribes
+    the cores, or under OpenMP warns that it may hang)."""
+    from threadpoolctl import threadpool_info
+
+    from napari_octreenca.backends import blas_threads
+
+    def blas_threads_now() -> list[int]:
+        return [int(i["num_threads"]) for i in threadpool_info() if i["user_api"] == "blas"]
+
+    with blas_threads.single_threaded():
+        inside = blas_threads_now()
+    if not inside:
+        pytest.skip("threadpoolctl finds no BLAS library to limit here (numba's np.dot binds scipy's)")
+    assert set(inside) == {1}
+    before = blas_threads_now()
+    with blas_threads.single_threaded():
+        pass
+    assert blas_threads_now() == before
+
+
+def test_gradients_do_not_depend_on_the_thread_count() -> None:
+    """Bitwise the same gradients with 1 and 2 numba threads (fixed chunks of rows, BLAS tiles
+    made of the same cells), 3D with the training patch scheme."""
+    import numba
+
+    cfg = preset("radiology", steps=(3, 3, 2, 2, 4))
+    results = []
+    previous = numba.get_num_threads()
+    try:
+        for threads in (1, min(2, numba.config.NUMBA_NUM_THREADS)):
+            numba.set_num_threads(threads)
+            torch.manual_seed(0)
+            model = OctreeNCA(cfg)
+            _randomise(model, 3)
+            image = torch.randn((2, cfg.input_channels, 20, 18, 12), generator=torch.Generator().manual_seed(4))
+            gen = torch.Generator().manual_seed(5)
+            logits, _ = model.forward_train(
+                image, [7, 8], patch_size=(8, 8, 6), generator=gen, level_steps=cpu_train.run_level_fused
+            )
+            logits.square().mean().backward()
+            results.append([p.grad.clone() for p in model.parameters()])
+    finally:
+        numba.set_num_threads(previous)
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
