@@ -144,14 +144,14 @@ if numba is not None:
             h0, h1, h2, h3 = w[r + 7, i], w[r + 7, i + 1], w[r + 7, i + 2], w[r + 7, i + 3]
             for k in range(kn):
                 v0, v1, v2, v3 = x0[k], x1[k], x2[k], x3[k]
-                o0[k] += (a0 * v0 + a1 * v1) + (a2 * v2 + a3 * v3)
-                o1[k] += (b0 * v0 + b1 * v1) + (b2 * v2 + b3 * v3)
-                o2[k] += (c0 * v0 + c1 * v1) + (c2 * v2 + c3 * v3)
-                o3[k] += (d0 * v0 + d1 * v1) + (d2 * v2 + d3 * v3)
-                o4[k] += (e0 * v0 + e1 * v1) + (e2 * v2 + e3 * v3)
-                o5[k] += (f0 * v0 + f1 * v1) + (f2 * v2 + f3 * v3)
-                o6[k] += (g0 * v0 + g1 * v1) + (g2 * v2 + g3 * v3)
-                o7[k] += (h0 * v0 + h1 * v1) + (h2 * v2 + h3 * v3)
+                o0[k] = o0[k] + a0 * v0 + a1 * v1 + a2 * v2 + a3 * v3
+                o1[k] = o1[k] + b0 * v0 + b1 * v1 + b2 * v2 + b3 * v3
+                o2[k] = o2[k] + c0 * v0 + c1 * v1 + c2 * v2 + c3 * v3
+                o3[k] = o3[k] + d0 * v0 + d1 * v1 + d2 * v2 + d3 * v3
+                o4[k] = o4[k] + e0 * v0 + e1 * v1 + e2 * v2 + e3 * v3
+                o5[k] = o5[k] + f0 * v0 + f1 * v1 + f2 * v2 + f3 * v3
+                o6[k] = o6[k] + g0 * v0 + g1 * v1 + g2 * v2 + g3 * v3
+                o7[k] = o7[k] + h0 * v0 + h1 * v1 + h2 * v2 + h3 * v3
             i += 4
         while i < n_in:
             x0 = x[i]
@@ -185,10 +185,10 @@ if numba is not None:
             d0, d1, d2, d3 = w[r + 3, i], w[r + 3, i + 1], w[r + 3, i + 2], w[r + 3, i + 3]
             for k in range(kn):
                 v0, v1, v2, v3 = x0[k], x1[k], x2[k], x3[k]
-                o0[k] += (a0 * v0 + a1 * v1) + (a2 * v2 + a3 * v3)
-                o1[k] += (b0 * v0 + b1 * v1) + (b2 * v2 + b3 * v3)
-                o2[k] += (c0 * v0 + c1 * v1) + (c2 * v2 + c3 * v3)
-                o3[k] += (d0 * v0 + d1 * v1) + (d2 * v2 + d3 * v3)
+                o0[k] = o0[k] + a0 * v0 + a1 * v1 + a2 * v2 + a3 * v3
+                o1[k] = o1[k] + b0 * v0 + b1 * v1 + b2 * v2 + b3 * v3
+                o2[k] = o2[k] + c0 * v0 + c1 * v1 + c2 * v2 + c3 * v3
+                o3[k] = o3[k] + d0 * v0 + d1 * v1 + d2 * v2 + d3 * v3
             i += 4
         while i < n_in:
             x0 = x[i]
@@ -211,7 +211,7 @@ if numba is not None:
             x0, x1, x2, x3 = x[i], x[i + 1], x[i + 2], x[i + 3]
             a0, a1, a2, a3 = w[r, i], w[r, i + 1], w[r, i + 2], w[r, i + 3]
             for k in range(kn):
-                o0[k] += (a0 * x0[k] + a1 * x1[k]) + (a2 * x2[k] + a3 * x3[k])
+                o0[k] = o0[k] + a0 * x0[k] + a1 * x1[k] + a2 * x2[k] + a3 * x3[k]
             i += 4
         while i < n_in:
             a0 = w[r, i]
@@ -225,10 +225,13 @@ if numba is not None:
         """out[r, :kn] += sum_i w[r, i] * x[i, :kn] for every row r (out and x cells innermost).
 
         Blocked 8 output rows x 4 inputs: 32 FMAs per 4 loaded and 8 stored cell vectors, the
-        32 weights in registers. Compiled without reassociation: with it LLVM turned each
-        row's sum into one chain of dependent FMAs, and the loop waited on FMA latency (a 2 x 8
-        block ran at 36-46 GFMA/s on a core, this one at 65-74; tried: 2 x 8, 4 x 4, 4 x 8,
-        6 x 4, 8 x 2). Rows left over go by 4, then one at a time.
+        32 weights in registers. Compiled without reassociation, so the sums keep the written
+        order: each output adds its four products one after another, four FMAs a cell (the
+        tree (a0 v0 + a1 v1) + (a2 v2 + a3 v3) took six instructions: inference 3-6 % slower on
+        an AVX-512 Xeon); eight rows and the vector's cells are independent chains, so the FMA
+        units do not wait on each other. With reassociation LLVM chained all of a 2 x 8 block's
+        products and the loop waited on FMA latency (36-46 GFMA/s a core against 65-74; tried:
+        2 x 8, 4 x 4, 4 x 8, 6 x 4, 8 x 2). Rows left over go by 4, then one at a time.
         """
         rows = out.shape[0]
         r = 0
