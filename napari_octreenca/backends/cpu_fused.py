@@ -565,7 +565,7 @@ if numba is not None:
         in place; firing cells of consecutive rows of a chunk share the fc0/fc1 tiles (short rows
         of coarse levels and 3D blocks fill them too) and the update is added to ``out`` when a
         tile is full. bfloat16: the rows a run reads are widened once into a small buffer, the
-        run's rows share tiles too (a tile per row had been 24 % of a 3D run's time at 128^3),
+        run's rows share tiles too (a tile per row made 128^3 bf16 runs 1.3x as long),
         and a row is rounded and stored once all its cells' updates are in. ``blas`` (float32
         only; training's forward) runs the tiles' fc0/fc1 through :func:`_mlp_tile_blas`.
         """
