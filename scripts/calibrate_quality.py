@@ -27,6 +27,15 @@ Cases (all installed by scripts/setup.sh, except the DAVIS frame from ../shared/
   Test (scored and stored, never used for the thresholds): the ITK subject's head scan, the same
   skull-stripped (Dice about 0.5: a confident failure) and with inverted contrast.
 
+- davis_video: the spread (one-sided, as for brain_mri; the largest good score where no failing one
+  lies above it) and a coverage floor (``min_fraction``: the
+  geometric mean of the smallest good coverage and the largest failing one below it; on DAVIS every
+  clip holds the object, so a result with almost nothing labelled is a miss). Good = the first 40
+  frames of each of the 11 training sequences (no other annotated clips are available); failing = a
+  still clip (a training frame repeated: nothing moves), training frames in shuffled order, Colin27
+  MRI slices as frames and a panned H&E section (other modalities). Test (sets nothing): the first 40
+  frames of the 3 held-out sequences and of the validation sequence, from ../shared/data/davis2016.
+
 Groups other than good and failing ("measured", "test") are scored and stored but set nothing.
 """
 
@@ -134,6 +143,42 @@ def _skin_stack() -> tuple[np.ndarray, tuple[float, ...], str]:
     return np.repeat(grey[None], 40, 0), (3.0, 3.0, 3.0), "ZYX"
 
 
+#: Frames of each DAVIS clip the video calibration segments (whole sequences take 2-3 times as long).
+DAVIS_FRAMES = 40
+DAVIS_TRAINING = (
+    "bmx-trees breakdance cows drift-chicane drift-straight goat horsejump-high motocross-jump "
+    "paragliding-launch scooter-black soapbox"
+).split()
+
+
+def _davis(name: str, still: bool = False, shuffled: bool = False) -> Case:
+    """The first DAVIS_FRAMES frames of a DAVIS 2016 sequence; ``still``: its first frame repeated
+    (nothing moves), ``shuffled``: in a fixed random order (the motion is meaningless)."""
+
+    def load() -> tuple[np.ndarray, tuple[float, ...], str]:
+        from napari_octreenca.data_sources import davis_sequence
+
+        frames = davis_sequence(DAVIS, name)[0][:DAVIS_FRAMES]
+        if still:
+            frames = np.repeat(frames[:1], len(frames), 0)
+        if shuffled:
+            frames = frames[np.random.default_rng(0).permutation(len(frames))]
+        return np.ascontiguousarray(frames), (1.0, 1.0, 1.0), "TYXC"
+
+    return load
+
+
+def _mri_clip() -> tuple[np.ndarray, tuple[float, ...], str]:
+    t1, _ = load_nifti_zyx(MRICRON / "ch2.nii.gz")
+    clip = (t1[40:160:3] / t1.max() * 255).astype(np.uint8)  # 40 axial slices, bottom to top
+    return np.repeat(clip[..., None], 3, -1), (1.0, 1.0, 1.0), "TYXC"
+
+
+def _skin_pan() -> tuple[np.ndarray, tuple[float, ...], str]:
+    img, _ = skin_sample()
+    return np.stack([img[:480, 8 * i : 8 * i + 854] for i in range(DAVIS_FRAMES)]), (1.0, 1.0, 1.0), "TYXC"
+
+
 CASES: dict[str, dict[str, dict[str, Case]]] = {
     "he_epidermis": {
         "good": {
@@ -171,6 +216,29 @@ CASES: dict[str, dict[str, dict[str, Case]]] = {
     },
 }
 
+CASES["davis_video"] = {
+    "good": {f"{n}, first {DAVIS_FRAMES} frames (training sequence)": _davis(n) for n in DAVIS_TRAINING},
+    "failing": {
+        "cows, first frame repeated (nothing moves)": _davis("cows", still=True),
+        "cows, frames shuffled": _davis("cows", shuffled=True),
+        "goat, frames shuffled": _davis("goat", shuffled=True),
+        "Colin27 MRI axial slices as frames": _mri_clip,
+        "H&E skin section panned (a camera moving over a slide)": _skin_pan,
+    },
+    "test": {
+        f"{n}, first {DAVIS_FRAMES} frames ({why})": _davis(n)
+        for n, why in (
+            ("blackswan", "held out"),
+            ("car-roundabout", "held out"),
+            ("dance-twirl", "held out"),
+            ("libby", "validation"),
+        )
+    },
+}
+
+#: Models whose estimate has a coverage floor besides the spread (``min_fraction``; see ``_floor``).
+FLOOR = {"davis_video"}
+
 #: Models whose estimate also compares the result with a classical baseline (``quality.baseline_agreement``).
 AGREEMENT: dict[str, dict[str, str]] = {"brain_mri": {"baseline": "otsu-brain", "label": "brain"}}
 
@@ -182,13 +250,17 @@ def measure(model: Any, case: Case, runs: int) -> dict[str, Any]:
     return dict(seg.quality)
 
 
-def _flags(q: dict[str, Any], threshold: float, agree_at: float | None, max_fraction: float) -> list[str]:
+def _flags(
+    q: dict[str, Any], threshold: float, agree_at: float | None, max_fraction: float, min_fraction: float | None = None
+) -> list[str]:
     """Which checks flag a measured case under the calibrated thresholds (the rules of ``quality.assess``)."""
     out = []
     if not q["segmented"]:
         out.append("nothing segmented")
     elif max(q["coverage"].values()) > max_fraction:
         out.append("coverage")
+    elif min_fraction is not None and max(q["coverage"].values()) < min_fraction:
+        out.append("almost nothing segmented")
     else:
         if q["score"] > threshold:
             out.append("spread")
@@ -216,6 +288,17 @@ def _thresholds(measured: dict[str, dict[str, dict[str, Any]]], two_signals: boo
     return spread_t, agree_t
 
 
+def _floor(measured: dict[str, dict[str, dict[str, Any]]]) -> float:
+    """The coverage floor: the geometric mean of the smallest good coverage and the largest failing
+    coverage below it (an error if no failing case lies below every good one)."""
+    good = [max(q["coverage"].values()) for q in measured["good"].values() if q["segmented"]]
+    below = [max(q["coverage"].values()) for q in measured["failing"].values() if q["segmented"]]
+    below = [c for c in below if c < min(good)]
+    if not below:
+        raise SystemExit("no failing case covers less than every good one: a coverage floor separates none")
+    return float(np.sqrt(min(good) * max(max(below), 1e-6)))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("cases", choices=sorted(CASES))
@@ -237,17 +320,62 @@ def main() -> None:
             agree = "" if not q.get("agreement") else f"  agreement {min(q['agreement'].values()):.3f}"
             empty = "" if q["segmented"] else "  (nothing segmented)"
             print(f"{group:8s} {q['score']:.5f}{agree}  {name}{empty}", flush=True)
-    spread_t, agree_t = _thresholds(measured, agreement is not None)
-    spread_t = round(spread_t, 5)
-    agree_t = None if agree_t is None else round(agree_t, 3)
-    print(f"threshold {spread_t}" + ("" if agree_t is None else f", agreement threshold {agree_t}"), flush=True)
-    entry = _entry(measured, spread_t, agree_t, agreement, args.runs)
+    if args.cases in FLOOR:
+        floor = round(_floor(measured), 5)
+        good_s = [q["score"] for q in measured["good"].values()]
+        try:
+            spread_t, _ = one_sided_threshold(
+                good_s, [q["score"] for q in measured["failing"].values() if q["segmented"]], flag_above=True
+            )
+        except ValueError:  # no failing score above the good ones: the spread only flags what no good result had
+            spread_t = max(good_s)
+        spread_t = round(spread_t, 5)
+        print(f"threshold {spread_t}, coverage floor {floor}", flush=True)
+        entry = _floor_entry(measured, spread_t, floor, args.runs)
+    else:
+        spread_t, agree_t = _thresholds(measured, agreement is not None)
+        spread_t = round(spread_t, 5)
+        agree_t = None if agree_t is None else round(agree_t, 3)
+        print(f"threshold {spread_t}" + ("" if agree_t is None else f", agreement threshold {agree_t}"), flush=True)
+        entry = _entry(measured, spread_t, agree_t, agreement, args.runs)
     print(json.dumps(entry, indent=1))
     if args.dry_run:
         return
     prov = dict(model.config.provenance, quality=entry)
     model.config = model.config.replace(provenance=prov)
     save_model(model, args.model, extra=read_extra(args.model))
+
+
+def _floor_entry(
+    measured: dict[str, dict[str, dict[str, Any]]], spread_t: float, floor: float, runs: int
+) -> dict[str, Any]:
+    """The ``quality`` entry of a model checked by the spread and a coverage floor."""
+    calibrated_on = {
+        g: {
+            n: {
+                "score": round(q["score"], 5),
+                "coverage": round(max(q["coverage"].values()), 4),
+                "flagged_by": _flags(q, spread_t, None, DEFAULT_MAX_FRACTION, floor),
+            }
+            for n, q in c.items()
+        }
+        for g, c in measured.items()
+    }
+    return {
+        "threshold": spread_t,
+        "metric": "mean over voxels of the std of sigmoid(logit) between runs",
+        "runs": runs,
+        "seeds_from": 0,
+        "min_fraction": floor,
+        "calibrated_on": calibrated_on,
+        "rule": (
+            "spread: half-way between the largest good score and the nearest failing score above it, or the largest "
+            "good score where no failing score is above it; coverage floor: the geometric mean of the smallest good "
+            "coverage and the largest failing coverage below it; a result is flagged when either fires"
+        ),
+        "missed": [n for n, v in calibrated_on["failing"].items() if not v["flagged_by"]],
+        "nothing_segmented": [n for c in measured.values() for n, q in c.items() if not q["segmented"]],
+    }
 
 
 def _entry(

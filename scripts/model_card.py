@@ -204,6 +204,8 @@ def _quality_section(cfg: Any) -> list[str]:
         ]
     if q.get("agreement"):
         return _quality_two_signals(q)
+    if q.get("min_fraction") is not None:
+        return _quality_floor(q)
     lines = [
         "## Quality estimate",
         "",
@@ -228,6 +230,41 @@ def _quality_section(cfg: Any) -> list[str]:
         f"A label covering more than {q.get('max_fraction', 0.9):.0%} of the image is flagged as implausible as "
         "well (the spread cannot see a model that labels everything and is sure of it), and so is a result "
         "with nothing segmented.",
+    ]
+    return lines + [""]
+
+
+def _quality_floor(q: dict[str, Any]) -> list[str]:
+    """The quality section of a model checked by the spread and a coverage floor."""
+    lines = [
+        "## Quality estimate",
+        "",
+        f"Every segmentation with 2 or more runs ({q['runs']} by default, seeds from {q['seeds_from']}) is "
+        "flagged as unreliable when either check fires:",
+        "",
+        f"- the spread, {q['metric']}: flagged above **{q['threshold']}**;",
+        f"- the coverage: flagged when the object covers less than **{q['min_fraction']:.2%}** of the clip "
+        "(every good result measured covers more; a clip where nothing moves gets a confident, almost empty "
+        "result that the spread cannot see).",
+        "",
+        f"Thresholds: {q['rule']}. Measured on these inputs (the test group sets nothing; "
+        "`python scripts/calibrate_quality.py davis_video models/davis_video.safetensors` reproduces them):",
+        "",
+        "| group | input | spread | coverage | flagged by |",
+        "|---|---|---|---|---|",
+    ]
+    for group, cases in q["calibrated_on"].items():
+        for name, v in cases.items():
+            lines.append(
+                f"| {group} | {name} | {v['score']:.4f} | {v['coverage']:.2%} | {', '.join(v['flagged_by']) or '-'} |"
+            )
+    missed = q.get("missed") or []
+    lines += [
+        "",
+        "Failing calibration inputs that neither check flags: " + (", ".join(missed) if missed else "none") + ".",
+        "",
+        f"A label covering more than {q.get('max_fraction', 0.9):.0%} of the image is flagged as implausible as "
+        "well, and so is a result with nothing segmented.",
     ]
     return lines + [""]
 

@@ -44,3 +44,27 @@ def test_davis_held_out_J_matches_card(shared_data) -> None:
     close_to_card(float(np.mean([_iou(p, t) for p, t in zip(pred, masks > 0)])), clip["J"])
     stab = float(np.mean([_iou(pred[i], pred[i + 1]) for i in range(len(pred) - 1)]))
     close_to_card(stab, clip["consecutive_iou_pred"])
+
+
+def test_davis_quality_reproduces_its_calibration(shared_data) -> None:
+    """The calibrated estimate (spread and coverage floor, scripts/calibrate_quality.py) as the card
+    stores it: a still clip (a frame repeated: nothing moves) gets a confident, almost empty result
+    that only the coverage floor flags; a held-out sequence's first frames are not flagged."""
+    from napari_octreenca.run.quality import model_calibration
+
+    model, _ = check_file_and_card("davis_video", "surgery")
+    cal = model_calibration(model.config)
+    assert cal is not None and cal["min_fraction"] > 0 and "threshold" in cal
+    for name, still, key in (
+        ("cows", True, ("failing", "cows, first frame repeated (nothing moves)")),
+        ("blackswan", False, ("test", "blackswan, first 40 frames (held out)")),
+    ):
+        frames = davis_sequence(shared_data / "davis2016", name)[0][:40]
+        if still:
+            frames = np.repeat(frames[:1], len(frames), 0)
+        q = segment_at_model_spacing(model, frames, (1.0, 1.0, 1.0), axes="TYXC", runs=3, seed=0).quality
+        stored = cal["calibrated_on"][key[0]][key[1]]
+        assert abs(q["score"] - stored["score"]) < 1e-3
+        assert q["flagged"] == bool(stored["flagged_by"]) == still, q["verdict"]
+        if still:
+            assert q["verdict"].startswith("almost nothing was segmented")

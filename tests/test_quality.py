@@ -48,6 +48,19 @@ def test_a_label_covering_almost_everything_is_flagged() -> None:
     assert assess([half] * 3, ("epidermis",), {"threshold": 0.01, "max_fraction": 0.4}).flagged
 
 
+def test_a_calibrated_coverage_floor_flags_almost_nothing_segmented() -> None:
+    """A model whose every good result covers a good share of the image (the video model: there is
+    always an object) may set min_fraction: a result below it is flagged, with the share in the
+    verdict; without the entry nothing changes."""
+    one = torch.full((1, 20, 20), -4.0)
+    one[:, 0, 0] = 4.0  # one voxel of 400, and the runs agree on it
+    q = assess([one] * 3, ("object",), {"threshold": 0.01, "min_fraction": 0.005})
+    assert q.segmented and q.flagged and q.min_fraction == 0.005
+    assert q.verdict.startswith("almost nothing was segmented: object covers 0.25%")
+    assert not assess([one] * 3, ("object",), {"threshold": 0.01}).flagged
+    assert not assess([one] * 3, ("object",), {"threshold": 0.01, "min_fraction": 0.002}).flagged
+
+
 def test_nothing_segmented_is_flagged_and_default_threshold_is_said() -> None:
     q = assess([torch.full((1, 4, 4), -5.0)] * 2, ("brain",), None)
     assert q.flagged and not q.segmented and "nothing was segmented" in q.verdict

@@ -18,6 +18,10 @@ check as well: on another modality the bundled models tend to label (almost) the
 little spread (the H&E model on MRI slices: 99-100 % labelled, score 0.006-0.009). A label that
 covers more than ``max_fraction`` of the image (default :data:`DEFAULT_MAX_FRACTION`) is flagged
 too: none of the bundled tasks looks like that.
+The opposite, a result with almost nothing labelled, is a failure where every input holds the
+object (the video model on a clip where nothing moves labels a few voxels, confidently): a model's
+calibration may set ``min_fraction``, and a result whose largest label covers less of the image is
+flagged as well.
 A model file may carry a ``quality`` entry in its provenance: the
 ``threshold`` above which results are flagged, measured on held-out data of good and failing
 segmentations (``calibrated_on`` says which); other models use :data:`DEFAULT_THRESHOLD`.
@@ -67,6 +71,8 @@ class Quality:
     agreement: dict[str, float] | None = None
     agreement_threshold: float | None = None
     baseline: str | None = None  # the baseline compared with (e.g. "otsu-brain")
+    #: Smallest share of the image the largest label must cover (None: no such check for this model).
+    min_fraction: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -111,6 +117,7 @@ def _verdict(
     cover: dict[str, float],
     max_fraction: float,
     check: Agreement | None = None,
+    min_fraction: float | None = None,
 ) -> tuple[bool, str]:
     if not segmented:
         return True, "nothing was segmented: the model found none of its classes here (wrong model or input?)"
@@ -119,6 +126,12 @@ def _verdict(
         return True, (
             f"implausible: {widest} covers {cover[widest]:.0%} of the image; the input is probably not "
             "what the model was trained on (another modality or stain?)"
+        )
+    if min_fraction is not None and cover[widest] < min_fraction:
+        return True, (
+            f"almost nothing was segmented: {widest} covers {cover[widest]:.2%} of the image (less than "
+            f"{min_fraction:.2%}, which every good result measured for this model exceeds); the model probably "
+            "missed what it looks for (for a video: does anything move?)"
         )
     note = "" if calibrated else " (threshold not calibrated for this model)"
     reasons = []
@@ -188,7 +201,11 @@ def assess(
     calibrated = bool(calibration and "threshold" in calibration)
     threshold = float(calibration["threshold"]) if calibrated else DEFAULT_THRESHOLD  # type: ignore[index]
     max_fraction = float((calibration or {}).get("max_fraction", DEFAULT_MAX_FRACTION))
-    flagged, verdict = _verdict(per[worst], threshold, calibrated, worst, segmented, cover, max_fraction, agreement)
+    floor = (calibration or {}).get("min_fraction")
+    min_fraction = None if floor is None else float(floor)
+    flagged, verdict = _verdict(
+        per[worst], threshold, calibrated, worst, segmented, cover, max_fraction, agreement, min_fraction
+    )
     return Quality(
         score=per[worst],
         per_label=per,
@@ -203,6 +220,7 @@ def assess(
         agreement=None if agreement is None else {agreement.label: agreement.dice},
         agreement_threshold=None if agreement is None else agreement.threshold,
         baseline=None if agreement is None else agreement.baseline,
+        min_fraction=min_fraction,
     )
 
 
