@@ -234,6 +234,19 @@ def _quality_section(cfg: Any) -> list[str]:
     return lines + [""]
 
 
+def _quality_tail(q: dict[str, Any], what: str) -> list[str]:
+    """The closing lines of a quality section with several checks: what they miss, the coverage rules."""
+    missed = q.get("missed") or []
+    return [
+        "",
+        f"Failing calibration inputs that neither {what} flags: " + (", ".join(missed) if missed else "none") + ".",
+        "",
+        f"A label covering more than {q.get('max_fraction', 0.9):.0%} of the image is flagged as implausible as "
+        "well, and so is a result with nothing segmented.",
+        "",
+    ]
+
+
 def _quality_floor(q: dict[str, Any]) -> list[str]:
     """The quality section of a model checked by the spread and a coverage floor."""
     lines = [
@@ -258,15 +271,7 @@ def _quality_floor(q: dict[str, Any]) -> list[str]:
             lines.append(
                 f"| {group} | {name} | {v['score']:.4f} | {v['coverage']:.2%} | {', '.join(v['flagged_by']) or '-'} |"
             )
-    missed = q.get("missed") or []
-    lines += [
-        "",
-        "Failing calibration inputs that neither check flags: " + (", ".join(missed) if missed else "none") + ".",
-        "",
-        f"A label covering more than {q.get('max_fraction', 0.9):.0%} of the image is flagged as implausible as "
-        "well, and so is a result with nothing segmented.",
-    ]
-    return lines + [""]
+    return lines + _quality_tail(q, "check")
 
 
 def _quality_two_signals(q: dict[str, Any]) -> list[str]:
@@ -294,15 +299,7 @@ def _quality_two_signals(q: dict[str, Any]) -> list[str]:
         for name, v in cases.items():
             agree = "-" if v["agreement"] is None else f"{v['agreement']:.3f}"
             lines.append(f"| {group} | {name} | {v['score']:.4f} | {agree} | {', '.join(v['flagged_by']) or '-'} |")
-    missed = q.get("missed") or []
-    lines += [
-        "",
-        "Failing calibration inputs that neither signal flags: " + (", ".join(missed) if missed else "none") + ".",
-        "",
-        f"A label covering more than {q.get('max_fraction', 0.9):.0%} of the image is flagged as implausible as "
-        "well, and so is a result with nothing segmented.",
-    ]
-    return lines + [""]
+    return lines + _quality_tail(q, "signal")
 
 
 def main() -> None:
