@@ -289,24 +289,24 @@ if numba is not None:
 
     @njit(cache=True, nogil=True)
     def _tile_view(buf, kn, keep=True):
-        """The first kn cells of each row of tile buffer buf (rows, _TILE) as one contiguous
+        """The first kn cells of each row of tile buffer buf (rows, width) as one contiguous
         (rows, kn) array in buf's memory, the layout BLAS takes; with ``keep`` the values are
-        moved there (row r from r * _TILE to r * kn; nothing moves for a full tile)."""
-        rows = buf.shape[0]
+        moved there (row r from r * width to r * kn; nothing moves for a full tile)."""
+        rows, width = buf.shape
         flat = buf.reshape(buf.size)
-        if keep and kn < buf.shape[1]:
+        if keep and kn < width:
             for r in range(1, rows):
                 for k in range(kn):  # forward copy: the destination never passes the source
-                    flat[r * kn + k] = flat[r * _TILE + k]
+                    flat[r * kn + k] = flat[r * width + k]
         return flat[: rows * kn].reshape((rows, kn))
 
     @njit(fastmath=_FASTMATH, cache=True, nogil=True)
     def _mlp_tile_blas(xv, w0, b0, w1, hv, dv):
         """dv = fc1 @ relu(fc0 @ xv + b0) for the tile's cells with BLAS (numba's np.dot calls the
-        sgemm of scipy's BLAS: 2.5x the rate of _accumulate on these shapes, 90-106 GFMA/s a core
-        on an AVX-512 Xeon). Its sums are ordered by the library's kernels and differ with the
-        tile width, so only training uses it (inference keeps bitwise tile-layout invariance);
-        the BLAS must be single-threaded (``blas.single_threaded``) inside numba's workers."""
+        sgemm of scipy's BLAS: 90-106 GFMA/s a core on an AVX-512 Xeon on these shapes, 2-3x
+        _accumulate). Its sums are ordered by the library's kernels and differ with the tile
+        width, so only training uses it (inference keeps bitwise tile-layout invariance); the
+        BLAS must be single-threaded (``blas_threads.single_threaded``) inside numba's workers."""
         np.dot(w0, xv, hv)
         for j in range(hv.shape[0]):
             hj = hv[j]
