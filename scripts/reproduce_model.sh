@@ -15,7 +15,8 @@ case "${1:-}" in
     "$PY" train_epidermis.py --out ../models/he_epidermis.safetensors --iterations 600 --batch 4 --crop 96 --seed 0
     "$PY" calibrate_quality.py he_epidermis ../models/he_epidermis.safetensors ;;
   davis_video)
-    "$PY" train_davis.py --out ../models/davis_video.safetensors --iterations 4000 --batch 2 --seed 1 --threads 2 --validation libby --features motion ;;
+    "$PY" train_davis.py --out ../models/davis_video.safetensors --iterations 4000 --batch 2 --seed 1 --threads 2 --validation libby --features motion
+    "$PY" calibrate_quality.py davis_video ../models/davis_video.safetensors ;;
   *) echo "usage: bash scripts/reproduce_model.sh brain_mri|he_epidermis|davis_video" >&2; exit 2 ;;
 esac
 "$PY" model_card.py "$1"
