@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -234,6 +235,16 @@ def _quality_section(cfg: Any) -> list[str]:
     return lines + [""]
 
 
+def _quality_table(q: dict[str, Any], column: str, cell: Callable[[dict[str, Any]], str]) -> list[str]:
+    """The table of calibration inputs of a section with several checks: spread, ``column`` (each
+    case's ``cell``) and which checks flag it."""
+    lines = [f"| group | input | spread | {column} | flagged by |", "|---|---|---|---|---|"]
+    for group, cases in q["calibrated_on"].items():
+        for name, v in cases.items():
+            lines.append(f"| {group} | {name} | {v['score']:.4f} | {cell(v)} | {', '.join(v['flagged_by']) or '-'} |")
+    return lines
+
+
 def _quality_tail(q: dict[str, Any], what: str) -> list[str]:
     """The closing lines of a quality section with several checks: what they miss, the coverage rules."""
     missed = q.get("missed") or []
@@ -263,15 +274,8 @@ def _quality_floor(q: dict[str, Any]) -> list[str]:
         f"Thresholds: {q['rule']}. Measured on these inputs (the test group sets nothing; "
         "`python scripts/calibrate_quality.py davis_video models/davis_video.safetensors` reproduces them):",
         "",
-        "| group | input | spread | coverage | flagged by |",
-        "|---|---|---|---|---|",
     ]
-    for group, cases in q["calibrated_on"].items():
-        for name, v in cases.items():
-            lines.append(
-                f"| {group} | {name} | {v['score']:.4f} | {v['coverage']:.2%} | {', '.join(v['flagged_by']) or '-'} |"
-            )
-    return lines + _quality_tail(q, "check")
+    return lines + _quality_table(q, "coverage", lambda v: f"{v['coverage']:.2%}") + _quality_tail(q, "check")
 
 
 def _quality_two_signals(q: dict[str, Any]) -> list[str]:
@@ -292,14 +296,9 @@ def _quality_two_signals(q: dict[str, Any]) -> list[str]:
         "test group is the held-out subject that the tests check and that sets nothing; "
         "`python scripts/calibrate_quality.py` reproduces them):",
         "",
-        "| group | input | spread | agreement | flagged by |",
-        "|---|---|---|---|---|",
     ]
-    for group, cases in q["calibrated_on"].items():
-        for name, v in cases.items():
-            agree = "-" if v["agreement"] is None else f"{v['agreement']:.3f}"
-            lines.append(f"| {group} | {name} | {v['score']:.4f} | {agree} | {', '.join(v['flagged_by']) or '-'} |")
-    return lines + _quality_tail(q, "signal")
+    agree = _quality_table(q, "agreement", lambda v: "-" if v["agreement"] is None else f"{v['agreement']:.3f}")
+    return lines + agree + _quality_tail(q, "signal")
 
 
 def main() -> None:

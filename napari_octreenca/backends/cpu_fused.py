@@ -647,7 +647,9 @@ if numba is not None:
                             for k in range(kn):
                                 pos_b[fill + k] = b
                                 pos_s[fill + k] = zy * nx + idx[j, k0 + k]
-                                pos_r[fill + k] = j * cu * nx + idx[j, k0 + k]
+                            if bf16:
+                                for k in range(kn):
+                                    pos_r[fill + k] = j * cu * nx + idx[j, k0 + k]
                             fill += kn
                             k0 += kn
                             if fill == _TILE:
