@@ -11,14 +11,17 @@ from __future__ import annotations
 import os
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 from napari.utils.notifications import show_error, show_info, show_warning
 from qtpy.QtCore import QObject, Signal
 from superqt.utils import create_worker
 
 from ..nca.errors import Cancelled
+from .shared import WARM_UP_LAYER
 
 _warm_up_threads: dict[str, threading.Thread] = {}
 
@@ -62,6 +65,88 @@ def warm_up_in_background(training: bool = False) -> threading.Thread:
         _warm_up_threads[what] = thread
         thread.start()
     return thread
+
+
+#: Environment variable that turns :func:`warm_up_layers` alone off ("0").
+WARM_UP_LAYERS_ENV = "NAPARI_OCTREENCA_WARM_UP_LAYERS"
+#: Viewers whose layer types are warm: weakly held, so a closed viewer is forgotten.
+_warm_viewers: weakref.WeakSet[Any] = weakref.WeakSet()
+
+
+def warm_up_layers(viewer: Any, owner: Any, on_done: Callable[[], Any] | None = None) -> bool:
+    """Show a tiny Image and Labels layer for a moment, once per viewer, when a dock opens.
+
+    napari pays for a layer type's first layer in a viewer: the first Labels layer took 140 ms to
+    make and add, the next ones 60 ms (Xvfb, software OpenGL), and that first one stalled the GUI
+    when a run's results arrived. Paid here, while the dock opens. The two layers (2x2, inside the current field of
+    view, named ``octreenca warm-up``) are removed after their first paint; the user's layer
+    selection is put back. Types the viewer already shows are skipped. Runs from the GUI thread
+    through a timer owned by ``owner`` (nothing runs once the dock is gone); off with
+    ``NAPARI_OCTREENCA_WARM_UP=0`` (or ``NAPARI_OCTREENCA_WARM_UP_LAYERS=0``, this part alone) and
+    for viewers without a window (``ViewerModel``). Returns
+    whether a warm-up was started; ``on_done()`` runs when it has finished (or at once).
+    """
+    from napari.layers import Image, Labels
+    from qtpy.QtCore import QTimer
+
+    def finish() -> None:
+        if on_done is not None:
+            on_done()
+
+    off = "0" in (os.environ.get(WARM_UP_ENV, "1"), os.environ.get(WARM_UP_LAYERS_ENV, "1"))
+    if off or getattr(viewer, "window", None) is None or viewer in _warm_viewers:
+        finish()
+        return False
+    _warm_viewers.add(viewer)
+    kinds = [k for k in (Image, Labels) if not any(type(ly) is k for ly in viewer.layers)]
+    if not kinds:
+        finish()
+        return False
+    added: list[Any] = []
+
+    def show() -> None:
+        sel = viewer.layers.selection
+        state = (set(sel), sel.active)
+        extent = np.asarray(viewer.layers.extent.world) if len(viewer.layers) else np.zeros((2, 2))
+        corner = tuple(float(v) for v in extent[0][-2:])  # inside the view: the dims' ranges stay
+        step = tuple(float(v) for v in (viewer.layers.extent.step[-2:] if len(viewer.layers) else (1.0, 1.0)))
+        meta = {WARM_UP_LAYER: True}
+        for k in kinds:
+            data = np.zeros((2, 2), np.uint8 if k is Labels else np.float32)
+            layer = k(data, name="octreenca warm-up", scale=step, translate=corner, metadata=meta)
+            layer.opacity = 0.0  # drawn (shaders compiled), not seen
+            viewer.layers.append(layer)
+            added.append(layer)
+        sel.clear()
+        sel.update(state[0])
+        sel.active = state[1]
+        timer.timeout.disconnect()
+        timer.timeout.connect(hide)
+        timer.start(WARM_UP_PAINT_MS)  # after the canvas's next paint
+
+    def hide() -> None:
+        sel = viewer.layers.selection
+        state = (set(sel), sel.active)
+        with viewer.layers.batched_update():
+            for layer in added:
+                if layer in viewer.layers:
+                    viewer.layers.remove(layer)
+        sel.clear()
+        sel.update(state[0] - set(added))
+        if state[1] not in added:
+            sel.active = state[1]
+        timer.deleteLater()
+        finish()
+
+    timer = QTimer(owner)  # dies with the dock
+    timer.setSingleShot(True)
+    timer.timeout.connect(show)
+    timer.start(0)  # once the dock is in the window
+    return True
+
+
+#: Milliseconds the warm-up layers stay: long enough for the canvas to paint them once.
+WARM_UP_PAINT_MS = 60
 
 
 class Relay(QObject):

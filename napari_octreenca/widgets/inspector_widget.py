@@ -37,7 +37,7 @@ from ._devices import list_devices
 from ._layers import layer_input, output_layers
 from ._models import CATALOG, follow_catalog
 from ._settings import plugin_setting
-from ._workers import Job, Throttle, warm_up_in_background
+from ._workers import Job, Throttle, warm_up_in_background, warm_up_layers
 from .qt_helpers import DockContainer, ElidedLabel, advanced_group, on_dock_closed
 from .shared import config_of as _config_of
 from .shared import free_prefix, image_layer_choices, place_layers, remove_layers, update_layer
@@ -355,6 +355,7 @@ class InspectorWidget(DockContainer):
         on_dock_closed(self, self.request_cancel)
         follow_catalog(self, self.model.reset_choices)
         warm_up_in_background()  # the first run then does not stall the GUI loading kernels
+        warm_up_layers(self.viewer, self.native)  # and napari shows its first layers without a stall
         ev = self.viewer.layers.events
         for e in (ev.inserted, ev.removed, ev.reordered):
             e.connect(self._layers_changed)

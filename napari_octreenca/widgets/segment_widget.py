@@ -24,7 +24,7 @@ from ._devices import list_devices
 from ._layers import layer_input, output_layers
 from ._models import CATALOG, follow_catalog
 from ._settings import plugin_setting
-from ._workers import Job, Throttle, warm_up_in_background
+from ._workers import Job, Throttle, warm_up_in_background, warm_up_layers
 from .qt_helpers import DockContainer, ElidedLabel, advanced_group, on_dock_closed
 from .shared import config_of as _config_of
 from .shared import free_prefix, image_layer_choices, place_layers
@@ -143,6 +143,7 @@ class SegmentWidget(DockContainer):
         on_dock_closed(self, self.request_cancel)
         follow_catalog(self, self._models_changed)
         warm_up_in_background()  # the first run then does not stall the GUI loading kernels
+        warm_up_layers(self.viewer, self.native)  # and napari shows its first layers without a stall
         events = self.viewer.layers.events
         for ev in (events.inserted, events.removed, events.reordered):
             ev.connect(self._layers_changed)

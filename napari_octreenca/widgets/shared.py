@@ -14,19 +14,22 @@ from ._models import CATALOG
 
 LayerData = tuple[Any, dict[str, Any], str]
 
+#: Metadata key of the docks' short-lived warm-up layers (``_workers.warm_up_layers``): never offered.
+WARM_UP_LAYER = "octreenca_warm_up"
+
 
 def image_layer_choices(viewer: Any) -> list[tuple[str, Any]]:
     """(name, layer) of every Image layer of ``viewer``."""
     from napari.layers import Image
 
-    return [(ly.name, ly) for ly in viewer.layers if isinstance(ly, Image)]
+    return [(ly.name, ly) for ly in viewer.layers if isinstance(ly, Image) and WARM_UP_LAYER not in ly.metadata]
 
 
 def labels_layer_choices(viewer: Any) -> list[tuple[str, Any]]:
     """(name, layer) of every Labels layer of ``viewer``."""
     from napari.layers import Labels
 
-    return [(ly.name, ly) for ly in viewer.layers if isinstance(ly, Labels)]
+    return [(ly.name, ly) for ly in viewer.layers if isinstance(ly, Labels) and WARM_UP_LAYER not in ly.metadata]
 
 
 def config_of(name: str) -> Any:
@@ -203,7 +206,8 @@ def _run_per_turn(actions: list[Any], owner: Any, on_placed: Any) -> None:
                 on_placed()
 
     timer.timeout.connect(step)
-    step()  # the first now: the caller sees the first layer at once
+    # The first one too after a turn: the run's end (its last frame, the dock's status) is painted
+    # before the first new layer is made (together they stalled the GUI 150 ms on a first run).
     timer.start()
 
 

@@ -18,7 +18,7 @@ from magicgui.widgets import ComboBox, FileEdit, FloatSpinBox, ProgressBar, Push
 from ..nca.config import PRESETS, ModelConfig, preset
 from ._devices import list_devices
 from ._models import CATALOG, follow_catalog
-from ._workers import Job, Throttle, warm_up_in_background
+from ._workers import Job, Throttle, warm_up_in_background, warm_up_layers
 from .qt_helpers import DockContainer, ElidedLabel, advanced_group, on_dock_closed
 from .shared import image_layer_choices, labels_layer_choices
 
@@ -172,6 +172,7 @@ class TrainingWidget(DockContainer):
         on_dock_closed(self, self.request_cancel)
         follow_catalog(self, self.start_from.reset_choices)
         warm_up_in_background(training=True)  # the first training run then does not stall the GUI
+        warm_up_layers(self.viewer, self.native)  # and napari shows its first layers without a stall
         ev = self.viewer.layers.events
         for e in (ev.inserted, ev.removed, ev.reordered):
             e.connect(self._layers_changed)

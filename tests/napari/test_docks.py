@@ -3,6 +3,7 @@ long status lines (whole text in the tooltip), and a closed dock stops its run."
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 pytest.importorskip("napari")
@@ -126,3 +127,55 @@ def test_docks_load_the_engine_before_the_first_run(viewer, qtbot, monkeypatch):
     off = _workers.warm_up_in_background()
     off.join(5)
     assert off.name.endswith("-off") and not off.is_alive()  # turned off: nothing loads
+
+
+def test_docks_show_napari_layer_types_once_before_the_first_run(make_napari_viewer, qtbot, monkeypatch, rgb_image):
+    """Opening a dock shows a tiny layer of each type the viewer lacks for a moment (napari builds
+    a type's Qt controls, visual and shaders on its first layer, which stalled the first run's
+    results), then removes it: once per viewer, the user's layers, selection and extent
+    unchanged, and never offered as a dock's input."""
+    from napari.layers import Labels
+
+    from napari_octreenca.widgets import _workers
+    from napari_octreenca.widgets.segment_widget import SegmentWidget
+    from napari_octreenca.widgets.shared import WARM_UP_LAYER
+
+    monkeypatch.setenv(_workers.WARM_UP_ENV, "1")
+    monkeypatch.setattr("napari_octreenca.widgets.segment_widget.warm_up_in_background", lambda: None)  # layers only
+    viewer = make_napari_viewer(show=True)
+    he = viewer.add_image(rgb_image, rgb=True, name="he", scale=(0.5, 0.5), translate=(10, 20))
+    extent = np.asarray(viewer.layers.extent.world).copy()
+    viewer.layers.selection.active = he
+    shown: list[tuple[type, str, bool]] = []
+    viewer.layers.events.inserted.connect(
+        lambda e: shown.append((type(e.value), e.value.name, WARM_UP_LAYER in e.value.metadata))
+    )
+    w = SegmentWidget(viewer)
+    offered: list[list[str]] = []
+    viewer.layers.events.inserted.connect(lambda e: offered.append([c.name for c in w.image.choices if c is not None]))
+    viewer.window.add_dock_widget(w)
+
+    def warm_layers() -> list:
+        return [ly for ly in viewer.layers if WARM_UP_LAYER in ly.metadata]
+
+    qtbot.waitUntil(lambda: len(shown) == 1 and not warm_layers())
+    assert shown == [(Labels, "octreenca warm-up", True)]  # the viewer shows an Image already
+    assert [ly.name for ly in viewer.layers] == ["he"]
+    assert viewer.layers.selection.active is he and set(viewer.layers.selection) == {he}
+    np.testing.assert_array_equal(np.asarray(viewer.layers.extent.world), extent)
+    assert offered == [["he"]]
+    w2 = SegmentWidget(viewer)  # once per viewer: another dock shows nothing more
+    viewer.window.add_dock_widget(w2)
+    qtbot.wait(300)
+    assert len(shown) == 1
+    # An empty viewer gets both types; turned off, nothing.
+    empty = make_napari_viewer(show=True)
+    types: list[type] = []
+    empty.layers.events.inserted.connect(lambda e: types.append(type(e.value)))
+    done: list[bool] = []
+    assert _workers.warm_up_layers(empty, w2.native, on_done=lambda: done.append(True))
+    qtbot.waitUntil(lambda: bool(done))
+    assert sorted(t.__name__ for t in types) == ["Image", "Labels"] and len(empty.layers) == 0
+    monkeypatch.setenv(_workers.WARM_UP_LAYERS_ENV, "0")
+    off = make_napari_viewer(show=True)
+    assert not _workers.warm_up_layers(off, w2.native)

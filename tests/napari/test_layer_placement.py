@@ -4,6 +4,8 @@ are added one per event-loop turn from the GUI thread, the job ending when all a
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 
@@ -50,7 +52,8 @@ def test_second_inspector_run_reuses_every_layer(viewer, qtbot, catalog, model_f
 
 
 def test_new_layers_one_per_event_loop_turn(viewer, qtbot):
-    """place_layers with an owner: one layer now, the others on later turns, in the given order
+    """place_layers with an owner: none now (the run's end is painted first), one layer per later
+    turn, in the given order
     at the replaced layers' place; on_placed once all are in; a replaced layer of another type or
     number of axes is removed, not reused."""
     from qtpy.QtWidgets import QWidget
@@ -67,11 +70,14 @@ def test_new_layers_one_per_event_loop_turn(viewer, qtbot):
         (np.ones((2, 8, 8), np.float32), {"name": "run image", "contrast_limits": (0, 1)}, "image"),
         (np.ones((8, 8), np.float32), {"name": "run extra", "contrast_limits": (0, 1)}, "image"),
     ]
+    added: list[float] = []
+    viewer.layers.events.inserted.connect(lambda e: added.append(time.monotonic()))
     layers = place_layers(viewer, data, replace=[old], owner=owner, on_placed=lambda: done.append(1))
     assert old not in viewer.layers and old not in layers
-    assert sum(ly in viewer.layers for ly in layers) == 1 and not done  # one per turn
+    assert not added and not done  # none yet
     qtbot.waitUntil(lambda: bool(done), timeout=5000)
     assert done == [1]
+    assert len(added) == 3 and all(b - a >= 0.01 for a, b in zip(added, added[1:]))  # one per turn
     assert [ly.name for ly in viewer.layers] == ["bottom", "run labels", "run image", "run extra", "top"]
     assert viewer.layers[0] is bottom and viewer.layers[-1] is top
     # Placed again with the same names, types and axes: the same layer objects, new data.
