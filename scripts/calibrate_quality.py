@@ -18,14 +18,17 @@ Cases (all installed by scripts/setup.sh, except the DAVIS frame from ../shared/
   model's grid), each with a one-sided threshold (``quality.one_sided_threshold``): the spread's just
   beyond every good case, half-way to the nearest failing one; the agreement's likewise, towards the
   failing cases the spread misses. A failing case needs to be caught by one of them.
-  The ITK subject is the held-out test and sets nothing. Calibration inputs, all from Debian
-  mricron-data: good = Colin27 ch2 (the training subject; no other head T1 with a mask ships in a
-  package registry) as it is and transformed (2x2x3 mm thick slices, plus noise, a smooth bias field,
-  a 10 degree rotation); failing = Colin27's skull strips ch2bet (1 mm and 2x2x3 mm) and ch2better
-  (0.5 mm), the INIA19 macaque brain template (another species, skull-stripped), Colin27 with
-  inverted contrast (T2-like) and the H&E skin section stacked into a volume (other modalities).
-  Test (scored and stored, never used for the thresholds): the ITK subject's head scan, the same
-  skull-stripped (Dice about 0.5: a confident failure) and with inverted contrast.
+  The ITK subject is the held-out test and sets nothing. Calibration inputs (Debian mricron-data
+  and nilearn's bundled template): good = Colin27 ch2 (the training subject; no other head T1 with a
+  mask ships in a package registry) as it is and transformed (2x2x3 mm thick slices, plus noise, a
+  smooth bias field, a 10 degree rotation), its skull strips ch2bet (1 mm, 2x2x3 mm; trained on
+  too) and ch2better (0.5 mm, never trained on), and the MNI152 template (brain-only; the model
+  selection source); failing = the INIA19 macaque brain template (another species: a brain a
+  third of the size), Colin27 with inverted contrast (T2-like) and the H&E skin section stacked
+  into a volume (other modalities). When the spread separates these groups on its own, the
+  agreement is not used. Test (scored and stored, never used for the thresholds): the ITK subject's
+  head scan, the same skull-stripped, with inverted contrast and with its voxel size given 2x too
+  large and too small, and another H&E slide stacked into a volume.
 
 - davis_video: the spread (one-sided, as for brain_mri; the largest good score where no failing one
   lies above it) and a coverage floor (``min_fraction``: the
@@ -55,6 +58,7 @@ from napari_octreenca.data_sources import (
     MRICRON,
     cmu_epidermis_region,
     load_nifti_zyx,
+    mni152_path,
     skin_sample,
 )
 from napari_octreenca.nca.modelfile import load_model, read_extra, save_model
@@ -90,14 +94,14 @@ def _cmu() -> tuple[np.ndarray, tuple[float, ...], str]:
     return cmu_epidermis_region()[0], (1.0, 1.0), "YXC"
 
 
-def _itk(stripped: bool = False, inverted: bool = False) -> Case:
+def _itk(stripped: bool = False, inverted: bool = False, zooms: float = 1.0) -> Case:
     def load() -> tuple[np.ndarray, tuple[float, ...], str]:
         img, sp = load_nifti_zyx(ITK_DATA / "KmeansTest_T1UCharRaw.nii.gz")
         if stripped:
             img = img * (load_nifti_zyx(ITK_DATA / "KmeansTest_T1RawSkullStrip.nii.gz")[0] > 0)
         if inverted:
             img = np.where(img > 10, 255 - img, 0).astype(np.float32)
-        return img, sp, "ZYX"
+        return img, tuple(s * zooms for s in sp), "ZYX"  # zooms != 1: a header with wrong voxel sizes
 
     return load
 
@@ -135,6 +139,17 @@ def _template(
         return np.asarray(img, np.float32), sp, "ZYX"
 
     return load
+
+
+def _cmu_stack() -> tuple[np.ndarray, tuple[float, ...], str]:
+    rgb, _ = cmu_epidermis_region()
+    grey = rgb.mean(-1)[::4, ::4].astype(np.float32)
+    return np.repeat(grey[None], 40, 0), (3.0, 3.0, 3.0), "ZYX"
+
+
+def _mni152() -> tuple[np.ndarray, tuple[float, ...], str]:
+    img, sp = load_nifti_zyx(mni152_path())
+    return img, sp, "ZYX"
 
 
 def _skin_stack() -> tuple[np.ndarray, tuple[float, ...], str]:
@@ -199,19 +214,23 @@ CASES: dict[str, dict[str, dict[str, Case]]] = {
             "Colin27 ch2 at 2x2x3 mm, noise 3 %": _template("ch2", thick=True, noise=0.03),
             "Colin27 ch2, bias field": _template("ch2", bias=True),
             "Colin27 ch2, rotated 10 degrees": _template("ch2", rotate=10.0),
-        },
-        "failing": {
             "Colin27 ch2bet, skull-stripped, 1 mm": _template("ch2bet"),
             "Colin27 ch2bet, skull-stripped, 2x2x3 mm": _template("ch2bet", thick=True),
             "Colin27 ch2better, skull-stripped, 0.5 mm": _template("ch2better"),
+            "MNI152 2009a template, brain-only (nilearn; validation source)": _mni152,
+        },
+        "failing": {
             "INIA19 macaque T1 brain (another species, skull-stripped)": _template("inia19-t1-brain"),
             "Colin27 ch2, inverted contrast (T2-like)": _template("ch2", inverted=True),
             "H&E skin section stacked as a volume": _skin_stack,
         },
         "test": {
             "ITK subject, head": _itk(),
-            "ITK subject, skull-stripped (Dice about 0.5: a confident failure)": _itk(stripped=True),
+            "ITK subject, skull-stripped": _itk(stripped=True),
             "ITK subject, inverted contrast (T2-like)": _itk(inverted=True),
+            "ITK subject, spacing given 2x too large": _itk(zooms=2.0),
+            "ITK subject, spacing given 2x too small": _itk(zooms=0.5),
+            "cmu_small_region.svs (another H&E slide), grey, stacked as a volume": _cmu_stack,
         },
     },
 }
@@ -274,15 +293,18 @@ def _thresholds(measured: dict[str, dict[str, dict[str, Any]]], two_signals: boo
 
     With two signals the spread (the primary, published metric) is set first; the agreement threshold
     is then placed between the good cases and the failing ones the spread misses, so a failing case
-    that the spread already catches does not push it towards the good ones.
+    that the spread already catches does not push it towards the good ones. When the spread misses
+    none, the agreement has nothing to be set against: the spread alone is used (agreement None).
     """
     usable = {g: [q for q in c.values() if q["segmented"]] for g, c in measured.items()}
     good_s = [q["score"] for q in usable["good"]]
     bad_s = [q["score"] for q in usable["failing"]]
+    if two_signals:
+        spread_t, caught = one_sided_threshold(good_s, bad_s, flag_above=True)
+        missed = [q for i, q in enumerate(usable["failing"]) if i not in caught]
+        two_signals = bool(missed)  # the spread alone separates the groups: no second signal to set
     if not two_signals:  # from the scores as stored (5 decimals), as this rule always was
         return calibrate_threshold([round(v, 5) for v in good_s], [round(v, 5) for v in bad_s]), None
-    spread_t, caught = one_sided_threshold(good_s, bad_s, flag_above=True)
-    missed = [q for i, q in enumerate(usable["failing"]) if i not in caught]
     good_a = [min(q["agreement"].values()) for q in usable["good"]]
     agree_t, _ = one_sided_threshold(good_a, [min(q["agreement"].values()) for q in missed], flag_above=False)
     return spread_t, agree_t
@@ -334,6 +356,8 @@ def main() -> None:
         entry = _floor_entry(measured, spread_t, floor, args.runs)
     else:
         spread_t, agree_t = _thresholds(measured, agreement is not None)
+        if agree_t is None:
+            agreement = None
         spread_t = round(spread_t, 5)
         agree_t = None if agree_t is None else round(agree_t, 3)
         print(f"threshold {spread_t}" + ("" if agree_t is None else f", agreement threshold {agree_t}"), flush=True)

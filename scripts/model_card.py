@@ -92,6 +92,11 @@ def render(name: str, cfg: Any, extra: dict[str, Any]) -> str:
         "## Data and licence",
         "",
         f"- Training: {extra['training_data']}.",
+        *(
+            [f"- Validation (model selection only): {extra['validation_data']}."]
+            if extra.get("validation_data")
+            else []
+        ),
         f"- Held out (never used for training or model selection): {extra['held_out_data']}.",
         f"- Licence of the data: {extra.get('data_licence', 'see the sources above')}.",
         "- The weights are the project's own work and ship with it; the data do not.",
@@ -144,7 +149,7 @@ def render(name: str, cfg: Any, extra: dict[str, Any]) -> str:
     if extra.get("recommendation"):
         lines += [f"**Recommended:** {extra['recommendation']}", ""]
     lines += _baseline_section(extra)
-    lines += _quality_section(cfg)
+    lines += _quality_section(cfg, extra.get("quality_inputs"))
     lines += [
         "## Reproduce",
         "",
@@ -180,8 +185,11 @@ def _baseline_section(extra: dict[str, Any]) -> list[str]:
     advice = baseline_advice(extra)
     if advice is None:
         return []
+    where = (
+        "every held-out input" if advice.everywhere else f"{len(advice.better)} of {len(advice.inputs)} held-out inputs"
+    )
     return [
-        f"**Not the default:** the baseline `{advice.baseline}` did better on every held-out input "
+        f"**Baseline advice:** the baseline `{advice.baseline}` did better on {where} "
         f"({advice.details}). When this model is chosen, the Segment dock offers a one-click switch to "
         f"`{advice.baseline}` and `octreenca segment` prints: `{advice.cli_hint()}` (from the "
         "`baseline_comparison` key of the model file's metadata, written from `scripts/card_baselines.json`).",
@@ -189,8 +197,9 @@ def _baseline_section(extra: dict[str, Any]) -> list[str]:
     ]
 
 
-def _quality_section(cfg: Any) -> list[str]:
-    """The calibration of the quality estimate (``run.quality``), from the model's provenance."""
+def _quality_section(cfg: Any, inputs_note: str | None = None) -> list[str]:
+    """The calibration of the quality estimate (``run.quality``), from the model's provenance;
+    ``inputs_note`` (card notes ``quality_inputs``) says where the calibration inputs come from."""
     q = (cfg.provenance or {}).get("quality")
     if not q:
         from napari_octreenca.run.quality import DEFAULT_MAX_FRACTION, DEFAULT_THRESHOLD
@@ -212,7 +221,8 @@ def _quality_section(cfg: Any) -> list[str]:
         "",
         f"Every segmentation with 2 or more runs gets a score: {q['metric']} ({q['runs']} runs, seeds from "
         f"{q['seeds_from']}). Results scoring above **{q['threshold']}** are flagged as unreliable. The "
-        f"threshold is the {q['rule']}, measured on these inputs (none used for training or model selection; "
+        f"threshold is the {q['rule']}, measured on these inputs "
+        f"({inputs_note or 'none used for training or model selection'}; "
         "`python scripts/calibrate_quality.py` reproduces them):",
         "",
         "| group | input | score |",
@@ -226,7 +236,7 @@ def _quality_section(cfg: Any) -> list[str]:
         ]
     lines += [
         "",
-        "Groups: good and failing set the threshold; measured inputs are shown for information.",
+        "Groups: good and failing set the threshold; the others are shown for information.",
         "",
         f"A label covering more than {q.get('max_fraction', 0.9):.0%} of the image is flagged as implausible as "
         "well (the spread cannot see a model that labels everything and is sure of it), and so is a result "

@@ -9,7 +9,7 @@ export OMP_NUM_THREADS=1 NUMBA_NUM_THREADS=1 PYTHONPATH="${PYTHONPATH:-$(cd .. &
 PY="${PYTHON:-python}"
 case "${1:-}" in
   brain_mri)
-    "$PY" train_brain.py --out ../models/brain_mri.safetensors --iterations 600 --batch 2 --copies 24 --seed 0
+    "$PY" train_brain_synth.py --out ../models/brain_mri.safetensors --iterations 4000 --batch 2 --synthetic 0 --real 48 --seed 2 --threads 2
     "$PY" calibrate_quality.py brain_mri ../models/brain_mri.safetensors ;;
   he_epidermis)
     "$PY" train_epidermis.py --out ../models/he_epidermis.safetensors --iterations 600 --batch 4 --crop 96 --seed 0

@@ -19,13 +19,14 @@ import argparse
 import json
 import platform
 import time
+from typing import Any
 
 import numpy as np
 import torch
 from _budget import print_progress, train_with_budget
 
 from napari_octreenca.data_sources import ITK_DATA, MRICRON, load_nifti_zyx
-from napari_octreenca.nca.config import Normalization, preset
+from napari_octreenca.nca.config import ModelConfig, Normalization, preset
 from napari_octreenca.nca.modelfile import save_model
 from napari_octreenca.run.baselines import otsu_brain_mask
 from napari_octreenca.run.resample import segment_at_model_spacing
@@ -92,6 +93,62 @@ def augmented_copies(
     return pairs
 
 
+def brain_config() -> ModelConfig:
+    """The brain model's architecture: the radiology preset pinned to ZYX, 3 mm, percentile normalisation."""
+    return preset("radiology").replace(
+        # The shipped model sees (Z, Y, X) = RAS+ (S, A, R); its last two transitions keep X (L-R).
+        # Pinned so that the preset's later axis order (YXZ) does not change this model's geometry.
+        axes="ZYX",
+        name="brain_mri",
+        description="Brain extraction (skull stripping) of T1-weighted head MRI at 3 mm; not for clinical use",
+        class_names=("brain",),
+        spacing=SPACING,
+        train_size=GRID,
+        normalization=Normalization(mode="percentile", low=0.5, high=99.5),
+    )
+
+
+def brain_card_facts() -> dict[str, Any]:
+    """The model file's fixed card facts: task, data, preprocessing, how to call it."""
+    return {
+        "card": "brain_mri.md",
+        "task": "brain extraction (skull stripping), 3D T1-weighted head MRI",
+        "not_for_clinical_use": True,
+        "held_out_data": "ITK KmeansTest_T1UCharRaw.nii.gz, mask KmeansTest_T1RawSkullStrip.nii.gz > 0 "
+        "(Debian insighttoolkit5-examples), 128x128x62 at 2x2x3 mm, as the head scan and skull-stripped "
+        "(the head scan times its mask)",
+        "preprocessing": "reorient to RAS+ (ZYX array), resample to 3 mm isotropic, percentile normalisation "
+        "(0.5-99.5 -> 0-1); logits resampled back linearly to the input grid",
+        "input_orientation": "RAS+ as (Z, Y, X) = (inferior->superior, posterior->anterior, left->right)",
+        "segment_call": "segment_at_model_spacing(model, image_zyx, spacing_zyx_mm)",
+    }
+
+
+def brain_figures(m: dict[str, float]) -> dict[str, Any]:
+    """The card's figures from ``train_brain_synth.evaluate_held_out`` (test and validation volumes)."""
+    figures = {
+        "held_out_dice": m["itk_head_dice"],
+        "baseline_otsu_dice": m["itk_head_otsu_dice"],
+        "held_out_dice_skull_stripped": m["itk_skull_stripped_dice"],
+        "baseline_otsu_dice_skull_stripped": m["itk_skull_stripped_otsu_dice"],
+        "validation_dice_mni152": m["mni152_skull_stripped_dice"],
+        "validation_otsu_dice_mni152": m["mni152_skull_stripped_otsu_dice"],
+    }
+    return {
+        "held_out_metrics": {"dice": m["itk_head_dice"]},
+        "held_out_metrics_skull_stripped": {
+            "dice": m["itk_skull_stripped_dice"],
+            "baseline_otsu_dice": m["itk_skull_stripped_otsu_dice"],
+        },
+        "metrics": figures,
+        "baseline": {
+            "method": "Otsu threshold of the smoothed scan, 6 mm erosion, largest component, dilation back within "
+            "the threshold mask, 3 mm closing, hole filling (napari_octreenca.run.baselines.otsu_brain_mask)",
+            "dice": m["itk_head_otsu_dice"],
+        },
+    }
+
+
 def evaluate_held_out(model: torch.nn.Module, runs: int = 1) -> dict[str, float]:
     """Dice of the model and of the Otsu baseline on the held-out ITK subject (original grid)."""
     img, sp = load_nifti_zyx(TEST_IMG)
@@ -134,17 +191,7 @@ def main() -> None:
     pairs = augmented_copies(img, mask, sp, args.copies, args.seed)
     print(f"prepared {len(pairs)} training volumes {GRID} in {time.perf_counter() - t_start:.1f} s", flush=True)
 
-    cfg = preset("radiology").replace(
-        # The shipped model sees (Z, Y, X) = RAS+ (S, A, R); its last two transitions keep X (L-R).
-        # Pinned so that the preset's later axis order (YXZ) does not change this model's geometry.
-        axes="ZYX",
-        name="brain_mri",
-        description="Brain extraction (skull stripping) of T1-weighted head MRI at 3 mm; not for clinical use",
-        class_names=("brain",),
-        spacing=SPACING,
-        train_size=GRID,
-        normalization=Normalization(mode="percentile", low=0.5, high=99.5),
-    )
+    cfg = brain_config()
     tcfg = TrainConfig(
         iterations=args.iterations,
         batch_size=args.batch,

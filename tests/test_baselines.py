@@ -49,12 +49,15 @@ def test_baseline_errors_are_one_line() -> None:
         run_baseline("otsu-epidermis", np.zeros((4, 4, 4)), "ZYX")
 
 
-BRAIN_HINT = "On held-out scans the Otsu baseline did better (Dice 0.95 vs 0.88): use --model otsu-brain"
+BRAIN_HINT = (
+    "On 1 of 2 held-out scans (ITK subject, head scan) the Otsu baseline did better (Dice 0.95 vs 0.92): "
+    "use --model otsu-brain"
+)
 
 
 def test_cli_hints_the_better_baseline(tmp_path: Path, itk_brain: tuple[Path, Path], capsys) -> None:
     """`octreenca segment --model brain_mri` prints one line naming the baseline that did better on
-    held-out scans (read from the model file), then segments with the model as asked."""
+    a held-out scan (read from the model file), then segments with the model as asked."""
     out = tmp_path / "brain.nii.gz"
     assert main(["segment", str(itk_brain[0]), str(out), "--model", "brain_mri", "--runs", "1", "--quiet"]) == 0
     err = capsys.readouterr().err
@@ -65,14 +68,16 @@ def test_cli_hints_the_better_baseline(tmp_path: Path, itk_brain: tuple[Path, Pa
 
 
 def test_bundled_models_baseline_advice() -> None:
-    """brain_mri's file carries its held-out comparison (the card's figures); he_epidermis beats its
-    baseline, so it gets none; a baseline's name gets none."""
+    """brain_mri's file carries its held-out comparison (the card's figures): Otsu did better on the
+    head scan, the model on the skull-stripped one; he_epidermis beats its baseline on both of its
+    inputs, so it gets none; a baseline's name gets none."""
     advice = model_baseline_advice("brain_mri")
     assert advice is not None and advice.baseline == "otsu-brain" and advice.baseline in BASELINE_MODELS
     assert advice.inputs == (
-        ("ITK subject, head scan", 0.8804, 0.9519),
-        ("ITK subject, skull-stripped", 0.4956, 0.966),
+        ("ITK subject, head scan", 0.9234, 0.9519),
+        ("ITK subject, skull-stripped", 0.9736, 0.966),
     )
+    assert not advice.everywhere
     assert advice.cli_hint() == BRAIN_HINT
     assert model_baseline_advice("he_epidermis") is None
     assert model_baseline_advice("otsu-brain") is None
@@ -91,18 +96,22 @@ def _comparison(model_scores: list[float], baseline: str = "otsu-brain") -> dict
     }
 
 
-def test_baseline_advice_only_when_the_baseline_wins_everywhere(tmp_path: Path) -> None:
-    """Data-driven: the advice follows the scores stored in a model file, not the model's name."""
+def test_baseline_advice_names_the_inputs_the_baseline_won(tmp_path: Path) -> None:
+    """Data-driven: the advice follows the scores stored in a model file, not the model's name; a
+    baseline better on some inputs only is advised for those, one better on none is not."""
     from napari_octreenca import OctreeNCA, preset, save_model
 
     model = OctreeNCA(preset("radiology").replace(name="brain_mri"))
     worse = save_model(model, tmp_path / "worse.safetensors", extra=_comparison([0.5, 0.8]))
     advice = model_baseline_advice(worse)
-    assert (
-        advice is not None and advice.sentence == "On held-out scans the Otsu baseline did better (Dice 0.90 vs 0.50)"
-    )
-    mixed = save_model(model, tmp_path / "mixed.safetensors", extra=_comparison([0.5, 0.95]))
-    assert model_baseline_advice(mixed) is None
+    assert advice is not None and advice.everywhere
+    assert advice.sentence == "On held-out scans the Otsu baseline did better (Dice 0.90 vs 0.50)"
+    mixed = save_model(model, tmp_path / "mixed.safetensors", extra=_comparison([0.95, 0.5, 0.92]))
+    advice = model_baseline_advice(mixed)
+    assert advice is not None and not advice.everywhere and advice.better == (("case 1", 0.5, 0.9),)
+    assert advice.sentence == "On 1 of 3 held-out scans (case 1) the Otsu baseline did better (Dice 0.90 vs 0.50)"
+    better = save_model(model, tmp_path / "better.safetensors", extra=_comparison([0.95, 0.9]))
+    assert model_baseline_advice(better) is None  # a tie is no reason to switch
     # A comparison with a baseline that cannot run by name cannot be offered as a switch.
     assert baseline_advice(_comparison([0.1], baseline="spatial-prior")) is None
     assert baseline_advice({}) is None

@@ -197,7 +197,7 @@ def test_training_scripts_use_the_fused_step(monkeypatch, tmp_path) -> None:
     from napari_octreenca.run.training import TrainConfig
 
     root = Path(__file__).resolve().parents[1]
-    for script in ("train_brain.py", "train_epidermis.py", "train_davis.py"):
+    for script in ("train_brain.py", "train_brain_synth.py", "train_epidermis.py", "train_davis.py"):
         text = (root / "scripts" / script).read_text()
         assert "train_with_budget(" in text and "fused_cpu" not in text and "device=" not in text
     spec = importlib.util.spec_from_file_location("_budget", root / "scripts" / "_budget.py")

@@ -151,7 +151,7 @@ def run_baseline(name: str, image: Any, axes: str, scale: Sequence[float] | None
 
 @dataclass(frozen=True)
 class BaselineAdvice:
-    """A model's held-out comparison with a classical baseline that did better on every input."""
+    """A model's held-out comparison with a classical baseline that did better on some inputs."""
 
     baseline: str  # the name it runs by (``BASELINE_MODELS``), e.g. "otsu-brain"
     label: str  # in plain words, e.g. "the Otsu baseline"
@@ -160,10 +160,25 @@ class BaselineAdvice:
     inputs: tuple[tuple[str, float, float], ...]  # (input, model score, baseline score), headline first
 
     @property
+    def better(self) -> tuple[tuple[str, float, float], ...]:
+        """The inputs on which the baseline scored higher than the model."""
+        return tuple(i for i in self.inputs if i[2] > i[1])
+
+    @property
+    def everywhere(self) -> bool:
+        """The baseline did better on every compared input."""
+        return len(self.better) == len(self.inputs)
+
+    @property
     def sentence(self) -> str:
-        """E.g. "On held-out scans the Otsu baseline did better (Dice 0.95 vs 0.88)"."""
-        _, model, base = self.inputs[0]
-        return f"On {self.data} {self.label} did better ({self.metric} {base:.2f} vs {model:.2f})"
+        """E.g. "On held-out scans the Otsu baseline did better (Dice 0.95 vs 0.88)", or where it
+        did better on some inputs only, "On 1 of 2 held-out scans (ITK subject, head scan) ..."."""
+        wins = self.better
+        _, model, base = wins[0]
+        where = self.data
+        if not self.everywhere:
+            where = f"{len(wins)} of {len(self.inputs)} {self.data} ({', '.join(n for n, _, _ in wins)})"
+        return f"On {where} {self.label} did better ({self.metric} {base:.2f} vs {model:.2f})"
 
     @property
     def details(self) -> str:
@@ -178,12 +193,14 @@ class BaselineAdvice:
 def baseline_advice(extra: Mapping[str, Any]) -> BaselineAdvice | None:
     """The advice stored in a model file's ``extra`` JSON (key ``baseline_comparison``, written by
     ``scripts/model_card.py``), or None: no comparison, a baseline that cannot run by name, or
-    a model that beats the baseline on at least one held-out input."""
+    a model that scored at least as well as the baseline on every held-out input. A baseline that
+    did better on some inputs only is still advised, naming those inputs (a user with such an
+    input should know)."""
     comp = extra.get("baseline_comparison")
     if not comp or comp.get("baseline") not in BASELINE_MODELS or not comp.get("inputs"):
         return None
     inputs = tuple((str(c["input"]), float(c["model"]), float(c["baseline"])) for c in comp["inputs"])
-    if any(model >= base for _, model, base in inputs):
+    if not any(base > model for _, model, base in inputs):
         return None
     label = str(comp.get("baseline_label", comp["baseline"]))
     data = str(comp.get("data", "held-out data"))

@@ -33,10 +33,10 @@ def test_widget_shows_the_verdict(viewer, qtbot, catalog, model_file_2d):
     assert w.quality.value.startswith(("looks reliable", "unreliable", "nothing was segmented"))
 
 
-def test_dock_flags_the_skull_stripped_brain_and_passes_the_head(viewer, qtbot):
-    """The bundled brain model in the Segment dock: the held-out ITK head scan looks reliable; the
-    same scan skull-stripped (a confident miss the spread cannot see) is flagged by its disagreement
-    with the Otsu baseline. The dock shows what run/quality.py returns."""
+def test_dock_passes_the_held_out_brain_and_flags_a_wrong_voxel_size(viewer, qtbot):
+    """The bundled brain model in the Segment dock: the held-out ITK head scan and the same scan
+    skull-stripped look reliable; the scan with its voxels given 2x too large (a wrong header: Dice
+    0.74) is flagged. The dock shows what run/quality.py returns and stores it with the labels."""
     import copy
 
     from napari_octreenca.data_sources import ITK_DATA
@@ -50,25 +50,36 @@ def test_dock_flags_the_skull_stripped_brain_and_passes_the_head(viewer, qtbot):
     viewer.open_sample("napari-octreenca", "brain_mri")
     head = viewer.layers["brain MRI (T1)"]
     mask = np.asarray(viewer.layers["brain mask (reference)"].data) > 0
-    stripped = viewer.add_image(
-        np.asarray(head.data) * mask,
-        name="stripped",
-        scale=head.scale,
-        translate=head.translate,
-        affine=head.affine,
-        metadata=copy.deepcopy(head.metadata),
-    )
+
+    def copy_of(name, data, factor=1.0):
+        meta = copy.deepcopy(head.metadata)
+        if factor != 1.0:  # a NIfTI header with wrong voxel sizes, as the reader passes it on
+            affine = np.asarray(meta["octreenca"]["affine"], float)
+            affine[:3, :3] *= factor
+            meta["octreenca"]["affine"] = affine.tolist()
+        return viewer.add_image(
+            data,
+            name=name,
+            scale=np.asarray(head.scale) * factor,
+            translate=head.translate,
+            affine=head.affine,
+            metadata=meta,
+        )
+
+    stripped = copy_of("stripped", np.asarray(head.data) * mask)
+    wrong = copy_of("wrong voxel size", np.asarray(head.data), 2.0)
     w = SegmentWidget(viewer)
     w.model.value = "brain_mri"
     w.runs.value = 3
     verdicts = {}
-    for layer in (head, stripped):
+    for layer in (head, stripped, wrong):
         w.image.value = layer
         job = w.start()
         _wait(qtbot, job, 300)
         assert job.error is None, job.error
         verdicts[layer.name] = w.quality.value
         rec = viewer.layers[f"{layer.name} labels"].metadata["octreenca"]["record"]
-        assert rec["quality"]["baseline"] == "otsu-brain" and rec["verdict"] == w.quality.value
-    assert verdicts[head.name].startswith("looks reliable") and "agrees with the otsu-brain" in verdicts[head.name]
-    assert verdicts["stripped"].startswith("unreliable") and "disagrees with the otsu-brain" in verdicts["stripped"]
+        assert rec["quality"]["calibrated"] and rec["verdict"] == w.quality.value
+    assert verdicts[head.name].startswith("looks reliable"), verdicts
+    assert verdicts["stripped"].startswith("looks reliable"), verdicts
+    assert verdicts["wrong voxel size"].startswith("unreliable"), verdicts
