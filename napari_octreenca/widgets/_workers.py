@@ -74,17 +74,18 @@ _warm_viewers: weakref.WeakSet[Any] = weakref.WeakSet()
 
 
 def warm_up_layers(viewer: Any, owner: Any, on_done: Callable[[], Any] | None = None) -> bool:
-    """Show a tiny Image and Labels layer for a moment, once per viewer, when a dock opens.
+    """Show a tiny layer of each type the viewer lacks (Image, Labels) for a moment, once per
+    viewer, when a dock opens.
 
     napari pays for a layer type's first layer in a viewer: the first Labels layer took 140 ms to
     make and add, the next ones 60 ms (Xvfb, software OpenGL), and that first one stalled the GUI
-    when a run's results arrived. Paid here, while the dock opens. The two layers (2x2, inside the current field of
-    view, named ``octreenca warm-up``) are removed after their first paint; the user's layer
-    selection is put back. Types the viewer already shows are skipped. Runs from the GUI thread
-    through a timer owned by ``owner`` (nothing runs once the dock is gone); off with
+    when a run's results arrived. Paid here, while the dock opens. The layers (2x2, transparent,
+    inside the current field of view, named ``octreenca warm-up``) are removed after their first
+    paint, even if the dock closes meanwhile; the user's layer selection is put back. Started by a
+    timer owned by ``owner`` (nothing is added once the dock is gone); off with
     ``NAPARI_OCTREENCA_WARM_UP=0`` (or ``NAPARI_OCTREENCA_WARM_UP_LAYERS=0``, this part alone) and
-    for viewers without a window (``ViewerModel``). Returns
-    whether a warm-up was started; ``on_done()`` runs when it has finished (or at once).
+    for viewers without a window (``ViewerModel``). Returns whether a warm-up was started;
+    ``on_done()`` runs when it has finished (or at once).
     """
     from napari.layers import Image, Labels
     from qtpy.QtCore import QTimer
@@ -120,9 +121,7 @@ def warm_up_layers(viewer: Any, owner: Any, on_done: Callable[[], Any] | None = 
         sel.clear()
         sel.update(state[0])
         sel.active = state[1]
-        timer.timeout.disconnect()
-        timer.timeout.connect(hide)
-        timer.start(WARM_UP_PAINT_MS)  # after the canvas's next paint
+        QTimer.singleShot(WARM_UP_PAINT_MS, hide)  # after the canvas's next paint; not owned: always runs
 
     def hide() -> None:
         sel = viewer.layers.selection
@@ -135,7 +134,6 @@ def warm_up_layers(viewer: Any, owner: Any, on_done: Callable[[], Any] | None = 
         sel.update(state[0] - set(added))
         if state[1] not in added:
             sel.active = state[1]
-        timer.deleteLater()
         finish()
 
     timer = QTimer(owner)  # dies with the dock

@@ -176,6 +176,14 @@ def test_docks_show_napari_layer_types_once_before_the_first_run(make_napari_vie
     assert _workers.warm_up_layers(empty, w2.native, on_done=lambda: done.append(True))
     qtbot.waitUntil(lambda: bool(done))
     assert sorted(t.__name__ for t in types) == ["Image", "Labels"] and len(empty.layers) == 0
+    # A dock closed while its warm-up layers are shown leaves none behind.
+    from qtpy.QtWidgets import QWidget
+
+    closing, owner = make_napari_viewer(show=True), QWidget()
+    assert _workers.warm_up_layers(closing, owner)
+    qtbot.waitUntil(lambda: len(closing.layers) == 2)
+    owner.deleteLater()
+    qtbot.waitUntil(lambda: len(closing.layers) == 0)
     monkeypatch.setenv(_workers.WARM_UP_LAYERS_ENV, "0")
     off = make_napari_viewer(show=True)
     assert not _workers.warm_up_layers(off, w2.native)
