@@ -227,7 +227,9 @@ def main() -> None:
     )
     machine = f"2-core CPU dev machine, {args.threads} threads, fused CPU training step ({platform.machine()})"
     extra = dict(prev_extra) if args.start else brain_card_facts()
-    if not args.start and not args.no_test:
+    for key in ("metrics", "held_out_metrics", "held_out_metrics_skull_stripped", "baseline"):
+        extra.pop(key, None)  # a fine-tuned file must not carry its start's figures
+    if not args.no_test:
         extra.update(brain_figures(metrics))
     extra.update(
         {
@@ -237,8 +239,8 @@ def main() -> None:
             )
             + f"{args.real} randomly transformed copies each of the Colin27 head scan (ch2.nii.gz) and of its "
             "skull-stripped copy (ch2bet.nii.gz), brain mask ch2bet > 0; Debian mricron-data",
-            "validation_data": "the ICBM 2009a MNI152 template bundled by nilearn (brain-only, mask T1 > 0): "
-            "model selection only, never trained on",
+            "validation_data": "the ICBM 2009a MNI152 template bundled by nilearn (brain-only, mask T1 > 0), "
+            "never trained on",
             "seed": args.seed,
             "iterations": done,
             "train_command": command,
