@@ -50,7 +50,7 @@ def test_baseline_errors_are_one_line() -> None:
 
 
 BRAIN_HINT = (
-    "On 1 of 2 held-out scans (ITK subject, head scan) the Otsu baseline did better (Dice 0.95 vs 0.92): "
+    "On 1 of 2 held-out scans the Otsu baseline did better (Dice 0.95 vs 0.92) (ITK subject, head scan): "
     "use --model otsu-brain"
 )
 
@@ -109,7 +109,8 @@ def test_baseline_advice_names_the_inputs_the_baseline_won(tmp_path: Path) -> No
     mixed = save_model(model, tmp_path / "mixed.safetensors", extra=_comparison([0.95, 0.5, 0.92]))
     advice = model_baseline_advice(mixed)
     assert advice is not None and not advice.everywhere and advice.better == (("case 1", 0.5, 0.9),)
-    assert advice.sentence == "On 1 of 3 held-out scans (case 1) the Otsu baseline did better (Dice 0.90 vs 0.50)"
+    assert advice.sentence == "On 1 of 3 held-out scans the Otsu baseline did better (Dice 0.90 vs 0.50)"
+    assert advice.cli_hint().endswith("(Dice 0.90 vs 0.50) (case 1): use --model otsu-brain")
     better = save_model(model, tmp_path / "better.safetensors", extra=_comparison([0.95, 0.9]))
     assert model_baseline_advice(better) is None  # a tie is no reason to switch
     # A comparison with a baseline that cannot run by name cannot be offered as a switch.

@@ -30,7 +30,8 @@ def test_davis_model_file_and_card() -> None:
     lost = [c["input"] for c in comp["inputs"] if c["model"] < c["baseline"]]
     advice = baseline_advice(extra)
     assert won and lost and advice is not None and not advice.everywhere
-    assert advice.sentence.startswith(f"On {len(lost)} of {len(per_seq)} held-out DAVIS sequences ({', '.join(lost)})")
+    assert advice.sentence.startswith(f"On {len(lost)} of {len(per_seq)} held-out DAVIS sequences the motion")
+    assert f"({', '.join(lost)}): use --model motion-video" in advice.cli_hint()
 
 
 def test_davis_held_out_J_matches_card(shared_data) -> None:

@@ -172,12 +172,11 @@ class BaselineAdvice:
     @property
     def sentence(self) -> str:
         """E.g. "On held-out scans the Otsu baseline did better (Dice 0.95 vs 0.88)", or where it
-        did better on some inputs only, "On 1 of 2 held-out scans (ITK subject, head scan) ..."."""
+        did better on some inputs only, "On 1 of 2 held-out scans the Otsu baseline did better ..."
+        (short enough for the dock; :meth:`cli_hint` and :attr:`details` name the inputs)."""
         wins = self.better
         _, model, base = wins[0]
-        where = self.data
-        if not self.everywhere:
-            where = f"{len(wins)} of {len(self.inputs)} {self.data} ({', '.join(n for n, _, _ in wins)})"
+        where = self.data if self.everywhere else f"{len(wins)} of {len(self.inputs)} {self.data}"
         return f"On {where} {self.label} did better ({self.metric} {base:.2f} vs {model:.2f})"
 
     @property
@@ -186,8 +185,9 @@ class BaselineAdvice:
         return "; ".join(f"{name}: {self.metric} {b:.3f} vs {m:.3f}" for name, m, b in self.inputs)
 
     def cli_hint(self) -> str:
-        """The command line's one-line hint."""
-        return f"{self.sentence}: use --model {self.baseline}"
+        """The command line's one-line hint (naming the inputs where the baseline won on some only)."""
+        which = "" if self.everywhere else f" ({', '.join(n for n, _, _ in self.better)})"
+        return f"{self.sentence}{which}: use --model {self.baseline}"
 
 
 def baseline_advice(extra: Mapping[str, Any]) -> BaselineAdvice | None:
