@@ -672,20 +672,15 @@ class InspectorWidget(DockContainer):
         else:
             live_logits = np.broadcast_to(logits[:, None, None], logits.shape[:1] + ls + logits.shape[1:])
         n_lead = live_logits.ndim - len(scale)
-        made = False
         for key, name, data, kw in (
             ("rgb", " hidden RGB", np.broadcast_to(rgb, ls + rgb.shape), {"rgb": True, "opacity": 0.8}),
             ("logits", " logits", live_logits, {"colormap": "magma", "visible": False, "contrast_limits": (-1, 1)}),
         ):
             layer = self.live_layers.get(key)
             if layer is None or layer not in self.viewer.layers:
-                if made:  # one new layer per frame: making two at once stalled the GUI 140 ms
-                    continue
                 lead = n_lead if key == "logits" else 2
                 geo = {"scale": (1.0,) * lead + scale, "translate": (0.0,) * lead + translate}
-                count = len(self.viewer.layers)
                 self.live_layers[key] = self._live_layer(prefix + name, data, {**geo, **kw})
-                made = len(self.viewer.layers) > count  # a previous run's layer reused costs little
             elif layer.visible:  # an invisible layer gets the newest data when the run ends
                 layer.data = data
 

@@ -246,9 +246,7 @@ def test_live_run_appends_to_the_plot(viewer, qtbot, catalog, model_file_slow, r
     w.plot.min_interval = 0.2
     job = w.start()
     assert "he NCA hidden RGB" in viewer.layers  # the live view: added before the run, never mid-run
-    assert "he NCA logits" not in viewer.layers  # one new layer per frame (two stalled the GUI 140 ms)
     qtbot.waitUntil(lambda: len(w.plot.update.get(1, [])) >= 5, timeout=60000)
-    assert w.live_layers["logits"] in viewer.layers  # joined on a later frame
     _wait(qtbot, job)
     assert job.error is None, job.error
     assert w.plot.builds == 1  # set up once, curves extended while it ran
