@@ -141,10 +141,14 @@ def _template(
     return load
 
 
-def _cmu_stack() -> tuple[np.ndarray, tuple[float, ...], str]:
-    rgb, _ = cmu_epidermis_region()
+def _slide_as_volume(rgb: np.ndarray) -> tuple[np.ndarray, tuple[float, ...], str]:
+    """An H&E image in grey, every 4th pixel, stacked 40 times: another modality for an MRI model."""
     grey = rgb.mean(-1)[::4, ::4].astype(np.float32)
     return np.repeat(grey[None], 40, 0), (3.0, 3.0, 3.0), "ZYX"
+
+
+def _cmu_stack() -> tuple[np.ndarray, tuple[float, ...], str]:
+    return _slide_as_volume(cmu_epidermis_region()[0])
 
 
 def _mni152() -> tuple[np.ndarray, tuple[float, ...], str]:
@@ -153,9 +157,7 @@ def _mni152() -> tuple[np.ndarray, tuple[float, ...], str]:
 
 
 def _skin_stack() -> tuple[np.ndarray, tuple[float, ...], str]:
-    img, _ = skin_sample()
-    grey = img.mean(-1)[::4, ::4].astype(np.float32)
-    return np.repeat(grey[None], 40, 0), (3.0, 3.0, 3.0), "ZYX"
+    return _slide_as_volume(skin_sample()[0])
 
 
 #: Frames of each DAVIS clip the video calibration segments (whole sequences take 2-3 times as long).

@@ -215,31 +215,27 @@ def main() -> None:
     metrics = evaluate_held_out(model)
     wall = time.perf_counter() - t_start
     print(json.dumps(metrics), flush=True)
-    extra = {
-        "card": "brain_mri.md",
-        "task": "brain extraction (skull stripping), 3D T1-weighted head MRI",
-        "not_for_clinical_use": True,
-        "training_data": "Colin27 T1 (ch2.nii.gz) with brain mask ch2bet.nii.gz > 0, Debian mricron-data",
-        "held_out_data": "ITK KmeansTest_T1UCharRaw.nii.gz, mask KmeansTest_T1RawSkullStrip.nii.gz > 0 "
-        "(Debian insighttoolkit5-examples), 128x128x62 at 2x2x3 mm",
-        "preprocessing": "reorient to RAS+ (ZYX array), resample to 3 mm isotropic, percentile normalisation "
-        "(0.5-99.5 -> 0-1); logits resampled back linearly to the input grid",
-        "input_orientation": "RAS+ as (Z, Y, X) = (inferior->superior, posterior->anterior, left->right)",
-        "held_out_metrics": {"dice": metrics["dice"]},
-        "metrics": {"held_out_dice": metrics["dice"], "baseline_otsu_dice": metrics["baseline_otsu_dice"]},
-        "baseline": {
-            "method": "Otsu threshold + largest component + opening/closing + hole filling",
-            "dice": metrics["baseline_otsu_dice"],
-        },
-        "seed": args.seed,
-        "iterations": done,
-        "train_command": f"python scripts/train_brain.py --iterations {done} --batch {args.batch} "
-        f"--copies {args.copies} --seed {args.seed}",
-        "train_wall_seconds": round(wall, 0),
-        "train_loop_seconds": round(train_seconds, 0),
-        "train_machine": f"2-core CPU dev machine shared with other jobs, 1 torch thread ({platform.machine()})",
-        "segment_call": "segment_at_model_spacing(model, image_zyx, spacing_zyx_mm)",
-    }
+    extra = brain_card_facts()
+    extra.update(
+        {
+            "training_data": "Colin27 T1 (ch2.nii.gz) with brain mask ch2bet.nii.gz > 0, Debian mricron-data",
+            "held_out_data": "ITK KmeansTest_T1UCharRaw.nii.gz, mask KmeansTest_T1RawSkullStrip.nii.gz > 0 "
+            "(Debian insighttoolkit5-examples), 128x128x62 at 2x2x3 mm",  # this script scores the head scan only
+            "held_out_metrics": {"dice": metrics["dice"]},
+            "metrics": {"held_out_dice": metrics["dice"], "baseline_otsu_dice": metrics["baseline_otsu_dice"]},
+            "baseline": {
+                "method": "Otsu threshold + largest component + opening/closing + hole filling",
+                "dice": metrics["baseline_otsu_dice"],
+            },
+            "seed": args.seed,
+            "iterations": done,
+            "train_command": f"python scripts/train_brain.py --iterations {done} --batch {args.batch} "
+            f"--copies {args.copies} --seed {args.seed}",
+            "train_wall_seconds": round(wall, 0),
+            "train_loop_seconds": round(train_seconds, 0),
+            "train_machine": f"2-core CPU dev machine shared with other jobs, 1 torch thread ({platform.machine()})",
+        }
+    )
     save_model(model, args.out, extra=extra)
     print(f"wrote {args.out}; wall {wall:.0f} s; seed {args.seed}; held-out {metrics}", flush=True)
 
