@@ -14,6 +14,7 @@ again to try more test-time steps. A new recording replaces the previous one's l
 from __future__ import annotations
 
 import math
+import threading
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -483,8 +484,13 @@ class InspectorWidget(DockContainer):
 
         throttle = Throttle(0.1)
 
+        # A first live run adds its live layer at the click: the engine (on every core) starts once
+        # the GUI has painted it, not while (it made that paint twice as long).
+        painted = threading.Event()
+
         def work(job: Job) -> Any:
             model = CATALOG.load(model_name, device)
+            painted.wait(1.0)
 
             def on_frame(frame: Frame) -> None:
                 job.relay.frame.emit(frame)
@@ -535,6 +541,9 @@ class InspectorWidget(DockContainer):
             )
         self._frame_shown, self._frame_gap = -math.inf, 0.0
         self.plot.setup(plan.steps, plan.config.steps, plan.config.fire_rate)
+        from qtpy.QtCore import QTimer
+
+        QTimer.singleShot(0, painted.set)
         self.job.start()
         return self.job
 
@@ -567,7 +576,7 @@ class InspectorWidget(DockContainer):
                     job.release()
 
         self.result_layers = place_layers(
-            self.viewer, layers, replace=replace, drop=live, owner=self.native, on_placed=placed
+            self.viewer, layers, replace=replace, drop=live, grow=live, owner=self.native, on_placed=placed
         )
 
     def _after_recording_shown(self, recording: Any, n_spatial: int) -> None:
@@ -663,30 +672,44 @@ class InspectorWidget(DockContainer):
             rgb, kw_rgb = _to_file_order(self._grid, rgb, {"rgb": True, "scale": scale, "translate": translate})
             logits, _ = _to_file_order(self._grid, logits, {})
             scale, translate = kw_rgb["scale"], kw_rgb["translate"]
-        # The result layers' axes from the start (class,) level, step, space: the frame at every
-        # level and step (a broadcast view, no copy), so the layer takes the whole evolution at
-        # the end without a change of axes.
+        # A reused layer keeps the result layers' axes (class,) level, step, space: the frame at
+        # every level and step (a broadcast view, no copy).
         ls = (plan.config.levels, max(1, max(plan.steps)))
         if logits.shape[0] == 1:
             live_logits = np.broadcast_to(logits[0], ls + logits.shape[1:])
         else:
             live_logits = np.broadcast_to(logits[:, None, None], logits.shape[:1] + ls + logits.shape[1:])
         n_lead = live_logits.ndim - len(scale)
-        for key, name, data, kw in (
-            ("rgb", " hidden RGB", np.broadcast_to(rgb, ls + rgb.shape), {"rgb": True, "opacity": 0.8}),
-            ("logits", " logits", live_logits, {"colormap": "magma", "visible": False, "contrast_limits": (-1, 1)}),
+        # Only the (visible) hidden RGB layer is added for a run: each new layer stalls the GUI
+        # about 0.1 s under software OpenGL, one with new axes 0.16 s (napari makes new dims
+        # sliders). So a new one shows the frame alone, and takes the level and step axes with
+        # the whole evolution at the end, in a turn of its own. The (hidden) logits layer follows
+        # the frames only when the previous run left one to reuse; else it comes with the results.
+        for key, name, data, kw, add in (
+            ("rgb", " hidden RGB", np.broadcast_to(rgb, ls + rgb.shape), {"rgb": True, "opacity": 0.8}, True),
+            (
+                "logits",
+                " logits",
+                live_logits,
+                {"colormap": "magma", "visible": False, "contrast_limits": (-1, 1)},
+                False,
+            ),
         ):
             layer = self.live_layers.get(key)
             if layer is None or layer not in self.viewer.layers:
                 lead = n_lead if key == "logits" else 2
                 geo = {"scale": (1.0,) * lead + scale, "translate": (0.0,) * lead + translate}
-                self.live_layers[key] = self._live_layer(prefix + name, data, {**geo, **kw})
+                layer = self._live_layer(prefix + name, data, {**geo, **kw}, add)
+                if layer is not None:
+                    self.live_layers[key] = layer
+            elif layer.ndim < len(scale) + 2:  # this run's new layer: the frame alone
+                layer.data = data[0, 0]
             elif layer.visible:  # an invisible layer gets the newest data when the run ends
                 layer.data = data
 
-    def _live_layer(self, name: str, data: np.ndarray, kwargs: dict[str, Any]) -> Any:
+    def _live_layer(self, name: str, data: np.ndarray, kwargs: dict[str, Any], add: bool) -> Any:
         """The previous run's layer of that name (replaced, not kept) showing the live frames,
-        else a new layer."""
+        else a new layer if ``add``, else None."""
         from napari.layers import Image
 
         replaced = [] if self.keep.value else self.result_layers
@@ -695,7 +718,11 @@ class InspectorWidget(DockContainer):
         if old is not None and isinstance(old, Image) and bool(old.rgb) == rgb and old.ndim == data.ndim - rgb:
             update_layer(old, data, {k: v for k, v in kwargs.items() if k in ("scale", "translate")})
             return old
-        return self.viewer.add_image(data, name=name, **kwargs)
+        if not add:
+            return None
+        # The frame alone (a view of it), without the two lead axes (level, step).
+        geo = {k: tuple(kwargs[k][2:]) for k in ("scale", "translate")}
+        return self.viewer.add_image(data[0, 0], name=name, **{**kwargs, **geo})
 
     def _frame_cost(self, started: float, live: bool) -> None:
         """Space the next shown frame by five times what this one cost the GUI thread."""

@@ -79,18 +79,14 @@ def _data_ndim(data: Any, kwargs: dict[str, Any]) -> int:
     return len(first.shape) - (1 if kwargs.get("rgb") else 0)
 
 
-def _data_ndim(data: Any, kwargs: dict[str, Any]) -> int:
-    first = data[0] if kwargs.get("multiscale") else data
-    return len(first.shape) - (1 if kwargs.get("rgb") else 0)
-
-
-def _reusable(layer: Any, data: Any, kwargs: dict[str, Any], kind: str) -> bool:
+def _reusable(layer: Any, data: Any, kwargs: dict[str, Any], kind: str, grow: bool = False) -> bool:
     """Can ``layer`` show this layer-data tuple by a change of data and geometry (same type, number
-    of axes, RGB-ness and multiscale-ness)? A layer whose number of axes changes in place can be
-    drawn by napari before its extent is updated (IndexError in the draw), so never that."""
+    of axes, RGB-ness and multiscale-ness)? With ``grow``, axes may be added in front of its own
+    (a live layer shown without the level and step axes becomes the evolution layer)."""
+    n = _data_ndim(data, kwargs)
     return (
         type(layer).__name__.lower() == kind
-        and layer.ndim == _data_ndim(data, kwargs)
+        and (layer.ndim == n or (grow and layer.ndim < n))
         and bool(getattr(layer, "rgb", False)) == bool(kwargs.get("rgb", False))
         and bool(layer.multiscale) == bool(kwargs.get("multiscale", False))
     )
@@ -106,6 +102,12 @@ def update_layer(layer: Any, data: Any, kwargs: dict[str, Any]) -> None:
     napari recompute the viewer's dimensions and redraw)."""
     import numpy as np
 
+    # napari refreshes only visible layers, and with them their extent: an invisible layer that
+    # gains axes left the viewer's dimensions stale (an IndexError on its next change). Shown
+    # for the change (within this turn: never painted so).
+    grows = not layer.visible and layer.ndim != _data_ndim(data, kwargs)
+    if grows:
+        layer.visible = True
     layer.data = data
     for key in _RUN_KEYS:
         if key not in kwargs:
@@ -121,6 +123,8 @@ def update_layer(layer: Any, data: Any, kwargs: dict[str, Any]) -> None:
     now = np.asarray(layer.affine.affine_matrix, float)
     if now.shape != affine.shape or not np.allclose(now, affine):
         layer.affine = affine
+    if grows:
+        layer.visible = False
 
 
 def place_layers(
@@ -129,6 +133,7 @@ def place_layers(
     replace: Iterable[Any] = (),
     drop: Iterable[Any] = (),
     *,
+    grow: Iterable[Any] = (),
     at: int | None = None,
     owner: Any = None,
     on_placed: Any = None,
@@ -140,6 +145,7 @@ def place_layers(
       only data, geometry, contrast limits and metadata change. napari makes no new layer and
       removes none (each removal costs a full ``gc.collect()``, each addition about 0.1 s).
     - The others are removed in one batch, and the new ones without a match added.
+    - A ``grow`` layer may also take data with more axes (leading ones) in place.
 
     With ``owner`` (a QWidget) the layers are updated or added one per event-loop turn, from the
     GUI thread, by a timer that dies with ``owner``; without it, all at once. ``on_placed()``
@@ -152,7 +158,11 @@ def place_layers(
         if ly in viewer.layers:
             candidates.setdefault(ly.name, ly)
     matched = [candidates.get(kw["name"]) for _, kw, _ in layer_data]
-    matched = [m if m is not None and _reusable(m, d, kw, k) else None for m, (d, kw, k) in zip(matched, layer_data)]
+    growing = {id(ly) for ly in grow}
+    matched = [
+        m if m is not None and _reusable(m, d, kw, k, id(m) in growing) else None
+        for m, (d, kw, k) in zip(matched, layer_data)
+    ]
     kept = {id(m) for m in matched if m is not None}
     index = remove_layers(viewer, [ly for ly in [*replace, *drop] if id(ly) not in kept])
     if at is not None:
@@ -167,14 +177,43 @@ def place_layers(
         viewer.layers.insert(start + sum(1 for j in placed if j < i), layers[i])
         placed.append(i)
 
+    def add_slim(i: int) -> Any:
+        # A layer that brings the viewer new axes: first without them (one slice), then the
+        # whole data on the next turn (the returned follow-up). napari adding a layer and making
+        # its new dims sliders in one turn stalled the GUI 0.16-0.17 s under software OpenGL;
+        # each half takes about 0.1 s.
+        d, kw, kind = layer_data[i]
+        extra = _data_ndim(d, kw) - viewer.dims.ndim
+        if owner is None or extra <= 0 or not _splittable(layer_data[i]):
+            add(i)
+            return None
+        slim = {k: (tuple(v)[extra:] if k in _PER_AXIS else v) for k, v in kw.items()}
+        layers[i] = Layer.create(d[(0,) * extra], slim, kind)
+        add(i)
+        return lambda: update_layer(layers[i], d, kw)
+
     # Reused layers first (cheap), then the new ones with the most axes first: the viewer's
     # dimensions then change once, not with every layer (each change re-slices every layer).
-    actions = [
-        lambda ly=m, d=d, kw=kw: update_layer(ly, d, kw) for m, (d, kw, _) in zip(matched, layer_data) if m is not None
-    ]
-    actions += [lambda i=i: add(i) for i in sorted(new, key=lambda i: -layers[i].ndim)]
+    reused = sorted(
+        ((m, d, kw) for m, (d, kw, _) in zip(matched, layer_data) if m is not None),
+        key=lambda t: t[0].ndim == _data_ndim(t[1], t[2]),  # a growing layer first: the new axes
+    )
+    actions = [lambda ly=m, d=d, kw=kw: update_layer(ly, d, kw) for m, d, kw in reused]
+    actions += [lambda i=i: add_slim(i) for i in sorted(new, key=lambda i: -layers[i].ndim)]
     _run_per_turn(actions, owner, on_placed)
     return layers
+
+
+#: Layer keywords with one value per axis (a slice of the leading axes drops theirs).
+_PER_AXIS = ("scale", "translate", "axis_labels", "units")
+
+
+def _splittable(item: LayerData) -> bool:
+    """Can this new layer be added first as one slice of its leading axes (plain array data,
+    geometry given per axis, no affine, rotation or shear)?"""
+    d, kw, _ = item
+    matrices = ("affine", "rotate", "shear")
+    return not kw.get("multiscale") and not any(k in kw for k in matrices) and hasattr(d, "ndim")
 
 
 #: Milliseconds between two layers added or updated in turn: room for a repaint between them.
@@ -182,28 +221,33 @@ PER_TURN_MS = 15
 
 
 def _run_per_turn(actions: list[Any], owner: Any, on_placed: Any) -> None:
-    """Run ``actions`` one per event-loop turn (all at once without ``owner``), then ``on_placed``."""
-    if owner is None or len(actions) <= 1:
-        for act in actions:
-            act()
+    """Run ``actions`` one per event-loop turn (all at once without ``owner``), then ``on_placed``.
+    An action may return a follow-up action: it runs on the next turn."""
+    if owner is None or not actions:
+        pending_now = list(actions)
+        while pending_now:
+            follow = pending_now.pop(0)()
+            if callable(follow):
+                pending_now.insert(0, follow)
         if on_placed is not None:
             on_placed()
         return
     from qtpy.QtCore import QTimer
 
-    pending = list(actions)
+    # ``on_placed`` gets a turn of its own too (after the last layer it added 25 ms to that turn).
+    pending = list(actions) + ([on_placed] if on_placed is not None else [])
     timer = QTimer(owner)  # dies with the widget: nothing runs after the dock is gone
     # Not 0: Qt ran a zero-interval timer's calls back to back, other timers and the canvas's
     # repaint waiting until all were done (a first run's 7 layers blocked the GUI 377 ms).
     timer.setInterval(PER_TURN_MS)
 
     def step() -> None:
-        pending.pop(0)()
+        follow = pending.pop(0)()
+        if callable(follow):
+            pending.insert(0, follow)
         if not pending:
             timer.stop()
             timer.deleteLater()
-            if on_placed is not None:
-                on_placed()
 
     timer.timeout.connect(step)
     # The first one too after a turn: the run's end (its last frame, the dock's status) is painted
