@@ -27,6 +27,37 @@ import numpy as np
 import torch
 
 
+class GapTimer:
+    """A Qt timer on the GUI thread (10 ms) that records, per tick, its time and the gap since the
+    previous tick: a GUI thread blocked for 0.2 s shows as a 0.2 s gap."""
+
+    def __init__(self, interval_ms: int = 10) -> None:
+        from qtpy.QtCore import QTimer
+
+        self.ticks: list[tuple[float, float]] = []
+        self._last = time.monotonic()
+        self._timer = QTimer()
+        self._timer.timeout.connect(self._tick)
+        self._timer.start(interval_ms)
+
+    def _tick(self) -> None:
+        now = time.monotonic()
+        self.ticks.append((now, now - self._last))
+        self._last = now
+
+    def reset(self) -> None:
+        """Forget the ticks so far; the next gap counts from now."""
+        self.ticks.clear()
+        self._last = time.monotonic()
+
+    @property
+    def longest(self) -> float:
+        return max((g for _, g in self.ticks), default=float("nan"))
+
+    def stop(self) -> None:
+        self._timer.stop()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--size", type=int, default=512)
@@ -50,7 +81,6 @@ def main() -> None:
         return
 
     import napari
-    from qtpy.QtCore import QTimer
     from qtpy.QtWidgets import QApplication
 
     from napari_octreenca import OctreeNCA, preset, save_model, segment
@@ -79,17 +109,7 @@ def main() -> None:
     viewer.window.add_dock_widget(w)
     w.model.value = name
     app = QApplication.instance()
-    gaps: list[float] = []
-    last = [time.perf_counter()]
-
-    def tick() -> None:
-        now = time.perf_counter()
-        gaps.append(now - last[0])
-        last[0] = now
-
-    timer = QTimer()
-    timer.timeout.connect(tick)
-    timer.start(10)
+    timer = GapTimer()
     latencies = []
     for _ in range(args.repeats):
         job = w.start()
@@ -97,8 +117,7 @@ def main() -> None:
         while time.perf_counter() - t_run < 2.0:  # let it step for 2 s
             app.processEvents()
             time.sleep(0.005)
-        gaps.clear()
-        last[0] = time.perf_counter()
+        timer.reset()
         t_cancel = time.perf_counter()
         w.request_cancel()
         while job.running or not w.run_button.enabled:
@@ -108,13 +127,12 @@ def main() -> None:
         steps_done.append(job.cancelled)
     # Responsiveness during a run.
     job = w.start()
-    gaps.clear()
-    last[0] = time.perf_counter()
+    timer.reset()
     t_run = time.perf_counter()
     while time.perf_counter() - t_run < 5.0:
         app.processEvents()
         time.sleep(0.002)
-    worst_gap = max(gaps) if gaps else float("nan")
+    worst_gap = timer.longest
     w.request_cancel()
     while job.running:
         app.processEvents()
@@ -142,7 +160,6 @@ def main() -> None:
 def bench_inspector(crop: int, order: str = "NLLNNL", napari_floor: bool = False) -> None:
     """Inspector: live vs non-live wall time and the longest GUI stall, on real data."""
     import napari
-    from qtpy.QtCore import QTimer
     from qtpy.QtWidgets import QApplication
 
     from napari_octreenca.data_sources import skin_sample
@@ -175,23 +192,12 @@ def bench_inspector(crop: int, order: str = "NLLNNL", napari_floor: bool = False
     results: dict[bool, list[tuple[float, float, float]]] = {False: [], True: []}
     if set(order) - set("NL") or not {"N", "L"} <= set(order):
         raise SystemExit(f"--order takes N and L, both at least once; got {order!r}")
+    timer = GapTimer()
     for live in [c == "L" for c in order]:
         w.live.value = live
-        gaps: list[tuple[float, float]] = []  # (tick time, gap before it)
-        last = [time.monotonic()]
-
-        def tick(gaps: list[tuple[float, float]] = gaps, last: list[float] = last) -> None:
-            now = time.monotonic()
-            gaps.append((now, now - last[0]))
-            last[0] = now
-
-        timer = QTimer()
-        timer.timeout.connect(tick)
-        timer.start(10)
         draws0 = w.plot.draws
         app.processEvents()
-        gaps.clear()
-        last[0] = time.monotonic()
+        timer.reset()
         t0 = time.perf_counter()
         cpu0 = time.thread_time()
         job = w.start()  # adds the (empty) live layer before the run starts
@@ -207,7 +213,7 @@ def bench_inspector(crop: int, order: str = "NLLNNL", napari_floor: bool = False
         gui_cpu = time.thread_time() - cpu0  # the GUI thread's CPU time over the run and the results
         returned = job.returned_at or time.monotonic()
         seconds = returned - job.started
-        timer.stop()
+        gaps = list(timer.ticks)  # (tick time, gap before it)
         # Gaps that ended before the engine returned belong to the run; the one spanning the
         # return is adding the result layers (once, live or not).
         # The first tick after the click ends the gap of the click itself, its repaint included.
@@ -224,6 +230,7 @@ def bench_inspector(crop: int, order: str = "NLLNNL", napari_floor: bool = False
             flush=True,
         )
         app.processEvents()
+    timer.stop()
     steps, interval = w.steps.value, w.interval.value
     if napari_floor:
         _napari_floor(viewer, app, image, steps)
@@ -244,7 +251,6 @@ def _napari_floor(viewer: Any, app: Any, image: np.ndarray, steps: Any) -> None:
     the same viewer, its docks open, the run's layers removed): the floor under the plugin's
     figures. Each is added, painted and removed three times; the 4D one brings the level and
     step axes each time, as a session's first run does."""
-    from qtpy.QtCore import QTimer
 
     from napari_octreenca.widgets.shared import remove_layers
 
@@ -258,13 +264,6 @@ def _napari_floor(viewer: Any, app: Any, image: np.ndarray, steps: Any) -> None:
         "2D Image": lambda: viewer.add_image(np.zeros(image.shape[:2], np.float32), name="floor"),
         "2D Labels": lambda: viewer.add_labels(np.zeros(image.shape[:2], np.uint8), name="floor"),
     }
-    gaps: list[float] = []
-    last = [time.monotonic()]
-
-    def tick() -> None:
-        now = time.monotonic()
-        gaps.append(now - last[0])
-        last[0] = now
 
     def pump(seconds: float) -> None:
         end = time.monotonic() + seconds
@@ -272,18 +271,15 @@ def _napari_floor(viewer: Any, app: Any, image: np.ndarray, steps: Any) -> None:
             app.processEvents()
             time.sleep(0.002)
 
-    timer = QTimer()
-    timer.timeout.connect(tick)
-    timer.start(10)
+    timer = GapTimer()
     for label, add in kinds.items():
         worst = []
         for _ in range(3):
             pump(0.3)
-            gaps.clear()
-            last[0] = time.monotonic()
+            timer.reset()
             layer = add()
             pump(0.3)
-            worst.append(max(gaps) if gaps else float("nan"))
+            worst.append(timer.longest)
             remove_layers(viewer, [layer])
         print(f"napari alone, adding a {label}: longest GUI gap {', '.join(f'{g * 1000:.0f}' for g in worst)} ms")
     timer.stop()

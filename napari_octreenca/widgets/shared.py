@@ -224,18 +224,20 @@ def _run_per_turn(actions: list[Any], owner: Any, on_placed: Any) -> None:
     """Run ``actions`` one per event-loop turn (all at once without ``owner``), then ``on_placed``.
     An action may return a follow-up action: it runs on the next turn."""
     if owner is None or not actions:
-        pending_now = list(actions)
-        while pending_now:
-            follow = pending_now.pop(0)()
+        for act in actions:
+            follow = act()
             if callable(follow):
-                pending_now.insert(0, follow)
+                follow()
         if on_placed is not None:
             on_placed()
         return
     from qtpy.QtCore import QTimer
 
     # ``on_placed`` gets a turn of its own too (after the last layer it added 25 ms to that turn).
-    pending = list(actions) + ([on_placed] if on_placed is not None else [])
+    def placed() -> None:  # its return value is not a follow-up
+        on_placed()
+
+    pending = list(actions) + ([placed] if on_placed is not None else [])
     timer = QTimer(owner)  # dies with the widget: nothing runs after the dock is gone
     # Not 0: Qt ran a zero-interval timer's calls back to back, other timers and the canvas's
     # repaint waiting until all were done (a first run's 7 layers blocked the GUI 377 ms).
