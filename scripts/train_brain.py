@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 from _budget import print_progress, train_with_budget
+from _card import held_out_facts
 
 from napari_octreenca.data_sources import ITK_DATA, MRICRON, load_nifti_zyx
 from napari_octreenca.nca.config import ModelConfig, Normalization, preset
@@ -221,12 +222,7 @@ def main() -> None:
             "training_data": "Colin27 T1 (ch2.nii.gz) with brain mask ch2bet.nii.gz > 0, Debian mricron-data",
             "held_out_data": "ITK KmeansTest_T1UCharRaw.nii.gz, mask KmeansTest_T1RawSkullStrip.nii.gz > 0 "
             "(Debian insighttoolkit5-examples), 128x128x62 at 2x2x3 mm",  # this script scores the head scan only
-            "held_out_metrics": {"dice": metrics["dice"]},
-            "metrics": {"held_out_dice": metrics["dice"], "baseline_otsu_dice": metrics["baseline_otsu_dice"]},
-            "baseline": {
-                "method": "Otsu threshold + largest component + opening/closing + hole filling",
-                "dice": metrics["baseline_otsu_dice"],
-            },
+            **held_out_facts(metrics, "Otsu threshold + largest component + opening/closing + hole filling"),
             "seed": args.seed,
             "iterations": done,
             "train_command": f"python scripts/train_brain.py --iterations {done} --batch {args.batch} "

@@ -21,6 +21,7 @@ import time
 import numpy as np
 import torch
 from _budget import print_progress, train_with_budget
+from _card import held_out_facts
 
 from napari_octreenca.data_sources import skin_sample
 from napari_octreenca.nca.config import preset
@@ -126,12 +127,7 @@ def main() -> None:
         "preprocessing": "anti-aliased 3x down-sampling (spacing 3 source px), (RGB / 255 - 0.5) / 0.25; "
         "logits up-sampled back linearly",
         "split": {"held_out_columns_from": SPLIT_X, "image_shape": list(img.shape)},
-        "held_out_metrics": {"dice": metrics["dice"]},
-        "metrics": {"held_out_dice": metrics["dice"], "baseline_otsu_dice": metrics["baseline_otsu_dice"]},
-        "baseline": {
-            "method": "Otsu threshold of the haematoxylin channel + closing/opening + largest component",
-            "dice": metrics["baseline_otsu_dice"],
-        },
+        **held_out_facts(metrics, "Otsu threshold of the haematoxylin channel + closing/opening + largest component"),
         "seed": args.seed,
         "iterations": done,
         "train_command": f"python scripts/train_epidermis.py --iterations {done} --batch {args.batch} "
